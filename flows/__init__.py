@@ -1,0 +1,1 @@
+"""Prefect flows that compose the qualiclip library; the DAG itself lives in dvc.yaml."""

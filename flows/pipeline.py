@@ -1,0 +1,62 @@
+"""The whole pipeline as a Prefect flow: ``dvc repro``, so dvc.yaml stays the one DAG.
+
+Stages whose inputs did not change are skipped by DVC. The flow-run id becomes the pipeline id
+that groups the stage runs in MLflow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from qualiclip.tracking import PIPELINE_ENV
+
+
+class StageFailed(RuntimeError):
+    """``dvc repro`` failed; the message carries the failing stage's last output lines."""
+
+
+def _dvc() -> str:
+    exe = Path(sys.executable).with_name("dvc")  # the dvc beside this interpreter, not a stray one
+    return str(exe) if exe.exists() else "dvc"
+
+
+@task(name="dvc-repro")
+def dvc_repro(project_dir: str, targets: list[str] | None = None, force: bool = False) -> None:
+    """Run ``dvc repro`` in ``project_dir``, streaming its output into the Prefect logs."""
+    log = get_run_logger()
+    env = {**os.environ, PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [_dvc(), "repro", *(["--force"] if force else []), *(targets or [])]
+    log.info("running %s in %s", " ".join(cmd), project_dir)
+    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line and "\r" not in line:
+            log.info(line)
+        tail = (tail + [line])[-40:]
+    if proc.wait() != 0:
+        raise StageFailed(f"dvc repro failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+@task(name="read-metrics")
+def read_metrics(project_dir: str, metrics_file: str = "outputs/eval/metrics.json") -> dict:
+    path = Path(project_dir) / metrics_file
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@flow(name="qualiclip-pipeline", log_prints=True)
+def pipeline_flow(project_dir: str = ".", targets: list[str] | None = None, force: bool = False) -> dict:
+    """Reproduce the DVC pipeline and return the evaluation metrics."""
+    dvc_repro(project_dir, targets, force)
+    return read_metrics(project_dir)
+
+
+if __name__ == "__main__":
+    pipeline_flow()

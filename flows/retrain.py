@@ -1,0 +1,168 @@
+"""Scheduled retraining: ``dvc repro`` (unchanged stages skipped) → champion promotion.
+
+One command creates the deployment ``qualiclip-retrain/scheduled-retraining`` with the cron
+schedule of ``params.yaml`` (``schedule.cron``) and runs it on demand too::
+
+    python -m flows.retrain serve  --project .          # serve it from this process (embedded default)
+    python -m flows.retrain deploy --project . --pool qualiclip   # or: a work pool + `prefect worker start`
+    prefect deployment run 'qualiclip-retrain/scheduled-retraining' --watch
+
+A workspace lock (``<project>/.qualiclip.lock``) serialises runs: a second trigger waits up to
+``schedule.lock_timeout`` seconds, then fails with a message naming the lock.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+from prefect import flow, get_run_logger, task
+
+from flows.pipeline import pipeline_flow
+from qualiclip.config import build_config, load_params
+from qualiclip.promotion import PromotionError, promote_project
+
+FLOW_NAME = "qualiclip-retrain"
+LOCK_FILE = ".qualiclip.lock"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `flows.retrain` imports from
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The ``schedule`` section of params.yaml."""
+
+    cron: str = "0 3 * * *"                 # every day at 03:00
+    timezone: str = "UTC"
+    deployment: str = "scheduled-retraining"
+    lock_timeout: float = 3600.0            # seconds a second trigger waits for the workspace
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another run holds the project's workspace lock."""
+
+
+def schedule_config(project_dir: str | Path, params_file: str = "params.yaml") -> ScheduleConfig:
+    params = load_params(Path(project_dir) / params_file)
+    return build_config(ScheduleConfig, params.get("schedule"), where="schedule")
+
+
+@contextlib.contextmanager
+def workspace_lock(project_dir: str | Path, timeout: float) -> Iterator[Path]:
+    """Hold ``<project>/.qualiclip.lock`` (an OS file lock, released if the process dies)."""
+    path = Path(project_dir).resolve() / LOCK_FILE
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise WorkspaceBusy(f"another qualiclip run holds {path}; waited {timeout:.0f} s — let it finish, "
+                            f"or raise schedule.lock_timeout in params.yaml") from None
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry the registry update on store/network errors, never on a promotion decision error."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (PromotionError, ValueError, FileNotFoundError))
+
+
+@task(name="promote", retries=2, retry_delay_seconds=15, retry_condition_fn=_transient)
+def promote(project_dir: str, params_file: str) -> dict:
+    """Tag the new version with its evaluation; move the champion alias only if it is better."""
+    decision = promote_project(project_dir, params_file)
+    get_run_logger().info(decision.reason)
+    return decision.as_dict()
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
+    """Reproduce the pipeline under the workspace lock, then promote; returns the decision.
+
+    A failing stage raises `StageFailed` (its output tail in the message), failing this run.
+    ``dvc repro`` is not retried: a stage failure is deterministic until someone fixes it.
+    """
+    project_dir = str(Path(project_dir).resolve())
+    cfg = schedule_config(project_dir, params_file)
+    log = get_run_logger()
+    log.info("waiting up to %.0f s for the workspace lock", cfg.lock_timeout)
+    with workspace_lock(project_dir, cfg.lock_timeout) as lock:
+        log.info("holding %s", lock)
+        metrics = pipeline_flow(project_dir, force=force)
+        decision = promote(project_dir, params_file)
+    return {"metrics": metrics, "promotion": decision}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment: `python -m flows.retrain serve|deploy|run`
+
+
+def _schedule(cfg: ScheduleConfig):
+    from prefect.schedules import Cron
+
+    return Cron(cfg.cron, timezone=cfg.timezone)
+
+
+def _importable_here() -> None:
+    """Flow runs import ``flows.retrain`` from the repository root: make it cwd and PYTHONPATH."""
+    os.chdir(REPO_ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def serve(project_dir: str, params_file: str = "params.yaml") -> None:
+    """Create the scheduled deployment and execute its runs from this process until stopped."""
+    cfg = schedule_config(project_dir, params_file)
+    params = {"project_dir": str(Path(project_dir).resolve()), "params_file": params_file}
+    _importable_here()
+    retrain_flow.serve(name=cfg.deployment, schedules=[_schedule(cfg)], parameters=params,
+                       description="dvc repro, then promote the new model if it beats the champion")
+
+
+def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> None:
+    """Create the deployment on work pool ``pool`` (a ``process`` pool is created if absent)."""
+    cfg = schedule_config(project_dir, params_file)
+    _ensure_pool(pool)
+    retrain_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/retrain.py:retrain_flow").deploy(
+        name=cfg.deployment, work_pool_name=pool, schedules=[_schedule(cfg)],
+        parameters={"project_dir": str(Path(project_dir).resolve()), "params_file": params_file},
+        job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}},
+    )
+
+
+def _ensure_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            print(f"created process work pool '{pool}' — start a worker: prefect worker start --pool {pool}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["serve", "deploy", "run"])
+    p.add_argument("--project", default=".", help="the DVC project to retrain (default: .)")
+    p.add_argument("--params", default="params.yaml", help="params file inside the project")
+    p.add_argument("--pool", default="qualiclip", help="work pool for deploy (default: qualiclip)")
+    p.add_argument("--force", action="store_true", help="run: rerun every stage (dvc repro --force)")
+    args = p.parse_args(argv)
+    if args.command == "serve":
+        serve(args.project, args.params)
+    elif args.command == "deploy":
+        deploy(args.project, args.pool, args.params)
+    else:
+        print(retrain_flow(str(Path(args.project).resolve()), args.params, args.force)["promotion"]["reason"])
+
+
+if __name__ == "__main__":
+    main()

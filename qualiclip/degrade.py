@@ -1,0 +1,296 @@
+"""The ``degrade`` stage: pristine images -> WebDataset shards of QualiCLIP samples.
+
+Three pieces, so a process pool (`run_degrade`) and a Prefect flow (flows/degrade_flow.py) run
+the same code:
+
+    plan = plan_degrade(cfg, ingest_dir, out_dir)            # which shards, which are missing
+    entries = [write_one_shard(job, cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
+    result = finalize_degrade(plan, entries)                 # checks the set, writes index.json
+
+Output bytes depend only on the manifest, the config and the seed: each sample has its own
+random stream seeded by (seed, image id, variant), and each shard is written by one job.
+Shards appear atomically; an interrupted run resumes where it stopped and ends byte-identical.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Literal
+
+import cv2
+import numpy as np
+
+from .sampling import SampleConfig, make_sample, validate_distortion_names
+from .shards import (
+    ENCODINGS,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SHARD_PATTERN,
+    encode_crops,
+    sample_json,
+    sha256_file,
+    write_shard,
+)
+
+PLAN_FILE = "plan.json"
+_OWN_FILES = ("shard-*.tar", "shard-*.tmp", INDEX_FILE, PLAN_FILE, f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp")
+
+
+class DegradeError(RuntimeError):
+    """The degrade stage cannot run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """The ``degrade`` section of params.yaml (see docs/shards.md)."""
+
+    seed: int = 0
+    variants: int = 4  # samples per pristine image
+    samples_per_shard: int = 64
+    workers: int = 2  # processes; the output bytes do not depend on it
+    encoding: Literal["png", "webp", "npy"] = "png"
+    split: str = "train"  # which ingest split to degrade
+    crop: int = 224
+    min_overlap: float = 0.5
+    max_distortions: int = 1
+    include_pristine: bool = False
+    distortions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("variants", "samples_per_shard", "workers", "crop", "max_distortions"):
+            if getattr(self, key) < 1:
+                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {getattr(self, key)!r} — fix params.yaml")
+        if not 0.0 <= self.min_overlap <= 1.0:
+            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.min_overlap!r} — fix params.yaml")
+        if self.encoding not in ENCODINGS:
+            raise DegradeError(f"degrade.encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
+
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(self.crop, self.min_overlap, self.max_distortions, self.include_pristine, self.distortions)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its position in the plan and its (image id, variant) samples, in order."""
+
+    index: int
+    samples: tuple[tuple[str, int], ...]
+
+    @property
+    def name(self) -> str:
+        return SHARD_PATTERN.format(self.index)
+
+
+@dataclass(frozen=True)
+class DegradePlan:
+    """Every shard of a run, and those still to write (the rest survive from an interrupted run)."""
+
+    cfg: DegradeConfig
+    images_dir: str
+    out_dir: str
+    plan_hash: str
+    shards: tuple[ShardJob, ...]
+    pending: tuple[ShardJob, ...]
+
+
+@dataclass(frozen=True)
+class DegradeResult:
+    out_dir: Path
+    shards: int
+    samples: int
+    bytes: int
+    resumed_shards: int
+
+
+def read_manifest(ingest_dir: Path, split: str | None = None) -> list[dict]:
+    """Rows of the ingest manifest (optionally one split), sorted by id."""
+    path = Path(ingest_dir) / "manifest.csv"
+    if not path.is_file():
+        raise DegradeError(f"no manifest at {path} — run the ingest stage first (`dvc repro ingest`)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
+    """Shards of ``samples_per_shard`` (image id, variant) jobs, in a fixed order."""
+    jobs = [(i, v) for i in ids for v in range(cfg.variants)]
+    n = cfg.samples_per_shard
+    return tuple(ShardJob(k, tuple(jobs[s:s + n])) for k, s in enumerate(range(0, len(jobs), n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The three pieces
+
+
+def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> DegradePlan:
+    """Plan the shards and prepare ``out_dir``: keep complete shards of the same plan, wipe the rest.
+
+    Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
+    files that are not shards (it is never wiped then).
+    """
+    validate_distortion_names(cfg.distortions)
+    rows = read_manifest(ingest_dir, cfg.split)
+    if not rows:
+        raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
+                           "add pristine photos and rerun ingest, or set degrade.split")
+    shards = plan_jobs([r["id"] for r in rows], cfg)
+    out_dir = Path(out_dir)
+    plan_hash = _plan_hash(cfg, rows)
+    _prepare_out_dir(out_dir, plan_hash, len(shards))
+    pending = tuple(j for j in shards if not (out_dir / j.name).is_file())
+    return DegradePlan(cfg, str(Path(ingest_dir) / "images"), str(out_dir), plan_hash, shards, pending)
+
+
+def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
+    """Render and write one shard atomically; returns its index entry (name, samples, bytes, sha256)."""
+    sample_cfg = cfg.sample_config()
+    samples = [_make_record(image_id, v, cfg, sample_cfg, images_dir) for image_id, v in job.samples]
+    return write_shard(Path(out_dir) / job.name, samples)
+
+
+def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResult:
+    """Check every planned shard exists, then write index.json (atomically, last)."""
+    out_dir = Path(plan.out_dir)
+    missing = [j.name for j in plan.shards if not (out_dir / j.name).is_file()]
+    if missing:
+        raise DegradeError(f"{len(missing)} planned shards are missing in {out_dir} (e.g. {missing[0]}) — "
+                           "a shard job failed; rerun the degrade stage to finish the set")
+    by_name = {e["name"]: e for e in entries}
+    shards = [by_name.get(j.name) or _entry_from_file(out_dir / j.name, len(j.samples)) for j in plan.shards]
+    index = {
+        "format_version": FORMAT_VERSION,
+        "plan": plan.plan_hash,
+        "config": {k: v for k, v in asdict(plan.cfg).items() if k != "workers"},
+        "shards": shards,
+        "total_samples": sum(s["samples"] for s in shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "encoding": plan.cfg.encoding,
+        "crop": plan.cfg.crop,
+    }
+    _write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list))
+    return DegradeResult(out_dir, len(shards), index["total_samples"], index["total_bytes"],
+                         len(plan.shards) - len(plan.pending))
+
+
+def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress: bool = True) -> DegradeResult:
+    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes."""
+    plan = plan_degrade(cfg, ingest_dir, out_dir)
+    entries = _run_jobs(plan, progress)
+    return finalize_degrade(plan, entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and the output folder
+
+
+def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
+    # workers changes nothing in the output, so it is not part of the plan
+    key = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    blob = json.dumps([FORMAT_VERSION, key, [(r["id"], r["sha256"]) for r in rows]], sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
+    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files."""
+    plan_path = out_dir / PLAN_FILE
+    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash
+    if out_dir.exists() and not same:
+        _check_only_shard_files(out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("*.tmp"), out_dir / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # the index reappears only when the set is complete
+    for extra in out_dir.glob("shard-*.tar"):
+        if int(extra.name[6:12]) >= n_shards:
+            extra.unlink()
+    if not same:
+        _write_atomic(plan_path, json.dumps({"plan": plan_hash}))
+
+
+def _check_only_shard_files(out_dir: Path) -> None:
+    if not out_dir.is_dir():
+        raise DegradeError(f"degrade output {out_dir} exists and is not a folder — choose another --out")
+    ours = {p for pattern in _OWN_FILES for p in out_dir.glob(pattern)}
+    other = sorted(p.name for p in out_dir.iterdir() if p not in ours)
+    if other:
+        raise DegradeError(f"{out_dir} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
+                           "choose another --out or empty the folder")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a torn plan file: treat as another plan, i.e. start over
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _entry_from_file(path: Path, samples: int) -> dict:
+    """The index entry of a shard written by an earlier, interrupted run."""
+    return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the jobs and making one sample
+
+
+def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
+    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
+    results = []
+    if plan.cfg.workers <= 1 or len(args) <= 1:
+        for a in args:
+            results.append(_shard_job(a))
+            bar.update()
+    else:
+        # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive fork
+        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=_init_worker) as pool:
+            for r in pool.imap_unordered(_shard_job, args):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core; nested threads only oversubscribe
+
+
+def _shard_job(args: tuple) -> dict:
+    return write_one_shard(*args)
+
+
+def _make_record(image_id: str, variant: int, cfg: DegradeConfig, sample_cfg: SampleConfig, images_dir: str) -> dict:
+    seed = [cfg.seed, int(image_id, 16), variant]
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    sample = make_sample(load_image(images_dir, image_id), sample_cfg, rng)
+    meta = {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
+    crops = encode_crops(sample.crops, meta["levels"], cfg.encoding)
+    return {"__key__": f"{image_id}_{variant:04d}", "json": sample_json(meta, crops), **crops}
+
+
+@lru_cache(maxsize=8)
+def load_image(images_dir: str, image_id: str) -> np.ndarray:
+    """An ingested image as uint8 (H, W, 3) RGB (cached: a shard holds every variant of an image)."""
+    bgr = cv2.imread(str(Path(images_dir) / f"{image_id}.png"), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DegradeError(f"ingested image {image_id}.png is missing or corrupt in {images_dir} — rerun ingest")
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+_load_image = load_image  # the old private name, used by evaluate.py and stages.py

@@ -1,0 +1,161 @@
+"""Reading shards for training: an explicit list of WebDataset steps (STYLE.md §7).
+
+    shards in epoch order (seeded shard shuffle, the same on every node)
+    -> split by node (DDP rank) -> split by DataLoader worker
+    -> tar expansion (a damaged shard becomes one error marker, never a silent stop)
+    -> sample shuffle buffer (seeded per node and worker)
+    -> decode + check (a corrupt sample becomes an error marker)
+    -> main process: count markers in `LoaderStats`, batch.
+
+The stream is a pure function of (shards, seed, num_workers, world size, rank): a run that
+restarts with the same settings sees the same batches, so resuming at step k is dropping the
+first k batches (``itertools.islice``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .shards import decode_crops, indexed_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderStats:
+    """What the loader saw: good samples, and corrupt ones skipped (with their keys)."""
+
+    samples: int = 0
+    corrupt: int = 0
+    corrupt_keys: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+
+
+def epoch_shards(shards: list[dict], seed: int, repeat: bool, shuffle: bool) -> Iterator[dict]:
+    """Shard dicts (url, samples) epoch after epoch; the order depends only on (seed, epoch).
+
+    Every node computes the same order, so ``split_by_node`` hands each shard to one node.
+    """
+    epoch = 0
+    while True:
+        order = list(range(len(shards)))
+        if shuffle:
+            random.Random(f"{seed}/{epoch}").shuffle(order)
+        for i in order:
+            yield {**shards[i], "epoch": epoch}
+        if not repeat:
+            return
+        epoch += 1
+
+
+def expand_shards(src: Iterator[dict]) -> Iterator[dict]:
+    """Shard dicts -> raw samples (bytes per member). A shard that fails or ends early yields one
+    ``__error__`` marker in place of what it lost."""
+    for shard in src:
+        yield from _shard_samples(shard["url"], shard["samples"])
+
+
+def _shard_samples(url: str, expected: int) -> Iterator[dict]:
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    name, n = Path(url).name, 0
+    try:
+        with open(url, "rb") as f:
+            files = ({**member, "__url__": url} for member in tar_file_iterator(f))
+            for sample in group_by_keys(files):
+                n += 1
+                yield sample
+    except Exception as exc:  # truncated or garbled tar: report it, go on with the next shard
+        yield {"__key__": f"{name}@{n}", "__error__": f"{type(exc).__name__}: {exc} (after {n} of {expected} samples)"}
+        return
+    if n < expected:  # tarfile ends quietly at a torn header
+        yield {"__key__": f"{name}@{n}", "__error__": f"shard ended after {n} of {expected} samples (truncated?)"}
+
+
+def shuffle_samples(src: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
+    """A shuffle buffer whose random stream depends on (seed, rank, worker) only."""
+    import webdataset as wds
+
+    if buffer <= 0:
+        yield from src
+        return
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    yield from wds.shuffle(buffer, min(buffer, 16), seed=f"{seed}/{rank}/{worker}")(src)
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw sample -> {"key", "crops": uint8 (2, L, H, W, 3)}, or {"key", "error"} for a bad one."""
+    key = sample.get("__key__", "?")
+    if "__error__" in sample:
+        return {"key": key, "error": sample["__error__"]}
+    try:
+        return {"key": key, "crops": decode_crops(sample)}
+    except Exception as exc:  # any corrupt member: report, skip, keep training
+        return {"key": key, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat: bool):
+    """The WebDataset pipeline over index entries ``{"url", "samples"}`` (see module docstring)."""
+    import webdataset as wds
+
+    return wds.DataPipeline(
+        functools.partial(epoch_shards, shards, seed, repeat, shuffle_buffer > 0),
+        wds.split_by_node,
+        wds.split_by_worker,
+        expand_shards,
+        functools.partial(shuffle_samples, buffer=shuffle_buffer, seed=seed),
+        wds.map(decode_sample),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def iterate_batches(
+    shard_dir: Path,
+    batch_size: int,
+    *,
+    shuffle_buffer: int = 64,
+    num_workers: int = 0,
+    seed: int = 0,
+    repeat: bool = True,
+    stats: LoaderStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield uint8 tensors (B, 2, L, H, W, 3) of training samples; corrupt ones are counted in ``stats``.
+
+    ``repeat=False``: one pass in which every intact sample of this node appears exactly once
+    (the last batch may be short). ``repeat=True``: endless, reshuffling shards each epoch; any
+    number of workers works, even more than there are shards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shards = [{"url": str(Path(shard_dir) / s["name"]), "samples": s["samples"]} for s in indexed_shards(Path(shard_dir))]
+    stats = stats if stats is not None else LoaderStats()
+    ds = build_dataset(shards, shuffle_buffer=shuffle_buffer, seed=seed, repeat=repeat)
+    workers = num_workers if repeat else min(num_workers, len(shards))  # one pass: a shardless worker idles
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    batch: list[np.ndarray] = []
+    for item in loader:
+        if "error" in item:
+            stats.corrupt += 1
+            stats.corrupt_keys.append(item["key"])
+            log.warning("skipping corrupt sample %s: %s", item["key"], item["error"])
+            continue
+        stats.samples += 1
+        batch.append(np.asarray(item["crops"]))
+        if len(batch) == batch_size:
+            yield torch.from_numpy(np.stack(batch))
+            batch = []
+    if batch:
+        yield torch.from_numpy(np.stack(batch))

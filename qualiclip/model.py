@@ -1,0 +1,323 @@
+"""The QualiCLIP model: an open_clip CLIP whose image encoder is scored against antonym prompts.
+
+Score of an image (METHOD.md §2): for each prompt pair k,
+``p_k = softmax(scale · [cos(f, t_k+), cos(f, t_k−)])[0]``; quality ``q = mean_k p_k`` in [0, 1].
+The model carries its preprocessing (CLIP mean/std) and its prompt features, so callers pass
+RGB in [0, 1] at any resolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import unittest.mock
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODEL = "qualiclip-tiny-rn"
+PAPER_MODEL = ("RN50", "openai")
+
+
+class ModelLoadError(RuntimeError):
+    """Weights or architecture that cannot be loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone to build and how to score with it (``model:`` in params.yaml).
+
+    ``pretrained``: ``None`` (random init, seeded), an open_clip tag such as ``openai``
+    (the paper: ``name: RN50, pretrained: openai``), or a local ``.pt``/``.pth``/``.safetensors``
+    file holding an open_clip state dict or an official QualiCLIP checkpoint.
+    """
+
+    name: str = TINY_MODEL
+    pretrained: str | None = None
+    pos_embedding: Literal["drop", "interpolate"] = "drop"
+    logit_scale: float = 100.0
+    seed: int = 0
+
+
+def register_model_configs() -> None:
+    """Make the project's tiny open_clip configs known to open_clip (idempotent)."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+class AttentionPool(nn.Module):
+    """open_clip's ModifiedResNet attention pool with the positional embedding dropped or resized.
+
+    Dropping it (the paper's choice) makes the encoder work at any input resolution. The
+    parameters are the wrapped pool's own, so state-dict keys stay identical.
+    """
+
+    def __init__(self, pool: nn.Module, mode: str):
+        super().__init__()
+        self.positional_embedding = pool.positional_embedding
+        self.q_proj, self.k_proj, self.v_proj, self.c_proj = pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj
+        self.num_heads = pool.num_heads
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = x.flatten(2).permute(2, 0, 1)  # (HW, N, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1, N, C)
+        if self.mode == "interpolate":
+            x = x + self._resized_pos(h, w).to(x.dtype)[:, None, :]
+        out, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=c, num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True, training=self.training, need_weights=False,
+        )
+        return out[0]  # (N, output_dim)
+
+    def _resized_pos(self, h: int, w: int) -> torch.Tensor:
+        pos = self.positional_embedding
+        side = int(round((pos.shape[0] - 1) ** 0.5))
+        grid = pos[1:].T.reshape(1, -1, side, side)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:1], grid.reshape(pos.shape[1], h * w).T], dim=0)
+
+
+class QualiCLIP(nn.Module):
+    """CLIP image encoder + frozen prompt features. Input: RGB in [0,1], (N, 3, H, W)."""
+
+    def __init__(self, clip: nn.Module, prompt_features: torch.Tensor, cfg: ModelConfig):
+        super().__init__()
+        self.clip = clip
+        self.cfg = cfg
+        if hasattr(clip.visual, "attnpool"):
+            clip.visual.attnpool = AttentionPool(clip.visual.attnpool, cfg.pos_embedding)
+        for p in clip.parameters():
+            p.requires_grad_(False)
+        for p in clip.visual.parameters():
+            p.requires_grad_(True)
+        if isinstance(getattr(clip.visual, "attnpool", None), AttentionPool) and cfg.pos_embedding == "drop":
+            # unused when dropped: frozen so it has no optimizer state and DDP sees no unused parameter
+            clip.visual.attnpool.positional_embedding.requires_grad_(False)
+        _check_prompt_features(prompt_features, getattr(clip.visual, "output_dim", None), cfg.name)
+        self.register_buffer("prompt_features", F.normalize(prompt_features.float(), dim=-1))  # (2K, D)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0,1] -> CLIP-normalised input, same shape and dtype."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def encode(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
+        """(N, 3, H, W) in [0,1] -> L2-normalised float32 image features (N, D).
+
+        ``encoder`` replaces ``self.visual`` for the forward pass; training passes its
+        DistributedDataParallel / compiled wrapper of the same module.
+        """
+        encoder = encoder if encoder is not None else self.clip.visual
+        return F.normalize(encoder(self.normalize(x)).float(), dim=-1)
+
+    def similarities(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
+        """Raw cosine similarities to every prompt, (N, K, 2) with [..., 0] the positive prompt."""
+        feats = self.encode(x, encoder)  # (N, D)
+        return (feats @ self.prompt_features.T).view(feats.shape[0], -1, 2)
+
+    def score_from_similarities(self, sims: torch.Tensor) -> torch.Tensor:
+        """(N, K, 2) cosines -> quality (N,) in [0,1], higher is better."""
+        return torch.softmax(self.cfg.logit_scale * sims, dim=-1)[..., 0].mean(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_from_similarities(self.similarities(x))
+
+    def visual_train_mode(self, bn_frozen: bool) -> "QualiCLIP":
+        """Train mode for the image encoder; BatchNorm statistics frozen if asked."""
+        self.eval()
+        self.clip.visual.train()
+        if bn_frozen:
+            for m in self.clip.visual.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def _check_prompt_features(features: torch.Tensor, dim: int | None, name: str) -> None:
+    """Prompt features must be (2K, D): K positive/negative rows interleaved, D the image feature size."""
+    ok = features.ndim == 2 and features.shape[0] % 2 == 0 and features.shape[0] > 0
+    if ok and dim is not None:
+        ok = features.shape[1] == dim
+    if not ok:
+        raise ModelLoadError(
+            f"prompt features of shape {tuple(features.shape)} do not fit '{name}' (expected (2K, {dim})). "
+            "Fix: use a checkpoint made for this architecture, or drop 'prompts_features' from the file "
+            "so they are recomputed from the text encoder."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def create_model(cfg: ModelConfig, prompt_pairs=PROMPT_PAIRS) -> QualiCLIP:
+    """Build a QualiCLIP from its config: backbone, weights, and prompt features computed once."""
+    clip, official_prompts = create_clip(cfg)
+    features = official_prompts if official_prompts is not None else encode_prompts(clip, cfg.name, prompt_pairs)
+    return QualiCLIP(clip, features, cfg)
+
+
+def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
+    """The open_clip CLIP for ``cfg`` and, for an official QualiCLIP file, its stored prompt features."""
+    import open_clip
+
+    register_model_configs()
+    if cfg.name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(cfg.name, open_clip.list_models(), n=3)
+        raise ModelLoadError(f"unknown model '{cfg.name}' — did you mean {close}? (see open_clip.list_models())")
+    pretrained = cfg.pretrained
+    if pretrained is None:
+        torch.manual_seed(cfg.seed)  # from-scratch init is part of the seeded run
+        return open_clip.create_model(cfg.name, pretrained=None), None
+    if _looks_like_path(pretrained):
+        torch.manual_seed(cfg.seed)
+        clip = open_clip.create_model(cfg.name, pretrained=None)
+        prompts = load_weights_file(clip, Path(pretrained), cfg.name)
+        return clip, prompts
+    return _create_from_tag(cfg.name, pretrained), None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in value or Path(value).exists()
+
+
+def _create_from_tag(name: str, tag: str) -> nn.Module:
+    import huggingface_hub.constants
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise ModelLoadError(f"model '{name}' has no pretrained tag '{tag}'; available: {tags or 'none'}")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE or not hub_reachable()
+    # Offline, open_clip would retry downloads for about a minute; with the hub flag set it
+    # uses a cached copy or fails at once.
+    with unittest.mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", offline):
+        try:
+            return open_clip.create_model(name, pretrained=tag)
+        except Exception as exc:  # open_clip raises RuntimeError, hub raises its own errors
+            raise ModelLoadError(
+                f"cannot load pretrained weights '{tag}' for {name}: "
+                + ("no internet and no cached copy. " if offline else f"{exc}. ")
+                + "Fix: set model.pretrained in params.yaml to a local .pt/.pth/.safetensors file "
+                "(an open_clip state dict, or the official QualiCLIP checkpoint), or run once with internet "
+                "so the weights are cached."
+            ) from exc
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connect within ``timeout`` seconds."""
+    import huggingface_hub.constants
+
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def encode_prompts(clip: nn.Module, name: str, pairs=PROMPT_PAIRS) -> torch.Tensor:
+    """L2-normalised text features of the prompts, (2K, D), in checkpoint row order."""
+    import open_clip
+
+    tokens = open_clip.get_tokenizer(name)(flat_prompts(pairs))
+    was_training = clip.training
+    clip.eval()
+    with torch.no_grad():
+        feats = clip.encode_text(tokens)
+    clip.train(was_training)
+    return F.normalize(feats.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file loaded with ``weights_only=True``."""
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} not found — check model.pretrained in params.yaml")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path} is not a plain weights file ({type(exc).__name__}); only state dicts are loaded "
+            "(weights_only=True), never pickled code. Convert it to a state dict or .safetensors."
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__}, expected a state dict")
+    return obj
+
+
+def load_weights_file(clip: nn.Module, path: Path, name: str) -> torch.Tensor | None:
+    """Load ``path`` into ``clip`` after checking it fits; return official prompt features if present."""
+    state = read_state_dict(path)
+    prompts = state.pop("prompts_features", None)
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    check_state_dict(clip, state, source=str(path), name=name)
+    clip.load_state_dict(state, strict=True)
+    return prompts
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "clip_model.", "clip."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *, source: str, name: str) -> None:
+    """Raise `ModelLoadError` naming the mismatch if ``state`` does not fit ``module`` exactly."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} tensors differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {expected[k]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    raise ModelLoadError(
+        f"weights in {source} do not match architecture '{name}': " + "; ".join(parts)
+        + ". Fix: set model.name to the architecture these weights were trained with."
+    )
+
+
+def model_summary(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,216 @@
+"""Champion promotion: after an evaluation, move the registry alias only if the new model is better.
+
+The model version that the train stage registered is found through ``registered_model.json``
+beside the checkpoint (written by the train stage), or, failing that, through the version tags
+``params_hash`` / ``shard_index_hash`` that match the checkpoint's ``metadata.json``. Every
+promotion attempt tags that version with its params hash, data version (the DVC lock hash of the
+shard folder where ``dvc.lock`` exists) and its evaluation metrics (``eval.<metric>``), so the
+registry alone can compare versions. The alias moves only when the primary metric is strictly
+better than the champion's by more than ``min_improvement``, or when there is no champion.
+
+mlflow is imported only through `qualiclip.tracking_mlflow`; the decision logic is plain Python.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import build_config, load_params
+
+VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id"}
+METRIC_TAG = "eval."                    # version tag prefix of the evaluation metrics
+# Defaults are the paths of dvc.yaml; `qualiclip promote` takes them as flags.
+CHECKPOINT, METRICS, SHARDS = "outputs/train/checkpoint", "outputs/eval/metrics.json", "data/shards"
+
+
+class PromotionError(RuntimeError):
+    """Promotion cannot decide: a missing metric, no registered version, an unreadable file."""
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """The ``promotion`` section of params.yaml."""
+
+    metric: str = "synthetic.srcc"  # dotted key into outputs/eval/metrics.json
+    higher_is_better: bool = True
+    min_improvement: float = 0.0    # the new value must beat the champion's by more than this
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    version: str
+    promoted: bool
+    metric: str
+    value: float
+    champion_version: str | None  # the champion before this decision
+    champion_value: float | None
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def metric_value(metrics: dict, dotted: str) -> float:
+    """``metrics['synthetic']['srcc']`` for ``'synthetic.srcc'``; a clear error if absent."""
+    node = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            have = ", ".join(sorted(flat_metrics(metrics))) or "none"
+            raise PromotionError(f"metric '{dotted}' not in the evaluation metrics (have: {have}) "
+                                 f"— set promotion.metric in params.yaml to one of them")
+        node = node[part]
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or math.isnan(node):
+        raise PromotionError(f"metric '{dotted}' is {node!r}, not a number — cannot rank models on it")
+    return float(node)
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves as ``{'synthetic.srcc': 0.8, ...}``."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def is_better(new: float, champion: float | None, cfg: PromotionConfig) -> bool:
+    """Strictly better than the champion by more than ``min_improvement``; any value beats none."""
+    if champion is None or math.isnan(champion):
+        return True
+    gain = new - champion if cfg.higher_is_better else champion - new
+    return gain > cfg.min_improvement
+
+
+def dvc_data_version(project_dir: Path, shards: str = SHARDS) -> str | None:
+    """The md5 that ``dvc.lock`` records for the shard folder (train's dep, else degrade's out)."""
+    lock = Path(project_dir) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    entries = stages.get("train", {}).get("deps", []) + stages.get("degrade", {}).get("outs", [])
+    for entry in entries:
+        if Path(entry.get("path", "")) == Path(shards) and entry.get("md5"):
+            return str(entry["md5"]).removesuffix(".dir")
+    return None
+
+
+def version_tags(meta: dict, data_version: str | None, metrics: dict) -> dict[str, str]:
+    """The tags every evaluated version carries: provenance plus ``eval.<metric>`` values."""
+    tags = {"params_hash": str(meta.get("params_hash", "")),
+            "shard_index_hash": str(meta.get("data_version", "")),  # the train stage's own hash
+            "data_version": data_version or str(meta.get("data_version", ""))}
+    tags.update({f"{METRIC_TAG}{k}": repr(v) for k, v in flat_metrics(metrics).items()})
+    return tags
+
+
+def find_version(client, name: str, checkpoint: Path) -> str:
+    """The registered version of ``checkpoint``: its version file, else matching version tags."""
+    from .checkpoint import read_metadata
+
+    vfile = Path(checkpoint).parent / VERSION_FILE
+    if vfile.is_file():
+        info = json.loads(vfile.read_text())
+        if info.get("name") == name and info.get("version"):
+            return str(info["version"])
+    meta = read_metadata(Path(checkpoint))
+    if not meta:
+        raise PromotionError(f"no checkpoint metadata at {checkpoint} — run the train stage first")
+    matches = [mv for mv in client.search_model_versions(f"name = '{name}'")
+               if mv.tags.get("params_hash") == meta.get("params_hash")
+               and meta.get("data_version") in (mv.tags.get("shard_index_hash"), mv.tags.get("data_version"))]
+    if not matches:
+        raise PromotionError(f"no version of registered model '{name}' matches {checkpoint} (params hash "
+                             f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
+                             f"Rerun `dvc repro --force train` with MLflow tracking on")
+    return str(max(int(mv.version) for mv in matches))  # the newest of equal configs
+
+
+def current_champion(client, name: str, cfg: PromotionConfig) -> tuple[str | None, float | None]:
+    """(version, primary metric) of the alias holder; (None, None) without a champion."""
+    version = client.get_registered_model(name).aliases.get(cfg.alias)
+    if version is None:
+        return None, None
+    tag = client.get_model_version(name, str(version)).tags.get(METRIC_TAG + cfg.metric)
+    return str(version), (float(tag) if tag is not None else None)
+
+
+def decide(client, name: str, version: str, value: float, cfg: PromotionConfig, *, dry_run: bool = False) -> Decision:
+    """Compare ``version`` with the champion and move the alias only if it is better."""
+    champ, champ_value = current_champion(client, name, cfg)
+    key = f"{cfg.metric} {value:.4f}"
+    if champ == version:
+        promoted, reason = False, f"version {version} is already the {cfg.alias} ({key})"
+    elif is_better(value, champ_value, cfg):
+        promoted = True
+        reason = (f"no {cfg.alias} yet" if champ is None else
+                  f"{cfg.alias} version {champ} has no {METRIC_TAG}{cfg.metric} tag" if champ_value is None else
+                  f"better than {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f})")
+        reason = f"promoted version {version} ({key}): {reason}"
+        if not dry_run:
+            client.set_registered_model_alias(name, cfg.alias, version)
+    else:
+        promoted = False
+        reason = (f"kept {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f}): version {version} "
+                  f"({key}) is not better by more than {cfg.min_improvement}")
+    if not dry_run:
+        client.set_model_version_tag(name, version, "promotion", reason)
+    return Decision(name, version, promoted, cfg.metric, value, champ, champ_value, reason)
+
+
+def promote_project(project_dir: str | Path = ".", params_file: str = "params.yaml", *, checkpoint: str = CHECKPOINT,
+                    metrics_file: str = METRICS, shards: str = SHARDS, dry_run: bool = False) -> Decision:
+    """Tag the version trained in ``project_dir`` with its evaluation and promote it if better."""
+    from .checkpoint import read_metadata
+    from .stages import TrackingConfig
+
+    project = Path(project_dir)
+    params = load_params(project / params_file)
+    cfg = build_config(PromotionConfig, params.get("promotion"), where="promotion")
+    tracking = build_config(TrackingConfig, params.get("tracking"), where="tracking")
+    if tracking.backend == "none":
+        raise PromotionError("tracking.backend is 'none' in params.yaml: no model version was registered to promote")
+    mfile = project / metrics_file
+    if not mfile.is_file():
+        raise PromotionError(f"no evaluation metrics at {mfile} — run the evaluate stage first (dvc repro)")
+    metrics = json.loads(mfile.read_text())
+    value = metric_value(metrics, cfg.metric)  # fail before touching the registry
+
+    from .tracking_mlflow import registry_client
+
+    client = registry_client(project)
+    name = tracking.registered_model
+    version = find_version(client, name, project / checkpoint)
+    tags = version_tags(read_metadata(project / checkpoint), dvc_data_version(project, shards), metrics)
+    if not dry_run:
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+    return decide(client, name, version, value, cfg, dry_run=dry_run)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `qualiclip promote`
+
+
+def add_promote_args(sp) -> None:
+    sp.add_argument("--params", default="params.yaml", help="params file, relative to --project")
+    sp.add_argument("--project", default=".", help="project folder (holds dvc.lock and the default mlflow.db)")
+    sp.add_argument("--model", default=CHECKPOINT, help="checkpoint folder the train stage wrote")
+    sp.add_argument("--metrics", default=METRICS, help="metrics.json the evaluate stage wrote")
+    sp.add_argument("--shards", default=SHARDS, help="shard folder, to read its hash from dvc.lock")
+    sp.add_argument("--dry-run", action="store_true", help="decide and print, change nothing in the registry")
+    sp.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+
+def run_promote(args) -> Decision:
+    d = promote_project(args.project, args.params, checkpoint=args.model, metrics_file=args.metrics,
+                        shards=args.shards, dry_run=args.dry_run)
+    print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
+    return d

@@ -1,0 +1,50 @@
+"""A pyfunc model so ``mlflow models serve -m models:/qualiclip@champion`` answers with scores.
+
+Input: a DataFrame (or JSON ``dataframe_records``) with a column ``image`` (base64-encoded image
+bytes) or ``path`` (a file readable by the server). Output: one ``score`` per row.
+"""
+from __future__ import annotations
+
+import base64
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+
+class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from .checkpoint import load_checkpoint
+
+        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from .imageio import decode_image, read_image
+        from .scoring import score_arrays
+
+        if "image" in model_input.columns:
+            images = [decode_image(base64.b64decode(b)).pixels for b in model_input["image"]]
+        elif "path" in model_input.columns:
+            images = [read_image(Path(p)).pixels for p in model_input["path"]]
+        else:
+            raise ValueError("input needs a column 'image' (base64 bytes) or 'path'")
+        return pd.DataFrame({"score": score_arrays(self.model, images)})
+
+
+def requirements() -> list[str]:
+    names = ["torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "opencv-python-headless", "pandas"]
+    return [f"{n}=={version(n)}" for n in names]
+
+
+def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=QualiCLIPPyfunc(),
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        pip_requirements=requirements(),
+        code_paths=[str(Path(__file__).parent)],
+        registered_model_name=registered_model_name,
+    )

@@ -1,0 +1,430 @@
+"""The ``train`` stage: fine-tune the image encoder on shards so prompt similarities rank quality.
+
+One process, or one per GPU under ``torchrun`` (DistributedDataParallel over the image encoder;
+shards are split by node and by worker in the loader; only rank 0 writes files). Every
+``checkpoint_every`` steps the train state is written atomically to ``out_dir/train_state.pt``;
+a later run with the same params resumes from it and ends with the same weights as a run that
+was never interrupted (the batch stream is re-derived: same seed, consumed batches skipped).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
+from .loader import LoaderStats, iterate_batches
+from .losses import LossWeights, qualiclip_loss
+from .model import ModelConfig, QualiCLIP, create_model
+from .tracking import Tracker
+
+log = logging.getLogger(__name__)
+LOSS_KEYS = ("loss", "loss_cons", "loss_pos", "loss_neg")
+
+
+class TrainError(RuntimeError):
+    """The train stage cannot run or resume; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 200
+    batch_size: int = 4  # samples per step and process; each is 2 crops × 5 levels
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    margin_rank: float = 0.05
+    margin_cons: float = 0.0
+    lambda_cons: float = 1.0
+    lambda_pos: float = 1.0
+    lambda_neg: float = 1.0
+    bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
+    shuffle_buffer: int = 64
+    num_workers: int = 1
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA only; auto: bf16
+    channels_last: bool = True  # CUDA only: NHWC convolutions (tensor cores)
+    compile: bool = False  # torch.compile the image encoder
+    checkpoint_every: int = 0  # steps between resumable train states; 0: none
+    resume: bool = True  # continue from out_dir/train_state.pt when one exists
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.margin_rank, self.margin_cons, self.lambda_cons, self.lambda_pos, self.lambda_neg)
+
+
+# Fields that change neither the weights nor the batch stream: a train state may be resumed across them.
+RESUME_IGNORES = frozenset({"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend"})
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final: dict[str, float]
+    corrupt_samples: int
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job; the defaults describe a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Trainer:
+    """Everything one optimisation step touches."""
+
+    model: QualiCLIP
+    encoder: nn.Module  # model.visual, wrapped by DDP and/or torch.compile
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    dist: DistInfo
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.dist_backend
+    if backend == "auto":
+        backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def process_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
+    """The device of this process: under torchrun each rank takes the GPU of its local rank."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        return torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. Mixed precision runs on CUDA only; CPU trains in fp32."""
+    if device.type != "cuda" or cfg.precision == "fp32":
+        if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
+            log.warning("train.precision=%s applies on CUDA only; training in fp32 on %s", cfg.precision, device)
+        return None
+    if cfg.precision == "fp16" or (cfg.precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def bn_frozen(cfg: TrainConfig, model_cfg: ModelConfig) -> bool:
+    """BatchNorm statistics frozen? ``auto``: yes for pretrained weights, no from scratch.
+
+    A training batch is a few images, each as 10 strongly correlated crops whose quality the
+    loss pulls apart; batch statistics of such batches are a poor estimate of the pretrained
+    running statistics (computed on large natural-image batches) and would drift. A randomly
+    initialised network has no statistics worth keeping, so it must learn them.
+    """
+    return cfg.bn_mode == "frozen" or (cfg.bn_mode == "auto" and model_cfg.pretrained is not None)
+
+
+def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo) -> Trainer:
+    """Model on its device, wrapped encoder, optimizer over the image encoder only, schedule, scaler."""
+    device = process_device(cfg, dist_info)
+    model = create_model(model_cfg).to(device)
+    use_cl = cfg.channels_last and device.type == "cuda"
+    if use_cl:
+        model.visual.to(memory_format=torch.channels_last)
+    encoder: nn.Module = model.visual
+    if dist_info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        encoder = torch.compile(encoder)
+    model.visual_train_mode(bn_frozen(cfg, model_cfg))
+    params = [p for p in model.visual.parameters() if p.requires_grad]  # text tower: frozen, no optimizer state
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Trainer(model, encoder, params, opt, sched, scaler, device, dtype, use_cl, dist_info)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then constant or cosine decay to zero at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 2, L, H, W, 3) -> float (B·2·L, 3, H, W) in [0,1]."""
+    x = batch.to(device, non_blocking=True).permute(0, 1, 2, 5, 3, 4)
+    x = x.reshape(-1, *x.shape[3:]).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def step_losses(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Forward pass and loss terms (float32) for a uint8 batch (B, 2, L, H, W, 3)."""
+    b, c, levels = batch.shape[:3]
+    autocast = (torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        sims = t.model.similarities(to_model_input(batch, t.device, t.channels_last), t.encoder)  # (B·2·L, K, 2)
+    return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss_weights())
+
+
+def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+    """One optimisation step; returns the loss terms (averaged over processes) and the lr used."""
+    losses = step_losses(t, batch, cfg)
+    t.opt.zero_grad(set_to_none=True)
+    t.scaler.scale(losses["loss"]).backward()  # DDP all-reduces gradients here
+    if cfg.grad_clip > 0:
+        t.scaler.unscale_(t.opt)
+        torch.nn.utils.clip_grad_norm_(t.params, cfg.grad_clip)
+    lr = t.sched.get_last_lr()[0]
+    t.scaler.step(t.opt)
+    t.scaler.update()
+    t.sched.step()
+    terms = torch.stack([losses[k].detach() for k in LOSS_KEYS])
+    if t.dist.world_size > 1:
+        torch.distributed.all_reduce(terms)
+        terms /= t.dist.world_size
+    return {**dict(zip(LOSS_KEYS, terms.tolist())), "lr": lr}
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state (resume)
+
+
+def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
+    """Hash of everything that determines the weights and the batch stream."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
+    blob = repr((sorted(train.items()), sorted(dataclasses.asdict(model_cfg).items()), world_size))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    """torch (CPU, CUDA), numpy and Python RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def train_state(t: Trainer, step: int, key: str, rows: list[dict]) -> dict:
+    """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step."""
+    return {
+        "format": 1, "key": key, "step": step, "world_size": t.dist.world_size,
+        "visual": {k: v.detach().cpu() for k, v in t.model.visual.state_dict().items()},
+        "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
+        "rng": rng_state(), "log": rows,
+    }
+
+
+def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[int, list[dict]]:
+    """Load ``state`` into ``t``; returns (step reached, log rows so far)."""
+    if state.get("key") != key:
+        raise TrainError(
+            f"train state {path} was written with other params (or another number of processes) "
+            "than this run. Fix: delete it to train from step 0, or set train.resume: false."
+        )
+    t.model.visual.load_state_dict(state["visual"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["step"]), list(state["log"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int) -> Iterator[torch.Tensor]:
+    """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
+    from .shards import shard_paths
+
+    n_shards = len(shard_paths(Path(shard_dir)))
+    if n_shards < dist_info.world_size:
+        raise TrainError(f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
+                         "one. Fix: write more, smaller shards (lower degrade.samples_per_shard) or use fewer processes.")
+    # A loader worker without a shard would never yield; the loader only knows the total count.
+    workers = min(cfg.num_workers, n_shards // dist_info.world_size)
+    batches = iterate_batches(shard_dir, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                              num_workers=workers, seed=cfg.seed, stats=stats)
+    for _ in range(skip):
+        next(batches)
+    return batches
+
+
+def replica_digest(module: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in state-dict order (equal on all DDP replicas)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def gather_digests(t: Trainer) -> list[str]:
+    """The digest of every replica, rank order (one entry in a single process)."""
+    digest = replica_digest(t.model.visual)
+    if t.dist.world_size == 1:
+        return [digest]
+    out: list = [None] * t.dist.world_size
+    torch.distributed.all_gather_object(out, digest)
+    return out
+
+
+def log_step(tracker: Tracker, row: dict, crops: int, seconds: float) -> None:
+    metrics = {f"train/{k}": v for k, v in row.items() if k != "step"}
+    metrics["train/crops_per_s"] = crops / max(seconds, 1e-9)
+    tracker.log_metrics(metrics, step=row["step"])
+
+
+def run_train(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    shard_dir: Path,
+    out_dir: Path,
+    *,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> TrainResult:
+    """Train to ``cfg.steps`` (resuming from ``out_dir/train_state.pt`` if allowed) and write
+    ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun)."""
+    tracker = tracker or Tracker()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist_info = init_distributed(cfg)
+    t = build_trainer(cfg, model_cfg, dist_info)
+    torch.manual_seed(cfg.seed)
+    state_path = Path(out_dir) / TRAIN_STATE
+    key = resume_key(cfg, model_cfg, dist_info.world_size)
+    start, rows = 0, []
+    state = load_train_state(state_path) if cfg.resume else None
+    if state is not None:
+        start, rows = restore_train_state(t, state, key, state_path)
+        log.info("resuming from step %d (%s)", start, state_path)
+    stats = LoaderStats()
+    batches = shard_batches(cfg, Path(shard_dir), dist_info, stats, skip=start)
+    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress)
+    return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
+
+
+def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
+               state_path: Path, key: str, progress: bool) -> float:
+    """Run ``steps``, appending a log row per step; returns the seconds spent."""
+    from tqdm import tqdm
+
+    crops_per_step = cfg.batch_size * t.dist.world_size
+    start = window = time.perf_counter()
+    window_steps = 0
+    for step in tqdm(steps, desc="train", unit="step", disable=not (progress and t.dist.main)):
+        batch = next(batches)
+        row = {"step": step + 1, **optimize(t, batch, cfg)}
+        rows.append(row)
+        window_steps += 1
+        if t.dist.main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            now = time.perf_counter()
+            crops = window_steps * crops_per_step * batch.shape[1] * batch.shape[2]
+            log_step(tracker, row, crops, now - window)
+            window, window_steps = now, 0
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if t.dist.main:  # replicas are identical; rank 0 speaks for all
+                save_train_state(train_state(t, step + 1, key, rows), state_path)
+    return time.perf_counter() - start
+
+
+def finish(t: Trainer, cfg: TrainConfig, out_dir: Path, rows: list[dict], seconds: float, stats: LoaderStats,
+           metadata: dict | None, state_path: Path) -> TrainResult:
+    """Write the checkpoint folder and the log (rank 0), drop the train state, leave the process group."""
+    digests = gather_digests(t)
+    final = {k: v for k, v in rows[-1].items() if k.startswith("loss")} if rows else {}
+    ckpt = out_dir / "checkpoint"
+    if t.dist.main:
+        meta = {"steps": cfg.steps, "seconds": round(seconds, 2), "final": final, "corrupt_samples": stats.corrupt,
+                "world_size": t.dist.world_size, "replica_digests": digests, **(metadata or {})}
+        save_checkpoint(t.model.cpu(), ckpt, meta)
+        write_log(out_dir / "train_log.csv", rows)
+        state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint supersedes it
+    if t.dist.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return TrainResult(ckpt, cfg.steps, seconds, final, stats.corrupt)
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """Per-step losses and learning rate, a CSV that DVC plots as loss curves."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["step", "loss", "loss_cons", "loss_pos", "loss_neg", "lr"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: (round(r[k], 6) if isinstance(r[k], float) else r[k]) for k in keys} for r in rows)

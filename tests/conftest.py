@@ -1,0 +1,101 @@
+"""Shared fixtures: the read-only real data in ../shared/data and tiny artefacts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# No telemetry, no hub retries, and a Prefect startup timeout that a fresh database on 2 cores meets.
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(_key, _value)
+SHARED_DATA = Path(os.environ.get("QUALICLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_dir(name: str) -> Path:
+    """The folder ``../shared/data/<name>``, or skip the test with a message saying why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: these tests need the shared real data (set QUALICLIP_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kodak_dir() -> Path:
+    return shared_dir("kodak") / "images"
+
+
+@pytest.fixture(scope="session")
+def bsds_dir() -> Path:
+    return shared_dir("bsds500") / "images"
+
+
+@pytest.fixture(scope="session")
+def clive_dir() -> Path:
+    return shared_dir("clive-dev")
+
+
+def make_photos(folder: Path, n: int = 6, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
+    """Write ``n`` small smooth RGB PNGs (gradients + blobs, so distortions are visible)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    for i in range(n):
+        img = np.stack([np.sin(6 * xx * rng.uniform(0.5, 2) + c) * 0.5 + 0.5 for c in range(3)], -1)
+        for _ in range(4):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 1, 3)
+        Image.fromarray((img * 255).astype("uint8")).save(folder / f"photo_{i:02d}.png")
+    return folder
+
+
+def tiny_params(sources: list[str], **overrides) -> dict:
+    """A params.yaml for a pipeline that runs in seconds: tiny crops, few types, few steps."""
+    params = {
+        "model": {"name": "qualiclip-tiny-rn", "pretrained": None},
+        "tracking": {"backend": "mlflow"},
+        "ingest": {"sources": sources, "min_size": 64, "val_fraction": 0.34, "workers": 1},
+        "degrade": {"variants": 2, "samples_per_shard": 4, "workers": 1, "crop": 64,
+                    "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"]},
+        "train": {"steps": 3, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, "log_every": 1},
+        "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True, "batch_size": 16},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        params[section][name] = value
+    return params
+
+
+CLEAN_ENV = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_AUTHOR_NAME": "qualiclip-tests",
+    "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+    "GIT_COMMITTER_NAME": "qualiclip-tests",
+    "GIT_COMMITTER_EMAIL": "tests@example.invalid",
+}
+
+
+def bin_path(name: str) -> str:
+    """A console script installed beside the running interpreter (qualiclip, dvc, prefect, mlflow)."""
+    import sys
+
+    return str(Path(sys.executable).with_name(name))

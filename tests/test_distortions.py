@@ -1,0 +1,209 @@
+"""The degradation model: registry, per-type contracts, and monotone severity on real photos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from qualiclip.distortions import (
+    GROUPS,
+    Distortion,
+    UnknownDistortionError,
+    contact_sheet,
+    get_distortion,
+    list_distortions,
+)
+from qualiclip.distortions import _ops
+
+NAMES = list_distortions()
+LEVELS = range(1, 6)
+KODAK = ("kodim01.png", "kodim05.png", "kodim13.png", "kodim19.png", "kodim23.png")
+# Full-reference distance per type: 1 - SSIM where the damage is structural (blur, geometric
+# displacement, resampling), mean absolute error elsewhere.
+SSIM_TYPES = {"gaussian_blur", "lens_blur", "motion_blur", "jitter", "non_eccentricity_patch", "pixelate"}
+# Types whose severity is increasing on average but not on every crop (docs/distortions.md).
+MEAN_ONLY_TYPES = {"color_shift"}
+
+
+def synthetic(height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
+    """A smooth colour gradient plus texture: float32 (H, W, 3) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    base = np.stack([xx, yy, 1 - xx * yy], axis=-1)
+    return np.clip(0.8 * base + 0.2 * rng.random((height, width, 3)), 0, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def crops(kodak_dir) -> list[np.ndarray]:
+    """Two 224x224 crops (top-left and centre) of each of a few Kodak photos."""
+    out = []
+    for name in KODAK:
+        photo = np.asarray(Image.open(kodak_dir / name).convert("RGB"), dtype=np.float32) / 255.0
+        h, w = photo.shape[:2]
+        for y, x in ((0, 0), ((h - 224) // 2, (w - 224) // 2)):
+            out.append(np.ascontiguousarray(photo[y:y + 224, x:x + 224]))
+    return out
+
+
+def arrays_of(state: object) -> list[np.ndarray]:
+    """The arrays inside a drawn state (an array, a tuple of arrays, or a scalar / None)."""
+    if isinstance(state, np.ndarray):
+        return [state]
+    return [a for a in state if isinstance(a, np.ndarray)] if isinstance(state, tuple) else []
+
+
+def distance(name: str, pristine: np.ndarray, distorted: np.ndarray) -> float:
+    if name in SSIM_TYPES:
+        return 1.0 - structural_similarity(pristine, distorted, channel_axis=2, data_range=1.0)
+    return float(np.abs(distorted - pristine).mean())
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+
+def test_registry_has_24_types_in_7_groups_that_partition_them():
+    assert len(NAMES) == 24 == len(set(NAMES))
+    assert list(GROUPS) == ["blur", "color", "compression", "noise", "brightness", "spatial", "sharpness_contrast"]
+    assert [n for g in GROUPS.values() for n in g] == NAMES
+    for group, names in GROUPS.items():
+        assert list_distortions(group) == list(names)
+        assert all(get_distortion(n).group == group for n in names)
+
+
+def test_every_type_has_five_levels():
+    for name in NAMES:
+        d = get_distortion(name)
+        assert isinstance(d, Distortion) and d.name == name and len(d.levels) == 5
+
+
+def test_unknown_name_suggests_the_close_match():
+    with pytest.raises(UnknownDistortionError) as info:
+        get_distortion("gausian_blur")
+    assert str(info.value) == "unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?"
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+    with pytest.raises(UnknownDistortionError, match="did you mean 'noise'"):
+        list_distortions("nois")
+
+
+def test_apply_rejects_bad_level_and_bad_image():
+    d = get_distortion("jpeg")
+    with pytest.raises(ValueError, match="level"):
+        d.apply(synthetic(), 0, None)
+    with pytest.raises(ValueError, match="float32"):
+        d.apply(synthetic().astype(np.float64), 1, None)
+
+
+# ---- per-type contracts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract_shape_range_determinism_no_mutation(name):
+    d = get_distortion(name)
+    image = synthetic(48, 72)
+    before = image.copy()
+    state = d.draw(np.random.default_rng(7), 48, 72)
+    state_bytes = [a.tobytes() for a in arrays_of(state)]
+    twin = d.draw(np.random.default_rng(7), 48, 72)
+    for level in LEVELS:
+        out = d.apply(image, level, state)
+        assert out.shape == image.shape and out.dtype == np.float32 and out.flags.c_contiguous
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        assert not np.shares_memory(out, image)
+        assert out.tobytes() == d.apply(image, level, twin).tobytes()  # same seed, same bytes
+    assert np.array_equal(image, before)
+    assert [a.tobytes() for a in arrays_of(state)] == state_bytes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_level_one_is_not_the_identity(name, crops):
+    d = get_distortion(name)
+    for i, crop in enumerate(crops[:4]):
+        out = d.apply(crop, 1, d.draw(np.random.default_rng(i), 224, 224))
+        assert np.abs(out - crop).max() > 1.0 / 255.0, f"{name} level 1 leaves crop {i} unchanged"
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - MEAN_ONLY_TYPES))
+def test_severity_strictly_increases_on_every_crop(name, crops):
+    d = get_distortion(name)
+    for i, crop in enumerate(crops):
+        state = d.draw(np.random.default_rng(100 + i), 224, 224)
+        dist = [0.0] + [distance(name, crop, d.apply(crop, level, state)) for level in LEVELS]
+        assert all(a < b for a, b in zip(dist, dist[1:])), f"{name} crop {i}: {np.round(dist, 5)}"
+
+
+@pytest.mark.parametrize("name", sorted(MEAN_ONLY_TYPES))
+def test_severity_strictly_increases_on_average(name, crops):
+    d = get_distortion(name)
+    rows = []
+    for i, crop in enumerate(crops):
+        state = d.draw(np.random.default_rng(100 + i), 224, 224)
+        rows.append([distance(name, crop, d.apply(crop, level, state)) for level in LEVELS])
+    mean = [0.0] + list(np.mean(rows, axis=0))
+    assert all(a < b for a, b in zip(mean, mean[1:])), f"{name}: {np.round(mean, 5)}"
+
+
+# ---- the random parts -------------------------------------------------------------------------
+
+
+def test_impulse_hits_are_nested_across_levels():
+    d = get_distortion("impulse_noise")
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    state = d.draw(np.random.default_rng(0), 64, 64)
+    hits = [d.apply(image, level, state) != 0.5 for level in LEVELS]
+    assert all(np.all(lo <= hi) for lo, hi in zip(hits, hits[1:]))
+
+
+@pytest.mark.parametrize("name", ["mean_shift", "linear_contrast_change"])
+def test_signed_variants_draw_both_signs_and_keep_one_per_crop(name):
+    d = get_distortion(name)
+    signs = {d.draw(np.random.default_rng(seed), 8, 8) for seed in range(20)}
+    assert signs == {1.0, -1.0}
+    image = synthetic()
+    for sign in (1.0, -1.0):
+        moves = [np.sign(np.mean(d.apply(image, level, sign) - image)) for level in LEVELS]
+        assert len(set(moves)) == 1, moves
+
+
+def test_color_blocks_of_a_level_contain_the_lower_levels():
+    d = get_distortion("color_block")
+    image = synthetic(224, 224)
+    state = d.draw(np.random.default_rng(3), 224, 224)
+    changed = [np.any(d.apply(image, level, state) != image, axis=2) for level in LEVELS]
+    assert all(np.all(lo <= hi) and lo.sum() < hi.sum() for lo, hi in zip(changed, changed[1:]))
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+
+def test_uint8_round_trip_rounds_instead_of_truncating():
+    x = np.array([254.6, 0.4, 127.5001], np.float32) / 255.0
+    assert _ops.to_uint8(x).tolist() == [255, 0, 128]
+
+
+def test_colour_conversions_agree_with_scikit_image():
+    from skimage import color
+
+    image = synthetic(16, 16)
+    # OpenCV's float Lab interpolates its gamma and cube-root tables: within 0.6 Lab units of
+    # the exact formula, and an RGB round trip within one 8-bit code (docs/distortions.md).
+    assert np.allclose(_ops.rgb_to_lab(image), color.rgb2lab(image), atol=0.6)
+    assert np.allclose(_ops.lab_to_rgb(_ops.rgb_to_lab(image)), image, atol=1.0 / 255.0)
+    hsv = _ops.rgb_to_hsv(image)
+    ref = color.rgb2hsv(image)
+    assert np.allclose(hsv[..., 1:], ref[..., 1:], atol=1e-5)
+    assert np.allclose(hsv[..., 0] / 360.0, ref[..., 0], atol=1e-4)
+
+
+def test_desaturation_to_zero_gives_grey():
+    out = get_distortion("color_saturation1").apply(synthetic(), 4, None)  # factor 0
+    assert np.allclose(out[..., 0], out[..., 1]) and np.allclose(out[..., 1], out[..., 2])
+
+
+def test_contact_sheet_has_a_row_per_type_and_a_column_per_level():
+    image = (synthetic(100, 120) * 255).astype(np.uint8)
+    sheet = contact_sheet(image, names=["jpeg", "white_noise"], crop=48)
+    one_row = contact_sheet(image, names=["jpeg"], crop=48)
+    assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
+    assert sheet.shape[1] >= 6 * 48 and sheet.shape[0] > one_row.shape[0] >= 48
+    assert np.array_equal(contact_sheet(image, names=["jpeg"], crop=48), one_row)
