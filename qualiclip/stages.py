@@ -83,12 +83,13 @@ def _contact_sheet_for(ingest_dir: Path, out_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from .shards import INDEX_FILE
+    from .shards import INDEX_FILE, read_index
     from .train import TrainConfig, run_train
 
     params = load_params(params_file)
     cfg = build_config(TrainConfig, params.get("train"), where="train")
     model_cfg = _model_cfg(params)
+    read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
     tracker, tcfg = _tracker(params, params_file)
     phash = params_hash(model_cfg, cfg)
     data_version = hashlib.sha256((Path(shards) / INDEX_FILE).read_bytes()).hexdigest()[:12]

@@ -1,0 +1,74 @@
+"""The stage entries exactly as dvc.yaml calls them: bad arguments give clear errors, exit 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CLEAN_ENV, bin_path, make_photos, tiny_params
+
+
+def qualiclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **CLEAN_ENV}
+    return subprocess.run([bin_path("qualiclip"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    photos = make_photos(tmp_path / "photos", n=3)
+    params = tiny_params([str(photos)], tracking__backend="none")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_unknown_params_key_is_named(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ingest"]["min_sise"] = 10
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = qualiclip("ingest", "--params", "params.yaml", "--out", "data/ingest", cwd=project)
+    assert proc.returncode == 2
+    assert "unknown key 'min_sise' in params section 'ingest' — did you mean 'min_size'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["degrade", "--ingest", "nowhere", "--out", "data/shards"], "run the ingest stage first"),
+        (["train", "--shards", "nowhere", "--out", "outputs/train"], "run the degrade stage first"),
+        (["evaluate", "--model", "nowhere", "--ingest", "nowhere", "--out", "o"], "run the train stage first"),
+        (["ingest", "--params", "missing.yaml", "--out", "data/ingest"], "params file missing.yaml not found"),
+    ],
+)
+def test_missing_upstream_output_names_the_stage_to_run(project, args, message):
+    proc = qualiclip(*args, cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_required_argument_is_an_argparse_error(project):
+    proc = qualiclip("degrade", "--out", "x", cwd=project)
+    assert proc.returncode == 2
+    assert "--ingest" in proc.stderr
+
+
+def test_distortions_list_prints_every_type_with_its_group(project):
+    proc = qualiclip("distortions", "--list", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert len(rows) == 24 and all(len(r) == 2 for r in rows)
+    assert ["gaussian_blur", "blur"] in rows
+
+
+def test_stage_entries_run_in_order_as_dvc_calls_them(project):
+    for args in (["ingest", "--params", "params.yaml", "--out", "data/ingest"],
+                 ["degrade", "--params", "params.yaml", "--ingest", "data/ingest", "--out", "data/shards"]):
+        proc = qualiclip(*args, cwd=project)
+        assert proc.returncode == 0, proc.stderr
+    assert (project / "data/shards/index.json").is_file()
+    assert "samples in" in proc.stdout

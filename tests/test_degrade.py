@@ -1,0 +1,173 @@
+"""The degrade stage: determinism, atomic resume after SIGKILL, plan changes, the index, the flow."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import CLEAN_ENV, bin_path, make_photos
+from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
+from qualiclip.ingest import IngestConfig, run_ingest
+from qualiclip.shards import decode_crops
+
+TYPES = ("gaussian_blur", "white_noise", "jpeg", "brighten")
+CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=TYPES)
+
+
+@pytest.fixture(scope="module")
+def ingest_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ingest")
+    photos = make_photos(root / "photos", n=4, size=(72, 96))
+    out = root / "ingest"
+    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), out, progress=False)
+    return out
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file in ``folder`` (shards, index.json, plan.json)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_bytes_identical_for_1_and_2_workers_and_across_runs(ingest_dir, tmp_path):
+    a = run_degrade(CFG, ingest_dir, tmp_path / "a", progress=False)
+    b = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path / "b", progress=False)
+    run_degrade(CFG, ingest_dir, tmp_path / "c", progress=False)
+    assert (a.shards, a.samples, a.resumed_shards) == (6, 12, 0)
+    assert b.samples == a.samples and b.bytes == a.bytes
+    ref = digests(tmp_path / "a")
+    assert {"index.json", "plan.json", "shard-000005.tar"} <= set(ref)
+    assert digests(tmp_path / "b") == ref
+    assert digests(tmp_path / "c") == ref
+
+
+def test_index_lists_names_counts_and_checksums(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [s["name"] for s in index["shards"]] == [f"shard-{k:06d}.tar" for k in range(6)]
+    for s in index["shards"]:
+        path = tmp_path / s["name"]
+        assert s["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert s["bytes"] == path.stat().st_size
+        with tarfile.open(path) as tar:
+            assert len([m for m in tar.getnames() if m.endswith(".json")]) == s["samples"] == 2
+    assert index["total_samples"] == 12 and index["encoding"] == CFG.encoding and "workers" not in index["config"]
+
+
+def test_sample_holds_2xL_crops_and_its_provenance(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        assert {m.mode for m in tar.getmembers()} == {0o444} and {m.mtime for m in tar.getmembers()} == {0}
+    key = sorted(members)[0].split(".")[0]
+    sample = {"__key__": key, **{n.split(".", 1)[1]: v for n, v in members.items() if n.startswith(key)}}
+    meta = json.loads(sample["json"])
+    assert {"source_id", "variant", "seed", "boxes", "composition", "levels", "crc32"} <= set(meta)
+    assert meta["levels"] == [1, 2, 3, 4, 5] and meta["composition"][0] in TYPES
+    (y0, x0, _, _), (y1, x1, _, _) = meta["boxes"]
+    assert abs(y1 - y0) <= 16 and abs(x1 - x0) <= 16  # crop·(1 − min_overlap)
+    crops = decode_crops(sample)
+    assert crops.shape == (2, 5, 32, 32, 3) and crops.dtype == np.uint8
+
+
+def test_plan_change_wipes_stale_shards_and_same_plan_resumes(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    again = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 6 and digests(tmp_path) == first  # workers is not part of the plan
+    (tmp_path / "shard-000003.tar").unlink()
+    redo = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert redo.resumed_shards == 5 and digests(tmp_path) == first
+    fewer = run_degrade(replace(CFG, variants=2, seed=1), ingest_dir, tmp_path, progress=False)
+    assert (fewer.shards, fewer.resumed_shards) == (4, 0)
+    now = digests(tmp_path)
+    assert sorted(n for n in now if n.endswith(".tar")) == [f"shard-{k:06d}.tar" for k in range(4)]
+    assert all(now[n] != first[n] for n in now if n.endswith(".tar"))
+
+
+def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DegradeError, match="not shards.*notes.txt"):
+        run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
+    with pytest.raises(DegradeError, match="workers must be an integer >= 1"):
+        DegradeConfig(workers=0)
+    with pytest.raises(DegradeError, match="run the ingest stage first"):
+        run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
+    with pytest.raises(DegradeError, match="no 'val' images"):
+        run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)
+    with pytest.raises(Exception, match="gaussian_blur"):  # the registry's did-you-mean
+        run_degrade(replace(CFG, distortions=("gausian_blur",)), ingest_dir, tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL midway through the CLI, then rerun: byte-identical to an uninterrupted run
+
+KILL_CFG = {"variants": 12, "samples_per_shard": 2, "workers": 2, "crop": 64, "distortions": list(TYPES)}
+
+
+def _cli(params: Path, ingest: Path, out: Path, **kw) -> subprocess.Popen:
+    cmd = [bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest), "--out", str(out)]
+    return subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, **kw)
+
+
+def test_sigkill_midway_then_rerun_is_byte_identical(ingest_dir, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
+    out = tmp_path / "shards"
+    proc = _cli(params, ingest_dir, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers, as an OOM kill or a lost node would
+    proc.wait()
+    written = len(list(out.glob("shard-*.tar")))
+    assert 1 <= written < 24 and not (out / "index.json").exists(), f"not killed midway ({written} shards)"
+
+    rerun = _cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log
+    assert "resumed)" in log and " 0 resumed" not in log, log
+
+    cfg = DegradeConfig(**{**KILL_CFG, "distortions": tuple(TYPES), "workers": 1})
+    run_degrade(cfg, ingest_dir, tmp_path / "reference", progress=False)
+    assert digests(out) == digests(tmp_path / "reference")
+    assert not list(out.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Prefect flow: one task per shard, same bytes as run_degrade
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, prefect_harness):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flows.degrade_flow import degrade_shards_flow
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
+    summary = degrade_shards_flow(str(params), str(ingest_dir), str(tmp_path / "flow"))
+    assert summary == {"samples": 12, "shards": 6, "bytes": summary["bytes"], "resumed_shards": 0}
+    cfg = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=TYPES)
+    run_degrade(cfg, ingest_dir, tmp_path / "pool", progress=False)
+    assert digests(tmp_path / "flow") == digests(tmp_path / "pool")
