@@ -130,7 +130,7 @@ def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> Non
     retrain_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/retrain.py:retrain_flow").deploy(
         name=cfg.deployment, work_pool_name=pool, schedules=[_schedule(cfg)],
         parameters={"project_dir": str(Path(project_dir).resolve()), "params_file": params_file},
-        job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}},
+        job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}}, ignore_warnings=True,
     )
 
 

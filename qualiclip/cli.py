@@ -43,6 +43,18 @@ def cmd_distortions(args) -> None:
         print(f"wrote {out}")
 
 
+def cmd_explain(args) -> None:
+    from .explain import run_explain
+
+    run_explain(args)
+
+
+def cmd_promote(args) -> None:
+    from .promotion import run_promote
+
+    run_promote(args)
+
+
 def cmd_export_official(args) -> None:
     from .checkpoint import export_official, load_checkpoint
 
@@ -82,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_distortions)
 
+    sp = sub.add_parser("explain", help="quality map: per-patch scores as a heat map over the image")
+    from .explain import add_explain_args
+
+    add_explain_args(sp)
+    sp.set_defaults(fn=cmd_explain)
+
+    sp = sub.add_parser("promote", help="tag the new model version with its evaluation; move the champion alias if better")
+    from .promotion import add_promote_args
+
+    add_promote_args(sp)
+    sp.set_defaults(fn=cmd_promote)
+
     sp = sub.add_parser("export-official", help="write a checkpoint in the official QualiCLIP .pth format")
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True)
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message already names the fix: print them, no traceback."""
     names = {"ModelLoadError", "ShardError", "DegradeError", "IngestError", "DatasetError",
-             "UnknownDistortionError", "ImageReadError", "ScoreError"}
+             "UnknownDistortionError", "ImageReadError", "ScoreError", "ScoringError", "ExplainError",
+             "EvaluateError", "PromotionError", "TrainError"}
     return type(exc).__name__ in names
 
 

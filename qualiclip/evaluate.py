@@ -1,21 +1,39 @@
-"""The ``evaluate`` stage: held-out synthetic ranking, optional real IQA datasets, baseline.
+"""The ``evaluate`` stage: held-out synthetic ranking, real IQA datasets, and the baseline.
 
 Synthetic set: every held-out pristine image (ingest split ``val``), centre-cropped, under every
 distortion type at every level. The predicted quality should fall as the level rises, so the
 correlations are computed against ``-level`` (higher means better on both sides).
+
+Real datasets (``evaluate.datasets``): each is read by `qualiclip.datasets.load_dataset`, scored
+at full resolution (or its declared resize rule), and compared with its MOS (METHOD.md §5).
+Baseline: the same backbone before fine-tuning, scored zero-shot with the CLIP-IQA pair
+'Good photo.'/'Bad photo.', on the same images — so every run shows what training added.
+
+Outputs (``out_dir``): ``metrics.json`` (``synthetic``, one block per dataset and official test
+split, ``baseline`` with the same blocks), ``synthetic_scores.csv``, ``per_distortion.csv``,
+``scores_<dataset>.csv`` and ``plots/*.png``. See docs/evaluation.md.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .degrade import _load_image, read_manifest
-from .model import ModelConfig, QualiCLIP, create_model
+from .datasets import IQADataset
+from .degrade import load_image, read_manifest
+from .model import ModelConfig, QualiCLIP
 from .sampling import LEVELS, _ensure_size, to_uint8
+
+
+RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
+
+
+class EvaluateError(ValueError):
+    """An evaluation that cannot run as configured; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +44,10 @@ class EvaluateConfig:
     distortions: tuple[str, ...] = ()  # empty: every registered type
     batch_size: int = 32
     device: str = "auto"
-    baseline: bool = True  # also score the backbone before fine-tuning
-    datasets: tuple[dict, ...] = ()  # real IQA sets: {name: clive, root: /path, ...loader options}
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only); see docs/evaluation.md
+    baseline: bool = True  # also score the backbone before fine-tuning, zero-shot
+    # real IQA sets: {name: clive, root: /path, [label: ...], [on_missing: exclude], ...loader options}
+    datasets: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,7 +68,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
     for r in rows:
-        crop = _centre_crop(_load_image(str(Path(ingest_dir) / "images"), r["id"]), cfg.crop)
+        crop = _centre_crop(load_image(str(Path(ingest_dir) / "images"), r["id"]), cfg.crop)
         for t, name in enumerate(names):
             d = get_distortion(name)
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, int(r["id"], 16), t]))
@@ -98,45 +118,99 @@ def _nan0(v: float) -> float:
     return 0.0 if v is None or np.isnan(v) else float(v)
 
 
-def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device) -> np.ndarray:
+def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
     from tqdm import tqdm
 
     from .scoring import score_arrays
 
-    with tqdm(total=len(s.images), desc="score synthetic", unit="img") as bar:
-        return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, progress=bar)
+    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img") as bar:
+        return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                            progress=bar)
 
 
-def evaluate_datasets(model: QualiCLIP, cfg: EvaluateConfig, device) -> dict[str, dict]:
-    """SRCC/PLCC/KRCC (+ logistic PLCC) on each configured real dataset."""
+# ---------------------------------------------------------------------------------------------
+# Real IQA datasets
+
+
+@dataclass(frozen=True)
+class DatasetRun:
+    """One configured dataset and its scores (model and, when asked, the baseline)."""
+
+    label: str
+    dataset: IQADataset
+    scores: np.ndarray                  # (N,) the model
+    baseline: np.ndarray | None = None  # (N,) the zero-shot backbone
+
+
+def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
+    """(label, dataset) from ``{name, root, [label], **loader options}`` (one ``evaluate.datasets`` entry)."""
     from .datasets import load_dataset
-    from .imageio import read_image
+
+    spec = dict(spec)
+    missing = [k for k in ("name", "root") if k not in spec]
+    if missing:
+        raise EvaluateError(f"evaluate.datasets entry {spec} lacks {missing} — write e.g. "
+                            "{name: clive, root: /data/ChallengeDB_release}")
+    label = spec.pop("label", None)
+    ds = load_dataset(spec.pop("name"), spec.pop("root"), **spec)
+    label = str(label or ds.name)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in RESERVED_KEYS:
+        raise EvaluateError(f"dataset label {label!r} cannot name a metrics block and a file — use letters, "
+                            f"digits, '_', '.', '-', and none of {RESERVED_KEYS} (set `label:` in the entry)")
+    return label, ds
+
+
+def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
+    """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
+    from tqdm import tqdm
+
+    from .scoring import score_paths
+
+    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img") as bar:
+        results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                              resize_short=ds.resize_short_side, progress=bar)
+    bad = [r for r in results if r.error]
+    if bad:
+        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be decoded, first {bad[0].path}: {bad[0].error} "
+                            "— repair or remove them (their labels too), then rerun")
+    return np.array([r.score for r in results])
+
+
+def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, dict]:
+    """``{label: {srcc, krcc, plcc, plcc_logistic, n}}`` plus ``{label}_test`` for an official test split."""
     from .metrics import correlations
-    from .scoring import score_arrays
 
-    results = {}
+    blocks = {label: {**correlations(scores, ds.mos()), "n": len(ds)}}
+    if "test" in ds.splits:
+        idx = np.array([item.split == "test" for item in ds.items])
+        blocks[f"{label}_test"] = {**correlations(scores[idx], ds.mos()[idx]), "n": int(idx.sum())}
+    return blocks
+
+
+def evaluate_datasets(model: QualiCLIP, cfg: EvaluateConfig, device, baseline: QualiCLIP | None = None) -> list[DatasetRun]:
+    """Score each configured real dataset with the model (and the baseline, if given)."""
+    runs = []
     for spec in cfg.datasets:
-        spec = dict(spec)
-        ds = load_dataset(spec.pop("name"), spec.pop("root"), **spec)
-        images = [_resize_short(read_image(p).pixels, ds.resize_short_side) for p in ds.paths()]
-        scores = score_arrays(model, images, batch_size=cfg.batch_size, device=device)
-        results[ds.name] = {**correlations(scores, ds.mos()), "n": len(images)}
-    return results
-
-
-def _resize_short(image: np.ndarray, short: int | None) -> np.ndarray:
-    if not short:
-        return image
-    import cv2
-
-    h, w = image.shape[:2]
-    s = short / min(h, w)
-    return cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+        label, ds = load_dataset_spec(spec)
+        if any(r.label == label for r in runs):
+            raise EvaluateError(f"two evaluate.datasets entries are called '{label}' — give one a `label:`")
+        scores = score_dataset(model, label, ds, cfg, device, "model")
+        base = score_dataset(baseline, label, ds, cfg, device, "baseline") if baseline is not None else None
+        runs.append(DatasetRun(label, ds, scores, base))
+    return runs
 
 
 def baseline_model(model_cfg: ModelConfig) -> QualiCLIP:
-    """The backbone before fine-tuning, scored with the same prompts: what training added."""
-    return create_model(model_cfg)
+    """The backbone before fine-tuning with the CLIP-IQA prompt pair ('Good photo.'/'Bad photo.').
+
+    Zero-shot CLIP-IQA scoring of the same architecture and initial weights that training starts
+    from (``model:`` in params.yaml), so every evaluation shows what training added.
+    """
+    from .model import create_clip, encode_prompts
+    from .prompts import BASELINE_PAIRS
+
+    clip, _ = create_clip(model_cfg)  # the prompts stored in an official file are ignored on purpose
+    return QualiCLIP(clip, encode_prompts(clip, model_cfg.name, BASELINE_PAIRS), model_cfg)
 
 
 def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSet) -> None:
@@ -152,21 +226,57 @@ def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: Synthetic
         w.writerows((k, round(v, 6)) for k, v in metrics["synthetic"]["per_distortion"].items())
 
 
+def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
+    """``scores_<label>.csv``: path, mos (higher is better), split, score, baseline_score."""
+    out = out_dir / f"scores_{run.label}.csv"
+    base = run.baseline if run.baseline is not None else [None] * len(run.scores)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "mos", "split", "score", "baseline_score"])
+        for item, score, b in zip(run.dataset.items, run.scores, base):
+            w.writerow([str(item.path), item.mos, item.split or "", round(float(score), 6),
+                        "" if b is None else round(float(b), 6)])
+    return out
+
+
+def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSet, runs: list[DatasetRun],
+                baseline_per_type: dict | None) -> None:
+    from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
+
+    plots = out_dir / "plots"
+    plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
+    plot_per_distortion(metrics["synthetic"]["per_distortion"], plots / "per_distortion.png", baseline=baseline_per_type)
+    for run in runs:
+        plot_mos_scatter(run.scores, run.dataset.mos(), plots / f"scatter_{run.label}.png",
+                         title=f"{run.label} (n={len(run.scores)})", mos_range=run.dataset.mos_range)
+    if "baseline" in metrics:
+        plot_model_vs_baseline(metrics, plots / "model_vs_baseline.png")
+
+
 def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, model_cfg: ModelConfig, ingest_dir: Path, out_dir: Path) -> dict:
-    """Score the synthetic set (and datasets), write metrics.json + CSVs + plots; return metrics."""
-    from .plots import plot_per_distortion, plot_synthetic_scatter
+    """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots."""
+    from .scoring import inference_copy
     from .train import resolve_device
 
     device = resolve_device(cfg.device)
     s = build_synthetic_set(ingest_dir, cfg)
+    model = inference_copy(model)
     scores = score_synthetic(model, s, cfg, device)
     metrics: dict = {"synthetic": synthetic_metrics(scores, s), "n_synthetic": len(s.images)}
-    if cfg.baseline:
-        base = score_synthetic(baseline_model(model_cfg), s, cfg, device)
-        metrics["baseline"] = {"synthetic": {k: v for k, v in synthetic_metrics(base, s).items() if k != "per_distortion"}}
-    metrics.update(evaluate_datasets(model, cfg, device))
+    baseline = inference_copy(baseline_model(model_cfg)) if cfg.baseline else None
+    base_per_type = None
+    if baseline is not None:
+        base = synthetic_metrics(score_synthetic(baseline, s, cfg, device, "synthetic (baseline)"), s)
+        base_per_type = base.pop("per_distortion")
+        metrics["baseline"] = {"synthetic": base}
+    runs = evaluate_datasets(model, cfg, device, baseline)
+    for run in runs:
+        metrics.update(dataset_blocks(run.label, run.dataset, run.scores))
+        if run.baseline is not None:
+            metrics["baseline"].update(dataset_blocks(run.label, run.dataset, run.baseline))
     out_dir = Path(out_dir)
     write_outputs(out_dir, metrics, scores, s)
-    plot_synthetic_scatter(scores, s, out_dir / "plots" / "synthetic_scatter.png")
-    plot_per_distortion(metrics["synthetic"]["per_distortion"], out_dir / "plots" / "per_distortion.png")
+    for run in runs:
+        write_dataset_scores(out_dir, run)
+    write_plots(out_dir, metrics, scores, s, runs, base_per_type)
     return metrics

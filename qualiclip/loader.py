@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .shards import decode_crops, indexed_shards
+from .shards import ShardError, decode_crops, indexed_shards
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,19 @@ def iterate_batches(
     workers = num_workers if repeat else min(num_workers, len(shards))  # one pass: a shardless worker idles
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     batch: list[np.ndarray] = []
+    # A whole pass's worth of corrupt samples in a row means nothing intact is left: stop, don't spin.
+    give_up, streak = max(1, sum(s["samples"] for s in shards)), 0
     for item in loader:
         if "error" in item:
             stats.corrupt += 1
             stats.corrupt_keys.append(item["key"])
             log.warning("skipping corrupt sample %s: %s", item["key"], item["error"])
+            streak += 1
+            if streak >= give_up:
+                raise ShardError(f"{streak} corrupt samples in a row in {shard_dir} (last: {item['error']}) — "
+                                 "no intact sample left; rerun the degrade stage")
             continue
+        streak = 0
         stats.samples += 1
         batch.append(np.asarray(item["crops"]))
         if len(batch) == batch_size:

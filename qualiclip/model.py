@@ -25,6 +25,7 @@ from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
+MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
 
 
 class ModelLoadError(RuntimeError):
@@ -130,6 +131,11 @@ class QualiCLIP(nn.Module):
         DistributedDataParallel / compiled wrapper of the same module.
         """
         encoder = encoder if encoder is not None else self.clip.visual
+        if min(x.shape[-2:]) < MIN_SIDE and isinstance(getattr(self.clip.visual, "attnpool", None), AttentionPool):
+            raise ValueError(
+                f"image of {x.shape[-2]}x{x.shape[-1]} px: a ResNet image encoder needs at least {MIN_SIDE} px "
+                "on each side (five stride-2 stages). Fix: upscale small images before scoring."
+            )
         return F.normalize(encoder(self.normalize(x)).float(), dim=-1)
 
     def similarities(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:

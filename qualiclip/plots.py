@@ -38,15 +38,27 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     return out
 
 
-def plot_per_distortion(srcc: dict[str, float], out: Path) -> Path:
-    """Horizontal bars of SRCC (score vs -level) per distortion type."""
+def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None) -> Path:
+    """Horizontal bars of SRCC (score vs -level) per distortion type, grouped by distortion group;
+    the zero-shot baseline's SRCC as a black tick on each bar when given."""
+    from .distortions import get_distortion
+
     plt = _pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = list(srcc)
-    fig, ax = plt.subplots(figsize=(6, 0.28 * len(names) + 1.2), dpi=110)
+    names = sorted(srcc, key=lambda n: (get_distortion(n).group, n))
+    groups = [get_distortion(n).group for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(names) + 1.4), dpi=110)
     vals = [srcc[n] for n in names]
-    ax.barh(names, vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
-    ax.set(xlim=(-1, 1), xlabel="SRCC(score, -level)", title="Per-distortion ranking on held-out images")
+    ax.barh(range(len(names)), vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
+    if baseline:
+        ax.scatter([baseline.get(n, np.nan) for n in names], range(len(names)), marker="|", s=120, color="k",
+                   zorder=3)
+    ax.set_yticks(range(len(names)), [f"{n}  [{g}]" for n, g in zip(names, groups)], fontsize=7)
+    title = "Per-distortion ranking on held-out images"
+    if baseline:
+        title += "\n(black tick: baseline, the backbone before training, zero-shot)"
+    ax.set(xlim=(-1.02, 1.02), xlabel="SRCC(score, -level)", title=title)
+    ax.title.set_fontsize(9)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     fig.tight_layout()
@@ -69,6 +81,60 @@ def plot_loss_curves(log_csv: Path, out: Path) -> Path:
         ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.2)
     ax.set(xlabel="step", ylabel="loss", title="Training losses")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str,
+                     mos_range: tuple[float, float] | None = None) -> Path:
+    """Predicted quality vs MOS with the fitted 4-parameter logistic and the correlations."""
+    import warnings
+
+    from .metrics import correlations, logistic_fit
+
+    plt = _pyplot()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed fit falls back to a line; the legend says so
+        params, curve = logistic_fit(scores, mos)
+        c = correlations(scores, mos)
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    ax.scatter(scores, mos, s=9, alpha=0.55, color="tab:blue", edgecolors="none")
+    xs = np.linspace(scores.min(), scores.max(), 200)
+    fit = "4-parameter logistic" if np.all(np.isfinite(params)) else "linear (logistic fit failed)"
+    ax.plot(xs, curve(xs), "r-", lw=2, label=f"fitted {fit}")
+    ax.set(xlabel="predicted quality", ylabel="MOS (higher is better)",
+           title=f"{title}\nSRCC {c['srcc']:.3f}  KRCC {c['krcc']:.3f}  PLCC {c['plcc']:.3f}  "
+                 f"PLCC after logistic {c['plcc_logistic']:.3f}")
+    if mos_range:
+        ax.set_ylim(*mos_range)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
+    """SRCC of the trained model and of the zero-shot baseline on every evaluated set."""
+    plt = _pyplot()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = [k for k in metrics if isinstance(metrics[k], dict) and "srcc" in metrics[k] and k in metrics["baseline"]]
+    model = [metrics[n]["srcc"] for n in names]
+    base = [metrics["baseline"][n]["srcc"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(names) + 2), 4), dpi=110)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, base, 0.4, color="tab:gray", label="baseline: backbone before training, zero-shot")
+    ax.bar(x + 0.2, model, 0.4, color="tab:blue", label="QualiCLIP (this run)")
+    for xi, b, m in zip(x, base, model):
+        ax.annotate(f"{m - b:+.3f}", (xi + 0.2, max(m, 0)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [n.replace("_test", "\n(test split)") for n in names])
+    ax.set(ylabel="SRCC", ylim=(min(-0.1, min(model + base) - 0.1), 1.05), title="What training added (SRCC)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -111,6 +111,16 @@ def version_tags(meta: dict, data_version: str | None, metrics: dict) -> dict[st
     return tags
 
 
+def write_version_file(train_out: Path, name: str, version: str | None, run_id: str | None = None) -> Path:
+    """What the train stage registered, beside its checkpoint (``version`` None: nothing registered).
+
+    Always written, so a DVC ``outs`` entry for it exists whether or not tracking is on.
+    """
+    path = Path(train_out) / VERSION_FILE
+    path.write_text(json.dumps({"name": name, "version": version, "run_id": run_id}, indent=2) + "\n")
+    return path
+
+
 def find_version(client, name: str, checkpoint: Path) -> str:
     """The registered version of ``checkpoint``: its version file, else matching version tags."""
     from .checkpoint import read_metadata

@@ -37,7 +37,7 @@ def add_score_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", required=True, help="scores.csv or scores.json")
     add_model_args(sp)
     sp.add_argument("--batch-size", type=int, default=8,
-                    help="images of equal size scored together (capped at ~1.6 MP per batch to bound memory)")
+                    help="images of equal size scored together (capped at 0.8 MP per batch to bound memory)")
     sp.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -70,29 +70,33 @@ def read_list_file(path: Path) -> list[Path]:
     return [e if e.is_absolute() else path.parent / e for e in entries]
 
 
-def resolve_model(spec: str):
-    """A QualiCLIP from a checkpoint path or an MLflow model URI."""
-    from .checkpoint import load_checkpoint
-
+def resolve_model_path(spec: str) -> Path:
+    """The local checkpoint for a path or an MLflow model URI (downloaded to MLflow's cache)."""
     if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow.artifacts
 
-        local = Path(mlflow.artifacts.download_artifacts(spec))
-        return load_checkpoint(local / "artifacts" / "checkpoint")
+        return Path(mlflow.artifacts.download_artifacts(spec)) / "artifacts" / "checkpoint"
     if not Path(spec).exists():
         raise ScoreError(f"model {spec} not found — train first (`dvc repro`) or pass --model CHECKPOINT")
-    return load_checkpoint(spec)
+    return Path(spec)
+
+
+def resolve_model(spec: str):
+    """A QualiCLIP (whole model, trainable) from a checkpoint path or an MLflow model URI."""
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(resolve_model_path(spec))
 
 
 def load_scorer(args):
-    """The inference copy of ``--model`` (the full model, text tower included, is freed)."""
+    """The scoring-only model of ``--model`` (image encoder only), with ``--threads`` applied."""
     import torch
 
-    from .scoring import inference_copy
+    from .scoring import load_scorer as load
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return inference_copy(resolve_model(args.model))
+    return load(resolve_model_path(args.model))
 
 
 def run_score(args) -> None:

@@ -7,9 +7,10 @@ Three entry points, from the lowest level up:
   held at once), batched by equal size across the whole list, unreadable files reported per file.
 - `score_images(items, model)`: the user API; paths, arrays and tensors mixed.
 
-All of them score with an *inference copy* of the model (`inference_copy`): the image encoder
-alone, BatchNorm folded into the convolutions, no text tower. That copy gives the same scores as
-the model (to float rounding, ~1e-7) and is about 1.5-1.8x faster on a CPU.
+All of them score with an *inference copy* of the model (`inference_copy`, or `load_scorer` straight
+from a checkpoint): the image encoder alone, BatchNorm folded into the convolutions, no text
+tower. It gives the model's scores to float rounding (~1e-7) and runs faster on a CPU, with less
+memory (figures in docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from torch import nn
 from .model import QualiCLIP
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# A batch holds at most this many pixels (about 1 GB of RN50 activations on a CPU); a larger
-# batch does not run faster on a CPU, it only raises the peak memory (benchmarks/bench_scoring.py).
-DEFAULT_MAX_BATCH_PIXELS = 1_600_000
+# A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
+# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (benchmarks/bench_scoring.py).
+DEFAULT_MAX_BATCH_PIXELS = 800_000
 
 
 class ScoringError(ValueError):
@@ -69,12 +70,13 @@ def is_inference_copy(model: QualiCLIP) -> bool:
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """Fold eval-mode ``BatchNorm2d`` into the ``Conv2d`` before it, in place; returns ``module``.
 
+    The convolution weights are overwritten: fold a copy (as `inference_copy` does), never a
+    model that will be trained or saved.
+
     Pairs folded: sibling children named ``convN``/``bnN`` (open_clip's ModifiedResNet stem and
     bottlenecks) and a ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an
     ``nn.Sequential`` (its downsample branch). The BatchNorm becomes ``nn.Identity``.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     for child in module.children():
         fold_batchnorm(child)
     names = [name for name, _ in module.named_children()]
@@ -84,9 +86,88 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     for conv_name, bn_name in pairs:
         conv, bn = getattr(module, conv_name), getattr(module, bn_name)
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
-            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+            _fold_pair(conv, bn)
             setattr(module, bn_name, nn.Identity())
     return module
+
+
+@torch.no_grad()
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- bn(conv): the weights are scaled in place (no second copy of them in memory)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+
+
+def load_scorer(path: str | Path) -> QualiCLIP:
+    """The inference copy of a checkpoint, read without building the text tower.
+
+    For a checkpoint folder of this project only the image encoder's tensors and the prompt
+    features are read (the encoder is built on the meta device, then given the stored tensors),
+    so the peak memory is that of the image encoder, not of the whole CLIP: for RN50, ~150 MB
+    instead of ~560 MB (whole CLIP + copy). Anything else (an official ``.pth``) goes through
+    `load_checkpoint` and `inference_copy`.
+    """
+    import dataclasses
+    import json
+
+    import open_clip
+
+    from .checkpoint import CONFIG, WEIGHTS
+    from .model import ModelConfig, check_state_dict, register_model_configs
+
+    path = Path(path)
+    register_model_configs()
+    config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else None
+    if config is None or config["model"]["name"] not in open_clip.list_models():
+        return inference_copy(_as_model(path))  # official file, or an architecture stored in the checkpoint
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in fields})
+    with torch.device("meta"):  # shapes only: no memory for either tower
+        visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
+    state, prompts = _read_image_tower(path / WEIGHTS)
+    check_state_dict(visual, state, source=str(path), name=cfg.name)
+    visual.load_state_dict(state, strict=True, assign=True)
+    scorer = QualiCLIP(_ImageTower(fold_batchnorm(visual.eval())), prompts, cfg)
+    return scorer.requires_grad_(False).eval()
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The ``clip.visual.*`` tensors (prefix removed) and ``prompt_features`` of a checkpoint file.
+
+    Read with plain file reads into private memory rather than through safetensors' memory map:
+    mapped pages, once touched, stay counted in the resident memory next to the folded copies
+    (about +150 MB of peak RSS for RN50). The format is an 8-byte header length, a JSON header
+    ``{name: {dtype, shape, data_offsets}}``, then the data.
+    """
+    import json
+
+    from .model import ModelLoadError
+
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights} not found — the checkpoint folder is incomplete; re-run the train stage")
+    prefix = "clip.visual."
+    with open(weights, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        wanted = [k for k in header if k.startswith(prefix) or k == "prompt_features"]
+        tensors = {k: _read_tensor(f, 8 + size, header[k]) for k in wanted}
+    prompts = tensors.pop("prompt_features")
+    return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
+
+
+def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:
+    start, end = meta["data_offsets"]
+    buf = bytearray(end - start)
+    f.seek(base + start)
+    f.readinto(buf)
+    dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"]) if buf else torch.empty(meta["shape"], dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -70,17 +71,26 @@ def write_shard(path: Path, samples: list[dict]) -> dict:
     The temp name carries the pid: a worker orphaned by a killed run may still finish the shard
     that a rerun is writing, and the two must never share a half-written file.
     """
-    import webdataset as wds
-
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, user="qualiclip", group="qualiclip", mode=0o444, mtime=0, encoder=False) as tw:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
-                tw.write(s)
+                _add_sample(tar, s)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """Members ``<key>.<ext>`` in sorted order with fixed metadata, as `webdataset.TarWriter`
+    writes them; plain `tarfile` because importing webdataset imports torch (~2 s per worker)."""
+    for ext in sorted(k for k in sample if k != "__key__"):
+        data = sample[ext]
+        info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "qualiclip"
+        tar.addfile(info, io.BytesIO(data))
 
 
 def sha256_file(path: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -91,6 +92,10 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     model_cfg = _model_cfg(params)
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
     tracker, tcfg = _tracker(params, params_file)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 tracks and registers
+        from .tracking import Tracker
+
+        tracker = Tracker()
     phash = params_hash(model_cfg, cfg)
     data_version = hashlib.sha256((Path(shards) / INDEX_FILE).read_bytes()).hexdigest()[:12]
     meta = {"params_hash": phash, "data_version": data_version, "model": config_dict(model_cfg), "train": config_dict(cfg)}
@@ -108,6 +113,10 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
                 tags={"params_hash": phash, "data_version": data_version, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {version}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        from .promotion import write_version_file
+
+        write_version_file(Path(out), tcfg.registered_model, version, getattr(tracker, "run_id", None))
     print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
     return {"checkpoint": str(result.checkpoint), "final": result.final, "model_version": version, "params_hash": phash}
 

@@ -332,10 +332,16 @@ def replica_digest(module: nn.Module) -> str:
 
 
 def gather_digests(t: Trainer) -> list[str]:
-    """The digest of every replica, rank order (one entry in a single process)."""
-    digest = replica_digest(t.model.visual)
+    """The digest of every replica, rank order (one entry in a single process).
+
+    DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the start of each forward,
+    so after the last step each rank still holds its own; rank 0's are broadcast first.
+    """
     if t.dist.world_size == 1:
-        return [digest]
+        return [replica_digest(t.model.visual)]
+    for buf in t.model.visual.buffers():
+        torch.distributed.broadcast(buf, src=0)
+    digest = replica_digest(t.model.visual)
     out: list = [None] * t.dist.world_size
     torch.distributed.all_gather_object(out, digest)
     return out

@@ -1,0 +1,102 @@
+"""Training throughput: crops/s of full optimisation steps (forward, losses, backward, AdamW).
+
+CPU: the tiny model at 64 px, compute only (one batch reused) and fed by the shard loader.
+CUDA (where present): RN50 at 224 px, bf16 autocast + channels_last, fed by the shard loader,
+at batch sizes of 16-64 samples (one sample = 2 overlapping crops × 5 levels = 10 crops).
+
+    python benchmarks/bench_train.py                       # builds small shards in a temp folder
+    python benchmarks/bench_train.py --shards data/shards  # CUDA part on your own 224 px shards
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qualiclip.loader import LoaderStats, iterate_batches
+from qualiclip.model import ModelConfig
+from qualiclip.train import DistInfo, TrainConfig, build_trainer, optimize
+
+
+def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
+    """Shards from scikit-image's photos (offline), ``variants`` samples per photo."""
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.ingest import IngestConfig, run_ingest
+
+    run_ingest(IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
+               root / "ingest", progress=False)
+    cfg = DegradeConfig(variants=variants, samples_per_shard=16, workers=workers, crop=crop)
+    run_degrade(cfg, root / "ingest", root / f"shards{crop}", progress=False)
+    return root / f"shards{crop}"
+
+
+def measure(trainer, cfg: TrainConfig, batches, steps: int, warmup: int) -> float:
+    """Crops per second over ``steps`` optimisation steps after ``warmup`` untimed ones."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    for batch in itertools.islice(batches, warmup):
+        optimize(trainer, batch, cfg)
+    sync()
+    start, crops = time.perf_counter(), 0
+    for batch in itertools.islice(batches, steps):
+        optimize(trainer, batch, cfg)
+        crops += batch.shape[0] * batch.shape[1] * batch.shape[2]
+    sync()
+    return crops / (time.perf_counter() - start)
+
+
+def loader(shards: Path, cfg: TrainConfig):
+    return iterate_batches(shards, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                           num_workers=cfg.num_workers, seed=0, stats=LoaderStats())
+
+
+def bench_cpu(shards: Path, steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(batch_size=4, device="cpu", num_workers=1, shuffle_buffer=16)
+    trainer = build_trainer(cfg, ModelConfig(), DistInfo())
+    batch = next(loader(shards, cfg))
+    compute = measure(trainer, cfg, itertools.repeat(batch), steps, warmup=2)
+    fed = measure(trainer, cfg, loader(shards, cfg), steps, warmup=2)
+    print(f"cpu  tiny@64px  batch {cfg.batch_size} samples ({cfg.batch_size * 10} crops), {threads} threads: "
+          f"compute only {compute:,.0f} crops/s; with shard loader {fed:,.0f} crops/s")
+
+
+def bench_cuda(shards: Path, steps: int, batch_sizes: list[int], workers: int, compile_: bool) -> None:
+    for b in batch_sizes:
+        cfg = TrainConfig(batch_size=b, device="cuda", num_workers=workers, shuffle_buffer=64,
+                          precision="bf16", channels_last=True, compile=compile_)
+        trainer = build_trainer(cfg, ModelConfig(name="RN50"), DistInfo())
+        rate = measure(trainer, cfg, loader(shards, cfg), steps, warmup=5 if not compile_ else 15)
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        print(f"cuda RN50@224 bf16 channels_last{' compiled' if compile_ else ''} batch {b} samples ({b * 10} crops): "
+              f"{rate:,.0f} crops/s = {rate / 10:,.1f} samples/s, peak {mem:.1f} GiB  [{torch.cuda.get_device_name()}]")
+        del trainer
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=Path, help="224 px shards for the CUDA part (default: built from scikit-image)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 32, 64])
+    p.add_argument("--workers", type=int, default=8, help="loader workers for the CUDA part")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the encoder (CUDA part)")
+    p.add_argument("--skip-cpu", action="store_true")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    if not args.skip_cpu:
+        bench_cpu(build_shards(tmp, crop=64, variants=4, workers=2), args.steps, args.threads)
+    if torch.cuda.is_available():
+        shards = args.shards or build_shards(tmp, crop=224, variants=16, workers=args.workers)
+        bench_cuda(shards, args.steps, args.batch_sizes, args.workers, args.compile)
+    else:
+        print("cuda: not available here; the RN50 figures need a GPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Checkpoint folders, the official QualiCLIP format, and the resumable train-state file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qualiclip.checkpoint import (
+    CONFIG, TRAIN_STATE, export_official, load_checkpoint, load_train_state, read_metadata, save_checkpoint,
+    save_train_state,
+)
+from qualiclip.model import ModelConfig, ModelLoadError, create_model
+from qualiclip.prompts import CLIP_MEAN, CLIP_STD
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return create_model(ModelConfig(seed=3)).eval()
+
+
+def scores(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_folder_round_trip_keeps_scores_and_metadata(tiny, tmp_path):
+    out = save_checkpoint(tiny, tmp_path / "ckpt", {"step": 7, "params_hash": "abc"})
+    x = torch.rand(2, 3, 64, 72)
+    assert torch.equal(scores(load_checkpoint(out), x), scores(tiny, x))
+    assert read_metadata(out) == {"step": 7, "params_hash": "abc"}
+    assert not list(tmp_path.glob(".ckpt*"))  # no temporary folder left behind
+
+
+def test_folder_of_another_architecture_is_a_clear_error(tiny, tmp_path):
+    out = save_checkpoint(tiny, tmp_path / "ckpt")
+    config = json.loads((out / CONFIG).read_text())
+    config["model"]["name"] = "RN50"
+    (out / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="do not match architecture 'RN50'"):
+        load_checkpoint(out)
+
+
+def test_missing_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(ModelLoadError, match="run the train stage"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_export_official_round_trip(tiny, tmp_path):
+    path = export_official(tiny, tmp_path / "qualiclip.pth")
+    state = torch.load(path, weights_only=True)
+    assert "prompts_features" in state and all(k.startswith("clip_model.") for k in state if k != "prompts_features")
+    x = torch.rand(2, 3, 48, 64)
+    assert torch.allclose(scores(load_checkpoint(path, name="qualiclip-tiny-rn"), x), scores(tiny, x), atol=1e-6)
+
+
+def official_reference_scores(clip_state: dict, prompts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The official formula, independently of qualiclip.model: open_clip's own RN50 forward with the
+    attention-pool positional embedding zeroed (= dropped at 224 px), 100·cosine, softmax per pair,
+    mean over pairs."""
+    import open_clip
+
+    ref = open_clip.create_model("RN50", pretrained=None)
+    ref.load_state_dict(clip_state)
+    ref.visual.attnpool.positional_embedding.data.zero_()
+    ref.eval()
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        f = F.normalize(ref.encode_image((x - mean) / std), dim=-1)  # (N, 1024)
+    logits = 100.0 * (f @ F.normalize(prompts, dim=-1).T).view(len(x), -1, 2)  # (N, 7, 2)
+    return torch.softmax(logits, dim=-1)[..., 0].mean(dim=-1)
+
+
+@pytest.mark.slow
+def test_official_rn50_file_gives_the_official_scores(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("RN50", pretrained=None)
+    prompts = F.normalize(torch.randn(14, 1024), dim=-1)
+    state = {f"clip_model.{k}": v for k, v in clip.state_dict().items()}
+    state["prompts_features"] = prompts
+    path = tmp_path / "QualiCLIP.pth"
+    torch.save(state, path)
+
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    expected = official_reference_scores(clip.state_dict(), prompts, x)
+    assert expected.std() > 0 or expected.sub(0.5).abs().max() > 1e-3  # not a degenerate 0.5 everywhere
+    by_loader = scores(load_checkpoint(path), x)
+    by_config = scores(create_model(ModelConfig(name="RN50", pretrained=str(path))), x)
+    assert torch.allclose(by_loader, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(by_config, expected, atol=1e-5, rtol=0)
+
+
+def test_train_state_round_trip_is_weights_only(tmp_path):
+    state = {"step": 3, "t": torch.arange(4), "rng": (1, (2, 3), None), "log": [{"step": 1, "loss": 0.5}]}
+    path = save_train_state(state, tmp_path / TRAIN_STATE)
+    loaded = load_train_state(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["t"], state["t"]) and loaded["log"] == state["log"]
+    assert [p.name for p in tmp_path.iterdir()] == [TRAIN_STATE]  # the temporary file was renamed
+    assert load_train_state(tmp_path / "absent.pt") is None
+
+
+def test_train_state_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / TRAIN_STATE
+    torch.save({"cfg": ModelConfig()}, path)  # what weights_only must never unpickle
+    with pytest.raises(ModelLoadError, match="delete it.*train.resume: false"):
+        load_train_state(path)
+
+
+def test_torn_train_state_is_a_clear_error(tmp_path):
+    path = tmp_path / TRAIN_STATE
+    path.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        load_train_state(path)

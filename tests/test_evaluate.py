@@ -1,0 +1,134 @@
+"""The evaluate stage end to end, as `dvc repro` runs it: synthetic set, a real dataset (the 250
+CLIVE images of clive-dev, with an official-style test split), the baseline, CSVs and plots."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from qualiclip.evaluate import EvaluateConfig, EvaluateError, baseline_model, load_dataset_spec
+from qualiclip.model import ModelConfig, create_model
+
+BLOCK = {"srcc", "krcc", "plcc", "plcc_logistic", "n"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that spin
+    while their sibling is descheduled made these tests 6x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+
+@pytest.fixture(scope="module")
+def ingest_dir(kodak_dir, tmp_path_factory):
+    """A minimal ingest output: one held-out (val) photo, as the ingest stage lays it out."""
+    out = tmp_path_factory.mktemp("ingest")
+    (out / "images").mkdir()
+    Image.open(kodak_dir / "kodim01.png").convert("RGB").resize((320, 240)).save(out / "images" / "ab12.png")
+    (out / "manifest.csv").write_text("id,split\nab12,val\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def clive_split_labels(clive_dir, tmp_path_factory):
+    """clive-dev's labels with a split column: the last 100 images form the 'test' split."""
+    rows = list(csv.DictReader(open(clive_dir / "labels.csv")))
+    out = tmp_path_factory.mktemp("labels") / "labels_split.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mos", "split"])
+        w.writerows([r["image"], r["mos"], "test" if i >= 150 else "train"] for i, r in enumerate(rows))
+    return out
+
+
+def clive_spec(clive_dir, labels) -> dict:
+    # resized to 96 px on the short side to keep the test fast; evaluation is full-resolution by default
+    return {"name": "csv", "label": "clive", "root": str(labels.parent), "labels": labels.name,
+            "image_dir": str(clive_dir / "images"), "mos_range": [0, 100], "lower_is_better": False,
+            "resize_short_side": 96}
+
+
+@pytest.fixture(scope="module")
+def evaluated(ingest_dir, clive_dir, clive_split_labels, tmp_path_factory):
+    from qualiclip.checkpoint import save_checkpoint
+    from qualiclip.cli import main
+
+    work = tmp_path_factory.mktemp("eval")
+    ckpt = save_checkpoint(create_model(ModelConfig(seed=1)), work / "checkpoint")
+    params = {
+        "model": {"name": "qualiclip-tiny-rn", "pretrained": None, "seed": 0},
+        "tracking": {"backend": "none"},
+        "evaluate": {"distortions": ["gaussian_blur", "white_noise", "jpeg"], "batch_size": 8, "device": "cpu",
+                     "datasets": [clive_spec(clive_dir, clive_split_labels)]},
+    }
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    rc = main(["evaluate", "--params", str(work / "params.yaml"), "--model", str(ckpt),
+               "--ingest", str(ingest_dir), "--out", str(work / "out")])
+    assert rc == 0
+    return work / "out"
+
+
+def test_metrics_have_synthetic_dataset_split_and_baseline_blocks(evaluated):
+    m = json.loads((evaluated / "metrics.json").read_text())
+    assert {"srcc", "plcc", "krcc", "srcc_within", "per_distortion"} <= set(m["synthetic"])
+    assert set(m["synthetic"]["per_distortion"]) == {"gaussian_blur", "white_noise", "jpeg"}
+    assert set(m["clive"]) == BLOCK and m["clive"]["n"] == 250
+    assert set(m["clive_test"]) == BLOCK and m["clive_test"]["n"] == 100
+    assert set(m["baseline"]) == {"synthetic", "clive", "clive_test"}
+    assert set(m["baseline"]["clive"]) == BLOCK
+    for block in (m["clive"], m["baseline"]["clive"], m["clive_test"]):
+        assert all(-1 <= block[k] <= 1 for k in BLOCK - {"n"})
+
+
+def test_dataset_scores_csv_matches_the_scorer(evaluated, clive_dir):
+    from qualiclip.checkpoint import load_checkpoint
+    from qualiclip.scoring import score_paths
+
+    rows = list(csv.DictReader(open(evaluated / "scores_clive.csv")))
+    assert len(rows) == 250 and list(rows[0]) == ["path", "mos", "split", "score", "baseline_score"]
+    assert sum(r["split"] == "test" for r in rows) == 100
+    model = load_checkpoint(evaluated.parent / "checkpoint")
+    again = score_paths([rows[0]["path"], rows[-1]["path"]], model, resize_short=96)
+    np.testing.assert_allclose([r.score for r in again], [float(rows[0]["score"]), float(rows[-1]["score"])], atol=2e-6)
+    assert rows[0]["score"] != rows[0]["baseline_score"]
+
+
+def test_csvs_and_plots_are_written(evaluated):
+    per = list(csv.DictReader(open(evaluated / "per_distortion.csv")))
+    assert [list(r) for r in per][0] == ["distortion", "srcc"] and len(per) == 3
+    assert len(list(csv.DictReader(open(evaluated / "synthetic_scores.csv")))) == 3 * 5
+    for name in ("synthetic_scatter", "per_distortion", "scatter_clive", "model_vs_baseline"):
+        assert (evaluated / "plots" / f"{name}.png").stat().st_size > 5_000
+
+
+def test_baseline_is_the_backbone_with_the_clip_iqa_pair():
+    from qualiclip.prompts import BASELINE_PAIRS
+
+    cfg = ModelConfig()
+    base = baseline_model(cfg)
+    assert base.prompt_features.shape[0] == 2 * len(BASELINE_PAIRS) == 2
+    trained_init = create_model(cfg)  # same seed: the same initial weights training starts from
+    a, b = base.visual.state_dict(), trained_init.visual.state_dict()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_dataset_spec_errors_name_the_fix(clive_dir, clive_split_labels):
+    with pytest.raises(EvaluateError, match="root"):
+        load_dataset_spec({"name": "clive"})
+    bad = {**clive_spec(clive_dir, clive_split_labels), "label": "synthetic"}
+    with pytest.raises(EvaluateError, match="label"):
+        load_dataset_spec(bad)
+
+
+def test_config_knows_precision_and_datasets():
+    cfg = EvaluateConfig(precision="bf16", datasets=({"name": "clive", "root": "/x"},))
+    assert cfg.precision == "bf16"

@@ -1,0 +1,154 @@
+"""The training loader: exactly-once passes, shuffling, node/worker splits, corrupt and truncated shards."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import make_photos
+from qualiclip.degrade import DegradeConfig, run_degrade
+from qualiclip.ingest import IngestConfig, run_ingest
+from qualiclip.loader import LoaderStats, iterate_batches
+from qualiclip.shards import ShardError, decode_crops
+
+CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=("gaussian_blur", "jpeg"))
+
+
+@pytest.fixture(scope="module")
+def ingest_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ingest")
+    photos = make_photos(root / "photos", n=4, size=(72, 96))
+    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "i", progress=False)
+    return root / "i"
+
+
+@pytest.fixture(scope="module")
+def shards(ingest_dir, tmp_path_factory) -> Path:
+    """6 shards of 2 samples."""
+    out = tmp_path_factory.mktemp("shards")
+    run_degrade(CFG, ingest_dir, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_shards(ingest_dir, tmp_path_factory) -> Path:
+    """2 shards (8 + 4 samples): fewer than the workers."""
+    out = tmp_path_factory.mktemp("two")
+    run_degrade(DegradeConfig(**{**CFG.__dict__, "samples_per_shard": 8}), ingest_dir, out, progress=False)
+    return out
+
+
+def reference(shard_dir: Path) -> list[str]:
+    """Digests of every sample, read straight from the tars in index order."""
+    out = []
+    for path in sorted(shard_dir.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key in sorted({n.split(".")[0] for n in members}):
+            sample = {"__key__": key, **{n.split(".", 1)[1]: v for n, v in members.items() if n.startswith(key + ".")}}
+            out.append(hashlib.sha256(decode_crops(sample).tobytes()).hexdigest())
+    return out
+
+
+def digests(batches) -> list[str]:
+    return [hashlib.sha256(s.numpy().tobytes()).hexdigest() for b in batches for s in b]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_pass_yields_every_sample_exactly_once(shards, workers):
+    stats = LoaderStats()
+    batches = list(iterate_batches(shards, 5, shuffle_buffer=4, num_workers=workers, repeat=False, stats=stats))
+    assert [b.shape[0] for b in batches] == [5, 5, 2]
+    assert batches[0].shape == (5, 2, 5, 32, 32, 3)
+    assert Counter(digests(batches)) == Counter(reference(shards))
+    assert (stats.samples, stats.corrupt) == (12, 0)
+
+
+def test_shuffle_buffer_is_seeded(shards):
+    def order(**kw):
+        return digests(iterate_batches(shards, 4, repeat=False, **kw))
+
+    assert order(shuffle_buffer=0) == reference(shards)
+    a = order(shuffle_buffer=8, seed=0)
+    assert a == order(shuffle_buffer=8, seed=0) and sorted(a) == sorted(reference(shards))
+    assert a != reference(shards) and a != order(shuffle_buffer=8, seed=1)
+
+
+def test_endless_stream_is_deterministic_so_resume_is_islice(shards):
+    def first(n, skip=0):
+        it = iterate_batches(shards, 3, shuffle_buffer=8, num_workers=2, seed=5, repeat=True)
+        return digests(itertools.islice(it, skip, n))
+
+    run = first(10)  # 30 samples: more than one epoch of 12
+    assert len(run) == 30 and set(run) == set(reference(shards))
+    assert first(10, skip=4) == run[12:]
+
+
+def test_split_by_node_gives_disjoint_complete_parts(shards, monkeypatch):
+    parts = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        parts.append(digests(iterate_batches(shards, 4, shuffle_buffer=4, repeat=False)))
+    assert len(parts[0]) == len(parts[1]) == 6
+    assert not set(parts[0]) & set(parts[1])
+    assert Counter(parts[0] + parts[1]) == Counter(reference(shards))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
+def test_fewer_shards_than_workers(two_shards):
+    once = digests(iterate_batches(two_shards, 4, num_workers=3, repeat=False))
+    assert Counter(once) == Counter(reference(two_shards))
+    endless = list(itertools.islice(iterate_batches(two_shards, 4, num_workers=3, repeat=True), 10))
+    assert len(endless) == 10 and all(b.shape[0] == 4 for b in endless)
+
+
+def _damage(src: Path, dst: Path, how: str) -> None:
+    shutil.copytree(src, dst)
+    path = dst / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    if how.startswith("truncate"):
+        # mid: inside the second sample's members; boundary: right after the first sample
+        end = members[-3].offset_data + 100 if how == "truncate_mid" else members[len(members) // 2].offset
+        path.write_bytes(path.read_bytes()[:end])
+        return
+    member = next(m for m in members if m.name.endswith(".png"))
+    with open(path, "r+b") as f:  # garble the middle of one PNG member, tar structure intact
+        f.seek(member.offset_data + member.size // 2)
+        f.write(b"\x00garbage\xff" * 4)
+
+
+@pytest.mark.parametrize("how", ["png_member", "truncate_mid", "truncate_boundary"])
+def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, how):
+    _damage(shards, tmp_path / "s", how)
+    stats = LoaderStats()
+    got = digests(iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=False, stats=stats))
+    assert (stats.samples, stats.corrupt) == (len(got), 1) == (11, 1)
+    assert set(got) <= set(reference(shards))  # what comes through is intact
+    if how == "truncate_boundary":  # the tar ends cleanly: only the index's count reveals the loss
+        assert stats.corrupt_keys == ["shard-000001.tar@1"]
+
+
+def test_missing_index_names_the_fix(tmp_path):
+    with pytest.raises(ShardError, match="run the degrade stage first"):
+        next(iterate_batches(tmp_path, 2))
+
+
+def test_endless_stream_with_no_intact_sample_stops_with_the_fix(shards, tmp_path):
+    bad = tmp_path / "s"
+    shutil.copytree(shards, bad)
+    for path in bad.glob("shard-*.tar"):
+        with tarfile.open(path) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".png")]
+        with open(path, "r+b") as f:  # garble every PNG member: no sample survives
+            for m in members:
+                f.seek(m.offset_data + m.size // 2)
+                f.write(b"\x00garbage\xff" * 4)
+    with pytest.raises(ShardError, match="no intact sample left; rerun the degrade stage"):
+        next(iterate_batches(bad, 2, num_workers=0, repeat=True))

@@ -1,0 +1,206 @@
+"""Scoring: the inference copy, batching, the user API and the ``qualiclip score`` CLI."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qualiclip.model import ModelConfig, create_model
+from qualiclip.scoring import (
+    ScoringError, inference_copy, plan_batches, score_arrays, score_images, score_paths,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that spin
+    while their sibling is descheduled made these tests 6x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def discriminative(model, images):
+    """Point the prompt pair along the top principal direction of these images' features.
+
+    A random tiny model maps every image to nearly the same feature, so its scores agree to ~1e-5
+    and a 1e-5 comparison would prove nothing; with prompts ±u the scores spread over [0, 1].
+    """
+    with torch.no_grad():
+        f = torch.cat([model.encode(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255) for im in images])
+    u = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]
+    model.prompt_features = torch.stack([u, -u])  # one pair (K = 1)
+    return model
+
+
+def randomise_batchnorm(model, seed=0):
+    """Non-trivial BatchNorm statistics, so that folding them is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0),
+                              (m.weight.data, 0.5, 1.5), (m.bias.data, -0.3, 0.3)):
+                t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    ims = [np.ascontiguousarray(p[: 64 + 8 * i, : 80]) for i, p in enumerate(photos)]  # 3 sizes
+    ims += [np.ascontiguousarray(p[100:164, 100:180]) for p in photos]  # 3 more of 64x80
+    ims += [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)]
+    return ims
+
+
+@pytest.fixture(scope="module")
+def model(images):
+    return discriminative(randomise_batchnorm(create_model(ModelConfig()).eval()), images)
+
+
+def test_inference_copy_matches_the_model(model, images):
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not hasattr(fast.clip, "transformer")  # no text tower
+    with torch.no_grad():
+        for im in images:
+            x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
+            assert abs(model(x).item() - fast(x).item()) < 1e-5
+    assert inference_copy(fast) is fast
+
+
+def test_batched_equals_one_by_one(model, images):
+    batched = score_arrays(model, images, batch_size=4)
+    single = np.array([score_arrays(model, [im], batch_size=1)[0] for im in images])
+    assert np.ptp(batched) > 0.1  # the scores really differ from image to image
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_plan_batches_groups_equal_sizes_and_caps_pixels():
+    shapes = [(10, 10, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (20, 10, 3)]
+    assert plan_batches(shapes, 2) == [[0, 2], [3], [1, 4]]
+    assert plan_batches(shapes, 8, max_batch_pixels=250) == [[0, 2], [3], [1], [4]]
+    with pytest.raises(ScoringError, match="batch_size"):
+        plan_batches(shapes, 0)
+
+
+def test_score_images_accepts_paths_arrays_and_tensors(model, images, tmp_path):
+    ref = score_arrays(model, images[:3])
+    path = tmp_path / "a.png"
+    Image.fromarray(images[0]).save(path)
+    tensor = torch.from_numpy(images[1]).permute(2, 0, 1).float() / 255
+    batch = torch.from_numpy(np.stack(images[2:3])).permute(0, 3, 1, 2)  # (1, 3, H, W) uint8
+    got = score_images([str(path), tensor, batch], model)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    with pytest.raises(ScoringError, match="expected"):
+        score_images([np.zeros((8, 8))], model)
+    with pytest.raises(ScoringError, match="score_paths"):
+        score_images([tmp_path / "missing.png"], model)
+
+
+def test_fp16_on_cpu_names_the_fix(model, images):
+    with pytest.raises(ScoringError, match="bf16"):
+        score_arrays(model, images[:1], device="cpu", precision="fp16")
+
+
+def test_score_paths_streams_batch_by_batch(model, images, tmp_path, monkeypatch):
+    """At most ``batch_size`` images are decoded before they are scored."""
+    import qualiclip.imageio as imageio
+
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    live, peak, real = [0], [0], imageio.read_image
+
+    def counting_read(*a, **kw):
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(imageio, "read_image", counting_read)
+
+    class Bar:
+        def update(self, n):
+            live[0] -= n
+
+    paths = sorted(tmp_path.glob("*.png"))
+    results = score_paths(paths, model, batch_size=2, progress=Bar())
+    assert peak[0] <= 2 and all(r.error == "" for r in results)
+    np.testing.assert_allclose([r.score for r in results], score_arrays(model, [real(p).pixels for p in paths]), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    from qualiclip.checkpoint import save_checkpoint
+
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "checkpoint")
+
+
+def test_load_scorer_reads_only_the_image_encoder(checkpoint, model, images):
+    from qualiclip.scoring import is_inference_copy, load_scorer
+
+    scorer = load_scorer(checkpoint)
+    assert is_inference_copy(scorer) and not any(t.is_meta for t in scorer.state_dict().values())
+    np.testing.assert_allclose(score_arrays(scorer, images), score_arrays(model, images), atol=1e-5)
+
+
+def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images, tmp_path, capsys):
+    from qualiclip.cli import main
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, im in enumerate(images[:4]):
+        Image.fromarray(im).save(folder / ("sub" if i % 2 else ".") / f"{i}.png")
+    (folder / "sub" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 3)
+    single = tmp_path / "single.jpg"
+    Image.fromarray(images[4]).save(single, quality=95)
+    listed = tmp_path / "lists" / "batch.txt"
+    listed.parent.mkdir()
+    Image.fromarray(images[5]).save(tmp_path / "lists" / "x.png")
+    listed.write_text("# my list\nx.png\n\nmissing.png\n")
+
+    out = tmp_path / "scores.csv"
+    rc = main(["score", str(folder), str(single), str(listed), "--model", str(checkpoint), "--out", str(out),
+               "--batch-size", "3", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["path", "score", "width", "height", "error"]
+    assert len(rows) == 4 + 1 + 1 + 1 + 1  # 4 good + corrupt in the folder, single, listed + missing
+    bad = {r["path"].rsplit("/", 1)[-1]: r for r in rows if r["error"]}
+    assert set(bad) == {"corrupt.jpg", "missing.png"} and all(r["score"] == "" for r in bad.values())
+    good = [r for r in rows if not r["error"]]
+    assert all(0 <= float(r["score"]) <= 1 for r in good)
+    first = next(r for r in good if r["path"].endswith("/0.png"))
+    assert (int(first["width"]), int(first["height"])) == (images[0].shape[1], images[0].shape[0])
+    assert abs(float(first["score"]) - score_arrays(model_from(checkpoint), images[:1])[0]) < 1e-5
+    assert "corrupt.jpg" in capsys.readouterr().err
+
+    out_json = tmp_path / "scores.json"
+    assert main(["score", str(single), "--model", str(checkpoint), "--out", str(out_json), "--no-progress"]) == 0
+    assert json.loads(out_json.read_text())[0]["score"] == pytest.approx(float(next(
+        r["score"] for r in rows if r["path"] == str(single))), abs=3e-6)
+
+
+def model_from(checkpoint):
+    from qualiclip.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+def test_cli_errors_name_the_fix(checkpoint, tmp_path, capsys):
+    from qualiclip.cli import main
+
+    assert main(["score", str(tmp_path), "--model", str(checkpoint), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["score", str(tmp_path), "--model", str(checkpoint), "--out", str(tmp_path / "s.xlsx")]) == 2
+    assert "--out must end in .csv or .json" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert main(["score", str(tmp_path), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""The train stage: outputs, tracking, BatchNorm modes, precision, and SIGKILL + resume = same weights."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CLEAN_ENV, make_photos
+from qualiclip.checkpoint import TRAIN_STATE, load_train_state, save_train_state
+from qualiclip.loader import LoaderStats
+from qualiclip.model import ModelConfig
+from qualiclip.tracking import Tracker
+from qualiclip.train import (
+    DistInfo, TrainConfig, TrainError, amp_dtype, build_trainer, lr_factor, optimize, run_train, shard_batches,
+    train_state,
+)
+
+TINY_TRAIN = dict(steps=8, batch_size=3, num_workers=0, shuffle_buffer=4, log_every=1, warmup_steps=2, threads=1)
+
+
+def build_shards(root: Path) -> Path:
+    """Two tiny shards (4 samples each, 64 px crops) from 4 synthetic photos, via ingest + degrade."""
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.ingest import IngestConfig, run_ingest
+
+    make_photos(root / "photos", n=4, size=(80, 96))
+    run_ingest(IngestConfig(sources=(str(root / "photos"),), min_size=64, val_fraction=0.0, workers=1),
+               root / "ingest", progress=False)
+    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64,
+                        distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
+    run_degrade(cfg, root / "ingest", root / "shards", progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_shards(tmp_path_factory.mktemp("data"))
+
+
+class RecordingTracker(Tracker):
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+
+def random_batch(b: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 2, 5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=10, warmup_steps=2)
+    assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cfg) == pytest.approx(1.0) and lr_factor(10, cfg) == pytest.approx(0.0)
+    assert lr_factor(6, TrainConfig(steps=10, warmup_steps=2, schedule="constant")) == 1.0
+
+
+def test_run_train_writes_outputs_and_tracks_every_term(shards, tmp_path):
+    tracker = RecordingTracker()
+    cfg = TrainConfig(**{**TINY_TRAIN, "steps": 3, "threads": 0})
+    result = run_train(cfg, ModelConfig(), shards, tmp_path, tracker=tracker, progress=False, metadata={"x": 1})
+    assert result.steps == 3 and result.corrupt_samples == 0 and set(result.final) == {"loss", "loss_cons", "loss_pos", "loss_neg"}
+    assert (result.checkpoint / "model.safetensors").is_file()
+    meta = json.loads((result.checkpoint / "metadata.json").read_text())
+    assert meta["x"] == 1 and meta["world_size"] == 1
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert list(rows[0]) == ["step", "loss", "loss_cons", "loss_pos", "loss_neg", "lr"] and len(rows) == 3
+    assert [step for step, _ in tracker.logged] == [1, 2, 3]
+    keys = set(tracker.logged[0][1])
+    assert {"train/loss", "train/loss_cons", "train/loss_pos", "train/loss_neg", "train/lr", "train/crops_per_s"} <= keys
+    assert not (tmp_path / TRAIN_STATE).exists()  # a finished run leaves only the checkpoint
+
+
+@pytest.mark.parametrize("mode,changes", [("frozen", False), ("train", True)])
+def test_batchnorm_mode(mode, changes):
+    t = build_trainer(TrainConfig(bn_mode=mode), ModelConfig(), DistInfo())
+    bn = next(m for m in t.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    optimize(t, random_batch(), TrainConfig(bn_mode=mode))
+    assert (not torch.equal(before, bn.running_mean)) == changes
+    assert t.model.visual.training and not t.model.clip.transformer.training
+
+
+def test_optimizer_holds_image_encoder_parameters_only():
+    t = build_trainer(TrainConfig(), ModelConfig(), DistInfo())
+    in_opt = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    visual = {id(p) for p in t.model.visual.parameters() if p.requires_grad}
+    assert in_opt == visual
+    assert not any(id(p) in in_opt for p in t.model.clip.transformer.parameters())
+
+
+def test_cpu_trains_in_fp32_whatever_precision_says():
+    for precision in ("auto", "bf16", "fp16", "fp32"):
+        assert amp_dtype(TrainConfig(precision=precision), torch.device("cpu")) is None
+
+
+def test_state_from_other_params_is_refused(shards, tmp_path):
+    t = build_trainer(TrainConfig(), ModelConfig(), DistInfo())
+    save_train_state(train_state(t, 1, "someone-else", []), tmp_path / TRAIN_STATE)
+    cfg = TrainConfig(**TINY_TRAIN)
+    with pytest.raises(TrainError, match="other params.*train.resume: false"):
+        run_train(cfg, ModelConfig(), shards, tmp_path, progress=False)
+    run_train(TrainConfig(**{**TINY_TRAIN, "steps": 1, "resume": False}), ModelConfig(), shards, tmp_path, progress=False)
+
+
+def test_fewer_shards_than_processes_names_the_fix(shards):
+    with pytest.raises(TrainError, match="2 shards.*4 processes.*samples_per_shard"):
+        shard_batches(TrainConfig(), shards, DistInfo(rank=0, world_size=4), LoaderStats(), skip=0)
+
+
+ENTRY = '''
+import json, os, signal, sys, warnings
+warnings.simplefilter("ignore")
+from pathlib import Path
+from qualiclip.model import ModelConfig
+from qualiclip.tracking import Tracker
+from qualiclip.train import TrainConfig, run_train
+
+class KillAt(Tracker):
+    """SIGKILL this process once step ``at`` has been logged: no cleanup, no atexit."""
+    def __init__(self, at):
+        self.at = at
+    def log_metrics(self, metrics, step=None):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = json.loads(sys.argv[1])
+run_train(TrainConfig(**args["train"]), ModelConfig(), Path(args["shards"]), Path(args["out"]),
+          tracker=KillAt(args["kill_at"]), progress=False)
+'''
+
+
+def _launch(tmp_path: Path, shards: Path, out: Path, kill_at: int | None) -> subprocess.Popen:
+    script = tmp_path / "entry.py"
+    script.write_text(ENTRY)
+    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2}, "shards": str(shards), "out": str(out), "kill_at": kill_at}
+    return subprocess.Popen([sys.executable, str(script), json.dumps(args)], env={**os.environ, **CLEAN_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path):
+    full = _launch(tmp_path, shards, tmp_path / "full", None)
+    killed = _launch(tmp_path, shards, tmp_path / "resumed", kill_at=5)  # states at steps 2 and 4
+    assert killed.wait(timeout=240) == -signal.SIGKILL, killed.stdout.read()
+    state = load_train_state(tmp_path / "resumed" / TRAIN_STATE)
+    assert state["step"] == 4 and not (tmp_path / "resumed" / "checkpoint").exists()
+
+    resumed = _launch(tmp_path, shards, tmp_path / "resumed", None)
+    assert resumed.wait(timeout=240) == 0, resumed.stdout.read()
+    assert full.wait(timeout=240) == 0, full.stdout.read()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_full = (tmp_path / "full" / "train_log.csv").read_text()
+    assert log_full == (tmp_path / "resumed" / "train_log.csv").read_text() and log_full.count("\n") == 9
+    assert not (tmp_path / "resumed" / TRAIN_STATE).exists()
