@@ -10,7 +10,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow.pyfunc
-import numpy as np
 
 
 class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):

@@ -30,6 +30,18 @@ def shared_dir(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that spin
+    while their sibling is descheduled made these tests 6x slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def kodak_dir() -> Path:
     return shared_dir("kodak") / "images"

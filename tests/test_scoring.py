@@ -16,13 +16,8 @@ from qualiclip.scoring import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that spin
-    while their sibling is descheduled made these tests 6x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _single_thread(one_thread):
+    """See conftest.one_thread."""
 
 
 def discriminative(model, images):
