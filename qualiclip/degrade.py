@@ -293,4 +293,3 @@ def load_image(images_dir: str, image_id: str) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
-_load_image = load_image  # the old private name, used by evaluate.py and stages.py

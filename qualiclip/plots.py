@@ -6,6 +6,16 @@ from pathlib import Path
 import numpy as np
 
 
+def _save(fig, out: Path) -> Path:
+    """Lay out, write and close a figure (figures are never left open in long runs)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -32,10 +42,7 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     ax.set(xlabel="distortion level (higher = more degraded)", ylabel="predicted quality", xticks=range(1, 6),
            title="Held-out synthetic set: quality should fall with the level")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None) -> Path:
@@ -61,10 +68,7 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     ax.title.set_fontsize(9)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_loss_curves(log_csv: Path, out: Path) -> Path:
@@ -81,10 +85,7 @@ def plot_loss_curves(log_csv: Path, out: Path) -> Path:
         ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.2)
     ax.set(xlabel="step", ylabel="loss", title="Training losses")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str,
@@ -112,10 +113,7 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
         ax.set_ylim(*mos_range)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
@@ -135,7 +133,4 @@ def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
     ax.set(ylabel="SRCC", ylim=(min(-0.1, min(model + base) - 0.1), 1.05), title="What training added (SRCC)")
     ax.axhline(0, color="k", lw=0.8)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

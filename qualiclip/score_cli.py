@@ -81,13 +81,6 @@ def resolve_model_path(spec: str) -> Path:
     return Path(spec)
 
 
-def resolve_model(spec: str):
-    """A QualiCLIP (whole model, trainable) from a checkpoint path or an MLflow model URI."""
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(resolve_model_path(spec))
-
-
 def load_scorer(args):
     """The scoring-only model of ``--model`` (image encoder only), with ``--threads`` applied."""
     import torch

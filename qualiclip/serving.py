@@ -15,8 +15,10 @@ import mlflow.pyfunc
 class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from .checkpoint import load_checkpoint
+        from .scoring import inference_copy
 
-        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+        # the scoring copy (folded BatchNorm, no text tower) once, not on every request
+        self.model = inference_copy(load_checkpoint(context.artifacts["checkpoint"]))
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

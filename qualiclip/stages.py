@@ -74,12 +74,12 @@ def _contact_sheet_for(ingest_dir: Path, out_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
     import tempfile
 
-    from .degrade import _load_image, read_manifest
+    from .degrade import load_image, read_manifest
     from .distortions import save_contact_sheet
 
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
-    save_contact_sheet(_load_image(str(ingest_dir / "images"), first), out)
+    save_contact_sheet(load_image(str(ingest_dir / "images"), first), out)
     return out
 
 

@@ -22,7 +22,9 @@ from qualiclip.train import TrainConfig, run_train
 
 args = json.loads(sys.argv[1])
 result = run_train(TrainConfig(**args["train"]), ModelConfig(), Path(args["shards"]), Path(args["out"]), progress=False)
-print("done", result.steps)
+# one marker file per rank: two ranks printing to one pipe can interleave their lines
+import os
+Path(args["out"], f"done-rank{os.environ['RANK']}").write_text(str(result.steps))
 '''
 
 
@@ -52,7 +54,8 @@ def test_two_gloo_processes_keep_identical_replicas(tmp_path):
     proc = subprocess.run(cmd, env={**os.environ, **CLEAN_ENV, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("done 4") == 2  # both ranks finished
+    done = sorted((tmp_path / "out").glob("done-rank*"))
+    assert [d.read_text() for d in done] == ["4", "4"]  # both ranks finished
     assert time.perf_counter() - start < 60
 
     meta = json.loads((tmp_path / "out" / "checkpoint" / "metadata.json").read_text())
