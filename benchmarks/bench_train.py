@@ -18,14 +18,18 @@ from pathlib import Path
 import torch
 
 from qualiclip.loader import LoaderStats, iterate_batches
+from qualiclip.shards import INDEX_FILE
 from qualiclip.model import ModelConfig
 from qualiclip.train import DistInfo, TrainConfig, build_trainer, optimize
 
 
 def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
-    """Shards from scikit-image's photos (offline), ``variants`` samples per photo."""
+    """Shards from scikit-image's photos (offline), ``variants`` samples per photo; reused when present."""
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.ingest import IngestConfig, run_ingest
+
+    if (root / f"shards{crop}" / INDEX_FILE).exists():
+        return root / f"shards{crop}"
 
     run_ingest(IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
                root / "ingest", progress=False)
@@ -49,8 +53,8 @@ def measure(trainer, cfg: TrainConfig, batches, steps: int, warmup: int) -> floa
 
 
 def loader(shards: Path, cfg: TrainConfig):
-    return iterate_batches(shards, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                           num_workers=cfg.num_workers, seed=0, stats=LoaderStats())
+    return iterate_batches(shards, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers,
+                           seed=0, stats=LoaderStats(), pin_memory=cfg.device == "cuda")
 
 
 def bench_cpu(shards: Path, steps: int, threads: int) -> None:
@@ -64,15 +68,32 @@ def bench_cpu(shards: Path, steps: int, threads: int) -> None:
           f"compute only {compute:,.0f} crops/s; with shard loader {fed:,.0f} crops/s")
 
 
+def loader_rate(shards: Path, cfg: TrainConfig, batches: int) -> float:
+    """Crops per second the shard loader alone delivers (decode, CRC check, batching), after one warm-up batch."""
+    it = loader(shards, cfg)
+    next(it)
+    start, crops = time.perf_counter(), 0
+    for batch in itertools.islice(it, batches):
+        crops += batch.shape[0] * batch.shape[1] * batch.shape[2]
+    return crops / (time.perf_counter() - start)
+
+
 def bench_cuda(shards: Path, steps: int, batch_sizes: list[int], workers: int, compile_: bool) -> None:
+    cfg = TrainConfig(batch_size=max(batch_sizes), device="cuda", num_workers=workers, shuffle_buffer=64)
+    print(f"shard loader alone, {workers} workers, batch {cfg.batch_size}: "
+          f"{loader_rate(shards, cfg, steps):,.0f} crops/s", flush=True)
     for b in batch_sizes:
         cfg = TrainConfig(batch_size=b, device="cuda", num_workers=workers, shuffle_buffer=64,
                           precision="bf16", channels_last=True, compile=compile_)
         trainer = build_trainer(cfg, ModelConfig(name="RN50"), DistInfo())
-        rate = measure(trainer, cfg, loader(shards, cfg), steps, warmup=5 if not compile_ else 15)
+        batches = loader(shards, cfg)
+        warmup = 5 if not compile_ else 15
+        compute = measure(trainer, cfg, itertools.repeat(next(batches)), steps, warmup)
+        fed = measure(trainer, cfg, batches, steps, warmup=2)
         mem = torch.cuda.max_memory_allocated() / 2**30
-        print(f"cuda RN50@224 bf16 channels_last{' compiled' if compile_ else ''} batch {b} samples ({b * 10} crops): "
-              f"{rate:,.0f} crops/s = {rate / 10:,.1f} samples/s, peak {mem:.1f} GiB  [{torch.cuda.get_device_name()}]")
+        print(f"cuda RN50@224 bf16 channels_last{' compiled' if compile_ else ''} batch {b} samples ({b * 10} crops), "
+              f"{workers} loader workers: with shard loader {fed:,.0f} crops/s = {fed / 10:,.1f} samples/s; "
+              f"compute only {compute:,.0f} crops/s; peak {mem:.1f} GiB  [{torch.cuda.get_device_name()}]", flush=True)
         del trainer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -87,8 +108,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8, help="loader workers for the CUDA part")
     p.add_argument("--compile", action="store_true", help="also torch.compile the encoder (CUDA part)")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--work", type=Path, help="folder for the built shards, reused when present (default: a temp folder)")
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="bench_train-"))
     if not args.skip_cpu:
         bench_cpu(build_shards(tmp, crop=64, variants=4, workers=2), args.steps, args.threads)
     if torch.cuda.is_available():

@@ -5,7 +5,8 @@
     -> tar expansion (a damaged shard becomes one error marker, never a silent stop)
     -> sample shuffle buffer (seeded per node and worker)
     -> decode + check (a corrupt sample becomes an error marker)
-    -> main process: count markers in `LoaderStats`, batch.
+    -> batch in the worker (errors travel with the batch)
+    -> main process: count errors in `LoaderStats`, regroup short pieces into full batches.
 
 The stream is a pure function of (shards, seed, num_workers, world size, rank): a run that
 restarts with the same settings sees the same batches, so resuming at step k is dropping the
@@ -104,7 +105,29 @@ def decode_sample(sample: dict) -> dict:
         return {"key": key, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat: bool):
+def batch_samples(src: Iterator[dict], batch_size: int) -> Iterator[dict]:
+    """Decoded samples -> ``{"crops": uint8 (n, 2, L, H, W, 3) or None, "errors": [(key, message)]}``.
+
+    Runs in the loader worker, so a batch crosses to the main process as one shared-memory
+    tensor instead of ``batch_size`` small ones (the main process's per-sample cost capped an
+    H100's feed; docs/training.md). A corrupt sample flushes the good ones before it as a short
+    piece with the error attached; ``iterate_batches`` regroups short pieces.
+    """
+    good: list[np.ndarray] = []
+    for sample in src:
+        if "error" in sample:
+            yield {"crops": np.stack(good) if good else None, "errors": [(sample["key"], sample["error"])]}
+            good = []
+            continue
+        good.append(sample["crops"])
+        if len(good) == batch_size:
+            yield {"crops": np.stack(good), "errors": []}
+            good = []
+    if good:
+        yield {"crops": np.stack(good), "errors": []}
+
+
+def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat: bool, batch_size: int = 1):
     """The WebDataset pipeline over index entries ``{"url", "samples"}`` (see module docstring)."""
     import webdataset as wds
 
@@ -115,6 +138,7 @@ def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat:
         expand_shards,
         functools.partial(shuffle_samples, buffer=shuffle_buffer, seed=seed),
         wds.map(decode_sample),
+        functools.partial(batch_samples, batch_size=batch_size),
     )
 
 
@@ -131,38 +155,45 @@ def iterate_batches(
     seed: int = 0,
     repeat: bool = True,
     stats: LoaderStats | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield uint8 tensors (B, 2, L, H, W, 3) of training samples; corrupt ones are counted in ``stats``.
 
     ``repeat=False``: one pass in which every intact sample of this node appears exactly once
     (the last batch may be short). ``repeat=True``: endless, reshuffling shards each epoch; any
-    number of workers works, even more than there are shards.
+    number of workers works, even more than there are shards. Workers build whole batches;
+    ``pin_memory`` (for a CUDA consumer) lets the host-to-device copy run asynchronously.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shards = [{"url": str(Path(shard_dir) / s["name"]), "samples": s["samples"]} for s in indexed_shards(Path(shard_dir))]
     stats = stats if stats is not None else LoaderStats()
-    ds = build_dataset(shards, shuffle_buffer=shuffle_buffer, seed=seed, repeat=repeat)
+    ds = build_dataset(shards, shuffle_buffer=shuffle_buffer, seed=seed, repeat=repeat, batch_size=batch_size)
     workers = num_workers if repeat else min(num_workers, len(shards))  # one pass: a shardless worker idles
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-    batch: list[np.ndarray] = []
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+    short: list[torch.Tensor] = []  # pieces cut short by a corrupt sample or a worker's end of pass
     # A whole pass's worth of corrupt samples in a row means nothing intact is left: stop, don't spin.
     give_up, streak = max(1, sum(s["samples"] for s in shards)), 0
     for item in loader:
-        if "error" in item:
+        crops = item["crops"]
+        if crops is not None:
+            streak = 0
+            stats.samples += len(crops)
+            if len(crops) == batch_size:
+                yield torch.as_tensor(crops)
+            else:
+                short.append(torch.as_tensor(crops))
+                if sum(len(c) for c in short) >= batch_size:
+                    joined = torch.cat(short)
+                    yield joined[:batch_size]
+                    short = [joined[batch_size:]] if len(joined) > batch_size else []
+        for key, error in item["errors"]:
             stats.corrupt += 1
-            stats.corrupt_keys.append(item["key"])
-            log.warning("skipping corrupt sample %s: %s", item["key"], item["error"])
+            stats.corrupt_keys.append(key)
+            log.warning("skipping corrupt sample %s: %s", key, error)
             streak += 1
             if streak >= give_up:
-                raise ShardError(f"{streak} corrupt samples in a row in {shard_dir} (last: {item['error']}) — "
+                raise ShardError(f"{streak} corrupt samples in a row in {shard_dir} (last: {error}) — "
                                  "no intact sample left; rerun the degrade stage")
-            continue
-        streak = 0
-        stats.samples += 1
-        batch.append(np.asarray(item["crops"]))
-        if len(batch) == batch_size:
-            yield torch.from_numpy(np.stack(batch))
-            batch = []
-    if batch:
-        yield torch.from_numpy(np.stack(batch))
+    if short:
+        yield torch.cat(short)

@@ -144,7 +144,7 @@ def _decode_one(data: bytes, name: str) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ShardError(f"{name} does not decode")
-    return np.ascontiguousarray(img[..., ::-1])
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def read_index(shard_dir: Path) -> dict:

@@ -305,7 +305,8 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[
 # The stage
 
 
-def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int) -> Iterator[torch.Tensor]:
+def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int,
+                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
     from .shards import shard_paths
 
@@ -316,7 +317,7 @@ def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats:
     # A loader worker without a shard would never yield; the loader only knows the total count.
     workers = min(cfg.num_workers, n_shards // dist_info.world_size)
     batches = iterate_batches(shard_dir, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                              num_workers=workers, seed=cfg.seed, stats=stats)
+                              num_workers=workers, seed=cfg.seed, stats=stats, pin_memory=pin_memory)
     for _ in range(skip):
         next(batches)
     return batches
@@ -379,7 +380,7 @@ def run_train(
         start, rows = restore_train_state(t, state, key, state_path)
         log.info("resuming from step %d (%s)", start, state_path)
     stats = LoaderStats()
-    batches = shard_batches(cfg, Path(shard_dir), dist_info, stats, skip=start)
+    batches = shard_batches(cfg, Path(shard_dir), dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
     seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress)
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 

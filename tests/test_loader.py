@@ -152,3 +152,13 @@ def test_endless_stream_with_no_intact_sample_stops_with_the_fix(shards, tmp_pat
                 f.write(b"\x00garbage\xff" * 4)
     with pytest.raises(ShardError, match="no intact sample left; rerun the degrade stage"):
         next(iterate_batches(bad, 2, num_workers=0, repeat=True))
+
+
+def test_pieces_cut_short_by_a_corrupt_sample_are_regrouped_into_full_batches(shards, tmp_path):
+    _damage(shards, tmp_path / "s", "png_member")
+    stats = LoaderStats()
+    it = iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=True, stats=stats)
+    batches = list(itertools.islice(it, 12))  # 48 samples: about four passes over the 11 intact ones
+    assert all(b.shape == (4, 2, 5, 32, 32, 3) for b in batches)
+    assert set(digests(batches)) < set(reference(shards))  # intact samples only
+    assert stats.corrupt >= 4 and all(k == stats.corrupt_keys[0] for k in stats.corrupt_keys)
