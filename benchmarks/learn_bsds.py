@@ -1,16 +1,22 @@
-"""Does it learn? Train the default tiny model from scratch on BSDS500, evaluate on Kodak + CLIVE.
+"""Does it learn? Train from scratch on BSDS500, evaluate on Kodak + CLIVE-dev.
 
-Issue 5's learning proof, scaled to the time at hand: pristine photos from
-../shared/data/bsds500 (all 500 as training images), the held-out synthetic ranking on the 24
-Kodak photos (all 24 types x 5 levels), and SRCC/PLCC on the 250 CLIVE images of clive-dev.
-Prints the figures and the wall time of each stage. Usage:
+Issue 5's learning proof: pristine photos from ../shared/data/bsds500 (all 500 as training
+images), the held-out synthetic ranking on the 24 Kodak photos (all 24 types x 5 levels), and
+SRCC/PLCC on the 250 CLIVE images of clive-dev. Prints the figures, and the wall and CPU time
+(this process and its finished children: degrade and loader workers) of each stage. Usage:
 
-    python benchmarks/learn_bsds.py --steps 1200 --work /tmp/learn
+    python benchmarks/learn_bsds.py --work /tmp/learn                       # the defaults below
+    python benchmarks/learn_bsds.py --work /tmp/learn --set train.lr=0.003 --set train.steps=800
+
+Ingest and degrade are skipped when --work already holds their outputs for the same settings,
+so several training settings can be compared on one set of shards.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -21,49 +27,113 @@ from qualiclip import stages
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def params(args, sources: list[str], val_fraction: float, split: str) -> dict:
+def params(sources: list[str], split: str) -> dict:
+    """The benchmark's settings; ``--set`` overrides any of them."""
     return {
         "model": {"name": "qualiclip-tiny-rn", "pretrained": None},
         "tracking": {"backend": "none"},
-        "ingest": {"sources": sources, "min_size": 224, "val_fraction": val_fraction},
-        "degrade": {"variants": args.variants, "workers": 2, "crop": 224},
-        "train": {"steps": args.steps, "batch_size": args.batch_size, "num_workers": 1, "log_every": 50},
+        "ingest": {"sources": sources, "min_size": 224, "val_fraction": 0.0},
+        "degrade": {"variants": 4, "workers": 2, "crop": 224},
+        "train": {"steps": 1200, "batch_size": 4, "num_workers": 1, "log_every": 50, "checkpoint_every": 0},
         "evaluate": {"split": split, "crop": 224, "baseline": True, "datasets": [
             {"name": "csv", "root": str(SHARED / "clive-dev"), "labels": "labels.csv", "image_dir": "images",
              "mos_range": [0, 100], "lower_is_better": False, "label": "clive_dev"}]},
     }
 
 
+def override(p: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to the params dict."""
+    key, _, value = assignment.partition("=")
+    *path, last = key.split(".")
+    node = p
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(value)
+
+
+def cpu_seconds() -> float:
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def reusable(out: Path, marker: str, params_file: Path, sections: tuple[str, ...]) -> bool:
+    """True when ``out`` holds a finished output made with the same ``sections`` of the params."""
+    stamp = out / ".learn_bsds.json"
+    want = {s: yaml.safe_load(params_file.read_text()).get(s) for s in sections}
+    if (out / marker).exists() and stamp.exists() and json.loads(stamp.read_text()) == want:
+        return True
+    return False
+
+
+def stamp(out: Path, params_file: Path, sections: tuple[str, ...]) -> None:
+    want = {s: yaml.safe_load(params_file.read_text()).get(s) for s in sections}
+    (out / ".learn_bsds.json").write_text(json.dumps(want))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--variants", type=int, default=4)
     ap.add_argument("--work", default="/tmp/qualiclip-learn")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--run", default="run", help="subfolder of --work for this setting's train/eval outputs")
+    ap.add_argument("--table", action="store_true", help="print a table of the finished runs under --work and exit")
     args = ap.parse_args()
+    if args.table:
+        return table(Path(args.work))
     for name in ("bsds500", "kodak", "clive-dev"):
         if not (SHARED / name).is_dir():
             raise SystemExit(f"{SHARED / name} is absent: this benchmark needs ../shared/data")
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    train_p, eval_p = work / "params_train.yaml", work / "params_eval.yaml"
-    train_p.write_text(yaml.safe_dump(params(args, [str(SHARED / "bsds500" / "images")], 0.0, "train")))
-    eval_p.write_text(yaml.safe_dump(params(args, [str(SHARED / "kodak" / "images")], 0.0, "train")))
+    run = work / args.run
+    run.mkdir(parents=True, exist_ok=True)
+    train_p, eval_p = run / "params_train.yaml", run / "params_eval.yaml"
+    for path, sources, split in [(train_p, [str(SHARED / "bsds500" / "images")], "train"),
+                                 (eval_p, [str(SHARED / "kodak" / "images")], "train")]:
+        p = params(sources, split)
+        for a in args.set:
+            override(p, a)
+        path.write_text(yaml.safe_dump(p))
+    degrade_key = hashlib.sha256(json.dumps(yaml.safe_load(train_p.read_text())["degrade"], sort_keys=True).encode())
+    shards = work / f"shards-{degrade_key.hexdigest()[:8]}"  # one shard set per degrade setting
+    steps = [
+        ("ingest bsds500", work / "bsds", "summary.json", ("ingest",), train_p,
+         lambda: stages.stage_ingest(str(train_p), str(work / "bsds"))),
+        ("ingest kodak", work / "kodak", "summary.json", ("ingest",), eval_p,
+         lambda: stages.stage_ingest(str(eval_p), str(work / "kodak"))),
+        ("degrade", shards, "index.json", ("ingest", "degrade"), train_p,
+         lambda: stages.stage_degrade(str(train_p), str(work / "bsds"), str(shards))),
+        ("train", None, None, (), train_p,
+         lambda: stages.stage_train(str(train_p), str(shards), str(run / "train"))),
+        ("evaluate", None, None, (), eval_p,
+         lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(work / "kodak"), str(run / "eval"))),
+    ]
     timings = {}
-    for label, fn in [
-        ("ingest bsds500", lambda: stages.stage_ingest(str(train_p), str(work / "bsds"))),
-        ("ingest kodak", lambda: stages.stage_ingest(str(eval_p), str(work / "kodak"))),
-        ("degrade", lambda: stages.stage_degrade(str(train_p), str(work / "bsds"), str(work / "shards"))),
-        ("train", lambda: stages.stage_train(str(train_p), str(work / "shards"), str(work / "train"))),
-        ("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(work / "train/checkpoint"),
-                                                    str(work / "kodak"), str(work / "eval"))),
-    ]:
-        start = time.perf_counter()
+    for label, out, marker, sections, pfile, fn in steps:
+        if out is not None and reusable(out, marker, pfile, sections):
+            timings[label] = "reused"
+            continue
+        wall, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
-        timings[label] = round(time.perf_counter() - start, 1)
-    print(json.dumps({"seconds": timings, "steps": args.steps, "batch_size": args.batch_size}, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "synthetic"} | {
-        "synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}}, indent=1))
+        timings[label] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+        if out is not None:
+            stamp(out, pfile, sections)
+    p = yaml.safe_load(train_p.read_text())
+    summary = {"set": args.set, "seconds": timings, "train": p["train"], "model": p["model"], "degrade": p["degrade"],
+               "metrics": {k: v for k, v in result.items() if k != "synthetic"} | {
+                   "synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}}}
+    (run / "learn_summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+def table(work: Path) -> None:
+    """A Markdown table of every finished run under ``work``."""
+    print("| run | settings | train CPU s | Kodak SRCC within (image, type) | Kodak SRCC pooled | CLIVE-dev SRCC | CLIVE-dev PLCC |")
+    print("|---|---|---|---|---|---|---|")
+    for path in sorted(work.glob("*/learn_summary.json"), key=lambda p: p.stat().st_mtime):
+        s = json.loads(path.read_text())
+        syn, clive = s["metrics"]["synthetic"], s["metrics"].get("clive_dev", {})
+        print(f"| {path.parent.name} | {' '.join(s['set']) or 'defaults'} | {s['seconds']['train']['cpu_s']:.0f} | "
+              f"{syn['srcc_within']:.3f} | {syn['srcc']:.3f} | {clive.get('srcc', float('nan')):.3f} | "
+              f"{clive.get('plcc', float('nan')):.3f} |")
 
 
 if __name__ == "__main__":
