@@ -75,10 +75,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qualiclip-learn")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--run", default="run", help="subfolder of --work for this setting's train/eval outputs")
+    ap.add_argument("--model-config", type=Path, action="append", default=[],
+                    help="an extra open_clip model config JSON (its file name is the model name for model.name)")
     ap.add_argument("--table", action="store_true", help="print a table of the finished runs under --work and exit")
     args = ap.parse_args()
     if args.table:
         return table(Path(args.work))
+    if args.model_config:
+        import open_clip
+
+        for path in args.model_config:
+            open_clip.add_model_config(path)
     for name in ("bsds500", "kodak", "clive-dev"):
         if not (SHARED / name).is_dir():
             raise SystemExit(f"{SHARED / name} is absent: this benchmark needs ../shared/data")
