@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from qualiclip.loader import LoaderStats, iterate_batches
-from qualiclip.shards import INDEX_FILE
 from qualiclip.model import ModelConfig
+from qualiclip.shards import INDEX_FILE
 from qualiclip.train import DistInfo, TrainConfig, build_trainer, optimize
 
 
@@ -28,14 +28,15 @@ def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.ingest import IngestConfig, run_ingest
 
-    if (root / f"shards{crop}" / INDEX_FILE).exists():
-        return root / f"shards{crop}"
+    out = root / f"shards{crop}x{variants}"
+    if (out / INDEX_FILE).exists():
+        return out
 
     run_ingest(IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
                root / "ingest", progress=False)
     cfg = DegradeConfig(variants=variants, samples_per_shard=16, workers=workers, crop=crop)
-    run_degrade(cfg, root / "ingest", root / f"shards{crop}", progress=False)
-    return root / f"shards{crop}"
+    run_degrade(cfg, root / "ingest", out, progress=False)
+    return out
 
 
 def measure(trainer, cfg: TrainConfig, batches, steps: int, warmup: int) -> float:

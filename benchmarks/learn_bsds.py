@@ -8,13 +8,12 @@ SRCC/PLCC on the 250 CLIVE images of clive-dev. Prints the figures, and the wall
     python benchmarks/learn_bsds.py --work /tmp/learn                       # the defaults below
     python benchmarks/learn_bsds.py --work /tmp/learn --set train.lr=0.003 --set train.steps=800
 
-Ingest and degrade are skipped when --work already holds their outputs for the same settings,
-so several training settings can be compared on one set of shards.
+Ingest and degrade reuse what --work already holds for the same settings (degrade resumes its
+own plan and skips finished shards), so several training settings share one set of shards.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import resource
 import time
@@ -23,6 +22,9 @@ from pathlib import Path
 import yaml
 
 from qualiclip import stages
+from qualiclip.config import build_config, params_hash
+from qualiclip.degrade import DegradeConfig
+from qualiclip.ingest import IngestConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -56,18 +58,15 @@ def cpu_seconds() -> float:
                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def reusable(out: Path, marker: str, params_file: Path, sections: tuple[str, ...]) -> bool:
-    """True when ``out`` holds a finished output made with the same ``sections`` of the params."""
-    stamp = out / ".learn_bsds.json"
-    want = {s: yaml.safe_load(params_file.read_text()).get(s) for s in sections}
-    if (out / marker).exists() and stamp.exists() and json.loads(stamp.read_text()) == want:
-        return True
-    return False
-
-
-def stamp(out: Path, params_file: Path, sections: tuple[str, ...]) -> None:
-    want = {s: yaml.safe_load(params_file.read_text()).get(s) for s in sections}
-    (out / ".learn_bsds.json").write_text(json.dumps(want))
+def data_dirs(work: Path, train_params: dict, eval_params: dict) -> tuple[Path, Path, Path]:
+    """BSDS500 ingest, Kodak ingest and shard folders, each named by the hash of the settings that
+    make it, so runs of other training settings share them. An ingest is reused once finished
+    (its summary.json is written last, atomically); degrade resumes a folder of its own plan."""
+    bsds = build_config(IngestConfig, train_params["ingest"], where="ingest")
+    kodak = build_config(IngestConfig, eval_params["ingest"], where="ingest")
+    degrade = build_config(DegradeConfig, train_params["degrade"], where="degrade")
+    return (work / f"ingest-{params_hash(bsds)}", work / f"ingest-{params_hash(kodak)}",
+            work / f"shards-{params_hash(bsds, degrade)}")
 
 
 def main() -> None:
@@ -93,38 +92,31 @@ def main() -> None:
     run = work / args.run
     run.mkdir(parents=True, exist_ok=True)
     train_p, eval_p = run / "params_train.yaml", run / "params_eval.yaml"
-    for path, sources, split in [(train_p, [str(SHARED / "bsds500" / "images")], "train"),
-                                 (eval_p, [str(SHARED / "kodak" / "images")], "train")]:
-        p = params(sources, split)
-        for a in args.set:
-            override(p, a)
-        path.write_text(yaml.safe_dump(p))
-    degrade_key = hashlib.sha256(json.dumps(yaml.safe_load(train_p.read_text())["degrade"], sort_keys=True).encode())
-    shards = work / f"shards-{degrade_key.hexdigest()[:8]}"  # one shard set per degrade setting
+    train_params = params([str(SHARED / "bsds500" / "images")], "train")
+    eval_params = params([str(SHARED / "kodak" / "images")], "train")
+    for a in args.set:
+        override(train_params, a)
+        override(eval_params, a)
+    train_p.write_text(yaml.safe_dump(train_params))
+    eval_p.write_text(yaml.safe_dump(eval_params))
+    bsds, kodak, shards = data_dirs(work, train_params, eval_params)
     steps = [
-        ("ingest bsds500", work / "bsds", "summary.json", ("ingest",), train_p,
-         lambda: stages.stage_ingest(str(train_p), str(work / "bsds"))),
-        ("ingest kodak", work / "kodak", "summary.json", ("ingest",), eval_p,
-         lambda: stages.stage_ingest(str(eval_p), str(work / "kodak"))),
-        ("degrade", shards, "index.json", ("ingest", "degrade"), train_p,
-         lambda: stages.stage_degrade(str(train_p), str(work / "bsds"), str(shards))),
-        ("train", None, None, (), train_p,
-         lambda: stages.stage_train(str(train_p), str(shards), str(run / "train"))),
-        ("evaluate", None, None, (), eval_p,
-         lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(work / "kodak"), str(run / "eval"))),
+        ("ingest bsds500", None if (bsds / "summary.json").exists() else lambda: stages.stage_ingest(str(train_p), str(bsds))),
+        ("ingest kodak", None if (kodak / "summary.json").exists() else lambda: stages.stage_ingest(str(eval_p), str(kodak))),
+        ("degrade", lambda: stages.stage_degrade(str(train_p), str(bsds), str(shards))),
+        ("train", lambda: stages.stage_train(str(train_p), str(shards), str(run / "train"))),
+        ("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak), str(run / "eval"))),
     ]
     timings = {}
-    for label, out, marker, sections, pfile, fn in steps:
-        if out is not None and reusable(out, marker, pfile, sections):
+    for label, fn in steps:
+        if fn is None:
             timings[label] = "reused"
             continue
         wall, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
         timings[label] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
-        if out is not None:
-            stamp(out, pfile, sections)
-    p = yaml.safe_load(train_p.read_text())
-    summary = {"set": args.set, "seconds": timings, "train": p["train"], "model": p["model"], "degrade": p["degrade"],
+    summary = {"set": args.set, "seconds": timings, "train": train_params["train"], "model": train_params["model"],
+               "degrade": train_params["degrade"],
                "metrics": {k: v for k, v in result.items() if k != "synthetic"} | {
                    "synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}}}
     (run / "learn_summary.json").write_text(json.dumps(summary, indent=1))
