@@ -89,7 +89,12 @@ def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def synthetic_metrics(scores: np.ndarray, s: SyntheticSet) -> dict:
-    """Pooled SRCC/PLCC/KRCC against -level, the mean within-(image, type) SRCC, and per type."""
+    """Pooled SRCC/PLCC/KRCC against -level, the mean within-(image, type) SRCC, and both per type.
+
+    ``per_distortion`` pools one type's images (it also asks whether level k of one photo scores
+    below level k-1 of another); ``per_distortion_within`` averages that type's per-photo SRCC of
+    its 5 levels, the ranking the training loss asks for.
+    """
     import warnings
 
     from scipy.stats import ConstantInputWarning, spearmanr
@@ -103,14 +108,16 @@ def synthetic_metrics(scores: np.ndarray, s: SyntheticSet) -> dict:
     groups: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(s.image_ids, s.distortions)):
         groups.setdefault(key, []).append(i)
-    within = [_nan0(spearmanr(scores[g], target[g])[0]) for g in groups.values()]
-    per_type = {}
+    within = {key: _nan0(spearmanr(scores[g], target[g])[0]) for key, g in groups.items()}
+    per_type, per_type_within = {}, {}
     for name in dict.fromkeys(s.distortions):
         idx = [i for i, d in enumerate(s.distortions) if d == name]
         per_type[name] = _nan0(spearmanr(scores[idx], target[idx])[0])
+        per_type_within[name] = float(np.mean([v for (_, d), v in within.items() if d == name]))
     return {
         "srcc": overall["srcc"], "plcc": overall["plcc"], "krcc": overall["krcc"],
-        "srcc_within": float(np.mean(within)), "per_distortion": per_type,
+        "srcc_within": float(np.mean(list(within.values()))), "per_distortion": per_type,
+        "per_distortion_within": per_type_within,
     }
 
 
@@ -222,8 +229,9 @@ def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: Synthetic
         w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), np.round(scores, 6).tolist()))
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["distortion", "srcc"])
-        w.writerows((k, round(v, 6)) for k, v in metrics["synthetic"]["per_distortion"].items())
+        w.writerow(["distortion", "srcc", "srcc_within"])
+        within = metrics["synthetic"]["per_distortion_within"]
+        w.writerows((k, round(v, 6), round(within[k], 6)) for k, v in metrics["synthetic"]["per_distortion"].items())
 
 
 def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
@@ -245,7 +253,8 @@ def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSe
 
     plots = out_dir / "plots"
     plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
-    plot_per_distortion(metrics["synthetic"]["per_distortion"], plots / "per_distortion.png", baseline=baseline_per_type)
+    plot_per_distortion(metrics["synthetic"]["per_distortion"], plots / "per_distortion.png", baseline=baseline_per_type,
+                        within=metrics["synthetic"]["per_distortion_within"])
     for run in runs:
         plot_mos_scatter(run.scores, run.dataset.mos(), plots / f"scatter_{run.label}.png",
                          title=f"{run.label} (n={len(run.scores)})", mos_range=run.dataset.mos_range)
@@ -268,6 +277,7 @@ def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, model_cfg: ModelConfig, 
     if baseline is not None:
         base = synthetic_metrics(score_synthetic(baseline, s, cfg, device, "synthetic (baseline)"), s)
         base_per_type = base.pop("per_distortion")
+        base.pop("per_distortion_within")
         metrics["baseline"] = {"synthetic": base}
     runs = evaluate_datasets(model, cfg, device, baseline)
     for run in runs:

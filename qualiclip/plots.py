@@ -45,27 +45,34 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None) -> Path:
+def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None,
+                        within: dict[str, float] | None = None) -> Path:
     """Horizontal bars of SRCC (score vs -level) per distortion type, grouped by distortion group;
-    the zero-shot baseline's SRCC as a black tick on each bar when given."""
+    the zero-shot baseline's SRCC as a black tick and the mean within-photo SRCC as a hollow
+    circle on each bar when given."""
     from .distortions import get_distortion
 
     plt = _pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(srcc, key=lambda n: (get_distortion(n).group, n))
     groups = [get_distortion(n).group for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(names) + 1.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(names) + 1.7), dpi=110)
     vals = [srcc[n] for n in names]
     ax.barh(range(len(names)), vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
     if baseline:
         ax.scatter([baseline.get(n, np.nan) for n in names], range(len(names)), marker="|", s=120, color="k",
                    zorder=3)
+    if within:
+        ax.scatter([within.get(n, np.nan) for n in names], range(len(names)), marker="o", s=22,
+                   facecolors="none", edgecolors="k", zorder=3)
     ax.set_yticks(range(len(names)), [f"{n}  [{g}]" for n, g in zip(names, groups)], fontsize=7)
-    title = "Per-distortion ranking on held-out images"
+    title = "Per-distortion ranking on held-out images\nbar: pooled over photos"
+    if within:
+        title += " · circle: each photo's 5 levels, averaged"
     if baseline:
         title += "\n(black tick: baseline, the backbone before training, zero-shot)"
-    ax.set(xlim=(-1.02, 1.02), xlabel="SRCC(score, -level)", title=title)
-    ax.title.set_fontsize(9)
+    ax.set(xlim=(-1.02, 1.02), xlabel="SRCC(score, -level)")
+    ax.set_title(title, fontsize=9, loc="right")  # right-aligned: the long type labels take the left
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     return _save(fig, out)

@@ -71,9 +71,25 @@ def evaluated(ingest_dir, clive_dir, clive_split_labels, tmp_path_factory):
     return work / "out"
 
 
+def test_synthetic_metrics_within_photo_ranking_per_type_by_hand():
+    """Photo a ranks both types right; photo b ranks blur backwards and noise right."""
+    from qualiclip.evaluate import SyntheticSet, synthetic_metrics
+
+    levels = np.tile(np.arange(1, 6), 4)
+    ids = ["a"] * 10 + ["b"] * 10
+    dists = (["blur"] * 5 + ["noise"] * 5) * 2
+    good = [0.9, 0.8, 0.7, 0.6, 0.5]
+    scores = np.array(good + good + good[::-1] + [0.5, 0.4, 0.3, 0.2, 0.1])
+    m = synthetic_metrics(scores, SyntheticSet([None] * 20, ids, dists, levels))
+    assert m["per_distortion_within"] == pytest.approx({"blur": 0.0, "noise": 1.0})
+    assert m["srcc_within"] == pytest.approx(0.5)
+    # pooled noise: a's levels all score above b's, so the pooled ranking is not perfect
+    assert m["per_distortion"]["noise"] == pytest.approx(0.5433, abs=1e-4)
+
+
 def test_metrics_have_synthetic_dataset_split_and_baseline_blocks(evaluated):
     m = json.loads((evaluated / "metrics.json").read_text())
-    assert {"srcc", "plcc", "krcc", "srcc_within", "per_distortion"} <= set(m["synthetic"])
+    assert {"srcc", "plcc", "krcc", "srcc_within", "per_distortion", "per_distortion_within"} <= set(m["synthetic"])
     assert set(m["synthetic"]["per_distortion"]) == {"gaussian_blur", "white_noise", "jpeg"}
     assert set(m["clive"]) == BLOCK and m["clive"]["n"] == 250
     assert set(m["clive_test"]) == BLOCK and m["clive_test"]["n"] == 100
@@ -98,7 +114,7 @@ def test_dataset_scores_csv_matches_the_scorer(evaluated, clive_dir):
 
 def test_csvs_and_plots_are_written(evaluated):
     per = list(csv.DictReader(open(evaluated / "per_distortion.csv")))
-    assert [list(r) for r in per][0] == ["distortion", "srcc"] and len(per) == 3
+    assert [list(r) for r in per][0] == ["distortion", "srcc", "srcc_within"] and len(per) == 3
     assert len(list(csv.DictReader(open(evaluated / "synthetic_scores.csv")))) == 3 * 5
     for name in ("synthetic_scatter", "per_distortion", "scatter_clive", "model_vs_baseline"):
         assert (evaluated / "plots" / f"{name}.png").stat().st_size > 5_000
