@@ -26,6 +26,18 @@ def test_scores_any_size(tiny, size):
     assert (sims.abs() <= 1 + 1e-5).all()
 
 
+def test_every_shipped_config_builds_and_scores_non_square():
+    from qualiclip.model import MODEL_CONFIG_DIR
+
+    names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+    assert {"qualiclip-tiny-rn", "qualiclip-small-rn"} <= set(names)
+    for name in names:
+        model = create_model(ModelConfig(name=name)).eval()
+        with torch.no_grad():
+            q = model(torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(0)))
+        assert q.shape == (2,) and ((q >= 0) & (q <= 1)).all(), name
+
+
 def test_too_small_image_names_the_minimum(tiny):
     with pytest.raises(ValueError, match="at least 32 px.*upscale"):
         tiny(torch.rand(1, 3, 17, 23))
