@@ -7,6 +7,7 @@ SRCC/PLCC on the 250 CLIVE images of clive-dev. Prints the figures, and the wall
 
     python benchmarks/learn_bsds.py --work /tmp/learn                       # the defaults below
     python benchmarks/learn_bsds.py --work /tmp/learn --set train.lr=0.003 --set train.steps=800
+    python benchmarks/learn_bsds.py --work /tmp/learn --run NAME --evaluate-only   # re-score a finished run
 
 Ingest and degrade reuse what --work already holds for the same settings (degrade resumes its
 own plan and skips finished shards), so several training settings share one set of shards.
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--model-config", type=Path, action="append", default=[],
                     help="an extra open_clip model config JSON (its file name is the model name for model.name)")
     ap.add_argument("--table", action="store_true", help="print a table of the finished runs under --work and exit")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="re-evaluate the finished run --run (its saved settings) and keep its other timings")
     args = ap.parse_args()
     if args.table:
         return table(Path(args.work))
@@ -92,13 +95,20 @@ def main() -> None:
     run = work / args.run
     run.mkdir(parents=True, exist_ok=True)
     train_p, eval_p = run / "params_train.yaml", run / "params_eval.yaml"
-    train_params = params([str(SHARED / "bsds500" / "images")], "train")
-    eval_params = params([str(SHARED / "kodak" / "images")], "train")
-    for a in args.set:
-        override(train_params, a)
-        override(eval_params, a)
-    train_p.write_text(yaml.safe_dump(train_params))
-    eval_p.write_text(yaml.safe_dump(eval_params))
+    if args.evaluate_only and not (run / "learn_summary.json").exists():
+        raise SystemExit(f"{run} holds no finished run (learn_summary.json) to re-evaluate")
+    previous = json.loads((run / "learn_summary.json").read_text()) if args.evaluate_only else None
+    if previous is None:
+        train_params = params([str(SHARED / "bsds500" / "images")], "train")
+        eval_params = params([str(SHARED / "kodak" / "images")], "train")
+        for a in args.set:
+            override(train_params, a)
+            override(eval_params, a)
+        train_p.write_text(yaml.safe_dump(train_params))
+        eval_p.write_text(yaml.safe_dump(eval_params))
+    else:
+        train_params, eval_params = yaml.safe_load(train_p.read_text()), yaml.safe_load(eval_p.read_text())
+        args.set = previous["set"]
     bsds, kodak, shards = data_dirs(work, train_params, eval_params)
     steps = [
         ("ingest bsds500", None if (bsds / "summary.json").exists() else lambda: stages.stage_ingest(str(train_p), str(bsds))),
@@ -107,7 +117,9 @@ def main() -> None:
         ("train", lambda: stages.stage_train(str(train_p), str(shards), str(run / "train"))),
         ("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak), str(run / "eval"))),
     ]
-    timings = {}
+    if previous is not None:
+        steps = steps[-1:]
+    timings = dict(previous["seconds"]) if previous is not None else {}
     for label, fn in steps:
         if fn is None:
             timings[label] = "reused"

@@ -226,7 +226,7 @@ def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: Synthetic
     with open(out_dir / "synthetic_scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "distortion", "level", "score"])
-        w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), np.round(scores, 6).tolist()))
+        w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist()))  # unrounded: see model.score_from_similarities
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["distortion", "srcc", "srcc_within"])
@@ -242,8 +242,7 @@ def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
         w = csv.writer(f)
         w.writerow(["path", "mos", "split", "score", "baseline_score"])
         for item, score, b in zip(run.dataset.items, run.scores, base):
-            w.writerow([str(item.path), item.mos, item.split or "", round(float(score), 6),
-                        "" if b is None else round(float(b), 6)])
+            w.writerow([str(item.path), item.mos, item.split or "", float(score), "" if b is None else float(b)])
     return out
 
 

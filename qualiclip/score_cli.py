@@ -111,7 +111,7 @@ def run_score(args) -> None:
                                   precision=args.precision, max_pixels=args.max_pixels, progress=bar)
         except ScoringError as exc:  # a bad option: the message names the fix
             raise ScoreError(str(exc)) from None
-    rows = [{"path": str(r.path), "score": None if r.score is None else round(r.score, 6),
+    rows = [{"path": str(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
              "width": r.width, "height": r.height, "error": r.error} for r in results]
     for r in rows:
         if r["error"]:

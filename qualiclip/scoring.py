@@ -247,7 +247,7 @@ def score_arrays(
     for chunk in plan_batches([im.shape for im in images], batch_size, max_batch_pixels):
         x = _to_batch([images[i] for i in chunk], device)
         with amp:
-            scores[chunk] = scorer(x).float().cpu().numpy()
+            scores[chunk] = scorer(x).cpu().numpy()
         if progress is not None:
             progress.update(len(chunk))
     return scores

@@ -89,8 +89,8 @@ def test_official_rn50_file_gives_the_official_scores(tmp_path):
     assert expected.std() > 0 or expected.sub(0.5).abs().max() > 1e-3  # not a degenerate 0.5 everywhere
     by_loader = scores(load_checkpoint(path), x)
     by_config = scores(create_model(ModelConfig(name="RN50", pretrained=str(path))), x)
-    assert torch.allclose(by_loader, expected, atol=1e-5, rtol=0)
-    assert torch.allclose(by_config, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(by_loader, expected.double(), atol=1e-5, rtol=0)
+    assert torch.allclose(by_config, expected.double(), atol=1e-5, rtol=0)
 
 
 def test_train_state_round_trip_is_weights_only(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import unittest.mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,17 @@ def test_too_small_image_names_the_minimum(tiny):
         tiny(torch.rand(1, 3, 17, 23))
 
 
+def test_saturated_scores_stay_distinct_and_ordered(tiny):
+    """Cosine gaps of 0.2 / 0.25 / 0.3 (logits 20-30) round to exactly 1.0 in float32; the score
+    keeps them apart, so rankings of a confident model have no artificial ties."""
+    gaps = torch.tensor([0.2, 0.25, 0.3])
+    sims = torch.stack([gaps, torch.zeros(3)], dim=-1)[:, None, :].expand(3, 7, 2)
+    assert (torch.softmax(100 * sims, dim=-1)[..., 0] == 1).all()  # what float32 would give
+    q = tiny.score_from_similarities(sims)
+    assert q.dtype == torch.float64 and q[0] < q[1] < q[2] < 1
+    np.testing.assert_allclose(1 - q.numpy(), 1 / (1 + np.exp(100 * gaps.double().numpy())), rtol=1e-6, atol=1e-15)
+
+
 def test_interpolated_positional_embedding_works_non_square():
     model = create_model(ModelConfig(pos_embedding="interpolate")).eval()
     with torch.no_grad():
@@ -56,7 +68,7 @@ def test_score_is_the_documented_formula(tiny):
     with torch.no_grad():
         sims = tiny.similarities(x)  # (N, K, 2)
         expected = torch.softmax(100.0 * sims, dim=-1)[..., 0].mean(-1)
-        assert torch.allclose(tiny(x), expected, atol=1e-6)
+        assert torch.allclose(tiny(x), expected.double(), atol=1e-6)
 
 
 def test_eval_score_does_not_depend_on_the_batch(tiny):
