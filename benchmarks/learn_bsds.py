@@ -98,6 +98,7 @@ def main() -> None:
     if args.evaluate_only and not (run / "learn_summary.json").exists():
         raise SystemExit(f"{run} holds no finished run (learn_summary.json) to re-evaluate")
     previous = json.loads((run / "learn_summary.json").read_text()) if args.evaluate_only else None
+    settings = previous["set"] if previous is not None else args.set
     if previous is None:
         train_params = params([str(SHARED / "bsds500" / "images")], "train")
         eval_params = params([str(SHARED / "kodak" / "images")], "train")
@@ -108,7 +109,6 @@ def main() -> None:
         eval_p.write_text(yaml.safe_dump(eval_params))
     else:
         train_params, eval_params = yaml.safe_load(train_p.read_text()), yaml.safe_load(eval_p.read_text())
-        args.set = previous["set"]
     bsds, kodak, shards = data_dirs(work, train_params, eval_params)
     steps = [
         ("ingest bsds500", None if (bsds / "summary.json").exists() else lambda: stages.stage_ingest(str(train_p), str(bsds))),
@@ -127,7 +127,7 @@ def main() -> None:
         wall, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
         timings[label] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
-    summary = {"set": args.set, "seconds": timings, "train": train_params["train"], "model": train_params["model"],
+    summary = {"set": settings, "seconds": timings, "train": train_params["train"], "model": train_params["model"],
                "degrade": train_params["degrade"],
                "metrics": {k: v for k, v in result.items() if k != "synthetic"} | {
                    "synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}}}

@@ -53,12 +53,17 @@ def main() -> None:
     print("\nmean_shift, one row per photo (mean: of the level-1 image, shifted by 0.03):")
     print("| photo | mean | shift | towards 0.5? | SRCC of 5 levels |\n|---|---|---|---|---|")
     towards: dict[bool, list[float]] = {True: [], False: []}
-    ids = dict.fromkeys(s.image_ids)
-    for image_id in sorted(ids, key=lambda i: _mean(s, i, 1)):
-        idx = [k for k, (i, d) in enumerate(zip(s.image_ids, s.distortions)) if i == image_id and d == "mean_shift"]
+    index = {(i, d, int(lv)): k for k, (i, d, lv) in enumerate(zip(s.image_ids, s.distortions, s.levels))}
+
+    def mean(image_id: str, level: int) -> float:
+        """Mean brightness in [0, 1] of one photo's mean_shift image at ``level``."""
+        return float(s.images[index[image_id, "mean_shift", level]].mean() / 255.0)
+
+    for image_id in sorted(dict.fromkeys(s.image_ids), key=lambda i: mean(i, 1)):
+        idx = [index[image_id, "mean_shift", level] for level in range(1, 6)]
         srcc = spearmanr(scores[idx], -s.levels[idx])[0]
         srcc = 0.0 if np.isnan(srcc) else float(srcc)
-        mean1, mean5 = _mean(s, image_id, 1), _mean(s, image_id, 5)
+        mean1, mean5 = mean(image_id, 1), mean(image_id, 5)
         darker = mean5 < mean1
         to_mid = darker == (mean1 > 0.5)
         towards[to_mid].append(srcc)
@@ -66,13 +71,6 @@ def main() -> None:
     for key, label in ((False, "away from 0.5"), (True, "towards 0.5")):
         if towards[key]:
             print(f"shift {label}: {len(towards[key])} photos, mean SRCC {np.mean(towards[key]):+.3f}")
-
-
-def _mean(s, image_id: str, level: int) -> float:
-    """Mean brightness in [0, 1] of one photo's mean_shift image at ``level``."""
-    k = next(k for k, (i, d, lv) in enumerate(zip(s.image_ids, s.distortions, s.levels))
-             if i == image_id and d == "mean_shift" and lv == level)
-    return float(s.images[k].mean() / 255.0)
 
 
 if __name__ == "__main__":
