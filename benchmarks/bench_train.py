@@ -1,6 +1,8 @@
 """Training throughput: crops/s of full optimisation steps (forward, losses, backward, AdamW).
 
-CPU: the tiny model at 64 px, compute only (one batch reused) and fed by the shard loader.
+CPU: the tiny model at 64 px, compute only (one batch reused) and fed by the shard loader; then
+the small model (qualiclip-small-rn) at 160 px, compute only, in fp32 and bf16 autocast, with and
+without channels_last (bf16 pays off on CPUs with AMX-BF16 / AVX512-BF16).
 CUDA (where present): RN50 at 224 px, bf16 autocast + channels_last, fed by the shard loader,
 at batch sizes of 16-64 samples (one sample = 2 overlapping crops × 5 levels = 10 crops).
 
@@ -69,6 +71,18 @@ def bench_cpu(shards: Path, steps: int, threads: int) -> None:
           f"compute only {compute:,.0f} crops/s; with shard loader {fed:,.0f} crops/s")
 
 
+def bench_cpu_precision(steps: int, threads: int, crop: int = 160) -> None:
+    """The small model's compute-only step rate on CPU for each precision x memory layout."""
+    torch.set_num_threads(threads)
+    batch = torch.randint(0, 256, (4, 2, 5, crop, crop, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for precision, channels_last in itertools.product(("fp32", "bf16"), (False, True)):
+        cfg = TrainConfig(batch_size=4, device="cpu", precision=precision, channels_last=channels_last)
+        trainer = build_trainer(cfg, ModelConfig(name="qualiclip-small-rn"), DistInfo())
+        rate = measure(trainer, cfg, itertools.repeat(batch), steps, warmup=2)
+        print(f"cpu  small@{crop}px {precision}{' channels_last' if channels_last else ''}, batch 4 samples (40 crops), "
+              f"{threads} threads: compute only {rate:,.0f} crops/s = {40 / rate:.2f} s/step", flush=True)
+
+
 def loader_rate(shards: Path, cfg: TrainConfig, batches: int) -> float:
     """Crops per second the shard loader alone delivers (decode, CRC check, batching), after one warm-up batch."""
     it = loader(shards, cfg)
@@ -114,6 +128,7 @@ def main() -> None:
     tmp = args.work or Path(tempfile.mkdtemp(prefix="bench_train-"))
     if not args.skip_cpu:
         bench_cpu(build_shards(tmp, crop=64, variants=4, workers=2), args.steps, args.threads)
+        bench_cpu_precision(args.steps, args.threads)
     if torch.cuda.is_available():
         shards = args.shards or build_shards(tmp, crop=224, variants=16, workers=args.workers)
         bench_cuda(shards, args.steps, args.batch_sizes, args.workers, args.compile)

@@ -60,8 +60,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     log_every: int = 10
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA only; auto: bf16
-    channels_last: bool = True  # CUDA only: NHWC convolutions (tensor cores)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
     compile: bool = False  # torch.compile the image encoder
     checkpoint_every: int = 0  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
@@ -150,10 +150,19 @@ def process_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. Mixed precision runs on CUDA only; CPU trains in fp32."""
-    if device.type != "cuda" or cfg.precision == "fp32":
-        if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
-            log.warning("train.precision=%s applies on CUDA only; training in fp32 on %s", cfg.precision, device)
+    """Autocast dtype, or None for fp32.
+
+    CUDA: ``auto`` is bf16 (fp16 with a GradScaler where bf16 is unsupported). CPU: fp32 unless
+    ``bf16`` is asked for explicitly (1.6x faster steps on a CPU with AMX-BF16, docs/training.md);
+    fp16 autocast on CPU is not offered.
+    """
+    if cfg.precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if device.type == "cpu" and cfg.precision == "bf16":
+            return torch.bfloat16
+        if cfg.precision != "auto":
+            log.warning("train.precision=%s is not available on %s; training in fp32", cfg.precision, device)
         return None
     if cfg.precision == "fp16" or (cfg.precision == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
@@ -175,7 +184,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
     """Model on its device, wrapped encoder, optimizer over the image encoder only, schedule, scaler."""
     device = process_device(cfg, dist_info)
     model = create_model(model_cfg).to(device)
-    use_cl = cfg.channels_last and device.type == "cuda"
+    use_cl = cfg.channels_last and device.type in ("cuda", "cpu")
     if use_cl:
         model.visual.to(memory_format=torch.channels_last)
     encoder: nn.Module = model.visual

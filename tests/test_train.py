@@ -97,9 +97,34 @@ def test_optimizer_holds_image_encoder_parameters_only():
     assert not any(id(p) in in_opt for p in t.model.clip.transformer.parameters())
 
 
-def test_cpu_trains_in_fp32_whatever_precision_says():
-    for precision in ("auto", "bf16", "fp16", "fp32"):
+def test_cpu_trains_in_fp32_unless_bf16_is_asked_for():
+    for precision in ("auto", "fp16", "fp32"):
         assert amp_dtype(TrainConfig(precision=precision), torch.device("cpu")) is None
+    assert amp_dtype(TrainConfig(precision="bf16"), torch.device("cpu")) is torch.bfloat16
+
+
+def test_bf16_autocast_keeps_the_cosines_in_float32():
+    """The encoder may run in bf16, but the margins act on cosines: those stay float32 (bf16 would
+    round them to steps of ~0.002-0.004, a tenth of the rank margin)."""
+    t = build_trainer(TrainConfig(precision="bf16"), ModelConfig(), DistInfo())
+    x = torch.rand(4, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sims = t.model.similarities(x, t.encoder)
+        feats = t.model.encode(x, t.encoder)
+    assert sims.dtype == torch.float32
+    assert (sims.to(torch.bfloat16).float() != sims).any()  # not merely bf16 values widened
+    torch.testing.assert_close(sims, (feats @ t.model.prompt_features.T).view(4, -1, 2), rtol=0, atol=1e-6)
+
+
+def test_cpu_bf16_steps_fit_a_fixed_batch_and_keep_float32_weights():
+    """bf16 autocast on CPU trains: the loss on one fixed batch falls, and weights stay float32."""
+    cfg = TrainConfig(precision="bf16", lr=3e-3, warmup_steps=1, steps=40)
+    t = build_trainer(cfg, ModelConfig(), DistInfo())
+    assert t.amp_dtype is torch.bfloat16
+    batch = random_batch()
+    losses = [optimize(t, batch, cfg)["loss"] for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert all(p.dtype == torch.float32 for p in t.model.visual.parameters())
 
 
 def test_state_from_other_params_is_refused(shards, tmp_path):
