@@ -10,7 +10,8 @@ SRCC/PLCC on the 250 CLIVE images of clive-dev. Prints the figures, and the wall
     python benchmarks/learn_bsds.py --work /tmp/learn --run NAME --evaluate-only   # re-score a finished run
 
 Ingest and degrade reuse what --work already holds for the same settings (degrade resumes its
-own plan and skips finished shards), so several training settings share one set of shards.
+own plan and skips finished shards), so several training settings share one set of shards. Runs
+started side by side on one --work take turns at ingest and degrade (a lock file in --work).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from qualiclip import stages
 from qualiclip.config import build_config, params_hash
@@ -110,23 +112,29 @@ def main() -> None:
     else:
         train_params, eval_params = yaml.safe_load(train_p.read_text()), yaml.safe_load(eval_p.read_text())
     bsds, kodak, shards = data_dirs(work, train_params, eval_params)
-    steps = [
-        ("ingest bsds500", None if (bsds / "summary.json").exists() else lambda: stages.stage_ingest(str(train_p), str(bsds))),
-        ("ingest kodak", None if (kodak / "summary.json").exists() else lambda: stages.stage_ingest(str(eval_p), str(kodak))),
-        ("degrade", lambda: stages.stage_degrade(str(train_p), str(bsds), str(shards))),
-        ("train", lambda: stages.stage_train(str(train_p), str(shards), str(run / "train"))),
-        ("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak), str(run / "eval"))),
+    data_steps = [  # (label, folder whose summary.json means done, stage)
+        ("ingest bsds500", bsds, lambda: stages.stage_ingest(str(train_p), str(bsds))),
+        ("ingest kodak", kodak, lambda: stages.stage_ingest(str(eval_p), str(kodak))),
+        ("degrade", None, lambda: stages.stage_degrade(str(train_p), str(bsds), str(shards))),
     ]
-    if previous is not None:
-        steps = steps[-1:]
     timings = dict(previous["seconds"]) if previous is not None else {}
-    for label, fn in steps:
-        if fn is None:
-            timings[label] = "reused"
-            continue
+
+    def timed(label, fn):
         wall, cpu = time.perf_counter(), cpu_seconds()
-        result = fn()
+        out = fn()
         timings[label] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+        return out
+
+    if previous is None:
+        with FileLock(str(work / ".data.lock")):  # two runs writing one ingest or shard folder would race
+            for label, done_dir, fn in data_steps:
+                if done_dir is not None and (done_dir / "summary.json").exists():
+                    timings[label] = "reused"
+                else:
+                    timed(label, fn)
+        timed("train", lambda: stages.stage_train(str(train_p), str(shards), str(run / "train")))
+    result = timed("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak),
+                                                             str(run / "eval")))
     summary = {"set": settings, "seconds": timings, "train": train_params["train"], "model": train_params["model"],
                "degrade": train_params["degrade"],
                "metrics": {k: v for k, v in result.items() if k != "synthetic"} | {
