@@ -142,7 +142,7 @@ class QualiCLIP(nn.Module):
         """Raw cosine similarities to every prompt, (N, K, 2) with [..., 0] the positive prompt."""
         feats = self.encode(x, encoder)  # (N, D)
         with torch.autocast(feats.device.type, enabled=False):  # cosines in float32 even under autocast
-            return (feats.float() @ self.prompt_features.T).view(feats.shape[0], -1, 2)
+            return (feats @ self.prompt_features.T).view(feats.shape[0], -1, 2)
 
     def score_from_similarities(self, sims: torch.Tensor) -> torch.Tensor:
         """(N, K, 2) cosines -> quality (N,) in [0,1], higher is better, in float64.
