@@ -24,6 +24,7 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
 from .loader import LoaderStats, iterate_batches
@@ -66,6 +67,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
+    ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema < 1.0:
+            raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.margin_rank, self.margin_cons, self.lambda_cons, self.lambda_pos, self.lambda_neg)
@@ -111,6 +117,7 @@ class Trainer:
     amp_dtype: torch.dtype | None
     channels_last: bool
     dist: DistInfo
+    ema: AveragedModel | None = None  # moving average of model.visual (weights and BatchNorm statistics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +207,9 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Trainer(model, encoder, params, opt, sched, scaler, device, dtype, use_cl, dist_info)
+    ema = (AveragedModel(model.visual, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema else None)
+    return Trainer(model, encoder, params, opt, sched, scaler, device, dtype, use_cl, dist_info, ema)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -246,6 +255,8 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
     t.scaler.step(t.opt)
     t.scaler.update()
     t.sched.step()
+    if t.ema is not None:  # replicas hold equal weights after the step, so their averages agree too
+        t.ema.update_parameters(t.model.visual)
     terms = torch.stack([losses[k].detach() for k in LOSS_KEYS])
     if t.dist.world_size > 1:
         torch.distributed.all_reduce(terms)
@@ -292,6 +303,7 @@ def train_state(t: Trainer, step: int, key: str, rows: list[dict]) -> dict:
         "visual": {k: v.detach().cpu() for k, v in t.model.visual.state_dict().items()},
         "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
         "rng": rng_state(), "log": rows,
+        "ema": {k: v.detach().cpu() for k, v in t.ema.state_dict().items()} if t.ema is not None else None,
     }
 
 
@@ -307,6 +319,8 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[
     t.sched.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
     return int(state["step"]), list(state["log"])
 
 
@@ -422,11 +436,13 @@ def finish(t: Trainer, cfg: TrainConfig, out_dir: Path, rows: list[dict], second
            metadata: dict | None, state_path: Path) -> TrainResult:
     """Write the checkpoint folder and the log (rank 0), drop the train state, leave the process group."""
     digests = gather_digests(t)
+    if t.ema is not None:  # the average is the model: evaluated, scored and exported
+        t.model.visual.load_state_dict(t.ema.module.state_dict())
     final = {k: v for k, v in rows[-1].items() if k.startswith("loss")} if rows else {}
     ckpt = out_dir / "checkpoint"
     if t.dist.main:
         meta = {"steps": cfg.steps, "seconds": round(seconds, 2), "final": final, "corrupt_samples": stats.corrupt,
-                "world_size": t.dist.world_size, "replica_digests": digests, **(metadata or {})}
+                "world_size": t.dist.world_size, "replica_digests": digests, "ema": cfg.ema, **(metadata or {})}
         save_checkpoint(t.model.cpu(), ckpt, meta)
         write_log(out_dir / "train_log.csv", rows)
         state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint supersedes it

@@ -127,6 +127,37 @@ def test_cpu_bf16_steps_fit_a_fixed_batch_and_keep_float32_weights():
     assert all(p.dtype == torch.float32 for p in t.model.visual.parameters())
 
 
+def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(shards, tmp_path):
+    """train.ema: after each step ema <- d·ema + (1-d)·weights (first step: a copy), BatchNorm
+    running statistics included; the average, not the last weights, becomes the model."""
+    cfg = TrainConfig(ema=0.5, lr=3e-3, warmup_steps=1)
+    t = build_trainer(cfg, ModelConfig(), DistInfo())
+    snaps = []
+    for _ in range(3):
+        optimize(t, random_batch(), cfg)
+        snaps.append({k: v.clone() for k, v in t.model.visual.state_dict().items()})
+    averaged = t.ema.module.state_dict()
+    for k, v in averaged.items():
+        if v.is_floating_point():
+            expected = 0.5 * (0.5 * snaps[0][k] + 0.5 * snaps[1][k]) + 0.5 * snaps[2][k]
+            torch.testing.assert_close(v, expected, rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(averaged[k], snaps[2][k]) for k in averaged if "running_mean" in k)
+
+    result = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3, "ema": 0.5}), ModelConfig(), shards, tmp_path / "ema",
+                       progress=False)
+    plain = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3}), ModelConfig(), shards, tmp_path / "plain", progress=False)
+    assert result.final == plain.final  # the average does not change the trajectory
+    assert json.loads((result.checkpoint / "metadata.json").read_text())["ema"] == 0.5
+    a, b = _weights(tmp_path / "ema"), _weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("clip.visual."))
+
+
+@pytest.mark.parametrize("ema", [1.0, -0.1])
+def test_ema_outside_its_range_names_the_fix(ema):
+    with pytest.raises(TrainError, match=r"train.ema must be in \[0, 1\).*params.yaml"):
+        TrainConfig(ema=ema)
+
+
 def test_state_from_other_params_is_refused(shards, tmp_path):
     t = build_trainer(TrainConfig(), ModelConfig(), DistInfo())
     save_train_state(train_state(t, 1, "someone-else", []), tmp_path / TRAIN_STATE)
@@ -163,10 +194,10 @@ run_train(TrainConfig(**args["train"]), ModelConfig(), Path(args["shards"]), Pat
 '''
 
 
-def _launch(tmp_path: Path, shards: Path, out: Path, kill_at: int | None) -> subprocess.Popen:
+def _launch(tmp_path: Path, shards: Path, out: Path, kill_at: int | None, ema: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "entry.py"
     script.write_text(ENTRY)
-    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2}, "shards": str(shards), "out": str(out), "kill_at": kill_at}
+    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2, "ema": ema}, "shards": str(shards), "out": str(out), "kill_at": kill_at}
     return subprocess.Popen([sys.executable, str(script), json.dumps(args)], env={**os.environ, **CLEAN_ENV},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -178,14 +209,15 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path):
-    full = _launch(tmp_path, shards, tmp_path / "full", None)
-    killed = _launch(tmp_path, shards, tmp_path / "resumed", kill_at=5)  # states at steps 2 and 4
+@pytest.mark.parametrize("ema", [0.0, 0.8])  # with train.ema the average must resume too
+def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path, ema):
+    full = _launch(tmp_path, shards, tmp_path / "full", None, ema)
+    killed = _launch(tmp_path, shards, tmp_path / "resumed", kill_at=5, ema=ema)  # states at steps 2 and 4
     assert killed.wait(timeout=240) == -signal.SIGKILL, killed.stdout.read()
     state = load_train_state(tmp_path / "resumed" / TRAIN_STATE)
     assert state["step"] == 4 and not (tmp_path / "resumed" / "checkpoint").exists()
 
-    resumed = _launch(tmp_path, shards, tmp_path / "resumed", None)
+    resumed = _launch(tmp_path, shards, tmp_path / "resumed", None, ema)
     assert resumed.wait(timeout=240) == 0, resumed.stdout.read()
     assert full.wait(timeout=240) == 0, full.stdout.read()
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
