@@ -271,6 +271,8 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
 def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
     """Hash of everything that determines the weights and the batch stream."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
+    if not train["ema"]:  # off: the key of states written before train.ema existed
+        del train["ema"]
     blob = repr((sorted(train.items()), sorted(dataclasses.asdict(model_cfg).items()), world_size))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
