@@ -69,7 +69,7 @@ class TrainConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
     ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
 
@@ -298,14 +298,18 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
+
+
 def train_state(t: Trainer, step: int, key: str, rows: list[dict]) -> dict:
     """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step."""
     return {
         "format": 1, "key": key, "step": step, "world_size": t.dist.world_size,
-        "visual": {k: v.detach().cpu() for k, v in t.model.visual.state_dict().items()},
+        "visual": cpu_tensors(t.model.visual.state_dict()),
         "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
         "rng": rng_state(), "log": rows,
-        "ema": {k: v.detach().cpu() for k, v in t.ema.state_dict().items()} if t.ema is not None else None,
+        "ema": cpu_tensors(t.ema.state_dict()) if t.ema is not None else None,
     }
 
 

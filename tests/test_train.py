@@ -145,7 +145,8 @@ def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(shards, t
 
     result = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3, "ema": 0.5}), ModelConfig(), shards, tmp_path / "ema",
                        progress=False)
-    plain = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3}), ModelConfig(), shards, tmp_path / "plain", progress=False)
+    plain = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3}), ModelConfig(), shards, tmp_path / "plain",
+                      progress=False)
     assert result.final == plain.final  # the average does not change the trajectory
     assert json.loads((result.checkpoint / "metadata.json").read_text())["ema"] == 0.5
     a, b = _weights(tmp_path / "ema"), _weights(tmp_path / "plain")
@@ -197,7 +198,8 @@ run_train(TrainConfig(**args["train"]), ModelConfig(), Path(args["shards"]), Pat
 def _launch(tmp_path: Path, shards: Path, out: Path, kill_at: int | None, ema: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "entry.py"
     script.write_text(ENTRY)
-    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2, "ema": ema}, "shards": str(shards), "out": str(out), "kill_at": kill_at}
+    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2, "ema": ema}, "shards": str(shards), "out": str(out),
+            "kill_at": kill_at}
     return subprocess.Popen([sys.executable, str(script), json.dumps(args)], env={**os.environ, **CLEAN_ENV},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
