@@ -56,21 +56,29 @@ def window_starts(length: int, patch: int, stride: int) -> list[int]:
 
 
 def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112, batch_size: int = 16,
-                device=None, precision: str = "fp32") -> QualityMap:
+                device=None, precision: str = "fp32", max_memory: int | None = None) -> QualityMap:
     """Score every window of ``image`` ((H, W, 3) uint8 RGB) and the whole image.
 
-    A patch larger than the image is reduced to the image's shorter side.
+    A patch larger than the image is reduced to the image's shorter side. An image the model
+    cannot score whole (too small, or above ``max_memory`` bytes: `scoring.image_problem`)
+    raises `ExplainError` before any patch is scored.
     """
-    from .scoring import inference_copy, score_arrays
+    from .scoring import _resolve_device, default_memory_budget, image_problem, inference_copy, score_arrays
 
     if patch < 16 or stride < 1:
         raise ExplainError(f"--patch must be >= 16 and --stride >= 1, got patch {patch}, stride {stride}")
     h, w = image.shape[:2]
+    scorer = inference_copy(model).to(_resolve_device(model, device))
+    budget = max_memory or default_memory_budget(scorer.prompt_features.device)
+    if problem := image_problem(scorer, image.shape, budget):
+        raise ExplainError(f"cannot explain this image: {problem}")
     patch = min(patch, h, w)
+    if patch < scorer.min_side:
+        raise ExplainError(f"--patch {patch} is below the {scorer.min_side} px the image encoder needs — "
+                           f"use --patch {scorer.min_side} or more")
     ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
     crops = [image[y:y + patch, x:x + patch] for y in ys for x in xs]  # views, no copies
-    scorer = inference_copy(model)
-    common = dict(batch_size=batch_size, device=device, precision=precision)
+    common = dict(batch_size=batch_size, device=device, precision=precision, max_memory=budget)
     scores = score_arrays(scorer, crops, **common).reshape(len(ys), len(xs))
     global_score = float(score_arrays(scorer, [image], **common)[0])
     return QualityMap(scores, tuple(ys), tuple(xs), patch, global_score)
@@ -124,12 +132,15 @@ def add_explain_args(sp: argparse.ArgumentParser) -> None:
 
 def run_explain(args) -> None:
     from .imageio import read_image
-    from .score_cli import load_scorer
+    from .score_cli import check_out_file, load_scorer, max_memory
 
-    image = read_image(args.image).pixels
+    for flag, out in (("--out", args.out), ("--csv", args.csv)):
+        if out:
+            check_out_file(Path(out), flag)
+    image = read_image(args.image, max_pixels=args.max_pixels, option="--max-pixels").pixels
     scorer = load_scorer(args)
     qmap = quality_map(scorer, image, patch=args.patch, stride=args.stride, batch_size=args.batch_size,
-                       device=args.device, precision=args.precision)
+                       device=args.device, precision=args.precision, max_memory=max_memory(args))
     out = render_quality_map(qmap, image, Path(args.out), stride=args.stride, name=Path(args.image).name)
     if args.csv:
         write_patch_csv(qmap, Path(args.csv))

@@ -131,12 +131,17 @@ class QualiCLIP(nn.Module):
         DistributedDataParallel / compiled wrapper of the same module.
         """
         encoder = encoder if encoder is not None else self.clip.visual
-        if min(x.shape[-2:]) < MIN_SIDE and isinstance(getattr(self.clip.visual, "attnpool", None), AttentionPool):
+        if min(x.shape[-2:]) < self.min_side:
             raise ValueError(
                 f"image of {x.shape[-2]}x{x.shape[-1]} px: a ResNet image encoder needs at least {MIN_SIDE} px "
                 "on each side (five stride-2 stages). Fix: upscale small images before scoring."
             )
         return F.normalize(encoder(self.normalize(x)).float(), dim=-1)
+
+    @property
+    def min_side(self) -> int:
+        """The shortest image side the encoder takes: `MIN_SIDE` for a ResNet, else 1."""
+        return MIN_SIDE if isinstance(getattr(self.clip.visual, "attnpool", None), AttentionPool) else 1
 
     def similarities(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
         """Raw cosine similarities to every prompt, (N, K, 2) with [..., 0] the positive prompt."""
@@ -276,9 +281,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} not found — check model.pretrained in params.yaml")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .checkpoint import load_safetensors  # here: checkpoint imports this module
 
-        return load_file(str(path))
+        return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 DEFAULT_MODEL = "outputs/train/checkpoint"
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")
+MAX_LIST_BYTES = 1 << 30  # a list file of 1 GB names ~10 million images; anything larger is not a list
 
 
 class ScoreError(RuntimeError):
@@ -21,13 +22,34 @@ class ScoreError(RuntimeError):
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
-    """Options shared by ``score`` and ``explain``: which model, where, how precise."""
+    """Options shared by ``score`` and ``explain``: which model, where, how precise, how large."""
     sp.add_argument("--model", default=DEFAULT_MODEL,
                     help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, runs:/ID/model)")
     sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                     help="bf16/fp16 autocast: faster on GPU (fp16 GPU only); scores differ by ~1e-3")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    sp.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard")
+    sp.add_argument("--max-memory-gb", type=float, default=None,
+                    help="memory budget for scoring one image, estimated before it is scored; larger images are "
+                         "refused, never tiled (default: half the memory of the scoring device)")
+
+
+def max_memory(args) -> int | None:
+    """``--max-memory-gb`` in bytes (None: the library's default budget)."""
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        raise ScoreError(f"--max-memory-gb must be > 0, got {args.max_memory_gb}")
+    return int(args.max_memory_gb * 1e9) if args.max_memory_gb else None
+
+
+def check_out_file(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot become a file, before any work: an existing folder,
+    or a path under a file."""
+    if out.is_dir():
+        raise ScoreError(f"{flag} {out} is a folder — name a file in it, e.g. {out / ('scores' + (out.suffix or '.csv'))}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ScoreError(f"{flag} {out}: {parent} is a file, not a folder — choose another {flag}")
 
 
 def add_score_args(sp: argparse.ArgumentParser) -> None:
@@ -38,34 +60,45 @@ def add_score_args(sp: argparse.ArgumentParser) -> None:
     add_model_args(sp)
     sp.add_argument("--batch-size", type=int, default=8,
                     help="images of equal size scored together (capped at 0.8 MP per batch to bound memory)")
-    sp.add_argument("--max-pixels", type=int, default=89_478_485, help="decompression-bomb guard")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> list[Path]:
+def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand folders recursively and list files; keep order, drop duplicates.
 
-    A path that does not exist is kept: it is reported as unreadable in the output.
+    A path that does not exist is kept: it is reported as unreadable in the output. Also
+    returns ``(folder, why)`` for every folder that could not be listed.
     """
-    from .imageio import iter_image_files
+    from .imageio import scan_tree
 
     out: list[Path] = []
+    unlisted: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(iter_image_files(p, extensions))
+            scan = scan_tree(p, extensions)
+            out.extend(scan.images)
+            unlisted.extend(scan.unlisted)
         elif p.suffix.lower() in LIST_SUFFIXES:
             out.extend(read_list_file(p))
         else:
             out.append(p)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out)), unlisted
 
 
 def read_list_file(path: Path) -> list[Path]:
-    """Paths in a list file, one per line; blank lines and ``#`` comments skipped."""
-    if not path.is_file():
-        raise ScoreError(f"list file {path} not found")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    """Paths in a list file, one per line; blank lines and ``#`` comments skipped.
+
+    Bytes that are not UTF-8 are kept as the file system keeps them (surrogate escapes), so a
+    listed file with such a name is still found.
+    """
+    from .files import FileReadError, read_regular
+
+    try:
+        text = read_regular(path, max_bytes=MAX_LIST_BYTES).decode("utf-8", errors="surrogateescape")
+    except FileReadError as exc:
+        raise ScoreError(f"list file {path}: {exc.detail}") from None
+    lines = [line.strip() for line in text.splitlines()]
     entries = [Path(line) for line in lines if line and not line.startswith("#")]
     return [e if e.is_absolute() else path.parent / e for e in entries]
 
@@ -101,18 +134,22 @@ def run_score(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ScoreError(f"--out must end in .csv or .json, got {out.name}")
-    paths = collect_paths(args.paths, IngestConfig().extensions)
-    if not paths:
+    check_out_file(out)
+    paths, unlisted = collect_paths(args.paths, IngestConfig().extensions)
+    if not paths and not unlisted:
         raise ScoreError(f"no images found in {args.paths} (extensions {', '.join(IngestConfig().extensions)})")
     scorer = load_scorer(args)
     with tqdm(total=len(paths), desc="score", unit="img", disable=args.no_progress) as bar:
         try:
             results = score_paths(paths, scorer, batch_size=args.batch_size, device=args.device,
-                                  precision=args.precision, max_pixels=args.max_pixels, progress=bar)
+                                  precision=args.precision, max_pixels=args.max_pixels, progress=bar,
+                                  max_memory=max_memory(args), max_pixels_option="--max-pixels")
         except ScoringError as exc:  # a bad option: the message names the fix
             raise ScoreError(str(exc)) from None
     rows = [{"path": str(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
              "width": r.width, "height": r.height, "error": r.error} for r in results]
+    rows += [{"path": str(folder), "score": None, "width": None, "height": None,
+              "error": f"unreadable: {why} (its images are not scored)"} for folder, why in unlisted]
     for r in rows:
         if r["error"]:
             print(f"unreadable {r['path']}: {r['error']}", file=sys.stderr)
@@ -122,11 +159,16 @@ def run_score(args) -> None:
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(rows, indent=1))
-        return
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
+    """CSV or JSON by suffix. A file name that is not valid UTF-8 keeps its undecodable bytes as
+    ``\\udcXX`` escapes, in CSV as in JSON (where they decode back to the same name)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(rows, indent=1))
+            return
+        with open(out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            w.writeheader()
+            w.writerows(rows)
+    except OSError as exc:
+        raise ScoreError(f"cannot write --out {out}: {exc.strerror or exc} — choose another --out") from None

@@ -7,6 +7,10 @@ Three entry points, from the lowest level up:
   held at once), batched by equal size across the whole list, unreadable files reported per file.
 - `score_images(items, model)`: the user API; paths, arrays and tensors mixed.
 
+Every image is checked before it is scored (`image_problem`): at least the encoder's minimum
+side, and an estimated peak memory within a budget (``max_memory``, default half the memory of
+the scoring device). `score_paths` reports a failed check per file; the others raise.
+
 All of them score with an *inference copy* of the model (`inference_copy`, or `load_scorer` straight
 from a checkpoint): the image encoder alone, BatchNorm folded into the convolutions, no text
 tower. It gives the model's scores to float rounding (~1e-7) and runs faster on a CPU, with less
@@ -15,6 +19,8 @@ memory (figures in docs/evaluation.md).
 from __future__ import annotations
 
 import copy
+import os
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,19 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
 # ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (benchmarks/bench_scoring.py).
 DEFAULT_MAX_BATCH_PIXELS = 800_000
+# Peak memory of scoring one image, estimated before it is scored: bytes per input pixel =
+# ACTIVATION_FACTOR x the encoder's largest activation per pixel + INPUT_BYTES_PER_PIXEL.
+# A bottleneck block holds its input, its 3x3 output, its wide 1x1 output and the shortcut at
+# once: measured (peak - input) / largest activation = 1.9-2.5 (tiny, small, RN50 at 4-16 MP);
+# 3 leaves a margin for allocator slack.
+ACTIVATION_FACTOR = 3.0
+# The decoded uint8 image and its stacked copy (3 + 3) plus the float32 batch and its
+# normalised copy (12 + 12). Estimates vs. peak RSS measured: tiny 78 vs 64-67, small 102 vs 87,
+# RN50 222 vs 151-190 B/px (docs/evaluation.md, "Memory per image").
+INPUT_BYTES_PER_PIXEL = 30
+DEFAULT_MEMORY_FRACTION = 0.5  # the default budget: this share of the scoring device's memory
+MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword is max_memory (bytes)
+_BYTES_PER_PIXEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per scorer, probed once
 
 
 class ScoringError(ValueError):
@@ -109,21 +128,16 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     instead of ~560 MB (whole CLIP + copy). Anything else (an official ``.pth``) goes through
     `load_checkpoint` and `inference_copy`.
     """
-    import dataclasses
-    import json
-
     import open_clip
 
-    from .checkpoint import CONFIG, WEIGHTS
-    from .model import ModelConfig, check_state_dict, register_model_configs
+    from .checkpoint import CONFIG, WEIGHTS, read_config
+    from .model import check_state_dict, register_model_configs
 
     path = Path(path)
     register_model_configs()
-    config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else None
-    if config is None or config["model"]["name"] not in open_clip.list_models():
+    cfg = read_config(path)[0] if (path / CONFIG).is_file() else None
+    if cfg is None or cfg.name not in open_clip.list_models():
         return inference_copy(_as_model(path))  # official file, or an architecture stored in the checkpoint
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in fields})
     with torch.device("meta"):  # shapes only: no memory for either tower
         visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
     state, prompts = _read_image_tower(path / WEIGHTS)
@@ -133,40 +147,38 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     return scorer.requires_grad_(False).eval()
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
-
 def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The ``clip.visual.*`` tensors (prefix removed) and ``prompt_features`` of a checkpoint file.
 
     Read with plain file reads into private memory rather than through safetensors' memory map:
     mapped pages, once touched, stay counted in the resident memory next to the folded copies
-    (about +150 MB of peak RSS for RN50). The format is an 8-byte header length, a JSON header
-    ``{name: {dtype, shape, data_offsets}}``, then the data.
+    (about +150 MB of peak RSS for RN50). The header is checked first (`read_safetensors_header`).
     """
-    import json
-
+    from .checkpoint import read_safetensors_header
     from .model import ModelLoadError
 
     if not weights.is_file():
         raise ModelLoadError(f"{weights} not found — the checkpoint folder is incomplete; re-run the train stage")
     prefix = "clip.visual."
+    header = read_safetensors_header(weights)
+    if "prompt_features" not in header.tensors:
+        raise ModelLoadError(f"{weights} holds no prompt_features — it is not a qualiclip checkpoint; "
+                             "re-run the train stage")
     with open(weights, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        wanted = [k for k in header if k.startswith(prefix) or k == "prompt_features"]
-        tensors = {k: _read_tensor(f, 8 + size, header[k]) for k in wanted}
+        wanted = [k for k in header.tensors if k.startswith(prefix) or k == "prompt_features"]
+        tensors = {k: _read_tensor(f, header.data_start, header.tensors[k]) for k in wanted}
     prompts = tensors.pop("prompt_features")
     return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
 
 
 def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:
+    from .checkpoint import SAFETENSORS_DTYPES
+
     start, end = meta["data_offsets"]
     buf = bytearray(end - start)
     f.seek(base + start)
     f.readinto(buf)
-    dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+    dtype = SAFETENSORS_DTYPES[meta["dtype"]][0]
     return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"]) if buf else torch.empty(meta["shape"], dtype=dtype)
 
 
@@ -222,6 +234,60 @@ def _resolve_device(model: QualiCLIP, device) -> torch.device:
     return torch.device(device)
 
 
+def default_memory_budget(device: torch.device) -> int:
+    """`DEFAULT_MEMORY_FRACTION` of the memory of ``device``: the GPU's own, or the machine's RAM."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GB
+            total = 16 << 30
+    return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+@torch.inference_mode()
+def bytes_per_pixel(scorer: QualiCLIP) -> float:
+    """Estimated peak memory of scoring one image with ``scorer``, in bytes per input pixel.
+
+    The largest activation is measured once per scorer by a forward pass on a 64x64 probe
+    (activations of a convolutional encoder grow linearly with the pixels).
+    """
+    if scorer not in _BYTES_PER_PIXEL:
+        sizes: list[int] = []
+
+        def record(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor):
+                sizes.append(output.numel() * output.element_size())
+
+        side = max(64, scorer.min_side)
+        hooks = [m.register_forward_hook(record) for m in scorer.visual.modules()]
+        try:
+            scorer.visual(torch.zeros(1, 3, side, side, device=scorer.prompt_features.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        _BYTES_PER_PIXEL[scorer] = ACTIVATION_FACTOR * max(sizes) / side**2 + INPUT_BYTES_PER_PIXEL
+    return _BYTES_PER_PIXEL[scorer]
+
+
+def image_problem(scorer: QualiCLIP, shape: tuple[int, ...], max_memory: int) -> str | None:
+    """Why ``scorer`` cannot score an image of ``shape`` (H, W, ...) — ``"reason: detail"`` — or None.
+
+    Too small for the encoder, or an estimated peak memory (`bytes_per_pixel`) above
+    ``max_memory`` bytes. Scores stay those of the whole image: nothing is tiled or resized.
+    """
+    h, w = shape[:2]
+    if min(h, w) < scorer.min_side:
+        return (f"too_small: {w}x{h} px; the image encoder needs at least {scorer.min_side} px on each side "
+                "— upscale the image first")
+    need = h * w * bytes_per_pixel(scorer)
+    if need > max_memory:
+        return (f"too_large: {w}x{h} px needs an estimated {need / 1e9:.1f} GB to score, above the memory budget "
+                f"of {max_memory / 1e9:.1f} GB — raise {MEMORY_OPTION} (max_memory=) or downscale the image")
+    return None
+
+
 @torch.inference_mode()
 def score_arrays(
     model: QualiCLIP,
@@ -232,17 +298,24 @@ def score_arrays(
     precision: str = "fp32",
     progress=None,
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    max_memory: int | None = None,
 ) -> np.ndarray:
     """Scores (N,) for (H, W, 3) RGB arrays, uint8 or float in [0, 1]; equal sizes share batches.
 
     ``device`` None keeps the model where it is; ``"auto"`` picks CUDA when available.
     ``precision`` bf16/fp16 autocasts (fp16 on GPU only). ``progress`` gets ``update(n)`` per batch.
+    An image that fails `image_problem` (``max_memory`` bytes; None: `default_memory_budget`)
+    raises `ScoringError` before anything is scored.
     """
     device = _resolve_device(model, device)
     for i, im in enumerate(images):
         _check_array(im, i)
     amp = _autocast(device, precision)  # validates precision before any work
     scorer = inference_copy(model).to(device)
+    budget = max_memory or default_memory_budget(device)
+    for i, im in enumerate(images):
+        if problem := image_problem(scorer, im.shape, budget):
+            raise ScoringError(f"image {i}: {problem}")
     scores = np.empty(len(images), dtype=np.float64)
     for chunk in plan_batches([im.shape for im in images], batch_size, max_batch_pixels):
         x = _to_batch([images[i] for i in chunk], device)
@@ -276,8 +349,10 @@ def probe_size(path: Path) -> tuple[int, int] | None:
     """
     from PIL import Image
 
+    from .files import open_regular
+
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as f, Image.open(f) as im:  # never a FIFO: open() would block
             w, h = im.size
             orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception:  # noqa: BLE001 - any failure means "decode it alone and let read_image report"
@@ -292,9 +367,16 @@ def resize_short_side(image: np.ndarray, short: int | None) -> np.ndarray:
     import cv2
 
     h, w = image.shape[:2]
+    new_h, new_w = resized_shape(h, w, short)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if short < min(h, w) else cv2.INTER_CUBIC)
+
+
+def resized_shape(h: int, w: int, short: int | None) -> tuple[int, int]:
+    """(height, width) after `resize_short_side` (unchanged when ``short`` is None)."""
+    if not short:
+        return h, w
     s = short / min(h, w)
-    size = (round(w * s), round(h * s))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    return round(h * s), round(w * s)
 
 
 def score_paths(
@@ -307,22 +389,30 @@ def score_paths(
     max_pixels: int | None = None,
     resize_short: int | None = None,
     progress=None,
+    max_memory: int | None = None,
+    max_pixels_option: str = "max_pixels",
 ) -> list[FileScore]:
     """Score image files in input order; an unreadable file gets an ``error``, never an exception.
 
     Files are grouped by header size over the whole list, then decoded and scored one batch at a
     time, so memory holds at most ``batch_size`` decoded images whatever the number of files.
     ``resize_short`` resizes the shorter side first (the SPAQ protocol); None = full resolution.
+    A file that fails `image_problem` (too small; above ``max_memory`` bytes, None:
+    `default_memory_budget`) gets an ``error`` too. ``max_pixels_option`` is the setting named
+    in the "too_large" message of a file above ``max_pixels`` (``--max-pixels`` for the CLI).
     """
     paths = [Path(p) for p in paths]
-    scorer = inference_copy(model)
+    dev = _resolve_device(model, device)
+    scorer = inference_copy(model).to(dev)
+    _autocast(dev, precision)  # a bad option fails before any file is read
+    check = _ImageCheck(scorer, max_memory or default_memory_budget(dev), resize_short, max_pixels, max_pixels_option)
     results: list[FileScore | None] = [None] * len(paths)
     for chunk in plan_batches([probe_size(p) or (0, 0, i) for i, p in enumerate(paths)], batch_size, 1 << 62):
-        decoded = _decode_chunk([paths[i] for i in chunk], max_pixels, resize_short)
+        decoded = [check.decode(paths[i]) for i in chunk]
         ok = [k for k, d in enumerate(decoded) if isinstance(d, tuple)]
         if ok:
-            scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=device,
-                                  precision=precision)
+            scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=dev,
+                                  precision=precision, max_memory=check.max_memory)
             for k, s in zip(ok, scores):
                 h, w = decoded[k][1]
                 results[chunk[k]] = FileScore(paths[chunk[k]], float(s), w, h)
@@ -334,19 +424,29 @@ def score_paths(
     return results
 
 
-def _decode_chunk(paths: list[Path], max_pixels: int | None, resize_short: int | None) -> list:
-    """Per path: ``(pixels, (h, w))`` with pixels resized if asked, or the error text."""
-    from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+@dataclass(frozen=True)
+class _ImageCheck:
+    """Decode one file for `score_paths` and check it fits the scorer before it is resized."""
 
-    out: list = []
-    for path in paths:
+    scorer: QualiCLIP
+    max_memory: int
+    resize_short: int | None
+    max_pixels: int | None
+    max_pixels_option: str
+
+    def decode(self, path: Path) -> tuple[np.ndarray, tuple[int, int]] | str:
+        """``(pixels, (h, w))`` with pixels resized if asked, or the error text ``"reason: detail"``."""
+        from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+
         try:
-            pixels = read_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS).pixels
+            pixels = read_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS,
+                                option=self.max_pixels_option).pixels
         except ImageReadError as exc:
-            out.append(f"{exc.reason}: {exc.detail}")
-            continue
-        out.append((resize_short_side(pixels, resize_short), pixels.shape[:2]))
-    return out
+            return f"{exc.reason}: {exc.detail}"
+        h, w = pixels.shape[:2]
+        if problem := image_problem(self.scorer, resized_shape(h, w, self.resize_short), self.max_memory):
+            return problem  # checked before the resize, which could need the memory itself
+        return resize_short_side(pixels, self.resize_short), (h, w)
 
 
 # ---------------------------------------------------------------------------------------------
