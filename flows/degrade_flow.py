@@ -27,6 +27,7 @@ from qualiclip.degrade import (
     DegradePlan,
     DegradeResult,
     ShardJob,
+    degrade_lock,
     finalize_degrade,
     plan_degrade,
     write_one_shard,
@@ -56,9 +57,10 @@ def finalize_task(plan: DegradePlan, entries: list[dict]) -> DegradeResult:
 def degrade_shards_flow(params_file: str = "params.yaml", ingest: str = "data/ingest", out: str = "data/shards") -> dict:
     """Write the shards of params.yaml's ``degrade:`` section, one Prefect task per missing shard."""
     cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
-    plan = plan_task(cfg, ingest, out)
-    entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
-    result = finalize_task(plan, entries)
+    with degrade_lock(Path(out)):  # one run per output folder, held here while the tasks run anywhere
+        plan = plan_task(cfg, ingest, out)
+        entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
+        result = finalize_task(plan, entries)
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")
     return {"samples": result.samples, "shards": result.shards, "bytes": result.bytes,
             "resumed_shards": result.resumed_shards}

@@ -227,3 +227,48 @@ def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path, ema):
     log_full = (tmp_path / "full" / "train_log.csv").read_text()
     assert log_full == (tmp_path / "resumed" / "train_log.csv").read_text() and log_full.count("\n") == 9
     assert not (tmp_path / "resumed" / TRAIN_STATE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards that changed (issue 19): refused before training, never mixed into a resumed run
+
+
+def test_a_shard_replaced_by_another_runs_shard_is_refused(tmp_path):
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.shards import ShardError
+
+    shards = build_shards(tmp_path / "a")
+    other = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64, seed=1,
+                          distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
+    run_degrade(other, tmp_path / "a" / "ingest", tmp_path / "b", progress=False)
+    (shards / "shard-000001.tar").write_bytes((tmp_path / "b" / "shard-000001.tar").read_bytes())  # same 4 samples
+    with pytest.raises(ShardError, match="shard-000001.tar: replaced, damaged or from another run.*rerun the degrade"):
+        run_train(TrainConfig(**TINY_TRAIN), ModelConfig(), shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+class StopAt(Tracker):
+    """Raise once step ``at`` is logged, as a crash would: the train state written before stays."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log_metrics(self, metrics, step=None):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_train_state_is_not_resumed_on_other_shards(tmp_path):
+    from qualiclip.degrade import DegradeConfig, run_degrade
+
+    shards = build_shards(tmp_path)
+    cfg = TrainConfig(**{**TINY_TRAIN, "checkpoint_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, ModelConfig(), shards, tmp_path / "out", tracker=StopAt(3), progress=False)
+    assert load_train_state(tmp_path / "out" / TRAIN_STATE)["step"] == 2
+    regenerated = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64, seed=1,
+                                distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
+    run_degrade(regenerated, tmp_path / "ingest", shards, progress=False)  # new shards, same params
+    with pytest.raises(TrainError, match=r"trained on other shards.*Fix: delete .*train_state.pt"):
+        run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()
