@@ -84,6 +84,7 @@ def _contact_sheet_for(ingest_dir: Path, out_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
+    from .evaluate import EvaluateConfig, check_datasets
     from .shards import INDEX_FILE, read_index
     from .train import TrainConfig, run_train
 
@@ -91,6 +92,8 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     cfg = build_config(TrainConfig, params.get("train"), where="train")
     model_cfg = _model_cfg(params)
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
+    # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
+    check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
     tracker, tcfg = _tracker(params, params_file)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 tracks and registers
         from .tracking import Tracker
