@@ -5,9 +5,9 @@ shards are split by node and by worker in the loader; only rank 0 writes files).
 ``checkpoint_every`` steps the train state is written atomically to ``out_dir/train_state.pt``;
 a later run with the same params resumes from it and ends with the same weights as a run that
 was never interrupted (the batch stream is re-derived: same seed, consumed batches skipped).
-Before any step the shards are checked against their index (sizes, and sha256 split over the
-processes), and the train state records the index digest it was trained on: a state is never
-resumed on other shards.
+Before any step the shard sizes are checked against their index (the loader checks each
+shard's sha256 when it first reads it), and the train state records the index digest it was
+trained on: a state is never resumed on other shards.
 """
 from __future__ import annotations
 
@@ -418,7 +418,7 @@ def run_train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
-    shards = check_shards(Path(shard_dir), dist_info)
+    shards = check_shards(Path(shard_dir))
     t = build_trainer(cfg, model_cfg, dist_info)
     torch.manual_seed(cfg.seed)
     state_path = Path(out_dir) / TRAIN_STATE
@@ -434,17 +434,17 @@ def run_train(
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
-def check_shards(shard_dir: Path, dist_info: DistInfo) -> str:
-    """Refuse shards that differ from their index; returns the index digest (`shards.index_digest`).
+def check_shards(shard_dir: Path) -> str:
+    """Refuse shards whose size differs from the index; returns the index digest (`shards.index_digest`).
 
-    Every process checks every size and hashes its share of the shards (one in ``world_size``),
-    so the check costs one read of the shard set in all.
+    Sizes cost one ``stat`` per shard; each shard's sha256 is checked by the loader when it
+    first reads it, before any of its samples is used (`loader.expand_shards`), so the check
+    costs no extra pass over the data.
     """
     from .shards import ShardError, index_digest, read_index, verify_shards
 
     index = read_index(shard_dir)
-    mine = [s["name"] for s in index["shards"]][dist_info.rank::dist_info.world_size]
-    bad = verify_shards(shard_dir, mine)
+    bad = verify_shards(shard_dir, names=[])
     if bad:
         raise ShardError(f"{len(bad)} shard(s) in {shard_dir} differ from the index (e.g. {bad[0]}: replaced, damaged "
                          "or from another run) — rerun the degrade stage (`dvc repro degrade`) to rewrite them")

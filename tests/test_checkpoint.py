@@ -170,7 +170,9 @@ def test_an_architecture_within_each_limit_but_too_many_parameters_is_refused(ti
     ckpt = save_checkpoint(tiny, tmp_path / "ckpt")
     config = json.loads((ckpt / CONFIG).read_text())
     config["model"]["name"] = "qualiclip-wide-rn"
-    config["open_clip_config"]["vision_cfg"].update(width=4096, layers=[8, 8, 8, 8])  # counted on the meta device
+    # a 4M x 8192 token embedding: 33 B parameters, counted on the meta device. (Built for real it
+    # is one 131 GB tensor, which fails at once rather than filling the memory piece by piece.)
+    config["open_clip_config"]["text_cfg"].update(width=8192, vocab_size=4_000_000)
     (ckpt / CONFIG).write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"qualiclip-wide-rn' has [\d,]+ parameters, above the limit"):
         load_checkpoint(ckpt)

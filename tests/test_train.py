@@ -233,16 +233,30 @@ def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path, ema):
 # Shards that changed (issue 19): refused before training, never mixed into a resumed run
 
 
-def test_a_shard_replaced_by_another_runs_shard_is_refused(tmp_path):
+def _other_runs_shard(shards: Path, tmp_path: Path) -> None:
+    """shard-000001 replaced by the same shard of a run with another seed (4 samples, same shape)."""
     from qualiclip.degrade import DegradeConfig, run_degrade
+
+    other = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64, seed=1,
+                          distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
+    run_degrade(other, shards.parent / "ingest", tmp_path / "other", progress=False)
+    (shards / "shard-000001.tar").write_bytes((tmp_path / "other" / "shard-000001.tar").read_bytes())
+
+
+def _same_size_damage(shards: Path, tmp_path: Path) -> None:
+    """Bytes of shard-000001 overwritten in place: its size still matches the index."""
+    with open(shards / "shard-000001.tar", "r+b") as f:
+        f.seek(2000)
+        f.write(b"\x00" * 64)
+
+
+@pytest.mark.parametrize("change", [_other_runs_shard, _same_size_damage])
+def test_a_shard_that_differs_from_the_index_is_refused(tmp_path, change):
     from qualiclip.shards import ShardError
 
     shards = build_shards(tmp_path / "a")
-    other = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64, seed=1,
-                          distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
-    run_degrade(other, tmp_path / "a" / "ingest", tmp_path / "b", progress=False)
-    (shards / "shard-000001.tar").write_bytes((tmp_path / "b" / "shard-000001.tar").read_bytes())  # same 4 samples
-    with pytest.raises(ShardError, match="shard-000001.tar: replaced, damaged or from another run.*rerun the degrade"):
+    change(shards, tmp_path)
+    with pytest.raises(ShardError, match="shard-000001.tar.*replaced, damaged or from another run.*rerun the degrade"):
         run_train(TrainConfig(**TINY_TRAIN), ModelConfig(), shards, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "checkpoint").exists()
 
