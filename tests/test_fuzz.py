@@ -78,15 +78,21 @@ def test_decoding_image_bytes_gives_rgb_or_an_image_read_error(data):
     assert img.width * img.height <= MAX_PIXELS
 
 
+def read_file(tmp_path_factory, name: str, data: bytes, read, error: type[Exception]):
+    """``read(path)`` of a fresh file ``name`` holding ``data``, or None when it raises ``error``."""
+    path = tmp_path_factory.mktemp("fuzz") / name
+    path.write_bytes(data)
+    try:
+        return read(path)
+    except error:
+        return None
+
+
 @FUZZ
 @given(mutated(IMAGES))
 def test_reading_an_image_file_gives_rgb_or_an_image_read_error(tmp_path_factory, data):
-    path = tmp_path_factory.mktemp("img") / "x.jpg"
-    path.write_bytes(data)
-    try:
-        assert read_image(path, max_pixels=MAX_PIXELS).pixels.ndim == 3
-    except ImageReadError:
-        pass
+    img = read_file(tmp_path_factory, "x.jpg", data, lambda p: read_image(p, max_pixels=MAX_PIXELS), ImageReadError)
+    assert img is None or img.pixels.ndim == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +130,13 @@ def test_the_loader_turns_any_shard_bytes_into_samples_or_error_markers(tmp_path
 @FUZZ
 @given(mutated([INDEX, json.dumps({"shards": []}).encode()]))
 def test_reading_an_index_gives_a_checked_index_or_a_shard_error(tmp_path_factory, data):
-    folder = tmp_path_factory.mktemp("idx")
-    (folder / "shard-000000.tar").write_bytes(SHARD)
-    (folder / "index.json").write_bytes(data)
-    try:
-        index = read_index(folder)
-    except ShardError:
-        return
-    assert all((folder / s["name"]).resolve().parent == folder.resolve() for s in index["shards"])
+    def read(path: Path) -> tuple[Path, dict]:
+        (path.parent / "shard-000000.tar").write_bytes(SHARD)
+        return path.parent, read_index(path.parent)
+
+    if (got := read_file(tmp_path_factory, "index.json", data, read, ShardError)) is not None:
+        folder, index = got
+        assert all((folder / s["name"]).resolve().parent == folder.resolve() for s in index["shards"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,26 +159,16 @@ WEIGHTS, CONFIG = _checkpoint_seeds()
 @FUZZ
 @given(mutated([WEIGHTS]))
 def test_a_safetensors_header_is_checked_or_refused(tmp_path_factory, data):
-    path = tmp_path_factory.mktemp("st") / "model.safetensors"
-    path.write_bytes(data)
-    try:
-        header = read_safetensors_header(path)
-    except ModelLoadError:
-        return
-    for entry in header.tensors.values():  # offsets that a reader may trust: inside the file
+    header = read_file(tmp_path_factory, "model.safetensors", data, read_safetensors_header, ModelLoadError)
+    for entry in header.tensors.values() if header else ():  # offsets a reader may trust: inside the file
         assert header.data_start + entry["data_offsets"][1] <= len(data)
 
 
 @FUZZ
 @given(mutated([CONFIG]))
 def test_a_checkpoint_config_is_read_or_refused(tmp_path_factory, data):
-    folder = tmp_path_factory.mktemp("cfg")
-    (folder / "config.json").write_bytes(data)
-    try:
-        cfg, arch = read_config(folder)
-    except ModelLoadError:
-        return
-    assert isinstance(cfg.name, str) and (arch is None or isinstance(arch, dict))
+    got = read_file(tmp_path_factory, "config.json", data, lambda p: read_config(p.parent), ModelLoadError)
+    assert got is None or (isinstance(got[0].name, str) and (got[1] is None or isinstance(got[1], dict)))
 
 
 SPLIT = pickle.dumps({1: {"train": [0, 2], "val": [], "test": [1]}})
@@ -182,13 +177,8 @@ SPLIT = pickle.dumps({1: {"train": [0, 2], "val": [], "test": [1]}})
 @FUZZ
 @given(mutated([SPLIT, pickle.dumps({1: {"train": list(range(5))}}, protocol=0)]))
 def test_a_split_file_is_read_as_plain_data_or_refused(tmp_path_factory, data):
-    path = tmp_path_factory.mktemp("split") / "split.pkl"
-    path.write_bytes(data)
-    try:
-        scheme = read_split_file(path, 1)
-    except DatasetError:
-        return
-    assert all(isinstance(r, int) for rows in scheme.values() for r in rows)
+    scheme = read_file(tmp_path_factory, "split.pkl", data, lambda p: read_split_file(p, 1), DatasetError)
+    assert scheme is None or all(isinstance(r, int) for rows in scheme.values() for r in rows)
 
 
 def test_seed_files_are_valid(tmp_path):
