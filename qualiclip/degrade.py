@@ -36,6 +36,7 @@ from .shards import (
     ENCODINGS,
     FORMAT_VERSION,
     INDEX_FILE,
+    SHARD_NAME,
     SHARD_PATTERN,
     encode_crops,
     sample_json,
@@ -250,22 +251,24 @@ def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
                 own.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     if same:
-        _records_from_index(out_dir)
+        _records_from_index(out_dir, plan_hash)
     for stale in [*out_dir.glob("*.tmp"), out_dir / INDEX_FILE]:
         stale.unlink(missing_ok=True)  # the index reappears only when the set is complete
     for extra in [*out_dir.glob("shard-*.tar"), *out_dir.glob(f"shard-*.tar{RECORD_SUFFIX}")]:
-        if int(extra.name[6:12]) >= n_shards:
+        if not SHARD_NAME.fullmatch(extra.name.removesuffix(RECORD_SUFFIX)) or int(extra.name[6:12]) >= n_shards:
             extra.unlink()
     if not same:
         _write_atomic(plan_path, json.dumps({"plan": plan_hash}))
 
 
-def _records_from_index(out_dir: Path) -> None:
+def _records_from_index(out_dir: Path, plan_hash: str) -> None:
     """Migration: shards written before records existed get theirs from a complete run's index."""
     index = _read_json(out_dir / INDEX_FILE)
-    for entry in index.get("shards", []) if isinstance(index.get("shards"), list) else []:
+    if index.get("plan") != plan_hash or not isinstance(index.get("shards"), list):
+        return
+    for entry in index["shards"]:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name.startswith("shard-") and not _record_path(out_dir, name).exists():
+        if isinstance(name, str) and SHARD_NAME.fullmatch(name) and not _record_path(out_dir, name).exists():
             _write_atomic(_record_path(out_dir, name), json.dumps(entry, sort_keys=True))
 
 

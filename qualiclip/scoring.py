@@ -251,24 +251,36 @@ def bytes_per_pixel(scorer: QualiCLIP) -> float:
     """Estimated peak memory of scoring one image with ``scorer``, in bytes per input pixel.
 
     The largest activation is measured once per scorer by a forward pass on a 64x64 probe
-    (activations of a convolutional encoder grow linearly with the pixels).
+    (activations of a convolutional encoder grow linearly with the pixels), or at the encoder's
+    own image size when it takes no other (a ViT with a fixed positional embedding).
     """
     if scorer not in _BYTES_PER_PIXEL:
-        sizes: list[int] = []
-
-        def record(module, inputs, output) -> None:
-            if isinstance(output, torch.Tensor):
-                sizes.append(output.numel() * output.element_size())
-
-        side = max(64, scorer.min_side)
-        hooks = [m.register_forward_hook(record) for m in scorer.visual.modules()]
+        side, device = max(64, scorer.min_side), scorer.prompt_features.device
         try:
-            scorer.visual(torch.zeros(1, 3, side, side, device=scorer.prompt_features.device))
-        finally:
-            for h in hooks:
-                h.remove()
-        _BYTES_PER_PIXEL[scorer] = ACTIVATION_FACTOR * max(sizes) / side**2 + INPUT_BYTES_PER_PIXEL
+            largest = _largest_activation(scorer.visual, side, device)
+        except RuntimeError:  # e.g. the shape mismatch of a fixed positional embedding
+            native = getattr(scorer.visual, "image_size", None) or 224
+            side = max(native) if isinstance(native, (tuple, list)) else int(native)
+            largest = _largest_activation(scorer.visual, side, device)
+        _BYTES_PER_PIXEL[scorer] = ACTIVATION_FACTOR * largest / side**2 + INPUT_BYTES_PER_PIXEL
     return _BYTES_PER_PIXEL[scorer]
+
+
+def _largest_activation(visual: nn.Module, side: int, device: torch.device) -> int:
+    """Bytes of the largest output of any module of ``visual`` on one ``side`` x ``side`` image."""
+    sizes: list[int] = [0]
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in visual.modules()]
+    try:
+        visual(torch.zeros(1, 3, side, side, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes)
 
 
 def image_problem(scorer: QualiCLIP, shape: tuple[int, ...], max_memory: int) -> str | None:

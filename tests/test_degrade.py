@@ -217,3 +217,12 @@ def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_
     run_degrade(DegradeConfig(**{**KILL_CFG, "distortions": TYPES, "workers": 1}), ingest_dir, tmp_path / "reference",
                 progress=False)
     assert digests(out) == digests(tmp_path / "reference")
+
+
+def test_a_folder_from_before_shard_records_resumes_from_its_index(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    for record in tmp_path.glob("shard-*.tar.json"):  # as an earlier version left the folder
+        record.unlink()
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 6 and digests(tmp_path) == first
