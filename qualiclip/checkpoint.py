@@ -258,8 +258,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
                 raise _damaged(path, f"its header length {n} does not fit a file of {size} bytes")
             raw = f.read(n)
-    except FileReadError as exc:
-        raise ModelLoadError(f"{path}: {exc.detail}") from None
+    except OSError as exc:  # FileReadError: not a regular file, a loop, ...; else a read error
+        raise ModelLoadError(f"{path}: {exc.detail if isinstance(exc, FileReadError) else exc}") from None
     try:
         header = json.loads(raw)
     except ValueError:

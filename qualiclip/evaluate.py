@@ -181,7 +181,7 @@ def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateCon
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]
     if bad:
-        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be decoded, first {bad[0].path}: {bad[0].error} "
+        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be scored, first {bad[0].path}: {bad[0].error} "
                             "— repair or remove them (their labels too), then rerun")
     return np.array([r.score for r in results])
 

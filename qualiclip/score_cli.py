@@ -152,10 +152,10 @@ def run_score(args) -> None:
               "error": f"unreadable: {why} (its images are not scored)"} for folder, why in unlisted]
     for r in rows:
         if r["error"]:
-            print(f"unreadable {r['path']}: {r['error']}", file=sys.stderr)
+            print(f"not scored {r['path']}: {r['error']}", file=sys.stderr)
     write_rows(out, rows)
     bad = sum(1 for r in rows if r["error"])
-    print(f"scored {len(rows) - bad} images -> {out}" + (f" ({bad} unreadable, listed with an error)" if bad else ""))
+    print(f"scored {len(rows) - bad} images -> {out}" + (f" ({bad} not scored, listed with an error)" if bad else ""))
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:
