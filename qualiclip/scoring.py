@@ -39,12 +39,12 @@ DEFAULT_MAX_BATCH_PIXELS = 800_000
 # Peak memory of scoring one image, estimated before it is scored: bytes per input pixel =
 # ACTIVATION_FACTOR x the encoder's largest activation per pixel + INPUT_BYTES_PER_PIXEL.
 # A bottleneck block holds its input, its 3x3 output, its wide 1x1 output and the shortcut at
-# once: measured (peak - input) / largest activation = 1.9-2.5 (tiny, small, RN50 at 4-16 MP);
+# once: measured (peak - input) / largest activation = 2.1-2.5 (tiny, small, RN50 at 4-9 MP);
 # 3 leaves a margin for allocator slack.
 ACTIVATION_FACTOR = 3.0
 # The decoded uint8 image and its stacked copy (3 + 3) plus the float32 batch and its
-# normalised copy (12 + 12). Estimates vs. peak RSS measured: tiny 78 vs 64-67, small 102 vs 87,
-# RN50 222 vs 151-190 B/px (docs/evaluation.md, "Memory per image").
+# normalised copy (12 + 12). Estimates vs. measured peaks: tiny 78 vs 64, small 102 vs 84-90,
+# RN50 222 vs 160-172 B/px (benchmarks/bench_score_memory.py; docs/evaluation.md).
 INPUT_BYTES_PER_PIXEL = 30
 DEFAULT_MEMORY_FRACTION = 0.5  # the default budget: this share of the scoring device's memory
 MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword is max_memory (bytes)
