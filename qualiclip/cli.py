@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import QualiclipError
 
 
 def cmd_stage(args) -> None:
@@ -118,23 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if _is_user_error(exc):
-            print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
     return 0
-
-
-def _is_user_error(exc: Exception) -> bool:
-    """Errors whose message already names the fix: print them, no traceback."""
-    names = {"ModelLoadError", "ShardError", "DegradeError", "IngestError", "DatasetError",
-             "UnknownDistortionError", "ImageReadError", "ScoreError", "ScoringError", "ExplainError",
-             "EvaluateError", "PromotionError", "TrainError"}
-    return type(exc).__name__ in names
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from .errors import QualiclipError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(QualiclipError, ValueError):
     """A params section that does not match its stage config."""
 
 

@@ -27,6 +27,7 @@ from typing import Iterable, Literal
 import cv2
 import numpy as np
 
+from .errors import QualiclipError
 from .sampling import SampleConfig, make_sample, validate_distortion_names
 from .shards import (
     ENCODINGS,
@@ -43,7 +44,7 @@ PLAN_FILE = "plan.json"
 _OWN_FILES = ("shard-*.tar", "shard-*.tmp", INDEX_FILE, PLAN_FILE, f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp")
 
 
-class DegradeError(RuntimeError):
+class DegradeError(QualiclipError, RuntimeError):
     """The degrade stage cannot run; the message names the fix."""
 
 

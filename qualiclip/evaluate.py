@@ -25,6 +25,7 @@ import numpy as np
 
 from .datasets import IQADataset
 from .degrade import load_image, read_manifest
+from .errors import QualiclipError
 from .model import ModelConfig, QualiCLIP
 from .sampling import LEVELS, _ensure_size, to_uint8
 
@@ -32,7 +33,7 @@ from .sampling import LEVELS, _ensure_size, to_uint8
 RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(QualiclipError, ValueError):
     """An evaluation that cannot run as configured; the message names the fix."""
 
 
@@ -64,7 +65,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
 
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
-        raise ValueError(f"no '{cfg.split}' images in {ingest_dir}/manifest.csv — ingest more photos or lower ingest.val_fraction")
+        raise EvaluateError(f"no '{cfg.split}' images in {ingest_dir}/manifest.csv — ingest more photos or lower ingest.val_fraction")
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
     for r in rows:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import QualiclipError
 
-class ExplainError(ValueError):
+
+class ExplainError(QualiclipError, ValueError):
     """A patch/stride setting that cannot work; the message names the fix."""
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from qualiclip.config import ConfigError
+from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
     READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash, resolve_inside, scan_tree,
 )
@@ -58,7 +59,7 @@ REJECTED_COLUMNS = ("source", "path", "reason", "detail")
 PNG_COMPRESS_LEVEL = 1  # 3x faster than 6 for ~10% more bytes, measured on the skimage photos
 
 
-class IngestError(RuntimeError):
+class IngestError(QualiclipError, RuntimeError):
     """The stage cannot produce any usable image, or its sources/output are unusable."""
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import QualiclipError
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,7 +29,7 @@ PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(QualiclipError, RuntimeError):
     """Weights or architecture that cannot be loaded; the message names the fix."""
 
 

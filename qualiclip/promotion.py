@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .config import build_config, load_params
+from .errors import QualiclipError
 
 VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id"}
 METRIC_TAG = "eval."                    # version tag prefix of the evaluation metrics
@@ -27,7 +28,7 @@ METRIC_TAG = "eval."                    # version tag prefix of the evaluation m
 CHECKPOINT, METRICS, SHARDS = "outputs/train/checkpoint", "outputs/eval/metrics.json", "data/shards"
 
 
-class PromotionError(RuntimeError):
+class PromotionError(QualiclipError, RuntimeError):
     """Promotion cannot decide: a missing metric, no registered version, an unreadable file."""
 
 

@@ -11,12 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import QualiclipError
+
 DEFAULT_MODEL = "outputs/train/checkpoint"
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")
 
 
-class ScoreError(RuntimeError):
+class ScoreError(QualiclipError, RuntimeError):
     """Nothing to score, or an output/model argument that cannot work."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import QualiclipError
 from .model import QualiCLIP
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,7 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_BATCH_PIXELS = 800_000
 
 
-class ScoringError(ValueError):
+class ScoringError(QualiclipError, ValueError):
     """An input or option the scorer cannot use; the message names the fix."""
 
 

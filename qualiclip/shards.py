@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import QualiclipError
+
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 2  # bump when the bytes of a sample change for the same inputs and params
@@ -26,7 +28,7 @@ ENCODINGS = ("png", "webp", "npy")
 PNG_COMPRESSION = 1  # ~3× faster to write than the default 3 for a few % more bytes (docs/shards.md)
 
 
-class ShardError(RuntimeError):
+class ShardError(QualiclipError, RuntimeError):
     """Missing, incomplete or unreadable shards; the message names the fix."""
 
 

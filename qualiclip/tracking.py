@@ -12,7 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import QualiclipError
+
 PIPELINE_ENV = "QUALICLIP_PIPELINE_ID"
+
+
+class TrackingError(QualiclipError, RuntimeError):
+    """A tracking backend that cannot be used here; the message names the fix."""
 
 
 class Tracker:
@@ -71,6 +77,7 @@ def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip", params_fil
         from .tracking_mlflow import MlflowTracker
     except ImportError:
         if kind == "mlflow":
-            raise RuntimeError("tracking: mlflow requested but not installed — pip install 'qualiclip[pipeline]'") from None
+            raise TrackingError("tracking.backend is 'mlflow' but mlflow is not installed — pip install "
+                                "'qualiclip[pipeline]', or set tracking.backend: auto in params.yaml") from None
         return Tracker()
     return MlflowTracker(experiment=experiment, pipeline=pipeline_id(params_file))

@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
+from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
 from .losses import LossWeights, qualiclip_loss
 from .model import ModelConfig, QualiCLIP, create_model
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "loss_cons", "loss_pos", "loss_neg")
 
 
-class TrainError(RuntimeError):
+class TrainError(QualiclipError, RuntimeError):
     """The train stage cannot run or resume; the message names the fix."""
 
 

@@ -71,3 +71,33 @@ def test_stage_entries_run_in_order_as_dvc_calls_them(project):
         assert proc.returncode == 0, proc.stderr
     assert (project / "data/shards/index.json").is_file()
     assert "samples in" in proc.stdout
+
+
+def test_every_user_error_is_one_line_without_traceback(monkeypatch, capsys):
+    """The CLI recognises user errors by their base class, so a new error type needs no registration."""
+    from qualiclip import cli
+    from qualiclip.errors import QualiclipError
+
+    class BrandNewError(QualiclipError):
+        pass
+
+    def fail(args):
+        raise BrandNewError("shards.tar is torn — rerun the degrade stage")
+
+    monkeypatch.setattr(cli, "cmd_distortions", fail)
+    assert cli.main(["distortions", "--list"]) == 2
+    assert capsys.readouterr().err == "qualiclip distortions: error: shards.tar is torn — rerun the degrade stage\n"
+
+
+def test_evaluate_without_held_out_images_names_the_fix(project):
+    """An ingest output with no 'val' image is a user error (one line, exit 2), not a traceback."""
+    from qualiclip.checkpoint import save_checkpoint
+    from qualiclip.model import ModelConfig, create_model
+
+    save_checkpoint(create_model(ModelConfig()), project / "checkpoint")
+    (project / "ingest").mkdir()
+    (project / "ingest" / "manifest.csv").write_text("id,split\nab12,train\n")
+    proc = qualiclip("evaluate", "--model", "checkpoint", "--ingest", "ingest", "--out", "eval", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "no 'val' images in ingest/manifest.csv — ingest more photos or lower ingest.val_fraction" in proc.stderr
+    assert "Traceback" not in proc.stderr
