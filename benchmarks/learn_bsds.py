@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from qualiclip import stages
+from qualiclip.pipeline import stages
 from qualiclip.config import build_config, params_hash
 from qualiclip.degrade import DegradeConfig
 from qualiclip.ingest import IngestConfig

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.pipeline import pipeline_flow
 from qualiclip.config import build_config, load_params
-from qualiclip.promotion import PromotionError, promote_project
+from qualiclip.pipeline.promotion import PromotionError, promote_project
 
 FLOW_NAME = "qualiclip-retrain"
 LOCK_FILE = ".qualiclip.lock"

@@ -16,7 +16,7 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
@@ -29,7 +29,7 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     """Predicted quality per distortion level, one colour per group, with the level means."""
     from .distortions import get_distortion
 
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     groups = np.array([get_distortion(d).group for d in s.distortions])
@@ -52,7 +52,7 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     circle on each bar when given."""
     from .distortions import get_distortion
 
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(srcc, key=lambda n: (get_distortion(n).group, n))
     groups = [get_distortion(n).group for n in names]
@@ -82,7 +82,7 @@ def plot_loss_curves(log_csv: Path, out: Path) -> Path:
     """Loss terms per step from the train stage's CSV log."""
     import csv
 
-    plt = _pyplot()
+    plt = pyplot()
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
 
     from .metrics import correlations, logistic_fit
 
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a failed fit falls back to a line; the legend says so
@@ -125,7 +125,7 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
 
 def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
     """SRCC of the trained model and of the zero-shot baseline on every evaluated set."""
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [k for k in metrics if isinstance(metrics[k], dict) and "srcc" in metrics[k] and k in metrics["baseline"]]
     model = [metrics[n]["srcc"] for n in names]

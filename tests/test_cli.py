@@ -64,6 +64,16 @@ def test_distortions_list_prints_every_type_with_its_group(project):
     assert ["gaussian_blur", "blur"] in rows
 
 
+def test_module_entry_is_the_same_command(project):
+    """``python -m qualiclip.pipeline.cli`` (what torchrun runs) is the ``qualiclip`` command."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qualiclip.pipeline.cli", "distortions", "--list"], cwd=project,
+                          env={**os.environ, **CLEAN_ENV}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == qualiclip("distortions", "--list", cwd=project).stdout
+
+
 def test_stage_entries_run_in_order_as_dvc_calls_them(project):
     for args in (["ingest", "--params", "params.yaml", "--out", "data/ingest"],
                  ["degrade", "--params", "params.yaml", "--ingest", "data/ingest", "--out", "data/shards"]):
@@ -75,7 +85,7 @@ def test_stage_entries_run_in_order_as_dvc_calls_them(project):
 
 def test_every_user_error_is_one_line_without_traceback(monkeypatch, capsys):
     """The CLI recognises user errors by their base class, so a new error type needs no registration."""
-    from qualiclip import cli
+    from qualiclip.pipeline import cli
     from qualiclip.errors import QualiclipError
 
     class BrandNewError(QualiclipError):

@@ -38,7 +38,7 @@ def test_every_stage_section_of_the_shipped_params_builds():
     from qualiclip.evaluate import EvaluateConfig
     from qualiclip.ingest import IngestConfig
     from qualiclip.model import ModelConfig
-    from qualiclip.stages import TrackingConfig
+    from qualiclip.pipeline.tracking import TrackingConfig
     from qualiclip.train import TrainConfig
 
     params = load_params(ROOT / "params.yaml")

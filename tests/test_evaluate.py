@@ -54,7 +54,7 @@ def clive_spec(clive_dir, labels) -> dict:
 @pytest.fixture(scope="module")
 def evaluated(ingest_dir, clive_dir, clive_split_labels, tmp_path_factory):
     from qualiclip.checkpoint import save_checkpoint
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
 
     work = tmp_path_factory.mktemp("eval")
     ckpt = save_checkpoint(create_model(ModelConfig(seed=1)), work / "checkpoint")
