@@ -25,9 +25,11 @@ import numpy as np
 
 from .datasets import IQADataset
 from .degrade import load_image, read_manifest
+from .device import resolve_device
 from .errors import QualiclipError
 from .model import ModelConfig, QualiCLIP
-from .sampling import LEVELS, _ensure_size, to_uint8
+from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
+from .sampling import _ensure_size
 
 
 RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
@@ -74,7 +76,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
             d = get_distortion(name)
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, int(r["id"], 16), t]))
             state = d.draw(rng, cfg.crop, cfg.crop)
-            for level in range(1, LEVELS + 1):
+            for level in LEVELS:
                 images.append(to_uint8(d.apply(crop, level, state)))
                 ids.append(r["id"])
                 dists.append(name)
@@ -265,7 +267,6 @@ def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSe
 def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, model_cfg: ModelConfig, ingest_dir: Path, out_dir: Path) -> dict:
     """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots."""
     from .scoring import inference_copy
-    from .train import resolve_device
 
     device = resolve_device(cfg.device)
     s = build_synthetic_set(ingest_dir, cfg)

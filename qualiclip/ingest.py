@@ -27,7 +27,8 @@ from tqdm import tqdm
 from qualiclip.config import ConfigError
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
-    READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash, resolve_inside, scan_tree,
+    DEFAULT_MAX_PIXELS, READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash,
+    resolve_inside, scan_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class IngestConfig:
     sources: tuple[str, ...] = (SKIMAGE_SOURCE,)  # folders (recursive) or "skimage"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
     min_size: int = 224           # shorter side, pixels
-    max_pixels: int = 89_478_485  # decompression-bomb guard, checked before decoding
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited over this
     val_fraction: float = 0.25
     workers: int = 2              # decode threads; outputs do not depend on it

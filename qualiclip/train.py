@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
+from .device import resolve_device
 from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
 from .losses import LossWeights, qualiclip_loss
@@ -123,12 +124,6 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------
 # Setup
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
