@@ -19,7 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Literal
@@ -27,6 +27,7 @@ from typing import Iterable, Literal
 import cv2
 import numpy as np
 
+from .config import config_fields
 from .errors import QualiclipError
 from .sampling import SampleConfig, make_sample, validate_distortion_names
 from .shards import (
@@ -50,31 +51,26 @@ class DegradeError(QualiclipError, RuntimeError):
 
 @dataclass(frozen=True)
 class DegradeConfig:
-    """The ``degrade`` section of params.yaml (see docs/shards.md)."""
+    """The ``degrade`` section of params.yaml (see docs/shards.md); how one sample is drawn sits
+    in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
 
     seed: int = 0
-    variants: int = 4  # samples per pristine image
-    samples_per_shard: int = 64
+    variants: int = 24  # samples per pristine image
+    samples_per_shard: int = 32
     workers: int = 2  # processes; the output bytes do not depend on it
     encoding: Literal["png", "webp", "npy"] = "png"
     split: str = "train"  # which ingest split to degrade
-    crop: int = 224
-    min_overlap: float = 0.5
-    max_distortions: int = 1
-    include_pristine: bool = False
-    distortions: tuple[str, ...] = ()
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        values = config_fields(self)
         for key in ("variants", "samples_per_shard", "workers", "crop", "max_distortions"):
-            if getattr(self, key) < 1:
-                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {getattr(self, key)!r} — fix params.yaml")
-        if not 0.0 <= self.min_overlap <= 1.0:
-            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.min_overlap!r} — fix params.yaml")
+            if values[key] < 1:
+                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {values[key]!r} — fix params.yaml")
+        if not 0.0 <= self.sample.min_overlap <= 1.0:
+            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.sample.min_overlap!r} — fix params.yaml")
         if self.encoding not in ENCODINGS:
             raise DegradeError(f"degrade.encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
-
-    def sample_config(self) -> SampleConfig:
-        return SampleConfig(self.crop, self.min_overlap, self.max_distortions, self.include_pristine, self.distortions)
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
     Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
     files that are not shards (it is never wiped then).
     """
-    validate_distortion_names(cfg.distortions)
+    validate_distortion_names(cfg.sample.distortions)
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
@@ -152,8 +148,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
     """Render and write one shard atomically; returns its index entry (name, samples, bytes, sha256)."""
-    sample_cfg = cfg.sample_config()
-    samples = [_make_record(image_id, v, cfg, sample_cfg, images_dir) for image_id, v in job.samples]
+    samples = [_make_record(image_id, v, cfg, images_dir) for image_id, v in job.samples]
     return write_shard(Path(out_dir) / job.name, samples)
 
 
@@ -169,12 +164,12 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
     index = {
         "format_version": FORMAT_VERSION,
         "plan": plan.plan_hash,
-        "config": {k: v for k, v in asdict(plan.cfg).items() if k != "workers"},
+        "config": {k: v for k, v in config_fields(plan.cfg).items() if k != "workers"},
         "shards": shards,
         "total_samples": sum(s["samples"] for s in shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "encoding": plan.cfg.encoding,
-        "crop": plan.cfg.crop,
+        "crop": plan.cfg.sample.crop,
     }
     _write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list))
     return DegradeResult(out_dir, len(shards), index["total_samples"], index["total_bytes"],
@@ -194,7 +189,7 @@ def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress
 
 def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
     # workers changes nothing in the output, so it is not part of the plan
-    key = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    key = {k: v for k, v in config_fields(cfg).items() if k != "workers"}
     blob = json.dumps([FORMAT_VERSION, key, [(r["id"], r["sha256"]) for r in rows]], sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -276,10 +271,10 @@ def _shard_job(args: tuple) -> dict:
     return write_one_shard(*args)
 
 
-def _make_record(image_id: str, variant: int, cfg: DegradeConfig, sample_cfg: SampleConfig, images_dir: str) -> dict:
+def _make_record(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> dict:
     seed = [cfg.seed, int(image_id, 16), variant]
     rng = np.random.default_rng(np.random.SeedSequence(seed))
-    sample = make_sample(load_image(images_dir, image_id), sample_cfg, rng)
+    sample = make_sample(load_image(images_dir, image_id), cfg.sample, rng)
     meta = {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
     crops = encode_crops(sample.crops, meta["levels"], cfg.encoding)
     return {"__key__": f"{image_id}_{variant:04d}", "json": sample_json(meta, crops), **crops}

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
+from .config import config_fields
 from .device import resolve_device
 from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
@@ -44,19 +45,17 @@ class TrainError(QualiclipError, RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The ``train`` section of params.yaml (the loss margins and weights sit in it, flat)."""
+
     seed: int = 0
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 4  # samples per step and process; each is 2 crops × 5 levels
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    margin_rank: float = 0.05
-    margin_cons: float = 0.0
-    lambda_cons: float = 1.0
-    lambda_pos: float = 1.0
-    lambda_neg: float = 1.0
+    loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
     bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
     shuffle_buffer: int = 64
     num_workers: int = 1
@@ -66,7 +65,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
     compile: bool = False  # torch.compile the image encoder
-    checkpoint_every: int = 0  # steps between resumable train states; 0: none
+    checkpoint_every: int = 50  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
     ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
@@ -74,9 +73,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
-
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(self.margin_rank, self.margin_cons, self.lambda_cons, self.lambda_pos, self.lambda_neg)
 
 
 # Fields that change neither the weights nor the batch stream: a train state may be resumed across them.
@@ -236,7 +232,7 @@ def step_losses(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, 
                 else contextlib.nullcontext())
     with autocast:
         sims = t.model.similarities(to_model_input(batch, t.device, t.channels_last), t.encoder)  # (B·2·L, K, 2)
-    return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss_weights())
+    return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss)
 
 
 def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
@@ -265,8 +261,12 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
 
 
 def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
-    """Hash of everything that determines the weights and the batch stream."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
+    """Hash of everything that determines the weights and the batch stream.
+
+    Over the params keys (`config_fields`: the loss weights flat, as before `TrainConfig.loss`
+    existed), so a train state written by an earlier version resumes.
+    """
+    train = {k: v for k, v in config_fields(cfg).items() if k not in RESUME_IGNORES}
     if not train["ema"]:  # off: the key of states written before train.ema existed
         del train["ema"]
     blob = repr((sorted(train.items()), sorted(dataclasses.asdict(model_cfg).items()), world_size))
