@@ -13,14 +13,12 @@ Shards appear atomically; an interrupted run resumes where it stopped and ends b
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -29,6 +27,7 @@ import numpy as np
 
 from .config import config_fields
 from .errors import QualiclipError
+from .ingest import images_dir, load_image, read_manifest
 from .sampling import SampleConfig, make_sample, validate_distortion_names
 from .shards import (
     ENCODINGS,
@@ -106,16 +105,6 @@ class DegradeResult:
     resumed_shards: int
 
 
-def read_manifest(ingest_dir: Path, split: str | None = None) -> list[dict]:
-    """Rows of the ingest manifest (optionally one split), sorted by id."""
-    path = Path(ingest_dir) / "manifest.csv"
-    if not path.is_file():
-        raise DegradeError(f"no manifest at {path} — run the ingest stage first (`dvc repro ingest`)")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
-    return sorted(rows, key=lambda r: r["id"])
-
-
 def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
     """Shards of ``samples_per_shard`` (image id, variant) jobs, in a fixed order."""
     jobs = [(i, v) for i in ids for v in range(cfg.variants)]
@@ -143,7 +132,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
     plan_hash = _plan_hash(cfg, rows)
     _prepare_out_dir(out_dir, plan_hash, len(shards))
     pending = tuple(j for j in shards if not (out_dir / j.name).is_file())
-    return DegradePlan(cfg, str(Path(ingest_dir) / "images"), str(out_dir), plan_hash, shards, pending)
+    return DegradePlan(cfg, images_dir(ingest_dir), str(out_dir), plan_hash, shards, pending)
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
@@ -278,14 +267,3 @@ def _make_record(image_id: str, variant: int, cfg: DegradeConfig, images_dir: st
     meta = {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
     crops = encode_crops(sample.crops, meta["levels"], cfg.encoding)
     return {"__key__": f"{image_id}_{variant:04d}", "json": sample_json(meta, crops), **crops}
-
-
-@lru_cache(maxsize=8)
-def load_image(images_dir: str, image_id: str) -> np.ndarray:
-    """An ingested image as uint8 (H, W, 3) RGB (cached: a shard holds every variant of an image)."""
-    bgr = cv2.imread(str(Path(images_dir) / f"{image_id}.png"), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DegradeError(f"ingested image {image_id}.png is missing or corrupt in {images_dir} — rerun ingest")
-    return np.ascontiguousarray(bgr[..., ::-1])
-
-

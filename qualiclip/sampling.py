@@ -39,7 +39,7 @@ def make_sample(image: np.ndarray, cfg: SampleConfig, rng: np.random.Generator) 
     ``image`` is uint8 (H, W, 3) RGB. All randomness comes from ``rng``, so a sample is a pure
     function of (image, cfg, rng state).
     """
-    image, scale = _ensure_size(image, cfg.crop + cfg.max_shift)
+    image, scale = ensure_size(image, cfg.crop + cfg.max_shift)
     boxes = overlapping_boxes(image.shape[:2], cfg.crop, cfg.max_shift, rng)
     composition = draw_composition(cfg, rng)
     crops = [render_levels(_cut(image, box), composition, rng, cfg.include_pristine) for box in boxes]
@@ -52,7 +52,7 @@ def make_sample(image: np.ndarray, cfg: SampleConfig, rng: np.random.Generator) 
     return Sample(np.stack(crops), meta)
 
 
-def _ensure_size(image: np.ndarray, min_side: int) -> tuple[np.ndarray, float]:
+def ensure_size(image: np.ndarray, min_side: int) -> tuple[np.ndarray, float]:
     """Upscale so the shorter side is at least ``min_side`` (images too small for two crops)."""
     h, w = image.shape[:2]
     if min(h, w) >= min_side:

@@ -19,7 +19,7 @@ import yaml
 from conftest import CLEAN_ENV, bin_path, make_photos
 from qualiclip.config import build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
-from qualiclip.ingest import IngestConfig, run_ingest
+from qualiclip.ingest import IngestConfig, IngestError, run_ingest
 from qualiclip.sampling import SampleConfig
 from qualiclip.shards import decode_crops
 
@@ -107,7 +107,7 @@ def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
 def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
     with pytest.raises(DegradeError, match="workers must be an integer >= 1"):
         DegradeConfig(workers=0)
-    with pytest.raises(DegradeError, match="run the ingest stage first"):
+    with pytest.raises(IngestError, match="run the ingest stage first"):
         run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
     with pytest.raises(DegradeError, match="no 'val' images"):
         run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import DegradeConfig, load_image, read_manifest, run_degrade
+from ..degrade import DegradeConfig, run_degrade
 from ..distortions import save_contact_sheet
-from ..ingest import IngestConfig, run_ingest
+from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
 from ..plots import plot_loss_curves
 from ..shards import INDEX_FILE, read_index
 from ..tracking import Tracker
@@ -27,12 +27,6 @@ from .tracking import TrackingConfig, get_tracker, write_version_file
 def _tracker(params: dict, params_file: str) -> tuple[Tracker, TrackingConfig]:
     t = build_config(TrackingConfig, params.get("tracking"), where="tracking")
     return get_tracker(t.backend, experiment=t.experiment, params_file=Path(params_file)), t
-
-
-def _model_cfg(params: dict):
-    from ..model import ModelConfig  # torch: see the module docstring
-
-    return build_config(ModelConfig, params.get("model"), where="model")
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
@@ -69,16 +63,17 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
-    save_contact_sheet(load_image(str(ingest_dir / "images"), first), out)
+    save_contact_sheet(load_image(images_dir(ingest_dir), first), out)
     return out
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..train import TrainConfig, run_train  # torch: see the module docstring
+    from ..model import ModelConfig  # torch: see the module docstring
+    from ..train import TrainConfig, run_train
 
     params = load_params(params_file)
     cfg = build_config(TrainConfig, params.get("train"), where="train")
-    model_cfg = _model_cfg(params)
+    model_cfg = build_config(ModelConfig, params.get("model"), where="model")
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
     tracker, tcfg = _tracker(params, params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
@@ -111,11 +106,10 @@ def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
 
     params = load_params(params_file)
     cfg = build_config(EvaluateConfig, params.get("evaluate"), where="evaluate")
-    model_cfg = _model_cfg(params)
     tracker, _ = _tracker(params, params_file)
     with tracker.run("evaluate"):
         tracker.log_params({"evaluate": config_dict(cfg)})
-        metrics = run_evaluate(cfg, load_checkpoint(model), model_cfg, Path(ingest), Path(out))
+        metrics = run_evaluate(cfg, load_checkpoint(model), Path(ingest), Path(out))
         tracker.log_metrics(metrics)
         for png in sorted((Path(out) / "plots").glob("*.png")):
             tracker.log_figure(png)
