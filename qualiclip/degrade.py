@@ -24,6 +24,7 @@ from typing import Iterable, Literal
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from .config import config_fields
 from .errors import QualiclipError
@@ -233,8 +234,6 @@ def _entry_from_file(path: Path, samples: int) -> dict:
 
 
 def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
-    from tqdm import tqdm
-
     args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
     bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
     results = []

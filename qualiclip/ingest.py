@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
 from tqdm import tqdm
 
@@ -148,8 +149,6 @@ def list_candidates(cfg: IngestConfig) -> tuple[list[Candidate], list[Rejection]
 
 def skimage_root() -> Path:
     """The folder inside the installed scikit-image wheel that holds its sample photos."""
-    import skimage.data  # imported here: only the "skimage" source needs it
-
     return Path(skimage.data.__file__).parent
 
 

@@ -24,7 +24,9 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
 from .config import config_fields
@@ -33,6 +35,7 @@ from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
 from .losses import LossWeights, qualiclip_loss
 from .model import ModelConfig, QualiCLIP, create_model
+from .shards import shard_paths
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -127,17 +130,15 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = cfg.dist_backend
     if backend == "auto":
         backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
 
 
 def process_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
@@ -188,8 +189,6 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
         model.visual.to(memory_format=torch.channels_last)
     encoder: nn.Module = model.visual
     if dist_info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         encoder = torch.compile(encoder)
@@ -333,8 +332,6 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[
 def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int,
                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
-    from .shards import shard_paths
-
     n_shards = len(shard_paths(Path(shard_dir)))
     if n_shards < dist_info.world_size:
         raise TrainError(f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
@@ -413,8 +410,6 @@ def run_train(
 def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
                state_path: Path, key: str, progress: bool) -> float:
     """Run ``steps``, appending a log row per step; returns the seconds spent."""
-    from tqdm import tqdm
-
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
     window_steps = 0
