@@ -20,7 +20,8 @@ VIOLATIONS = [
     ("qualiclip/explain.py", "import argparse", "qualiclip.explain -> argparse"),
     ("qualiclip/model.py", "import unittest.mock", "qualiclip.model -> unittest"),
     ("qualiclip/sampling.py", "import torch", "qualiclip.sampling -> torch"),
-    ("qualiclip/metrics.py", "from . import evaluate", ".metrics -> .evaluate"),
+    ("qualiclip/metrics.py", "from . import evaluate", ".metrics -> .evaluate"),  # a cycle
+    ("qualiclip/shards.py", "from . import loader", "qualiclip.shards -> qualiclip.loader"),  # up a layer
 ]
 
 
@@ -32,7 +33,7 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
 def test_the_import_contracts_hold():
     proc = lint_imports(ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "Contracts: 5 kept, 0 broken." in proc.stdout
+    assert "Contracts: 6 kept, 0 broken." in proc.stdout
 
 
 def test_every_contract_breaks_on_a_forbidden_import(tmp_path):
@@ -46,6 +47,6 @@ def test_every_contract_breaks_on_a_forbidden_import(tmp_path):
     proc = lint_imports(tmp_path)
     out = proc.stdout
     assert proc.returncode == 1, out[-4000:] + proc.stderr[-2000:]
-    assert "Contracts: 0 kept, 5 broken." in out, out[-4000:]
+    assert "Contracts: 0 kept, 6 broken." in out, out[-4000:]
     for _, _, chain in VIOLATIONS:
         assert chain in out, chain
