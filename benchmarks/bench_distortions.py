@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from qualiclip.distortions import GROUPS, get_distortion, list_distortions
+from qualiclip.distortions import GROUPS, LEVELS, N_LEVELS, get_distortion, list_distortions
 
-CROP, LEVELS = 224, 5
+CROP = 224
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak" / "images"
 # Issue 3: the reference (ARNIQA, torch + kornia), median ms per call on 1 core, level 1 -> 5.
 REFERENCE_MS = {
@@ -63,17 +63,17 @@ def time_types(photos: list[np.ndarray], reps: int) -> None:
     """Median ms per apply call, per type and level, over ``reps`` crops (state drawn per crop)."""
     rng = np.random.default_rng(0)
     crops = [random_crop(rng, photos[i % len(photos)]) for i in range(reps)]
-    print(f"{'type':28s}" + "".join(f"{'L' + str(l):>7s}" for l in range(1, LEVELS + 1))
+    print(f"{'type':28s}" + "".join(f"{'L' + str(l):>7s}" for l in LEVELS)
           + f"{'draw':>7s}   reference ms (issue 3)")
     for name in list_distortions():
         d = get_distortion(name)
-        times = [[] for _ in range(LEVELS)]
+        times = [[] for _ in range(N_LEVELS)]
         draws = []
         for crop in crops:
             t0 = time.perf_counter()
             state = d.draw(rng, CROP, CROP)
             draws.append(time.perf_counter() - t0)
-            for level in range(1, LEVELS + 1):
+            for level in LEVELS:
                 t0 = time.perf_counter()
                 d.apply(crop, level, state)
                 times[level - 1].append(time.perf_counter() - t0)
@@ -94,7 +94,7 @@ def make_levels(rng: np.random.Generator, crop: np.ndarray, names: list[str]) ->
     dists = [get_distortion(n) for n in names]
     states = [d.draw(rng, *crop.shape[:2]) for d in dists]
     out = []
-    for level in range(1, LEVELS + 1):
+    for level in LEVELS:
         x = crop
         for d, s in zip(dists, states):
             x = d.apply(x, level, s)

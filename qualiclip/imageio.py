@@ -30,6 +30,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import QualiclipError
 from .files import FileReadError, open_regular, symlink_loop
 
 # Pillow plugins allowed to parse a file (the JPEG plugin also opens MPO, the multi-picture
@@ -55,7 +56,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageReadError(Exception):
+class ImageReadError(QualiclipError):
     """A file that cannot become an RGB image; ``reason`` is one of `READ_REASONS`."""
 
     def __init__(self, reason: str, detail: str, path: str | Path | None = None):
@@ -64,7 +65,7 @@ class ImageReadError(Exception):
         super().__init__(f"{where}{reason} — {detail}")
 
 
-class PathOutsideRootError(ValueError):
+class PathOutsideRootError(QualiclipError, ValueError):
     """A path (usually a symlink) that resolves outside the folder it was found in."""
 
     def __init__(self, root: Path, path: Path, target: Path):

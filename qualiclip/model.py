@@ -7,28 +7,42 @@ RGB in [0, 1] at any resolution.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import difflib
+import json
+import math
 import os
 import socket
-import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 from urllib.parse import urlparse
 
+import huggingface_hub.constants
+import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from .errors import QualiclipError
+from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
+# safetensors dtype names -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(QualiclipError, RuntimeError):
     """Weights or architecture that cannot be loaded; the message names the fix."""
 
 
@@ -50,8 +64,6 @@ class ModelConfig:
 
 def register_model_configs() -> None:
     """Make the project's tiny open_clip configs known to open_clip (idempotent)."""
-    import open_clip
-
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -200,12 +212,8 @@ def create_model(cfg: ModelConfig, prompt_pairs=PROMPT_PAIRS) -> QualiCLIP:
 
 def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
     """The open_clip CLIP for ``cfg`` and, for an official QualiCLIP file, its stored prompt features."""
-    import open_clip
-
     register_model_configs()
     if cfg.name not in open_clip.list_models():
-        import difflib
-
         close = difflib.get_close_matches(cfg.name, open_clip.list_models(), n=3)
         raise ModelLoadError(f"unknown model '{cfg.name}' — did you mean {close}? (see open_clip.list_models())")
     pretrained = cfg.pretrained
@@ -225,16 +233,13 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _create_from_tag(name: str, tag: str) -> nn.Module:
-    import huggingface_hub.constants
-    import open_clip
-
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise ModelLoadError(f"model '{name}' has no pretrained tag '{tag}'; available: {tags or 'none'}")
     offline = huggingface_hub.constants.HF_HUB_OFFLINE or not hub_reachable()
     # Offline, open_clip would retry downloads for about a minute; with the hub flag set it
     # uses a cached copy or fails at once.
-    with unittest.mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", offline):
+    with hub_offline(offline):
         try:
             return open_clip.create_model(name, pretrained=tag)
         except Exception as exc:  # open_clip raises RuntimeError, hub raises its own errors
@@ -247,10 +252,22 @@ def _create_from_tag(name: str, tag: str) -> nn.Module:
             ) from exc
 
 
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline switch set to ``offline`` inside the block, then restored.
+
+    open_clip downloads through huggingface_hub, whose functions read the switch when called.
+    """
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers a TCP connect within ``timeout`` seconds."""
-    import huggingface_hub.constants
-
     host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -261,8 +278,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def encode_prompts(clip: nn.Module, name: str, pairs=PROMPT_PAIRS) -> torch.Tensor:
     """L2-normalised text features of the prompts, (2K, D), in checkpoint row order."""
-    import open_clip
-
     tokens = open_clip.get_tokenizer(name)(flat_prompts(pairs))
     was_training = clip.training
     clip.eval()
@@ -281,8 +296,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} not found — check model.pretrained in params.yaml")
     if path.suffix == ".safetensors":
-        from .checkpoint import load_safetensors  # here: checkpoint imports this module
-
         return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -297,6 +310,82 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     return obj
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The checked tensor table of a .safetensors file: ``{name: {dtype, shape, data_offsets}}``;
+    offsets count from ``data_start``, the first byte after the header."""
+
+    tensors: dict[str, dict]
+    data_start: int
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The tensor table of ``path``, checked before any tensor is read or allocated.
+
+    Checked: a regular file; an 8-byte little-endian header length within the file and
+    `MAX_HEADER_BYTES`; a JSON object whose entries (``__metadata__`` aside) each have a dtype
+    of `SAFETENSORS_DTYPES`, a shape of non-negative ints and data offsets that tile the data
+    section exactly, in bytes matching their shape. `ModelLoadError` naming the file otherwise.
+    """
+    path = Path(path)
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                raise _damaged(path, f"its header length {n} does not fit a file of {size} bytes")
+            raw = f.read(n)
+    except OSError as exc:  # FileReadError: not a regular file, a loop, ...; else a read error
+        raise ModelLoadError(f"{path}: {exc.detail if isinstance(exc, FileReadError) else exc}") from None
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise _damaged(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    header.pop("__metadata__", None)
+    _check_tensor_table(path, header, size - 8 - n)
+    return SafetensorsHeader(header, 8 + n)
+
+
+def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
+    end = 0
+    entries = sorted(header.items(), key=lambda kv: _offsets(path, kv[0], kv[1]))
+    for name, entry in entries:
+        start, stop = _offsets(path, name, entry)
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _damaged(path, f"tensor {name!r} has dtype {dtype!r} and shape {shape!r}")
+        if start != end or stop - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]:
+            raise _damaged(path, f"tensor {name!r}: data offsets {[start, stop]} do not match its shape or neighbours")
+        end = stop
+    if end != data_bytes:
+        raise _damaged(path, f"the tensors cover {end} of its {data_bytes} data bytes")
+
+
+def _offsets(path: Path, name: str, entry) -> tuple[int, int]:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise _damaged(path, f"tensor {name!r} has data offsets {offsets!r}")
+    return offsets[0], offsets[1]
+
+
+def _damaged(path: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{path} is not a valid safetensors file: {what} — the file is damaged or of another "
+                          "format; re-run the train stage or restore it")
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, after `read_safetensors_header` has checked it."""
+    read_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise _damaged(Path(path), f"{type(exc).__name__}: {exc}") from None
 
 
 def load_weights_file(clip: nn.Module, path: Path, name: str) -> torch.Tensor | None:
@@ -336,7 +425,3 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *, sourc
         f"weights in {source} do not match architecture '{name}': " + "; ".join(parts)
         + ". Fix: set model.name to the architecture these weights were trained with."
     )
-
-
-def model_summary(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)

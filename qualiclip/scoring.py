@@ -26,10 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from .checkpoint import load_checkpoint, load_image_encoder
+from .device import resolve_device
+from .errors import QualiclipError
+from .files import open_regular
+from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from .model import QualiCLIP
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -51,7 +58,7 @@ MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword
 _BYTES_PER_PIXEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per scorer, probed once
 
 
-class ScoringError(ValueError):
+class ScoringError(QualiclipError, ValueError):
     """An input or option the scorer cannot use; the message names the fix."""
 
 
@@ -122,64 +129,16 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 def load_scorer(path: str | Path) -> QualiCLIP:
     """The inference copy of a checkpoint, read without building the text tower.
 
-    For a checkpoint folder of this project only the image encoder's tensors and the prompt
-    features are read (the encoder is built on the meta device, then given the stored tensors),
-    so the peak memory is that of the image encoder, not of the whole CLIP: for RN50, ~150 MB
-    instead of ~560 MB (whole CLIP + copy). Anything else (an official ``.pth``) goes through
-    `load_checkpoint` and `inference_copy`.
+    A checkpoint folder of this project goes through `load_image_encoder` (only the image
+    encoder's tensors and the prompt features are read: for RN50 ~150 MB of peak memory instead
+    of ~560 MB); anything else (an official ``.pth``) through `load_checkpoint` and `inference_copy`.
     """
-    import open_clip
-
-    from .checkpoint import CONFIG, WEIGHTS, read_config
-    from .model import check_state_dict, register_model_configs
-
-    path = Path(path)
-    register_model_configs()
-    cfg = read_config(path)[0] if (path / CONFIG).is_file() else None
-    if cfg is None or cfg.name not in open_clip.list_models():
-        return inference_copy(_as_model(path))  # official file, or an architecture stored in the checkpoint
-    with torch.device("meta"):  # shapes only: no memory for either tower
-        visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
-    state, prompts = _read_image_tower(path / WEIGHTS)
-    check_state_dict(visual, state, source=str(path), name=cfg.name)
-    visual.load_state_dict(state, strict=True, assign=True)
+    encoder = load_image_encoder(path)
+    if encoder is None:
+        return inference_copy(load_checkpoint(path))
+    visual, prompts, cfg = encoder
     scorer = QualiCLIP(_ImageTower(fold_batchnorm(visual.eval())), prompts, cfg)
     return scorer.requires_grad_(False).eval()
-
-
-def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The ``clip.visual.*`` tensors (prefix removed) and ``prompt_features`` of a checkpoint file.
-
-    Read with plain file reads into private memory rather than through safetensors' memory map:
-    mapped pages, once touched, stay counted in the resident memory next to the folded copies
-    (about +150 MB of peak RSS for RN50). The header is checked first (`read_safetensors_header`).
-    """
-    from .checkpoint import read_safetensors_header
-    from .model import ModelLoadError
-
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights} not found — the checkpoint folder is incomplete; re-run the train stage")
-    prefix = "clip.visual."
-    header = read_safetensors_header(weights)
-    if "prompt_features" not in header.tensors:
-        raise ModelLoadError(f"{weights} holds no prompt_features — it is not a qualiclip checkpoint; "
-                             "re-run the train stage")
-    with open(weights, "rb") as f:
-        wanted = [k for k in header.tensors if k.startswith(prefix) or k == "prompt_features"]
-        tensors = {k: _read_tensor(f, header.data_start, header.tensors[k]) for k in wanted}
-    prompts = tensors.pop("prompt_features")
-    return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
-
-
-def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:
-    from .checkpoint import SAFETENSORS_DTYPES
-
-    start, end = meta["data_offsets"]
-    buf = bytearray(end - start)
-    f.seek(base + start)
-    f.readinto(buf)
-    dtype = SAFETENSORS_DTYPES[meta["dtype"]][0]
-    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"]) if buf else torch.empty(meta["shape"], dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,12 +185,9 @@ def _check_array(image: np.ndarray, index: int) -> None:
                            "(uint8, or float in [0, 1]) — convert greyscale/RGBA to RGB first")
 
 
-def _resolve_device(model: QualiCLIP, device) -> torch.device:
-    if device is None:
-        return model.prompt_features.device
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def scoring_device(model: QualiCLIP, device: torch.device | str | None) -> torch.device:
+    """Where ``model`` scores: ``device`` resolved (``"auto"``: CUDA when available), or None: where it is."""
+    return model.prompt_features.device if device is None else resolve_device(device)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -319,7 +275,7 @@ def score_arrays(
     An image that fails `image_problem` (``max_memory`` bytes; None: `default_memory_budget`)
     raises `ScoringError` before anything is scored.
     """
-    device = _resolve_device(model, device)
+    device = scoring_device(model, device)
     for i, im in enumerate(images):
         _check_array(im, i)
     amp = _autocast(device, precision)  # validates precision before any work
@@ -359,10 +315,6 @@ def probe_size(path: Path) -> tuple[int, int] | None:
 
     Used only to group files into batches; `read_image` decides what is readable.
     """
-    from PIL import Image
-
-    from .files import open_regular
-
     try:
         with open_regular(path) as f, Image.open(f) as im:  # never a FIFO: open() would block
             w, h = im.size
@@ -376,8 +328,6 @@ def resize_short_side(image: np.ndarray, short: int | None) -> np.ndarray:
     """Resize so the shorter side is ``short`` pixels (area when shrinking, cubic when enlarging)."""
     if not short:
         return image
-    import cv2
-
     h, w = image.shape[:2]
     new_h, new_w = resized_shape(h, w, short)
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if short < min(h, w) else cv2.INTER_CUBIC)
@@ -414,7 +364,7 @@ def score_paths(
     in the "too_large" message of a file above ``max_pixels`` (``--max-pixels`` for the CLI).
     """
     paths = [Path(p) for p in paths]
-    dev = _resolve_device(model, device)
+    dev = scoring_device(model, device)
     scorer = inference_copy(model).to(dev)
     _autocast(dev, precision)  # a bad option fails before any file is read
     check = _ImageCheck(scorer, max_memory or default_memory_budget(dev), resize_short, max_pixels, max_pixels_option)
@@ -448,8 +398,6 @@ class _ImageCheck:
 
     def decode(self, path: Path) -> tuple[np.ndarray, tuple[int, int]] | str:
         """``(pixels, (h, w))`` with pixels resized if asked, or the error text ``"reason: detail"``."""
-        from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-
         try:
             pixels = read_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS,
                                 option=self.max_pixels_option).pixels
@@ -504,11 +452,7 @@ def score_images(
 
 
 def _as_model(model: QualiCLIP | str | Path) -> QualiCLIP:
-    if isinstance(model, QualiCLIP):
-        return model
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(model)
+    return model if isinstance(model, QualiCLIP) else load_checkpoint(model)
 
 
 def _tensor_to_array(t: torch.Tensor) -> np.ndarray:

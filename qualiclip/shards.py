@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import QualiclipError
+
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 2  # bump when the bytes of a sample change for the same inputs and params
@@ -32,7 +34,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 CROP_MEMBER = re.compile(r"c\d{1,3}\.l\d{1,3}\.(png|webp|npy)")  # c{crop}.l{level}.{encoding}
 
 
-class ShardError(RuntimeError):
+class ShardError(QualiclipError, RuntimeError):
     """Missing, incomplete or unreadable shards; the message names the fix."""
 
 

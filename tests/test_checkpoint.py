@@ -151,7 +151,7 @@ def _huge_architecture(ckpt):
 def test_damaged_checkpoints_are_refused_with_one_line(tiny, tmp_path, capsys, damage, file, message):
     from PIL import Image
 
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
     from qualiclip.scoring import load_scorer
 
     ckpt = save_checkpoint(tiny, tmp_path / "ckpt")

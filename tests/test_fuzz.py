@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imagefiles import encode, noise
-from qualiclip.checkpoint import read_config, read_safetensors_header
+from qualiclip.checkpoint import read_config
 from qualiclip.datasets import DatasetError
 from qualiclip.datasets.readers import read_split_file
 from qualiclip.imageio import ImageReadError, decode_image, read_image
 from qualiclip.loader import decode_sample, expand_shards
-from qualiclip.model import ModelLoadError
+from qualiclip.model import ModelLoadError, read_safetensors_header
 from qualiclip.shards import ShardError, encode_crops, read_index, sample_json, write_shard
 
 # QUALICLIP_FUZZ_EXAMPLES=20000 fuzzes deeper, with new random examples each run (not for CI)
