@@ -62,6 +62,14 @@ def cmd_export_official(args) -> None:
     print(f"wrote {out} (official QualiCLIP format)")
 
 
+def cmd_export_onnx(args) -> None:
+    from .onnx_export import export_onnx
+    from .scoring import load_scorer
+
+    out = export_onnx(load_scorer(Path(args.model)), Path(args.out))
+    print(f"wrote {out} (uint8 (N, H, W, 3) RGB in, score out; docs/evaluation.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qualiclip", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -110,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_export_official)
+
+    sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
+    sp.add_argument("--model", required=True, help="checkpoint folder or official .pth")
+    sp.add_argument("--out", required=True, help="output .onnx file")
+    sp.set_defaults(fn=cmd_export_onnx)
     return p
 
 
@@ -133,7 +146,7 @@ def _is_user_error(exc: Exception) -> bool:
     """Errors whose message already names the fix: print them, no traceback."""
     names = {"ModelLoadError", "ShardError", "DegradeError", "IngestError", "DatasetError",
              "UnknownDistortionError", "ImageReadError", "ScoreError", "ScoringError", "ExplainError",
-             "EvaluateError", "PromotionError", "TrainError"}
+             "EvaluateError", "PromotionError", "TrainError", "OnnxExportError"}
     return type(exc).__name__ in names
 
 

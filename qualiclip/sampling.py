@@ -103,8 +103,10 @@ def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator,
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[0,1] float -> uint8 with rounding, not truncation."""
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    """[0,1] float32 -> uint8 with rounding, not truncation (the distortions' conversion)."""
+    from .distortions._ops import to_uint8 as convert
+
+    return convert(x)
 
 
 def validate_distortion_names(names: tuple[str, ...]) -> None:

@@ -9,8 +9,9 @@ Three entry points, from the lowest level up:
 
 All of them score with an *inference copy* of the model (`inference_copy`, or `load_scorer` straight
 from a checkpoint): the image encoder alone, BatchNorm folded into the convolutions, no text
-tower. It gives the model's scores to float rounding (~1e-7) and runs faster on a CPU, with less
-memory (figures in docs/evaluation.md).
+tower; a ResNet encoder is rebuilt as a `fast_encoder.FastEncoder` (fused convolutions, pooled
+attention, normalisation folded, uint8 pixels in). It gives the model's scores to float rounding
+(< 1e-5) and runs faster, with less memory (figures in docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -58,13 +59,22 @@ def inference_copy(model: QualiCLIP) -> QualiCLIP:
         return model
     visual = copy.deepcopy(model.visual).eval()
     fold_batchnorm(visual)
-    scorer = QualiCLIP(_ImageTower(visual), model.prompt_features.detach().clone(), model.cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(visual, model.cfg)), model.prompt_features.detach().clone(),
+                       model.cfg)
     scorer.requires_grad_(False)
     return scorer.to(model.prompt_features.device).eval()
 
 
 def is_inference_copy(model: QualiCLIP) -> bool:
     return isinstance(model.clip, _ImageTower)
+
+
+def _scoring_encoder(visual: nn.Module, cfg) -> nn.Module:
+    """A folded encoder as scoring runs it: a `FastEncoder` for a ModifiedResNet, else itself."""
+    from .fast_encoder import FastEncoder, can_build
+    from .prompts import CLIP_MEAN, CLIP_STD
+
+    return FastEncoder(visual, CLIP_MEAN, CLIP_STD, cfg.pos_embedding) if can_build(visual) else visual
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -129,7 +139,7 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     state, prompts = _read_image_tower(path / WEIGHTS)
     check_state_dict(visual, state, source=str(path), name=cfg.name)
     visual.load_state_dict(state, strict=True, assign=True)
-    scorer = QualiCLIP(_ImageTower(fold_batchnorm(visual.eval())), prompts, cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(fold_batchnorm(visual.eval()), cfg)), prompts, cfg)
     return scorer.requires_grad_(False).eval()
 
 
@@ -201,10 +211,10 @@ def plan_batches(shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int
 
 
 def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) float32 in [0, 1] from equal-size (H, W, 3) uint8 or float arrays."""
+    """(B, 3, H, W) from equal-size (H, W, 3) arrays: uint8 stays uint8 (the model converts it
+    with its normalisation), floats in [0, 1] become float32."""
     x = torch.from_numpy(np.stack(images)).to(device)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.permute(0, 3, 1, 2)
+    return (x if x.dtype == torch.uint8 else x.float()).permute(0, 3, 1, 2)
 
 
 def _check_array(image: np.ndarray, index: int) -> None:

@@ -6,6 +6,7 @@ the project's monotone variants marked). ``docs/distortions.md`` explains every 
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +73,8 @@ def _check_image(image: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected a float32 (H, W, 3) RGB array in [0, 1], got {got}")
 
 
+IMPULSE_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.03)  # impulse_noise draws only what its strongest level hits
+
 # (name, group, level values 1..5, apply, draw). Table order = METHOD.md order.
 # "variant" marks values or kernels that depart from METHOD.md; docs/distortions.md says why.
 _TABLE: tuple[tuple[str, str, tuple, ApplyFn, DrawFn | None], ...] = (
@@ -86,7 +89,8 @@ _TABLE: tuple[tuple[str, str, tuple, ApplyFn, DrawFn | None], ...] = (
     ("jpeg", "compression", (43, 36, 24, 7, 4), compression.jpeg, None),
     ("white_noise", "noise", (0.001, 0.002, 0.003, 0.005, 0.01), noise.white_noise, noise.draw_normal),
     ("white_noise_cc", "noise", (1e-4, 5e-4, 1e-3, 2e-3, 3e-3), noise.white_noise_cc, noise.draw_normal),
-    ("impulse_noise", "noise", (0.001, 0.005, 0.01, 0.02, 0.03), noise.impulse_noise, noise.draw_impulse),
+    ("impulse_noise", "noise", IMPULSE_DENSITIES, noise.impulse_noise,
+     functools.partial(noise.draw_impulse, max_density=max(IMPULSE_DENSITIES))),
     ("multiplicative_noise", "noise", (0.001, 0.005, 0.01, 0.02, 0.05), noise.multiplicative_noise, noise.draw_normal),
     ("brighten", "brightness", (0.1, 0.2, 0.4, 0.7, 1.1), brightness.brighten, None),
     ("darken", "brightness", (0.05, 0.1, 0.2, 0.4, 0.8), brightness.darken, None),

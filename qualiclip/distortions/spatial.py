@@ -106,13 +106,16 @@ def draw_blocks(rng: np.random.Generator, height: int, width: int) -> BlockState
     span = np.maximum(np.array([height, width]) - BLOCK_SIZE, 0)
     candidates = np.floor(rng.random((MAX_BLOCKS * BLOCK_CANDIDATES, 2)) * span).astype(np.int64)
     kept: list[int] = []
-    for i, c in enumerate(candidates):
-        if all(np.any(np.abs(c - candidates[j]) >= BLOCK_SIZE) for j in kept):
+    points = candidates.tolist()  # plain ints: this loop runs in microseconds, not per-element numpy calls
+    for i, (y, x) in enumerate(points):
+        if all(abs(y - points[j][0]) >= BLOCK_SIZE or abs(x - points[j][1]) >= BLOCK_SIZE for j in kept):
             kept.append(i)
             if len(kept) == MAX_BLOCKS:
                 break
-    rest = [i for i in range(len(candidates)) if i not in set(kept)]  # crowded crop: allow overlaps
-    corners = candidates[(kept + rest)[:MAX_BLOCKS]]
+    if len(kept) < MAX_BLOCKS:  # crowded crop: fill up with the first rejected, overlaps allowed
+        taken = set(kept)
+        kept += [i for i in range(len(points)) if i not in taken][:MAX_BLOCKS - len(kept)]
+    corners = candidates[kept]
     colours = rng.random((MAX_BLOCKS, 3), dtype=np.float32)
     _ops.readonly(corners, colours)
     return BlockState(corners, colours)
