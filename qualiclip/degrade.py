@@ -55,7 +55,7 @@ class DegradeConfig:
     variants: int = 4  # samples per pristine image
     samples_per_shard: int = 64
     workers: int = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "png"
+    encoding: Literal["png", "webp", "npy"] = "webp"
     split: str = "train"  # which ingest split to degrade
     crop: int = 224
     min_overlap: float = 0.5
