@@ -12,7 +12,9 @@ by how much). Batch 1 at 512x384, 500x500, 1024x768 on real photos (CLIVE-dev, r
 not timed). Sides: ``ours`` (what `qualiclip score` runs, fp32 and bf16), ``before`` (the
 scorer before the fast encoder), ``onnx`` (`qualiclip export-onnx` in onnxruntime, CPU provider,
 one thread), ``pyiqa`` (pyiqa 0.1.16 ``qualiclip``, as shipped, its weights pointed at ours).
-Peak RSS is each worker's VmHWM from after the model is built to the end of its calls.
+Peak RSS is each worker's VmHWM from after the model is built to the end of its calls. Then
+bf16 against fp32 on CLIVE-dev photos at full size (logit scale 100): the largest score and
+cosine changes, and the SRCC against MOS of both (random weights: it means little).
 ``--device cuda``: batch 32 at 512x384 and 1024x768, wall time after a synchronize, ONNX Runtime's
 CUDA provider when it is installed.
 
@@ -66,6 +68,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--crops-from", type=Path, default=SHARED / "kodak" / "images", help="photos to distort")
     p.add_argument("--calls", type=int, help="timed calls per distortion, level and side (default 12, quick 4)")
     p.add_argument("--samples", type=int, help="timed samples per kind and side (default 96, quick 24)")
+    p.add_argument("--bf16-photos", type=int, help="CLIVE-dev photos for the bf16 score check (default 100, quick 16)")
     p.add_argument("--work", type=Path, help="folder for the weight files (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     args = p.parse_args()
@@ -76,6 +79,7 @@ def parse() -> argparse.Namespace:
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.calls = args.calls or (4 if args.quick else 12)
     args.samples = args.samples or (24 if args.quick else 96)
+    args.bf16_photos = args.bf16_photos if args.bf16_photos is not None else (16 if args.quick else 100)
     return args
 
 
@@ -240,6 +244,21 @@ def print_scoring(rows: list[dict], device: str) -> None:
               f"{batch / med[r['side']]:.2f} | {ratio} | {rss} | {diff:.1e} |")
 
 
+def run_bf16_check(args, files: dict) -> dict:
+    """Score and cosine changes of bf16 autocast, and SRCC against MOS, on CLIVE-dev at full size."""
+    clive = args.photos.parent
+    spec = {"name": "bf16-check", "side": "bf16-check", "clive": str(clive), "n": args.bf16_photos, **files}
+    worker = Worker(spec)
+    result = worker.ready
+    worker.proc.wait()
+    print(f"\nbf16 vs fp32 ({result['n']} CLIVE-dev photos at full size, random RN50, logit scale 100): "
+          f"max |score change| {result['max_score_diff']:.1e} (mean {result['mean_score_diff']:.1e}), "
+          f"max |cosine change| {result['max_cos_diff']:.1e}; SRCC vs MOS fp32 {result['srcc_fp32']:.4f}, "
+          f"bf16 {result['srcc_bf16']:.4f} (random weights: near 0 either way); SRCC fp32 vs bf16 "
+          f"{result['srcc_fp32_bf16']:.4f}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Distortions
 
@@ -368,7 +387,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.work or Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
-            out["scoring"] = run_scoring(args, prepare_models(work, "onnx" in args.sides))
+            files = prepare_models(work, "onnx" in args.sides)
+            out["scoring"] = run_scoring(args, files)
+            if args.device == "cpu" and args.bf16_photos and (args.photos.parent / "labels.csv").is_file():
+                out["bf16"] = run_bf16_check(args, files)
     if args.only in (None, "distortions") and "arniqa" not in missing:
         out["distortions"] = run_distortions(args)
         print_distortions(out["distortions"])

@@ -188,6 +188,39 @@ def _score_calls(run, sync, n: int) -> dict:
     return {"cpu": cpu, "wall": wall}
 
 
+def bf16_worker(spec: dict) -> None:
+    """fp32 vs bf16 autocast on CLIVE-dev photos at full size: score and cosine changes, SRCC."""
+    import csv
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    from qualiclip.imageio import read_image
+    from qualiclip.scoring import load_scorer
+
+    folder = Path(spec["clive"])
+    rows = list(csv.DictReader(open(folder / "labels.csv")))[:spec["n"]]
+    scorer = load_scorer(spec["checkpoint"])
+    scorer.cfg = dataclasses.replace(scorer.cfg, logit_scale=100.0)  # the scale a trained model scores with
+    out = {"fp32": [], "bf16": [], "cos_diff": []}
+    for row in rows:
+        x = torch.from_numpy(read_image(folder / "images" / row["image"]).pixels).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            f32 = scorer.similarities(x)  # (1, K, 2) cosines
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                b16 = scorer.similarities(x)
+        out["fp32"].append(float(scorer.score_from_similarities(f32)[0]))
+        out["bf16"].append(float(scorer.score_from_similarities(b16)[0]))
+        out["cos_diff"].append(float((f32 - b16).abs().max()))
+    mos = [float(r["mos"]) for r in rows]
+    diff = np.abs(np.array(out["fp32"]) - np.array(out["bf16"]))
+    reply({"n": len(rows), "max_score_diff": float(diff.max()), "mean_score_diff": float(diff.mean()),
+           "max_cos_diff": max(out["cos_diff"]), "srcc_fp32": spearmanr(out["fp32"], mos)[0],
+           "srcc_bf16": spearmanr(out["bf16"], mos)[0], "srcc_fp32_bf16": spearmanr(out["fp32"], out["bf16"])[0]})
+
+
 # ---------------------------------------------------------------------------------------------
 # Distortion sides
 
@@ -358,4 +391,6 @@ def main(spec: dict) -> None:
     single_thread()
     if spec.get("site"):
         sys.path.insert(0, spec["site"])
+    if spec["side"] == "bf16-check":
+        return bf16_worker(spec)
     (distortion_worker if spec["side"] in ("ours-dist", "arniqa") else scoring_worker)(spec)

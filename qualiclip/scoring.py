@@ -29,7 +29,7 @@ from .model import QualiCLIP
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
-# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (benchmarks/bench_scoring.py).
+# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (docs/evaluation.md).
 DEFAULT_MAX_BATCH_PIXELS = 800_000
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import blur, brightness, color, compression, noise, sharpness, spatial
+from . import _ops, blur, brightness, color, compression, noise, sharpness, spatial
 
 N_LEVELS = 5
 
@@ -64,7 +64,7 @@ class Distortion:
         if np.may_share_memory(out, image) or not out.flags.c_contiguous:
             out = np.ascontiguousarray(out).copy()
         assert out.shape == image.shape, (self.name, out.shape, image.shape)
-        return np.clip(out, 0.0, 1.0, out=out)
+        return _ops.clip_unit(out)
 
 
 def _check_image(image: np.ndarray, name: str) -> None:
