@@ -113,6 +113,9 @@ def test_contract_shape_range_determinism_no_mutation(name):
         assert out.tobytes() == d.apply(image, level, twin).tobytes()  # same seed, same bytes
     assert np.array_equal(image, before)
     assert [a.tobytes() for a in arrays_of(state)] == state_bytes
+    wild = image * 1.6 - 0.3  # out of range: the output is clipped all the same
+    assert all(0.0 <= d.apply(wild, level, state).min() and d.apply(wild, level, state).max() <= 1.0
+               for level in LEVELS)
 
 
 @pytest.mark.parametrize("name", NAMES)
