@@ -96,8 +96,8 @@ def bench_loader(shard_dir: Path, workers: int = 2, batch: int = 4) -> float:
     return crops / (time.perf_counter() - t)
 
 
-def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dict[int, tuple[float, float]]:
-    """(samples/s wall, CPU ms/sample) of `run_degrade` over the photos with 1 and 2 worker processes.
+def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dict[int, tuple[float, float, float]]:
+    """(samples/s wall, CPU ms/sample, bytes/sample) of `run_degrade` over the photos with 1 and 2 workers.
 
     CPU time counts this process and its (reaped) pool workers: on a shared machine the wall-clock
     ratio says how many cores we got, the CPU figure whether a sample costs the same in a worker.
@@ -110,8 +110,11 @@ def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dic
     for workers in (1, 2):
         cfg = DegradeConfig(variants=variants, samples_per_shard=4, workers=workers, encoding=encoding)
         t, cpu = time.perf_counter(), _cpu_seconds()
-        r = run_degrade(cfg, root / "ingest", root / f"shards-{workers}", progress=False)
-        rates[workers] = (r.samples / (time.perf_counter() - t), (_cpu_seconds() - cpu) * 1000 / r.samples)
+        out = root / f"shards-{workers}-{encoding}"
+        r = run_degrade(cfg, root / "ingest", out, progress=False)
+        size = json.loads((out / S.INDEX_FILE).read_text())["total_bytes"]
+        rates[workers] = (r.samples / (time.perf_counter() - t), (_cpu_seconds() - cpu) * 1000 / r.samples,
+                          size / r.samples)
     return rates
 
 
@@ -177,10 +180,11 @@ def bench_qoi(samples: list) -> tuple[float, float, float] | None:
 
 def report_degrade(images: Path, root: Path, variants: int, encoding: str) -> None:
     rates = bench_degrade(images, root, variants, encoding)
-    for w, (rate, cpu) in rates.items():
-        print(f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample")
+    for w, (rate, cpu, size) in rates.items():
+        print(f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample, "
+              f"{size / 1024:.0f} KiB/sample")
     startup = pool_startup()
-    n = len(list((root / "shards-1").glob("shard-*.tar"))) * 4
+    n = len(list((root / f"shards-1-{encoding}").glob("shard-*.tar"))) * 4
     t1 = n / rates[1][0]
     print(f"2 workers / 1 worker: {rates[2][0] / rates[1][0]:.2f}x wall; pool start-up {startup:.1f} s; "
           f"on 2 free cores this run would give {t1 / (startup + t1 / 2):.2f}x, "
@@ -214,7 +218,7 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--samples", type=int, default=16, help="samples rendered for the codec comparison")
     p.add_argument("--variants", type=int, default=2, help="samples per photo in the end-to-end run")
-    p.add_argument("--encoding", default="png", help="encoding of the end-to-end run")
+    p.add_argument("--encoding", default="webp", help="encoding of the end-to-end run")
     p.add_argument("--only", choices=["codecs", "degrade", "train"], help="run one part")
     args = p.parse_args()
     cv2.setNumThreads(1)

@@ -49,21 +49,14 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in 64-byte-aligned memory: oneDNN runs ~10 % slower on the unaligned tensors that
-    a checkpoint read into a byte buffer gives (measured with RN50 at 512x384)."""
-    return t.clone() if t.data_ptr() % 64 else t
-
-
 class FusedConv(nn.Module):
     """A convolution (BatchNorm already folded into it), then a residual add if given, then ReLU."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, stride: int = 1,
                  padding: int = 0, relu: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(_aligned(weight.detach().contiguous(memory_format=torch.channels_last)),
-                                   requires_grad=False)
-        self.bias = nn.Parameter(_aligned(bias.detach()), requires_grad=False) if bias is not None else None
+        self.weight = nn.Parameter(weight.detach().contiguous(memory_format=torch.channels_last), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.stride, self.padding, self.relu = (stride, stride), (padding, padding), relu
         self._cast: dict = {}  # (dtype, device) -> (weight, bias) copies for autocast
 
