@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -97,8 +98,13 @@ def available_references(args) -> dict[str, str]:
                              "into a folder and pass it")
     elif "pyiqa" in missing:
         missing["arniqa"] = "ARNIQA needs kornia from --ref-site (see the pyiqa line)"
+    if args.device == "cuda" and "onnx" in args.sides:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            missing["onnx"] = "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"
     for name, why in missing.items():
-        print(f"(skipping the {name} reference: {why})")
+        print(f"(skipping the {name} side: {why})")
     return missing
 
 
@@ -193,7 +199,9 @@ def _save_tensor_archive(state: dict, path: Path) -> None:
                 module.add_module(part, torch.nn.Module())
             module = module._modules[part]
         module.register_buffer(leaf, value.clone())
-    torch.jit.save(torch.jit.script(root), str(path))
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; pyiqa's loader needs it
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(root), str(path))
 
 
 def scoring_specs(args, files: dict, size: str) -> list[dict]:
