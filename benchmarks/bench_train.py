@@ -29,6 +29,7 @@ def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
     """Shards from scikit-image's photos (offline), ``variants`` samples per photo; reused when present."""
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.ingest import IngestConfig, run_ingest
+    from qualiclip.sampling import SampleConfig
 
     out = root / f"shards{crop}x{variants}"
     if (out / INDEX_FILE).exists():
@@ -36,7 +37,7 @@ def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
 
     run_ingest(IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
                root / "ingest", progress=False)
-    cfg = DegradeConfig(variants=variants, samples_per_shard=16, workers=workers, crop=crop)
+    cfg = DegradeConfig(variants=variants, samples_per_shard=16, workers=workers, sample=SampleConfig(crop=crop))
     run_degrade(cfg, root / "ingest", out, progress=False)
     return out
 

@@ -279,7 +279,7 @@ def type_weights() -> dict[str, float]:
 
 
 def run_distortions(args) -> dict:
-    from qualiclip.distortions import list_distortions
+    from qualiclip.distortions import LEVELS, list_distortions
 
     base = {"images": str(args.crops_from), "site": str(args.ref_site), "arniqa_root": str(args.arniqa_root)}
     sides = [Worker({**base, "name": "ours", "side": "ours-dist"}),
@@ -288,7 +288,7 @@ def run_distortions(args) -> dict:
     calls: dict = {}
     per_round = max(1, args.calls // 4)
     for name in list_distortions():
-        for level in range(1, 6):
+        for level in LEVELS:
             got = {w.name: {"draw": [], "apply": []} for w in sides}
             for r, order in rotations(sides, max(1, args.calls // per_round)):
                 for w in order:
@@ -331,16 +331,18 @@ def time_samples(sides: list[Worker], specs: list, chunk: int = 8) -> dict:
 
 
 def summarise_distortions(calls: dict, samples: dict) -> dict:
+    from qualiclip.distortions import LEVELS
+
     weights = type_weights()
     med = {}
     for (name, level), got in calls.items():
         o, a = got["ours"], got["arniqa"]
         med[(name, level)] = {"ours_apply": statistics.median(o["apply"]), "ours_draw": statistics.median(o["draw"]),
-                              "ours_call": statistics.median([a + d / 5 for d, a in zip(o["draw"], o["apply"])]),
+                              "ours_call": statistics.median([a + d / len(LEVELS) for d, a in zip(o["draw"], o["apply"])]),
                               "arniqa": statistics.median(a["apply"])}
     cost = {}
     for name in weights:  # one crop at 5 levels: ours draws once; ARNIQA draws in every call
-        rows = [med[(name, level)] for level in range(1, 6)]
+        rows = [med[(name, level)] for level in LEVELS]
         cost[name] = {"ours": rows[0]["ours_draw"] + sum(r["ours_apply"] for r in rows),
                       "arniqa": sum(r["arniqa"] for r in rows)}
     weighted = sum(w * cost[t]["arniqa"] for t, w in weights.items()) / sum(w * cost[t]["ours"] for t, w in weights.items())
@@ -356,7 +358,7 @@ def summarise_distortions(calls: dict, samples: dict) -> dict:
 
 
 def print_distortions(result: dict) -> None:
-    from qualiclip.distortions import list_distortions
+    from qualiclip.distortions import LEVELS, list_distortions
 
     per_call = result["per_call"]
     print("\nDistortions, 224x224, CPU ms per call (ours: apply + 1/5 of the draw, which serves a crop's 5 levels; "
@@ -364,7 +366,7 @@ def print_distortions(result: dict) -> None:
     print("| type | ARNIQA L1–L5 | ours L1–L5 | ARNIQA ÷ ours L1–L5 | min |")
     print("|---|---|---|---|---|")
     for name in list_distortions():
-        rows = [per_call[f"{name}:{level}"] for level in range(1, 6)]
+        rows = [per_call[f"{name}:{level}"] for level in LEVELS]
         ratios = [r["arniqa"] / r["ours_call"] for r in rows]
         fmt = lambda xs: " ".join(f"{1e3 * x:.2f}" for x in xs)  # noqa: E731
         print(f"| {name} | {fmt(r['arniqa'] for r in rows)} | {fmt(r['ours_call'] for r in rows)} | "

@@ -344,7 +344,9 @@ class ArniqaDistortions:
 
     def sample(self, names: list[str], crops: list[int]) -> None:
         """2 crops x 5 levels, each level the composition at that level (ref-bench's QualiCLIP sample)."""
-        for level in range(1, 6):
+        from qualiclip.distortions import LEVELS
+
+        for level in LEVELS:
             fv = [self._fv(n, level) for n in names]
             for c in crops:
                 self.ud.distort_images(self.crops[c].clone(), distort_functions=[f for f, _ in fv],

@@ -33,6 +33,7 @@ def main() -> None:
 
     from scipy.stats import spearmanr
 
+    from qualiclip.distortions import LEVELS
     from qualiclip.evaluate import EvaluateConfig, build_synthetic_set, synthetic_metrics
 
     with open(args.eval / "synthetic_scores.csv") as f:
@@ -60,7 +61,7 @@ def main() -> None:
         return float(s.images[index[image_id, "mean_shift", level]].mean() / 255.0)
 
     for image_id in sorted(dict.fromkeys(s.image_ids), key=lambda i: mean(i, 1)):
-        idx = [index[image_id, "mean_shift", level] for level in range(1, 6)]
+        idx = [index[image_id, "mean_shift", level] for level in LEVELS]
         srcc = spearmanr(scores[idx], -s.levels[idx])[0]
         srcc = 0.0 if np.isnan(srcc) else float(srcc)
         mean1, mean5 = mean(image_id, 1), mean(image_id, 5)

@@ -7,8 +7,7 @@ pickle, so any task runner can run the shard tasks: the default thread pool, Pre
 ``ProcessPoolTaskRunner``, or a Dask / Ray cluster — with no code change:
 
     from prefect_dask import DaskTaskRunner
-    degrade_shards_flow.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))(
-        "params.yaml", "data/ingest", "data/shards")
+    degrade_shards_flow.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))("params.yaml")
 
 Each worker must see ``ingest`` and ``out`` at the same paths (a shared file system). The
 output is byte-identical whichever runner, how many workers, and in which order shards finish
@@ -31,6 +30,7 @@ from qualiclip.degrade import (
     plan_degrade,
     write_one_shard,
 )
+from qualiclip.pipeline.paths import stage_paths
 
 # cache_policy=NONE: the library resumes from the shards on disk; hashing a plan of millions of
 # jobs for Prefect's cache would cost time and buy nothing.
@@ -53,10 +53,14 @@ def finalize_task(plan: DegradePlan, entries: list[dict]) -> DegradeResult:
 
 
 @flow(name="qualiclip-degrade-shards", log_prints=True)
-def degrade_shards_flow(params_file: str = "params.yaml", ingest: str = "data/ingest", out: str = "data/shards") -> dict:
-    """Write the shards of params.yaml's ``degrade:`` section, one Prefect task per missing shard."""
+def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = None, out: str | None = None) -> dict:
+    """Write the shards of params.yaml's ``degrade:`` section, one Prefect task per missing shard.
+
+    ``ingest`` and ``out`` default to the degrade stage's paths in dvc.yaml.
+    """
     cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
-    plan = plan_task(cfg, ingest, out)
+    paths = stage_paths()
+    plan = plan_task(cfg, ingest or paths.ingest, out or paths.shards)
     entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
     result = finalize_task(plan, entries)
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")

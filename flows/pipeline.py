@@ -14,7 +14,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from qualiclip.tracking import PIPELINE_ENV
+from qualiclip.pipeline.paths import stage_paths
+from qualiclip.pipeline.tracking import PIPELINE_ENV
 
 
 class StageFailed(RuntimeError):
@@ -46,8 +47,9 @@ def dvc_repro(project_dir: str, targets: list[str] | None = None, force: bool = 
 
 
 @task(name="read-metrics")
-def read_metrics(project_dir: str, metrics_file: str = "outputs/eval/metrics.json") -> dict:
-    path = Path(project_dir) / metrics_file
+def read_metrics(project_dir: str) -> dict:
+    """The evaluate stage's metrics (the file dvc.yaml names), or {} when there are none yet."""
+    path = Path(project_dir) / stage_paths(project_dir).metrics
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -21,10 +21,14 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
 
 from flows.pipeline import pipeline_flow
 from qualiclip.config import build_config, load_params
-from qualiclip.promotion import PromotionError, promote_project
+from qualiclip.pipeline.promotion import PromotionError, promote_project
 
 FLOW_NAME = "qualiclip-retrain"
 LOCK_FILE = ".qualiclip.lock"
@@ -102,9 +106,7 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
 # Deployment: `python -m flows.retrain serve|deploy|run`
 
 
-def _schedule(cfg: ScheduleConfig):
-    from prefect.schedules import Cron
-
+def _schedule(cfg: ScheduleConfig) -> Cron:
     return Cron(cfg.cron, timezone=cfg.timezone)
 
 
@@ -135,10 +137,6 @@ def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> Non
 
 
 def _ensure_pool(pool: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)

@@ -1,31 +1,34 @@
-"""Each pipeline stage as a Prefect flow: the same stage function the CLI and DVC run."""
+"""Each pipeline stage as a Prefect flow: the same stage function the CLI and DVC run.
+
+A path left out is the one dvc.yaml (in the working directory) gives that stage.
+"""
 from __future__ import annotations
 
 from prefect import flow
 
-from qualiclip import stages
+from qualiclip.pipeline import stages
+from qualiclip.pipeline.paths import stage_paths
 
 
 @flow(name="qualiclip-ingest", log_prints=True)
-def ingest_flow(params_file: str = "params.yaml", out: str = "data/ingest") -> dict:
-    return stages.stage_ingest(params_file, out)
+def ingest_flow(params_file: str = "params.yaml", out: str | None = None) -> dict:
+    return stages.stage_ingest(params_file, out or stage_paths().ingest)
 
 
 @flow(name="qualiclip-degrade", log_prints=True)
-def degrade_flow(params_file: str = "params.yaml", ingest: str = "data/ingest", out: str = "data/shards") -> dict:
-    return stages.stage_degrade(params_file, ingest, out)
+def degrade_flow(params_file: str = "params.yaml", ingest: str | None = None, out: str | None = None) -> dict:
+    paths = stage_paths()
+    return stages.stage_degrade(params_file, ingest or paths.ingest, out or paths.shards)
 
 
 @flow(name="qualiclip-train", log_prints=True)
-def train_flow(params_file: str = "params.yaml", shards: str = "data/shards", out: str = "outputs/train") -> dict:
-    return stages.stage_train(params_file, shards, out)
+def train_flow(params_file: str = "params.yaml", shards: str | None = None, out: str | None = None) -> dict:
+    paths = stage_paths()
+    return stages.stage_train(params_file, shards or paths.shards, out or paths.train)
 
 
 @flow(name="qualiclip-evaluate", log_prints=True)
-def evaluate_flow(
-    params_file: str = "params.yaml",
-    model: str = "outputs/train/checkpoint",
-    ingest: str = "data/ingest",
-    out: str = "outputs/eval",
-) -> dict:
-    return stages.stage_evaluate(params_file, model, ingest, out)
+def evaluate_flow(params_file: str = "params.yaml", model: str | None = None, ingest: str | None = None,
+                  out: str | None = None) -> dict:
+    paths = stage_paths()
+    return stages.stage_evaluate(params_file, model or paths.checkpoint, ingest or paths.ingest, out or paths.evaluate)

@@ -13,20 +13,22 @@ Shards appear atomically; an interrupted run resumes where it stopped and ends b
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
+from .config import config_fields
+from .errors import QualiclipError
+from .ingest import images_dir, load_image, read_manifest
 from .sampling import SampleConfig, make_sample, validate_distortion_names
 from .shards import (
     ENCODINGS,
@@ -43,37 +45,32 @@ PLAN_FILE = "plan.json"
 _OWN_FILES = ("shard-*.tar", "shard-*.tmp", INDEX_FILE, PLAN_FILE, f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp")
 
 
-class DegradeError(RuntimeError):
+class DegradeError(QualiclipError, RuntimeError):
     """The degrade stage cannot run; the message names the fix."""
 
 
 @dataclass(frozen=True)
 class DegradeConfig:
-    """The ``degrade`` section of params.yaml (see docs/shards.md)."""
+    """The ``degrade`` section of params.yaml (see docs/shards.md); how one sample is drawn sits
+    in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
 
     seed: int = 0
-    variants: int = 4  # samples per pristine image
-    samples_per_shard: int = 64
+    variants: int = 24  # samples per pristine image
+    samples_per_shard: int = 32
     workers: int = 2  # processes; the output bytes do not depend on it
     encoding: Literal["png", "webp", "npy"] = "webp"
     split: str = "train"  # which ingest split to degrade
-    crop: int = 224
-    min_overlap: float = 0.5
-    max_distortions: int = 1
-    include_pristine: bool = False
-    distortions: tuple[str, ...] = ()
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        values = config_fields(self)
         for key in ("variants", "samples_per_shard", "workers", "crop", "max_distortions"):
-            if getattr(self, key) < 1:
-                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {getattr(self, key)!r} — fix params.yaml")
-        if not 0.0 <= self.min_overlap <= 1.0:
-            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.min_overlap!r} — fix params.yaml")
+            if values[key] < 1:
+                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {values[key]!r} — fix params.yaml")
+        if not 0.0 <= self.sample.min_overlap <= 1.0:
+            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.sample.min_overlap!r} — fix params.yaml")
         if self.encoding not in ENCODINGS:
             raise DegradeError(f"degrade.encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
-
-    def sample_config(self) -> SampleConfig:
-        return SampleConfig(self.crop, self.min_overlap, self.max_distortions, self.include_pristine, self.distortions)
 
 
 @dataclass(frozen=True)
@@ -109,16 +106,6 @@ class DegradeResult:
     resumed_shards: int
 
 
-def read_manifest(ingest_dir: Path, split: str | None = None) -> list[dict]:
-    """Rows of the ingest manifest (optionally one split), sorted by id."""
-    path = Path(ingest_dir) / "manifest.csv"
-    if not path.is_file():
-        raise DegradeError(f"no manifest at {path} — run the ingest stage first (`dvc repro ingest`)")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
-    return sorted(rows, key=lambda r: r["id"])
-
-
 def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
     """Shards of ``samples_per_shard`` (image id, variant) jobs, in a fixed order."""
     jobs = [(i, v) for i in ids for v in range(cfg.variants)]
@@ -136,7 +123,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
     Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
     files that are not shards (it is never wiped then).
     """
-    validate_distortion_names(cfg.distortions)
+    validate_distortion_names(cfg.sample.distortions)
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
@@ -146,13 +133,12 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
     plan_hash = _plan_hash(cfg, rows)
     _prepare_out_dir(out_dir, plan_hash, len(shards))
     pending = tuple(j for j in shards if not (out_dir / j.name).is_file())
-    return DegradePlan(cfg, str(Path(ingest_dir) / "images"), str(out_dir), plan_hash, shards, pending)
+    return DegradePlan(cfg, images_dir(ingest_dir), str(out_dir), plan_hash, shards, pending)
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
     """Render and write one shard atomically; returns its index entry (name, samples, bytes, sha256)."""
-    sample_cfg = cfg.sample_config()
-    samples = [_make_record(image_id, v, cfg, sample_cfg, images_dir) for image_id, v in job.samples]
+    samples = [_make_record(image_id, v, cfg, images_dir) for image_id, v in job.samples]
     return write_shard(Path(out_dir) / job.name, samples)
 
 
@@ -168,12 +154,12 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
     index = {
         "format_version": FORMAT_VERSION,
         "plan": plan.plan_hash,
-        "config": {k: v for k, v in asdict(plan.cfg).items() if k != "workers"},
+        "config": {k: v for k, v in config_fields(plan.cfg).items() if k != "workers"},
         "shards": shards,
         "total_samples": sum(s["samples"] for s in shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "encoding": plan.cfg.encoding,
-        "crop": plan.cfg.crop,
+        "crop": plan.cfg.sample.crop,
     }
     _write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list))
     return DegradeResult(out_dir, len(shards), index["total_samples"], index["total_bytes"],
@@ -193,7 +179,7 @@ def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress
 
 def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
     # workers changes nothing in the output, so it is not part of the plan
-    key = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    key = {k: v for k, v in config_fields(cfg).items() if k != "workers"}
     blob = json.dumps([FORMAT_VERSION, key, [(r["id"], r["sha256"]) for r in rows]], sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -248,8 +234,6 @@ def _entry_from_file(path: Path, samples: int) -> dict:
 
 
 def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
-    from tqdm import tqdm
-
     args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
     bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
     results = []
@@ -275,21 +259,10 @@ def _shard_job(args: tuple) -> dict:
     return write_one_shard(*args)
 
 
-def _make_record(image_id: str, variant: int, cfg: DegradeConfig, sample_cfg: SampleConfig, images_dir: str) -> dict:
+def _make_record(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> dict:
     seed = [cfg.seed, int(image_id, 16), variant]
     rng = np.random.default_rng(np.random.SeedSequence(seed))
-    sample = make_sample(load_image(images_dir, image_id), sample_cfg, rng)
+    sample = make_sample(load_image(images_dir, image_id), cfg.sample, rng)
     meta = {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
     crops = encode_crops(sample.crops, meta["levels"], cfg.encoding)
     return {"__key__": f"{image_id}_{variant:04d}", "json": sample_json(meta, crops), **crops}
-
-
-@lru_cache(maxsize=8)
-def load_image(images_dir: str, image_id: str) -> np.ndarray:
-    """An ingested image as uint8 (H, W, 3) RGB (cached: a shard holds every variant of an image)."""
-    bgr = cv2.imread(str(Path(images_dir) / f"{image_id}.png"), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DegradeError(f"ingested image {image_id}.png is missing or corrupt in {images_dir} — rerun ingest")
-    return np.ascontiguousarray(bgr[..., ::-1])
-
-

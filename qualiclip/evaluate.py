@@ -6,8 +6,9 @@ correlations are computed against ``-level`` (higher means better on both sides)
 
 Real datasets (``evaluate.datasets``): each is read by `qualiclip.datasets.load_dataset`, scored
 at full resolution (or its declared resize rule), and compared with its MOS (METHOD.md §5).
-Baseline: the same backbone before fine-tuning, scored zero-shot with the CLIP-IQA pair
-'Good photo.'/'Bad photo.', on the same images — so every run shows what training added.
+Baseline: the same backbone before fine-tuning (the model config stored in the checkpoint),
+scored zero-shot with the CLIP-IQA pair 'Good photo.'/'Bad photo.', on the same images — so
+every run shows what training added.
 
 Outputs (``out_dir``): ``metrics.json`` (``synthetic``, one block per dataset and official test
 split, ``baseline`` with the same blocks), ``synthetic_scores.csv``, ``per_distortion.csv``,
@@ -18,21 +19,30 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import ConstantInputWarning, spearmanr
+from tqdm import tqdm
 
-from .datasets import IQADataset
-from .degrade import load_image, read_manifest
-from .model import ModelConfig, QualiCLIP
-from .sampling import LEVELS, _ensure_size, to_uint8
-
+from .datasets import IQADataset, load_dataset
+from .device import resolve_device
+from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
+from .errors import QualiclipError
+from .ingest import MANIFEST_FILE, images_dir, load_image, read_manifest
+from .metrics import correlations
+from .model import ModelConfig, QualiCLIP, create_clip, encode_prompts
+from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
+from .prompts import BASELINE_PAIRS
+from .sampling import ensure_size
+from .scoring import inference_copy, score_arrays, score_paths
 
 RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(QualiclipError, ValueError):
     """An evaluation that cannot run as configured; the message names the fix."""
 
 
@@ -60,20 +70,19 @@ class SyntheticSet:
 
 def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
     """Centre crops of the held-out images under every (type, level); deterministic in ``cfg.seed``."""
-    from .distortions import get_distortion, list_distortions
-
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
-        raise ValueError(f"no '{cfg.split}' images in {ingest_dir}/manifest.csv — ingest more photos or lower ingest.val_fraction")
+        raise EvaluateError(f"no '{cfg.split}' images in {ingest_dir}/{MANIFEST_FILE} — ingest more photos "
+                            "or lower ingest.val_fraction")
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
     for r in rows:
-        crop = _centre_crop(load_image(str(Path(ingest_dir) / "images"), r["id"]), cfg.crop)
+        crop = _centre_crop(load_image(images_dir(ingest_dir), r["id"]), cfg.crop)
         for t, name in enumerate(names):
             d = get_distortion(name)
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, int(r["id"], 16), t]))
             state = d.draw(rng, cfg.crop, cfg.crop)
-            for level in range(1, LEVELS + 1):
+            for level in LEVELS:
                 images.append(to_uint8(d.apply(crop, level, state)))
                 ids.append(r["id"])
                 dists.append(name)
@@ -82,7 +91,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
 
 
 def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    image, _ = _ensure_size(image, size)
+    image, _ = ensure_size(image, size)
     h, w = image.shape[:2]
     y, x = (h - size) // 2, (w - size) // 2
     return np.ascontiguousarray(image[y:y + size, x:x + size], dtype=np.float32) / 255.0
@@ -95,12 +104,6 @@ def synthetic_metrics(scores: np.ndarray, s: SyntheticSet) -> dict:
     below level k-1 of another); ``per_distortion_within`` averages that type's per-photo SRCC of
     its 5 levels, the ranking the training loss asks for.
     """
-    import warnings
-
-    from scipy.stats import ConstantInputWarning, spearmanr
-
-    from .metrics import correlations
-
     warnings.simplefilter("ignore", ConstantInputWarning)  # a constant group counts as SRCC 0
 
     target = -s.levels.astype(float)
@@ -126,10 +129,6 @@ def _nan0(v: float) -> float:
 
 
 def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
-    from tqdm import tqdm
-
-    from .scoring import score_arrays
-
     with tqdm(total=len(s.images), desc=f"score {desc}", unit="img") as bar:
         return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                             progress=bar)
@@ -151,8 +150,6 @@ class DatasetRun:
 
 def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
     """(label, dataset) from ``{name, root, [label], **loader options}`` (one ``evaluate.datasets`` entry)."""
-    from .datasets import load_dataset
-
     spec = dict(spec)
     missing = [k for k in ("name", "root") if k not in spec]
     if missing:
@@ -169,10 +166,6 @@ def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
 
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
-    from tqdm import tqdm
-
-    from .scoring import score_paths
-
     with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img") as bar:
         results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                               resize_short=ds.resize_short_side, progress=bar)
@@ -185,8 +178,6 @@ def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateCon
 
 def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, dict]:
     """``{label: {srcc, krcc, plcc, plcc_logistic, n}}`` plus ``{label}_test`` for an official test split."""
-    from .metrics import correlations
-
     blocks = {label: {**correlations(scores, ds.mos()), "n": len(ds)}}
     if "test" in ds.splits:
         idx = np.array([item.split == "test" for item in ds.items])
@@ -210,12 +201,10 @@ def evaluate_datasets(model: QualiCLIP, cfg: EvaluateConfig, device, baseline: Q
 def baseline_model(model_cfg: ModelConfig) -> QualiCLIP:
     """The backbone before fine-tuning with the CLIP-IQA prompt pair ('Good photo.'/'Bad photo.').
 
-    Zero-shot CLIP-IQA scoring of the same architecture and initial weights that training starts
-    from (``model:`` in params.yaml), so every evaluation shows what training added.
+    Zero-shot CLIP-IQA scoring of the same architecture and initial weights that training started
+    from (``model_cfg``: the evaluated checkpoint's own config), so every evaluation shows what
+    training added.
     """
-    from .model import create_clip, encode_prompts
-    from .prompts import BASELINE_PAIRS
-
     clip, _ = create_clip(model_cfg)  # the prompts stored in an official file are ignored on purpose
     return QualiCLIP(clip, encode_prompts(clip, model_cfg.name, BASELINE_PAIRS), model_cfg)
 
@@ -248,8 +237,6 @@ def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
 
 def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSet, runs: list[DatasetRun],
                 baseline_per_type: dict | None) -> None:
-    from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
-
     plots = out_dir / "plots"
     plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
     plot_per_distortion(metrics["synthetic"]["per_distortion"], plots / "per_distortion.png", baseline=baseline_per_type,
@@ -261,17 +248,17 @@ def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSe
         plot_model_vs_baseline(metrics, plots / "model_vs_baseline.png")
 
 
-def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, model_cfg: ModelConfig, ingest_dir: Path, out_dir: Path) -> dict:
-    """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots."""
-    from .scoring import inference_copy
-    from .train import resolve_device
+def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, ingest_dir: Path, out_dir: Path) -> dict:
+    """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots.
 
+    The baseline is built from ``model.cfg``, the config the checkpoint carries.
+    """
     device = resolve_device(cfg.device)
     s = build_synthetic_set(ingest_dir, cfg)
     model = inference_copy(model)
     scores = score_synthetic(model, s, cfg, device)
     metrics: dict = {"synthetic": synthetic_metrics(scores, s), "n_synthetic": len(s.images)}
-    baseline = inference_copy(baseline_model(model_cfg)) if cfg.baseline else None
+    baseline = inference_copy(baseline_model(model.cfg)) if cfg.baseline else None
     base_per_type = None
     if baseline is not None:
         base = synthetic_metrics(score_synthetic(baseline, s, cfg, device, "synthetic (baseline)"), s)

@@ -6,18 +6,25 @@ is the mean score of the windows that cover it. The model is fully convolutional
 attention pool, so a patch score is what the model says about that region alone. The global
 score is the model's score of the whole image, as ``qualiclip score`` gives it.
 
-``qualiclip explain IMAGE --out map.png [--model CKPT] [--patch 224 --stride 112]``.
+The command line ``qualiclip explain IMAGE --out map.png [--model CKPT] [--patch 224 --stride 112]``
+is `qualiclip.pipeline.explain_cli`.
 """
 from __future__ import annotations
 
-import argparse
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.patches import Rectangle
+from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+from .errors import QualiclipError
+from .plots import pyplot
+from .scoring import inference_copy, score_arrays
 
 
-class ExplainError(ValueError):
+class ExplainError(QualiclipError, ValueError):
     """A patch/stride setting that cannot work; the message names the fix."""
 
 
@@ -61,8 +68,6 @@ def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112
 
     A patch larger than the image is reduced to the image's shorter side.
     """
-    from .scoring import inference_copy, score_arrays
-
     if patch < 16 or stride < 1:
         raise ExplainError(f"--patch must be >= 16 and --stride >= 1, got patch {patch}, stride {stride}")
     h, w = image.shape[:2]
@@ -79,12 +84,7 @@ def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112
 def render_quality_map(qmap: QualityMap, image: np.ndarray, out: Path, *, stride: int | None = None,
                        name: str = "") -> Path:
     """The image with the map overlaid (red = worst), the worst patch outlined, scores in the title."""
-    from matplotlib.patches import Rectangle
-    from mpl_toolkits.axes_grid1 import make_axes_locatable
-
-    from .plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(8, 7.2 * h / w + 0.8), dpi=110)
     ax.imshow(image)
@@ -106,41 +106,8 @@ def render_quality_map(qmap: QualityMap, image: np.ndarray, out: Path, *, stride
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: ``qualiclip explain``
-
-
-def add_explain_args(sp: argparse.ArgumentParser) -> None:
-    from .score_cli import add_model_args
-
-    sp.add_argument("image", help="the image to explain")
-    sp.add_argument("--out", required=True, help="the heat map, e.g. map.png")
-    add_model_args(sp)
-    sp.add_argument("--patch", type=int, default=224, help="window side in pixels (224: CLIP's training size)")
-    sp.add_argument("--stride", type=int, default=112, help="window step in pixels (smaller: finer map, slower)")
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--csv", help="also write the patch scores (y, x, size, score) to this CSV")
-
-
-def run_explain(args) -> None:
-    from .imageio import read_image
-    from .score_cli import load_scorer
-
-    image = read_image(args.image).pixels
-    scorer = load_scorer(args)
-    qmap = quality_map(scorer, image, patch=args.patch, stride=args.stride, batch_size=args.batch_size,
-                       device=args.device, precision=args.precision)
-    out = render_quality_map(qmap, image, Path(args.out), stride=args.stride, name=Path(args.image).name)
-    if args.csv:
-        write_patch_csv(qmap, Path(args.csv))
-    y, x, worst = qmap.worst()
-    print(f"quality {qmap.global_score:.4f}; {qmap.scores.size} patches of {qmap.patch}px, "
-          f"worst {worst:.4f} at x={x}, y={y} -> {out}")
-
-
 def write_patch_csv(qmap: QualityMap, out: Path) -> Path:
-    import csv
-
+    """The patch scores as CSV rows (y, x, size, score), one per window."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)

@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import QualiclipError
+
 # Pillow plugins allowed to parse a file (the JPEG plugin also opens MPO, the multi-picture
 # JPEG of phones, whose format then reads "MPO"). Anything else, e.g. EPS (Ghostscript) or
 # PSD, is "not_an_image" whatever its extension.
@@ -46,7 +48,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageReadError(Exception):
+class ImageReadError(QualiclipError):
     """A file that cannot become an RGB image; ``reason`` is one of `READ_REASONS`."""
 
     def __init__(self, reason: str, detail: str, path: str | Path | None = None):
@@ -55,7 +57,7 @@ class ImageReadError(Exception):
         super().__init__(f"{where}{reason} — {detail}")
 
 
-class PathOutsideRootError(ValueError):
+class PathOutsideRootError(QualiclipError, ValueError):
     """A path (usually a symlink) that resolves outside the folder it was found in."""
 
     def __init__(self, root: Path, path: Path, target: Path):

@@ -17,16 +17,21 @@ import shutil
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
+import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
 from tqdm import tqdm
 
 from qualiclip.config import ConfigError
+from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
-    READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash, resolve_inside, scan_tree,
+    DEFAULT_MAX_PIXELS, READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash,
+    resolve_inside, scan_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -53,12 +58,13 @@ INGEST_REASONS: tuple[str, ...] = (
     "too_small", "duplicate", "symlink_outside_root", "unsupported_extension",
 )
 REJECT_REASONS: tuple[str, ...] = READ_REASONS + INGEST_REASONS
+MANIFEST_FILE, IMAGES_DIR = "manifest.csv", "images"  # the output: manifest.csv + images/<id>.png
 MANIFEST_COLUMNS = ("id", "split", "source", "path", "format", "mode", "width", "height", "bytes", "sha256")
 REJECTED_COLUMNS = ("source", "path", "reason", "detail")
 PNG_COMPRESS_LEVEL = 1  # 3x faster than 6 for ~10% more bytes, measured on the skimage photos
 
 
-class IngestError(RuntimeError):
+class IngestError(QualiclipError, RuntimeError):
     """The stage cannot produce any usable image, or its sources/output are unusable."""
 
 
@@ -69,7 +75,7 @@ class IngestConfig:
     sources: tuple[str, ...] = (SKIMAGE_SOURCE,)  # folders (recursive) or "skimage"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
     min_size: int = 224           # shorter side, pixels
-    max_pixels: int = 89_478_485  # decompression-bomb guard, checked before decoding
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited over this
     val_fraction: float = 0.25
     workers: int = 2              # decode threads; outputs do not depend on it
@@ -143,8 +149,6 @@ def list_candidates(cfg: IngestConfig) -> tuple[list[Candidate], list[Rejection]
 
 def skimage_root() -> Path:
     """The folder inside the installed scikit-image wheel that holds its sample photos."""
-    import skimage.data  # imported here: only the "skimage" source needs it
-
     return Path(skimage.data.__file__).parent
 
 
@@ -329,14 +333,14 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
     cands, rejects = list_candidates(cfg)
     _check_out_dir(out_dir, [c.root for c in cands])
     tmp = _fresh_dir(out_dir.with_name(f".{out_dir.name}.ingest-tmp"))
-    (tmp / "images").mkdir()
-    rows, file_rejects = _collect(cands, cfg, tmp / "images", progress)
+    (tmp / IMAGES_DIR).mkdir()
+    rows, file_rejects = _collect(cands, cfg, tmp / IMAGES_DIR, progress)
     splits = assign_splits([r["id"] for r in rows], cfg.val_fraction)
     rows = [{**r, "split": splits[r["id"]]} for r in rows]
     order = {s: i for i, s in enumerate(cfg.sources)}
     rejects = sorted(rejects + file_rejects, key=lambda r: (order[r.source], r.path))
     summary = _summary(cfg, len(cands), rows, rejects)
-    _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
+    _write_csv(tmp / MANIFEST_FILE, MANIFEST_COLUMNS, rows)
     _write_csv(tmp / "rejected.csv", REJECTED_COLUMNS, (r._asdict() for r in rejects))
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _replace_dir(tmp, out_dir)
@@ -348,7 +352,7 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
             f"no usable image in ingest sources {list(cfg.sources)} ({len(cands)} candidate files, "
             f"{len(rejects)} rejected) — see {out_dir / 'rejected.csv'} for each file's reason"
         )
-    return IngestResult(out_dir, out_dir / "manifest.csv", out_dir / "rejected.csv", out_dir / "summary.json",
+    return IngestResult(out_dir, out_dir / MANIFEST_FILE, out_dir / "rejected.csv", out_dir / "summary.json",
                         summary["n_accepted"], summary["n_train"], summary["n_val"], summary["n_rejected"],
                         {k: v for k, v in summary["rejected"].items() if v})
 
@@ -379,3 +383,30 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     elif out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+# ------------------------------------------------------------------ reading the output
+
+
+def read_manifest(ingest_dir: Path, split: str | None = None) -> list[dict]:
+    """Rows of the ingest manifest (optionally one split), sorted by id."""
+    path = Path(ingest_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise IngestError(f"no manifest at {path} — run the ingest stage first (`dvc repro ingest`)")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def images_dir(ingest_dir: Path) -> str:
+    """The folder of the ingested images (a string: the key of `load_image`'s cache)."""
+    return str(Path(ingest_dir) / IMAGES_DIR)
+
+
+@lru_cache(maxsize=8)
+def load_image(images_dir: str, image_id: str) -> np.ndarray:
+    """An ingested image as uint8 (H, W, 3) RGB (cached: a shard holds every variant of an image)."""
+    bgr = cv2.imread(str(Path(images_dir) / f"{image_id}.png"), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise IngestError(f"ingested image {image_id}.png is missing or corrupt in {images_dir} — rerun ingest")
+    return np.ascontiguousarray(bgr[..., ::-1])

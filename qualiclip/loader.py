@@ -23,6 +23,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .shards import ShardError, decode_crops, indexed_shards
 
@@ -67,8 +69,6 @@ def expand_shards(src: Iterator[dict]) -> Iterator[dict]:
 
 
 def _shard_samples(url: str, expected: int) -> Iterator[dict]:
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     name, n = Path(url).name, 0
     try:
         with open(url, "rb") as f:
@@ -85,8 +85,6 @@ def _shard_samples(url: str, expected: int) -> Iterator[dict]:
 
 def shuffle_samples(src: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
     """A shuffle buffer whose random stream depends on (seed, rank, worker) only."""
-    import webdataset as wds
-
     if buffer <= 0:
         yield from src
         return
@@ -129,8 +127,6 @@ def batch_samples(src: Iterator[dict], batch_size: int) -> Iterator[dict]:
 
 def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat: bool, batch_size: int = 1):
     """The WebDataset pipeline over index entries ``{"url", "samples"}`` (see module docstring)."""
-    import webdataset as wds
-
     return wds.DataPipeline(
         functools.partial(epoch_shards, shards, seed, repeat, shuffle_buffer > 0),
         wds.split_by_node,

@@ -7,19 +7,23 @@ RGB in [0, 1] at any resolution.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import difflib
 import os
 import socket
-import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 from urllib.parse import urlparse
 
+import huggingface_hub.constants
+import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from .errors import QualiclipError
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,7 +32,7 @@ PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(QualiclipError, RuntimeError):
     """Weights or architecture that cannot be loaded; the message names the fix."""
 
 
@@ -50,8 +54,6 @@ class ModelConfig:
 
 def register_model_configs() -> None:
     """Make the project's tiny open_clip configs known to open_clip (idempotent)."""
-    import open_clip
-
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -202,12 +204,8 @@ def create_model(cfg: ModelConfig, prompt_pairs=PROMPT_PAIRS) -> QualiCLIP:
 
 def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
     """The open_clip CLIP for ``cfg`` and, for an official QualiCLIP file, its stored prompt features."""
-    import open_clip
-
     register_model_configs()
     if cfg.name not in open_clip.list_models():
-        import difflib
-
         close = difflib.get_close_matches(cfg.name, open_clip.list_models(), n=3)
         raise ModelLoadError(f"unknown model '{cfg.name}' — did you mean {close}? (see open_clip.list_models())")
     pretrained = cfg.pretrained
@@ -227,16 +225,13 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _create_from_tag(name: str, tag: str) -> nn.Module:
-    import huggingface_hub.constants
-    import open_clip
-
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise ModelLoadError(f"model '{name}' has no pretrained tag '{tag}'; available: {tags or 'none'}")
     offline = huggingface_hub.constants.HF_HUB_OFFLINE or not hub_reachable()
     # Offline, open_clip would retry downloads for about a minute; with the hub flag set it
     # uses a cached copy or fails at once.
-    with unittest.mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", offline):
+    with hub_offline(offline):
         try:
             return open_clip.create_model(name, pretrained=tag)
         except Exception as exc:  # open_clip raises RuntimeError, hub raises its own errors
@@ -249,10 +244,22 @@ def _create_from_tag(name: str, tag: str) -> nn.Module:
             ) from exc
 
 
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline switch set to ``offline`` inside the block, then restored.
+
+    open_clip downloads through huggingface_hub, whose functions read the switch when called.
+    """
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers a TCP connect within ``timeout`` seconds."""
-    import huggingface_hub.constants
-
     host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -263,8 +270,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def encode_prompts(clip: nn.Module, name: str, pairs=PROMPT_PAIRS) -> torch.Tensor:
     """L2-normalised text features of the prompts, (2K, D), in checkpoint row order."""
-    import open_clip
-
     tokens = open_clip.get_tokenizer(name)(flat_prompts(pairs))
     was_training = clip.training
     clip.eval()
@@ -283,8 +288,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} not found — check model.pretrained in params.yaml")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -338,7 +341,3 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *, sourc
         f"weights in {source} do not match architecture '{name}': " + "; ".join(parts)
         + ". Fix: set model.name to the architecture these weights were trained with."
     )
-
-
-def model_summary(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)

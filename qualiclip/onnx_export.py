@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import QualiclipError
 from .model import MIN_SIDE, QualiCLIP
+from .scoring import inference_copy
 
 OPSET = 18
 INPUT, OUTPUTS = "image", ("score", "pair_probs")
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(QualiclipError):
     """A model or output path that cannot be exported; the message names the fix."""
 
 
@@ -40,8 +42,6 @@ class ExportableScorer(nn.Module):
 
     def __init__(self, model: QualiCLIP):
         super().__init__()
-        from .scoring import inference_copy
-
         scorer = inference_copy(model)
         self.encoder = copy.copy(scorer.visual)  # shallow: shares the weights, own `portable` flag
         self.encoder.portable = True
@@ -99,7 +99,7 @@ def _quiet_exporter():
 
 
 def _require_exporter() -> None:
-    try:
+    try:  # the onnx extra is optional: imported only to say how to install it when it is missing
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:

@@ -1,25 +1,32 @@
 """Pictures for humans: score-vs-level scatter and per-distortion SRCC bars."""
 from __future__ import annotations
 
+import csv
+import warnings
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
+from .distortions import LEVELS, get_distortion
+from .metrics import correlations, logistic_fit
 
 
 def _save(fig, out: Path) -> Path:
     """Lay out, write and close a figure (figures are never left open in long runs)."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
+    pyplot().close(fig)
     return out
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers).
 
-    matplotlib.use("Agg")  # files only; no display on servers
+    Imported on first use, not with this module: choosing the backend is process-wide, and
+    importing qualiclip must not change it for a notebook that only scores images.
+    """
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -27,9 +34,7 @@ def _pyplot():
 
 def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     """Predicted quality per distortion level, one colour per group, with the level means."""
-    from .distortions import get_distortion
-
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     groups = np.array([get_distortion(d).group for d in s.distortions])
@@ -37,9 +42,9 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     for g in dict.fromkeys(groups):
         m = groups == g
         ax.scatter(s.levels[m] + jitter[m], scores[m], s=8, alpha=0.6, label=g)
-    means = [scores[s.levels == lv].mean() for lv in range(1, 6)]
-    ax.plot(range(1, 6), means, "k-o", lw=2, label="mean")
-    ax.set(xlabel="distortion level (higher = more degraded)", ylabel="predicted quality", xticks=range(1, 6),
+    means = [scores[s.levels == lv].mean() for lv in LEVELS]
+    ax.plot(LEVELS, means, "k-o", lw=2, label="mean")
+    ax.set(xlabel="distortion level (higher = more degraded)", ylabel="predicted quality", xticks=LEVELS,
            title="Held-out synthetic set: quality should fall with the level")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, out)
@@ -50,9 +55,7 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     """Horizontal bars of SRCC (score vs -level) per distortion type, grouped by distortion group;
     the zero-shot baseline's SRCC as a black tick and the mean within-photo SRCC as a hollow
     circle on each bar when given."""
-    from .distortions import get_distortion
-
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(srcc, key=lambda n: (get_distortion(n).group, n))
     groups = [get_distortion(n).group for n in names]
@@ -80,9 +83,7 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
 
 def plot_loss_curves(log_csv: Path, out: Path) -> Path:
     """Loss terms per step from the train stage's CSV log."""
-    import csv
-
-    plt = _pyplot()
+    plt = pyplot()
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +99,7 @@ def plot_loss_curves(log_csv: Path, out: Path) -> Path:
 def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str,
                      mos_range: tuple[float, float] | None = None) -> Path:
     """Predicted quality vs MOS with the fitted 4-parameter logistic and the correlations."""
-    import warnings
-
-    from .metrics import correlations, logistic_fit
-
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a failed fit falls back to a line; the legend says so
@@ -125,7 +122,7 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
 
 def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
     """SRCC of the trained model and of the zero-shot baseline on every evaluated set."""
-    plt = _pyplot()
+    plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [k for k in metrics if isinstance(metrics[k], dict) and "srcc" in metrics[k] and k in metrics["baseline"]]
     model = [metrics[n]["srcc"] for n in names]

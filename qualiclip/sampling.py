@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-LEVELS = 5  # the distortion table defines 5 intensity levels
+from .distortions import GROUPS, LEVELS, get_distortion, to_uint8
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def make_sample(image: np.ndarray, cfg: SampleConfig, rng: np.random.Generator) 
     ``image`` is uint8 (H, W, 3) RGB. All randomness comes from ``rng``, so a sample is a pure
     function of (image, cfg, rng state).
     """
-    image, scale = _ensure_size(image, cfg.crop + cfg.max_shift)
+    image, scale = ensure_size(image, cfg.crop + cfg.max_shift)
     boxes = overlapping_boxes(image.shape[:2], cfg.crop, cfg.max_shift, rng)
     composition = draw_composition(cfg, rng)
     crops = [render_levels(_cut(image, box), composition, rng, cfg.include_pristine) for box in boxes]
@@ -47,12 +47,12 @@ def make_sample(image: np.ndarray, cfg: SampleConfig, rng: np.random.Generator) 
         "boxes": [list(map(int, b)) for b in boxes],
         "scale": scale,
         "composition": [d.name for d in composition],
-        "levels": list(range(0 if cfg.include_pristine else 1, LEVELS + 1)),
+        "levels": [0, *LEVELS] if cfg.include_pristine else list(LEVELS),
     }
     return Sample(np.stack(crops), meta)
 
 
-def _ensure_size(image: np.ndarray, min_side: int) -> tuple[np.ndarray, float]:
+def ensure_size(image: np.ndarray, min_side: int) -> tuple[np.ndarray, float]:
     """Upscale so the shorter side is at least ``min_side`` (images too small for two crops)."""
     h, w = image.shape[:2]
     if min(h, w) >= min_side:
@@ -78,8 +78,6 @@ def _cut(image: np.ndarray, box: tuple) -> np.ndarray:
 
 def draw_composition(cfg: SampleConfig, rng: np.random.Generator) -> list:
     """``n ~ U{1..max_distortions}`` groups without replacement, one type uniformly inside each."""
-    from .distortions import GROUPS, get_distortion
-
     allowed = set(cfg.distortions) if cfg.distortions else None
     groups = {g: [t for t in types if allowed is None or t in allowed] for g, types in GROUPS.items()}
     groups = {g: t for g, t in groups.items() if t}
@@ -94,7 +92,7 @@ def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator,
     h, w = crop.shape[:2]
     states = [d.draw(rng, h, w) for d in composition]
     out = [crop] if pristine else []
-    for level in range(1, LEVELS + 1):
+    for level in LEVELS:
         x = crop
         for d, state in zip(composition, states):
             x = d.apply(x, level, state)
@@ -102,16 +100,7 @@ def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator,
     return to_uint8(np.stack(out))
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[0,1] float32 -> uint8 with rounding, not truncation (the distortions' conversion)."""
-    from .distortions._ops import to_uint8 as convert
-
-    return convert(x)
-
-
 def validate_distortion_names(names: tuple[str, ...]) -> None:
     """Raise the registry's close-match error for the first unknown name."""
-    from .distortions import get_distortion
-
     for name in names:
         get_distortion(name)

@@ -21,11 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from .model import QualiCLIP
+from .checkpoint import load_checkpoint, load_image_encoder
+from .device import resolve_device
+from .errors import QualiclipError
+from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from .fast_encoder import FastEncoder, can_build
+from .model import ModelConfig, QualiCLIP
+from .prompts import CLIP_MEAN, CLIP_STD
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
@@ -33,7 +41,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_BATCH_PIXELS = 800_000
 
 
-class ScoringError(ValueError):
+class ScoringError(QualiclipError, ValueError):
     """An input or option the scorer cannot use; the message names the fix."""
 
 
@@ -69,11 +77,8 @@ def is_inference_copy(model: QualiCLIP) -> bool:
     return isinstance(model.clip, _ImageTower)
 
 
-def _scoring_encoder(visual: nn.Module, cfg) -> nn.Module:
+def _scoring_encoder(visual: nn.Module, cfg: ModelConfig) -> nn.Module:
     """A folded encoder as scoring runs it: a `FastEncoder` for a ModifiedResNet, else itself."""
-    from .fast_encoder import FastEncoder, can_build
-    from .prompts import CLIP_MEAN, CLIP_STD
-
     return FastEncoder(visual, CLIP_MEAN, CLIP_STD, cfg.pos_embedding) if can_build(visual) else visual
 
 
@@ -113,71 +118,16 @@ def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 def load_scorer(path: str | Path) -> QualiCLIP:
     """The inference copy of a checkpoint, read without building the text tower.
 
-    For a checkpoint folder of this project only the image encoder's tensors and the prompt
-    features are read (the encoder is built on the meta device, then given the stored tensors),
-    so the peak memory is that of the image encoder, not of the whole CLIP: for RN50, ~150 MB
-    instead of ~560 MB (whole CLIP + copy). Anything else (an official ``.pth``) goes through
-    `load_checkpoint` and `inference_copy`.
+    A checkpoint folder of this project goes through `load_image_encoder` (only the image
+    encoder's tensors and the prompt features are read: for RN50 ~150 MB of peak memory instead
+    of ~560 MB); anything else (an official ``.pth``) through `load_checkpoint` and `inference_copy`.
     """
-    import dataclasses
-    import json
-
-    import open_clip
-
-    from .checkpoint import CONFIG, WEIGHTS
-    from .model import ModelConfig, check_state_dict, register_model_configs
-
-    path = Path(path)
-    register_model_configs()
-    config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else None
-    if config is None or config["model"]["name"] not in open_clip.list_models():
-        return inference_copy(_as_model(path))  # official file, or an architecture stored in the checkpoint
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in fields})
-    with torch.device("meta"):  # shapes only: no memory for either tower
-        visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
-    state, prompts = _read_image_tower(path / WEIGHTS)
-    check_state_dict(visual, state, source=str(path), name=cfg.name)
-    visual.load_state_dict(state, strict=True, assign=True)
+    encoder = load_image_encoder(path)
+    if encoder is None:
+        return inference_copy(load_checkpoint(path))
+    visual, prompts, cfg = encoder
     scorer = QualiCLIP(_ImageTower(_scoring_encoder(fold_batchnorm(visual.eval()), cfg)), prompts, cfg)
     return scorer.requires_grad_(False).eval()
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
-
-def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The ``clip.visual.*`` tensors (prefix removed) and ``prompt_features`` of a checkpoint file.
-
-    Read with plain file reads into private memory rather than through safetensors' memory map:
-    mapped pages, once touched, stay counted in the resident memory next to the folded copies
-    (about +150 MB of peak RSS for RN50). The format is an 8-byte header length, a JSON header
-    ``{name: {dtype, shape, data_offsets}}``, then the data.
-    """
-    import json
-
-    from .model import ModelLoadError
-
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights} not found — the checkpoint folder is incomplete; re-run the train stage")
-    prefix = "clip.visual."
-    with open(weights, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        wanted = [k for k in header if k.startswith(prefix) or k == "prompt_features"]
-        tensors = {k: _read_tensor(f, 8 + size, header[k]) for k in wanted}
-    prompts = tensors.pop("prompt_features")
-    return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
-
-
-def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:
-    start, end = meta["data_offsets"]
-    buf = bytearray(end - start)
-    f.seek(base + start)
-    f.readinto(buf)
-    dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
-    return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"]) if buf else torch.empty(meta["shape"], dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +174,6 @@ def _check_array(image: np.ndarray, index: int) -> None:
                            "(uint8, or float in [0, 1]) — convert greyscale/RGBA to RGB first")
 
 
-def _resolve_device(model: QualiCLIP, device) -> torch.device:
-    if device is None:
-        return model.prompt_features.device
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.inference_mode()
 def score_arrays(
     model: QualiCLIP,
@@ -248,7 +190,7 @@ def score_arrays(
     ``device`` None keeps the model where it is; ``"auto"`` picks CUDA when available.
     ``precision`` bf16/fp16 autocasts (fp16 on GPU only). ``progress`` gets ``update(n)`` per batch.
     """
-    device = _resolve_device(model, device)
+    device = model.prompt_features.device if device is None else resolve_device(device)
     for i, im in enumerate(images):
         _check_array(im, i)
     amp = _autocast(device, precision)  # validates precision before any work
@@ -284,8 +226,6 @@ def probe_size(path: Path) -> tuple[int, int] | None:
 
     Used only to group files into batches; `read_image` decides what is readable.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -299,8 +239,6 @@ def resize_short_side(image: np.ndarray, short: int | None) -> np.ndarray:
     """Resize so the shorter side is ``short`` pixels (area when shrinking, cubic when enlarging)."""
     if not short:
         return image
-    import cv2
-
     h, w = image.shape[:2]
     s = short / min(h, w)
     size = (round(w * s), round(h * s))
@@ -346,8 +284,6 @@ def score_paths(
 
 def _decode_chunk(paths: list[Path], max_pixels: int | None, resize_short: int | None) -> list:
     """Per path: ``(pixels, (h, w))`` with pixels resized if asked, or the error text."""
-    from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-
     out: list = []
     for path in paths:
         try:
@@ -402,11 +338,7 @@ def score_images(
 
 
 def _as_model(model: QualiCLIP | str | Path) -> QualiCLIP:
-    if isinstance(model, QualiCLIP):
-        return model
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(model)
+    return model if isinstance(model, QualiCLIP) else load_checkpoint(model)
 
 
 def _tensor_to_array(t: torch.Tensor) -> np.ndarray:

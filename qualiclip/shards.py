@@ -18,6 +18,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+
+from .errors import QualiclipError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
@@ -27,7 +30,7 @@ PNG_COMPRESSION = 1  # ~1.5× faster to write than the default 3 for 3 % more by
 WEBP_METHOD = 0  # lossless WebP's fastest effort: 1.5 ms a 224² crop; methods 1–6 save 2–4 % for 3–10× the time
 
 
-class ShardError(RuntimeError):
+class ShardError(QualiclipError, RuntimeError):
     """Missing, incomplete or unreadable shards; the message names the fix."""
 
 
@@ -53,8 +56,6 @@ def encode_image(rgb: np.ndarray, encoding: str) -> bytes:
         np.save(bio, np.ascontiguousarray(rgb), allow_pickle=False)
         return bio.getvalue()
     if encoding == "webp":  # Pillow: OpenCV cannot choose the lossless effort (it uses method 4, ~30× slower)
-        from PIL import Image
-
         Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(bio, format="WEBP", lossless=True, method=WEBP_METHOD,
                                                                quality=0)
         return bio.getvalue()

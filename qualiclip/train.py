@@ -17,44 +17,48 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
+from .config import config_fields
+from .device import resolve_device
+from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
 from .losses import LossWeights, qualiclip_loss
 from .model import ModelConfig, QualiCLIP, create_model
+from .shards import shard_paths
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "loss_cons", "loss_pos", "loss_neg")
 
 
-class TrainError(RuntimeError):
+class TrainError(QualiclipError, RuntimeError):
     """The train stage cannot run or resume; the message names the fix."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The ``train`` section of params.yaml (the loss margins and weights sit in it, flat)."""
+
     seed: int = 0
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 4  # samples per step and process; each is 2 crops × 5 levels
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    margin_rank: float = 0.05
-    margin_cons: float = 0.0
-    lambda_cons: float = 1.0
-    lambda_pos: float = 1.0
-    lambda_neg: float = 1.0
+    loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
     bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
     shuffle_buffer: int = 64
     num_workers: int = 1
@@ -64,7 +68,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
     compile: bool = False  # torch.compile the image encoder
-    checkpoint_every: int = 0  # steps between resumable train states; 0: none
+    checkpoint_every: int = 50  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
     ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
@@ -72,9 +76,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema < 1.0:
             raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
-
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(self.margin_rank, self.margin_cons, self.lambda_cons, self.lambda_pos, self.lambda_neg)
 
 
 # Fields that change neither the weights nor the batch stream: a train state may be resumed across them.
@@ -124,28 +125,20 @@ class Trainer:
 # Setup
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = cfg.dist_backend
     if backend == "auto":
         backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
 
 
 def process_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
@@ -196,8 +189,6 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
         model.visual.to(memory_format=torch.channels_last)
     encoder: nn.Module = model.visual
     if dist_info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         encoder = torch.compile(encoder)
@@ -240,7 +231,7 @@ def step_losses(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, 
                 else contextlib.nullcontext())
     with autocast:
         sims = t.model.similarities(to_model_input(batch, t.device, t.channels_last), t.encoder)  # (B·2·L, K, 2)
-    return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss_weights())
+    return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss)
 
 
 def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
@@ -269,8 +260,12 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
 
 
 def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
-    """Hash of everything that determines the weights and the batch stream."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
+    """Hash of everything that determines the weights and the batch stream.
+
+    Over the params keys (`config_fields`: the loss weights flat, as before `TrainConfig.loss`
+    existed), so a train state written by an earlier version resumes.
+    """
+    train = {k: v for k, v in config_fields(cfg).items() if k not in RESUME_IGNORES}
     if not train["ema"]:  # off: the key of states written before train.ema existed
         del train["ema"]
     blob = repr((sorted(train.items()), sorted(dataclasses.asdict(model_cfg).items()), world_size))
@@ -337,8 +332,6 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[
 def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int,
                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
-    from .shards import shard_paths
-
     n_shards = len(shard_paths(Path(shard_dir)))
     if n_shards < dist_info.world_size:
         raise TrainError(f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
@@ -417,8 +410,6 @@ def run_train(
 def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
                state_path: Path, key: str, progress: bool) -> float:
     """Run ``steps``, appending a log row per step; returns the seconds spent."""
-    from tqdm import tqdm
-
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
     window_steps = 0

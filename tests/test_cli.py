@@ -64,6 +64,16 @@ def test_distortions_list_prints_every_type_with_its_group(project):
     assert ["gaussian_blur", "blur"] in rows
 
 
+def test_module_entry_is_the_same_command(project):
+    """``python -m qualiclip.pipeline.cli`` (what torchrun runs) is the ``qualiclip`` command."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qualiclip.pipeline.cli", "distortions", "--list"], cwd=project,
+                          env={**os.environ, **CLEAN_ENV}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == qualiclip("distortions", "--list", cwd=project).stdout
+
+
 def test_stage_entries_run_in_order_as_dvc_calls_them(project):
     for args in (["ingest", "--params", "params.yaml", "--out", "data/ingest"],
                  ["degrade", "--params", "params.yaml", "--ingest", "data/ingest", "--out", "data/shards"]):
@@ -71,3 +81,33 @@ def test_stage_entries_run_in_order_as_dvc_calls_them(project):
         assert proc.returncode == 0, proc.stderr
     assert (project / "data/shards/index.json").is_file()
     assert "samples in" in proc.stdout
+
+
+def test_every_user_error_is_one_line_without_traceback(monkeypatch, capsys):
+    """The CLI recognises user errors by their base class, so a new error type needs no registration."""
+    from qualiclip.pipeline import cli
+    from qualiclip.errors import QualiclipError
+
+    class BrandNewError(QualiclipError):
+        pass
+
+    def fail(args):
+        raise BrandNewError("shards.tar is torn — rerun the degrade stage")
+
+    monkeypatch.setattr(cli, "cmd_distortions", fail)
+    assert cli.main(["distortions", "--list"]) == 2
+    assert capsys.readouterr().err == "qualiclip distortions: error: shards.tar is torn — rerun the degrade stage\n"
+
+
+def test_evaluate_without_held_out_images_names_the_fix(project):
+    """An ingest output with no 'val' image is a user error (one line, exit 2), not a traceback."""
+    from qualiclip.checkpoint import save_checkpoint
+    from qualiclip.model import ModelConfig, create_model
+
+    save_checkpoint(create_model(ModelConfig()), project / "checkpoint")
+    (project / "ingest").mkdir()
+    (project / "ingest" / "manifest.csv").write_text("id,split\nab12,train\n")
+    proc = qualiclip("evaluate", "--model", "checkpoint", "--ingest", "ingest", "--out", "eval", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "no 'val' images in ingest/manifest.csv — ingest more photos or lower ingest.val_fraction" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qualiclip.config import ConfigError, build_config, load_params, params_hash
+from qualiclip.config import ConfigError, build_config, config_fields, load_params, params_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +33,43 @@ def test_values_are_coerced_and_checked():
         build_config(Example, {"steps": True}, where="x")
 
 
-def test_every_stage_section_of_the_shipped_params_builds():
+def stage_configs() -> dict[str, type]:
+    """Every section of params.yaml and the config dataclass it builds."""
+    from flows.retrain import ScheduleConfig
     from qualiclip.degrade import DegradeConfig
     from qualiclip.evaluate import EvaluateConfig
     from qualiclip.ingest import IngestConfig
     from qualiclip.model import ModelConfig
-    from qualiclip.stages import TrackingConfig
+    from qualiclip.pipeline.promotion import PromotionConfig
+    from qualiclip.pipeline.tracking import TrackingConfig
     from qualiclip.train import TrainConfig
 
+    return {"model": ModelConfig, "tracking": TrackingConfig, "ingest": IngestConfig, "degrade": DegradeConfig,
+            "train": TrainConfig, "evaluate": EvaluateConfig, "schedule": ScheduleConfig, "promotion": PromotionConfig}
+
+
+def test_dataclass_defaults_are_the_shipped_params():
+    """A config built in Python without params.yaml runs what `dvc repro` runs: one set of defaults."""
     params = load_params(ROOT / "params.yaml")
-    for section, cls in [("model", ModelConfig), ("tracking", TrackingConfig), ("ingest", IngestConfig),
-                         ("degrade", DegradeConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)]:
-        assert isinstance(build_config(cls, params[section], where=section), cls)
+    configs = stage_configs()
+    assert set(params) == set(configs)
+    for section, cls in configs.items():
+        shipped = config_fields(build_config(cls, params[section], where=section))
+        assert shipped == config_fields(cls()), section
+
+
+def test_embedded_configs_read_their_keys_flat_from_the_section():
+    from qualiclip.losses import LossWeights
+    from qualiclip.train import TrainConfig
+
+    cfg = build_config(TrainConfig, {"steps": 5, "margin_rank": 0.2, "lambda_neg": 2}, where="train")
+    assert cfg.steps == 5 and cfg.loss == LossWeights(margin_rank=0.2, lambda_neg=2.0)
+    assert config_fields(cfg)["margin_rank"] == 0.2 and "loss" not in config_fields(cfg)
+    assert build_config(TrainConfig, {}, where="train").loss == LossWeights()
+    with pytest.raises(ConfigError, match=r"unknown key 'margin_rnak' .* did you mean 'margin_rank'"):
+        build_config(TrainConfig, {"margin_rnak": 0.1}, where="train")
+    with pytest.raises(ConfigError, match=r"train.lambda_pos must be float, got 'x'"):
+        build_config(TrainConfig, {"lambda_pos": "x"}, where="train")
 
 
 def test_missing_params_file_names_the_fix(tmp_path):

@@ -31,12 +31,14 @@ Path(args["out"], f"done-rank{os.environ['RANK']}").write_text(str(result.steps)
 def build_shards(root: Path) -> Path:
     """Two tiny shards (one per process) from 4 synthetic photos, via ingest + degrade."""
     from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.sampling import SampleConfig
     from qualiclip.ingest import IngestConfig, run_ingest
 
     make_photos(root / "photos", n=4, size=(80, 96))
     run_ingest(IngestConfig(sources=(str(root / "photos"),), min_size=64, val_fraction=0.0, workers=1),
                root / "ingest", progress=False)
-    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64, distortions=("gaussian_blur", "jpeg"))
+    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1,
+                        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "jpeg")))
     run_degrade(cfg, root / "ingest", root / "shards", progress=False)
     return root / "shards"
 

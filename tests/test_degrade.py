@@ -17,12 +17,14 @@ import pytest
 import yaml
 
 from conftest import CLEAN_ENV, bin_path, make_photos
+from qualiclip.config import build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
-from qualiclip.ingest import IngestConfig, run_ingest
+from qualiclip.ingest import IngestConfig, IngestError, run_ingest
+from qualiclip.sampling import SampleConfig
 from qualiclip.shards import decode_crops
 
 TYPES = ("gaussian_blur", "white_noise", "jpeg", "brighten")
-CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=TYPES)
+CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=TYPES))
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +107,12 @@ def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
 def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
     with pytest.raises(DegradeError, match="workers must be an integer >= 1"):
         DegradeConfig(workers=0)
-    with pytest.raises(DegradeError, match="run the ingest stage first"):
+    with pytest.raises(IngestError, match="run the ingest stage first"):
         run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
     with pytest.raises(DegradeError, match="no 'val' images"):
         run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)
     with pytest.raises(Exception, match="gaussian_blur"):  # the registry's did-you-mean
-        run_degrade(replace(CFG, distortions=("gausian_blur",)), ingest_dir, tmp_path / "out", progress=False)
+        run_degrade(replace(CFG, sample=SampleConfig(distortions=("gausian_blur",))), ingest_dir, tmp_path / "out", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_sigkill_midway_then_rerun_is_byte_identical(ingest_dir, tmp_path):
     assert rerun.returncode == 0, log
     assert "resumed)" in log and " 0 resumed" not in log, log
 
-    cfg = DegradeConfig(**{**KILL_CFG, "distortions": tuple(TYPES), "workers": 1})
+    cfg = build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade")
     run_degrade(cfg, ingest_dir, tmp_path / "reference", progress=False)
     assert digests(out) == digests(tmp_path / "reference")
     assert not list(out.glob("*.tmp"))
@@ -168,6 +170,5 @@ def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, 
     params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
     summary = degrade_shards_flow(str(params), str(ingest_dir), str(tmp_path / "flow"))
     assert summary == {"samples": 12, "shards": 6, "bytes": summary["bytes"], "resumed_shards": 0}
-    cfg = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=TYPES)
-    run_degrade(cfg, ingest_dir, tmp_path / "pool", progress=False)
+    run_degrade(CFG, ingest_dir, tmp_path / "pool", progress=False)
     assert digests(tmp_path / "flow") == digests(tmp_path / "pool")

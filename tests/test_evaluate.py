@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from qualiclip.evaluate import EvaluateConfig, EvaluateError, baseline_model, load_dataset_spec
+from qualiclip.evaluate import EvaluateError, baseline_model, load_dataset_spec
 from qualiclip.model import ModelConfig, create_model
 
 BLOCK = {"srcc", "krcc", "plcc", "plcc_logistic", "n"}
@@ -54,11 +54,11 @@ def clive_spec(clive_dir, labels) -> dict:
 @pytest.fixture(scope="module")
 def evaluated(ingest_dir, clive_dir, clive_split_labels, tmp_path_factory):
     from qualiclip.checkpoint import save_checkpoint
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
 
     work = tmp_path_factory.mktemp("eval")
     ckpt = save_checkpoint(create_model(ModelConfig(seed=1)), work / "checkpoint")
-    params = {
+    params = {  # the model section is not evaluate's: the checkpoint (seed 1) carries its own config
         "model": {"name": "qualiclip-tiny-rn", "pretrained": None, "seed": 0},
         "tracking": {"backend": "none"},
         "evaluate": {"distortions": ["gaussian_blur", "white_noise", "jpeg"], "batch_size": 8, "device": "cpu",
@@ -112,6 +112,18 @@ def test_dataset_scores_csv_matches_the_scorer(evaluated, clive_dir):
     assert rows[0]["score"] != rows[0]["baseline_score"]
 
 
+def test_baseline_is_built_from_the_checkpoints_own_config(evaluated):
+    """params.yaml's model section says seed 0; the checkpoint was trained from seed 1: the baseline
+    is the checkpoint's starting point, so its scores are those of the seed-1 backbone."""
+    from qualiclip.scoring import score_paths
+
+    row = next(csv.DictReader(open(evaluated / "scores_clive.csv")))
+    own, params = (score_paths([row["path"]], baseline_model(ModelConfig(seed=s)), resize_short=96)[0].score
+                   for s in (1, 0))
+    assert float(row["baseline_score"]) == pytest.approx(own, abs=2e-6)
+    assert abs(own - params) > 1e-4
+
+
 def test_csvs_and_plots_are_written(evaluated):
     per = list(csv.DictReader(open(evaluated / "per_distortion.csv")))
     assert [list(r) for r in per][0] == ["distortion", "srcc", "srcc_within"] and len(per) == 3
@@ -137,8 +149,3 @@ def test_dataset_spec_errors_name_the_fix(clive_dir, clive_split_labels):
     bad = {**clive_spec(clive_dir, clive_split_labels), "label": "synthetic"}
     with pytest.raises(EvaluateError, match="label"):
         load_dataset_spec(bad)
-
-
-def test_config_knows_precision_and_datasets():
-    cfg = EvaluateConfig(precision="bf16", datasets=({"name": "clive", "root": "/x"},))
-    assert cfg.precision == "bf16"

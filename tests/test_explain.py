@@ -10,7 +10,6 @@ patches, putting each score back where its patch was — not the quality of a tr
 """
 from __future__ import annotations
 
-import argparse
 import csv
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from qualiclip.explain import QualityMap, add_explain_args, quality_map, run_explain, window_starts
+from qualiclip.explain import QualityMap, quality_map, window_starts
+from qualiclip.pipeline.cli import main
 from qualiclip.model import ModelConfig, QualiCLIP, create_model
 from qualiclip.scoring import score_arrays
 
@@ -126,11 +126,8 @@ def test_explain_cli_writes_map_and_csv(kodak_dir, tmp_path, capsys):
     ckpt = save_checkpoint(create_model(ModelConfig()), tmp_path / "ckpt")
     image = tmp_path / "small.png"
     Image.open(kodak_dir / "kodim01.png").resize((192, 128)).save(image)
-    parser = argparse.ArgumentParser()
-    add_explain_args(parser)
-    args = parser.parse_args([str(image), "--out", str(tmp_path / "map.png"), "--model", str(ckpt),
-                              "--patch", "64", "--stride", "32", "--csv", str(tmp_path / "p.csv")])
-    run_explain(args)
+    assert main(["explain", str(image), "--out", str(tmp_path / "map.png"), "--model", str(ckpt),
+                 "--patch", "64", "--stride", "32", "--csv", str(tmp_path / "p.csv")]) == 0
     assert (tmp_path / "map.png").stat().st_size > 5_000
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 3 * 5 and {r["size"] for r in rows} == {"64"}

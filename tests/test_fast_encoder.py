@@ -66,7 +66,7 @@ def test_onnx_export_scores_like_torch_in_onnxruntime(photos, tmp_path, capsys):
     import onnxruntime as ort
 
     from qualiclip.checkpoint import save_checkpoint
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
 
     model = discriminative(randomise_batchnorm(create_model(ModelConfig()).eval()), photos)
     checkpoint = save_checkpoint(model, tmp_path / "checkpoint")

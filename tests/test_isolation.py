@@ -24,12 +24,12 @@ def test_pipeline_runs_without_orchestrators(tmp_path):
     params = tiny_params([str(photos)], tracking__backend="auto", train__steps=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     script = BLOCKER + textwrap.dedent("""
-        from qualiclip import stages
+        from qualiclip.pipeline import stages
         stages.stage_ingest("params.yaml", "data/ingest")
         stages.stage_degrade("params.yaml", "data/ingest", "data/shards")
         stages.stage_train("params.yaml", "data/shards", "outputs/train")
         m = stages.stage_evaluate("params.yaml", "outputs/train/checkpoint", "data/ingest", "outputs/eval")
-        import qualiclip.cli, qualiclip.scoring, qualiclip.datasets, qualiclip.distortions  # noqa: F401
+        import qualiclip.pipeline.cli, qualiclip.scoring, qualiclip.datasets, qualiclip.distortions  # noqa: F401
         assert not any(n.split('.')[0] in {'prefect', 'dvc', 'mlflow'} for n in sys.modules), 'leaked import'
         print('SRCC', m['synthetic']['srcc'])
     """)

@@ -1,6 +1,7 @@
 """The training loader: exactly-once passes, shuffling, node/worker splits, corrupt and truncated shards."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import shutil
@@ -14,9 +15,10 @@ from conftest import make_photos
 from qualiclip.degrade import DegradeConfig, run_degrade
 from qualiclip.ingest import IngestConfig, run_ingest
 from qualiclip.loader import LoaderStats, iterate_batches
+from qualiclip.sampling import SampleConfig
 from qualiclip.shards import ShardError, decode_crops
 
-CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, crop=32, distortions=("gaussian_blur", "jpeg"))
+CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=("gaussian_blur", "jpeg")))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def shards(ingest_dir, tmp_path_factory) -> Path:
 def two_shards(ingest_dir, tmp_path_factory) -> Path:
     """2 shards (8 + 4 samples): fewer than the workers."""
     out = tmp_path_factory.mktemp("two")
-    run_degrade(DegradeConfig(**{**CFG.__dict__, "samples_per_shard": 8}), ingest_dir, out, progress=False)
+    run_degrade(dataclasses.replace(CFG, samples_per_shard=8), ingest_dir, out, progress=False)
     return out
 
 

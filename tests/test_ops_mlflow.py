@@ -6,15 +6,21 @@ registry entry plus the files the train and evaluate stages leave in a project.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlflow")
 
 from qualiclip.config import ConfigError  # noqa: E402
-from qualiclip.promotion import (  # noqa: E402
+from qualiclip.errors import QualiclipError  # noqa: E402
+from qualiclip.pipeline.promotion import (  # noqa: E402
     VERSION_FILE, PromotionConfig, PromotionError, dvc_data_version, is_better, metric_value, promote_project,
 )
+
+
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +29,7 @@ def store(tmp_path_factory):
     from mlflow import MlflowClient
 
     project = tmp_path_factory.mktemp("registry")
+    shutil.copy(DVC_YAML, project)  # promote reads the stage paths from it
     uri = f"sqlite:///{project / 'mlflow.db'}"
     return project, MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -109,6 +116,7 @@ def test_dry_run_changes_nothing(store):
 
 
 def test_clear_errors(store, tmp_path):
+    shutil.copy(DVC_YAML, tmp_path)
     with pytest.raises(PromotionError, match=r"metric 'synthetic.sroc' not in .*have: .*synthetic.srcc"):
         metric_value({"synthetic": {"srcc": 0.1}}, "synthetic.sroc")
     (tmp_path / "params.yaml").write_text("promotion: {metrc: x}\n")
@@ -120,10 +128,13 @@ def test_clear_errors(store, tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     with pytest.raises(PromotionError, match="run the evaluate stage first"):
         promote_project(tmp_path)
+    (tmp_path / "dvc.yaml").unlink()
+    with pytest.raises(QualiclipError, match="no dvc.yaml at"):
+        promote_project(tmp_path)
 
 
 def test_data_version_is_the_dvc_lock_hash_of_the_shards(tmp_path):
-    assert dvc_data_version(tmp_path) is None
+    assert dvc_data_version(tmp_path, "data/shards") is None
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: data/shards\n      md5: abc123.dir\n")
-    assert dvc_data_version(tmp_path) == "abc123"
+    assert dvc_data_version(tmp_path, "data/shards") == "abc123"

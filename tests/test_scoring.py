@@ -147,7 +147,7 @@ def test_load_scorer_reads_only_the_image_encoder(checkpoint, model, images):
 
 
 def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images, tmp_path, capsys):
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -190,7 +190,7 @@ def model_from(checkpoint):
 
 
 def test_cli_errors_name_the_fix(checkpoint, tmp_path, capsys):
-    from qualiclip.cli import main
+    from qualiclip.pipeline.cli import main
 
     assert main(["score", str(tmp_path), "--model", str(checkpoint), "--out", str(tmp_path / "s.csv")]) == 2
     assert "no images found" in capsys.readouterr().err

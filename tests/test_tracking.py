@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from qualiclip.tracking import PIPELINE_ENV, Tracker, flatten, get_tracker, pipeline_id
+from qualiclip.pipeline.tracking import PIPELINE_ENV, get_tracker, pipeline_id
+from qualiclip.tracking import Tracker
 
 BLOCK_ORCHESTRATION = """
 import sys
@@ -15,12 +16,15 @@ class Block:
         if name.split('.')[0] in {'mlflow', 'prefect', 'dvc'}:
             raise ImportError(f'{name} blocked for this test')
 sys.meta_path.insert(0, Block())
-import qualiclip.stages, qualiclip.promotion, qualiclip.scoring, qualiclip.checkpoint, qualiclip.cli
-from qualiclip.tracking import get_tracker, Tracker
+import qualiclip.pipeline.stages, qualiclip.pipeline.promotion, qualiclip.scoring, qualiclip.checkpoint
+import qualiclip.pipeline.cli, qualiclip.pipeline.score_cli, qualiclip.pipeline.explain_cli
+from qualiclip.errors import QualiclipError
+from qualiclip.pipeline.tracking import get_tracker
+from qualiclip.tracking import Tracker
 assert type(get_tracker('auto')) is Tracker
 try:
     get_tracker('mlflow')
-except RuntimeError as exc:
+except QualiclipError as exc:
     assert 'not installed' in str(exc)
 else:
     raise SystemExit('mlflow backend did not fail')
@@ -44,6 +48,9 @@ def test_noop_tracker_accepts_every_call(tmp_path):
 
 
 def test_flatten_nests_with_dots_and_stringifies_lists():
+    pytest.importorskip("mlflow")
+    from qualiclip.pipeline.tracking_mlflow import flatten
+
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": 1, "a.c.d": None, "e": "[1, 2]"}
 
 
@@ -61,7 +68,7 @@ def test_pipeline_id_from_env_else_params_hash(tmp_path, monkeypatch):
 
 def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    from qualiclip.tracking_mlflow import MlflowTracker, tracking_uri
+    from qualiclip.pipeline.tracking_mlflow import MlflowTracker, tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -29,12 +29,13 @@ def build_shards(root: Path) -> Path:
     """Two tiny shards (4 samples each, 64 px crops) from 4 synthetic photos, via ingest + degrade."""
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.ingest import IngestConfig, run_ingest
+    from qualiclip.sampling import SampleConfig
 
     make_photos(root / "photos", n=4, size=(80, 96))
     run_ingest(IngestConfig(sources=(str(root / "photos"),), min_size=64, val_fraction=0.0, workers=1),
                root / "ingest", progress=False)
-    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1, crop=64,
-                        distortions=("gaussian_blur", "white_noise", "jpeg", "brighten"))
+    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1,
+                        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
     run_degrade(cfg, root / "ingest", root / "shards", progress=False)
     return root / "shards"
 
@@ -54,6 +55,19 @@ class RecordingTracker(Tracker):
 
 def random_batch(b: int = 2, size: int = 64) -> torch.Tensor:
     return torch.randint(0, 256, (b, 2, 5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_resume_key_is_that_of_earlier_versions():
+    """A train state written before the loss weights became `TrainConfig.loss` (same params) resumes."""
+    import yaml
+
+    from qualiclip.config import build_config
+    from qualiclip.train import resume_key
+
+    assert resume_key(TrainConfig(steps=200, checkpoint_every=0), ModelConfig(), 1) == "41f9c972af6f4cd4"
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    shipped = build_config(TrainConfig, params["train"], where="train"), build_config(ModelConfig, params["model"], where="model")
+    assert resume_key(*shipped, 1) == "f307d9b618c0d631"
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

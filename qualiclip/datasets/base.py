@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import QualiclipError
 
-class DatasetError(ValueError):
+
+class DatasetError(QualiclipError, ValueError):
     """A dataset that cannot be read as asked: unknown name, bad option, broken layout."""
 
 

@@ -2,10 +2,14 @@
 
     d = get_distortion("gaussian_blur")
     state = d.draw(rng, h, w)              # the random parts, once per crop
-    levels = [d.apply(img, l, state) for l in range(1, 6)]
+    levels = [d.apply(img, l, state) for l in LEVELS]   # LEVELS = (1, 2, 3, 4, 5)
+    to_uint8(levels[0])                    # [0, 1] float -> uint8, rounded
 """
+from ._ops import to_uint8
+from .grid import contact_sheet, save_contact_sheet
 from .registry import (
     GROUPS,
+    LEVELS,
     N_LEVELS,
     Distortion,
     UnknownDistortionError,
@@ -15,6 +19,7 @@ from .registry import (
 
 __all__ = [
     "GROUPS",
+    "LEVELS",
     "N_LEVELS",
     "Distortion",
     "UnknownDistortionError",
@@ -22,13 +27,5 @@ __all__ = [
     "get_distortion",
     "list_distortions",
     "save_contact_sheet",
+    "to_uint8",
 ]
-
-
-def __getattr__(name: str):
-    # The contact sheet pulls in Pillow drawing; import it only when asked for.
-    if name in ("contact_sheet", "save_contact_sheet"):
-        from . import grid
-
-        return getattr(grid, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

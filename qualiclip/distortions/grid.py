@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .registry import N_LEVELS, get_distortion, list_distortions
+from ._ops import to_uint8
+from .registry import LEVELS, N_LEVELS, get_distortion, list_distortions
 
 GAP, LABEL_WIDTH, HEADER_HEIGHT, FONT_SIZE = 4, 215, 24, 14
 
@@ -37,7 +38,7 @@ def _row(pristine: np.ndarray, name: str, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng([seed, list_distortions().index(name)])
     x = pristine.astype(np.float32) / 255.0
     state = d.draw(rng, *x.shape[:2])
-    return [pristine] + [np.rint(d.apply(x, lvl, state) * 255.0).astype(np.uint8) for lvl in range(1, N_LEVELS + 1)]
+    return [pristine] + [to_uint8(d.apply(x, lvl, state)) for lvl in LEVELS]
 
 
 def contact_sheet(image: np.ndarray, names: list[str] | None = None, crop: int = 128, seed: int = 0) -> np.ndarray:

@@ -12,15 +12,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import QualiclipError
 from . import _ops, blur, brightness, color, compression, noise, sharpness, spatial
 
-N_LEVELS = 5
+N_LEVELS = 5  # the degradation model's intensity levels: the one home of this number
+LEVELS: tuple[int, ...] = tuple(range(1, N_LEVELS + 1))  # level numbers, 1 = least degraded
 
 ApplyFn = Callable[[np.ndarray, Any, Any], np.ndarray]
 DrawFn = Callable[[np.random.Generator, int, int], Any]
 
 
-class UnknownDistortionError(KeyError, ValueError):
+class UnknownDistortionError(QualiclipError, KeyError, ValueError):
     """A distortion or group name that is not in the registry."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

@@ -10,22 +10,22 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
+
+from ..checkpoint import load_checkpoint
+from ..imageio import decode_image, read_image
+from ..scoring import inference_copy, score_arrays
+
+# The qualiclip package folder: logged with the model, so the server imports this module from it.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from .checkpoint import load_checkpoint
-        from .scoring import inference_copy
-
         # the scoring copy (folded BatchNorm, no text tower) once, not on every request
         self.model = inference_copy(load_checkpoint(context.artifacts["checkpoint"]))
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        from .imageio import decode_image, read_image
-        from .scoring import score_arrays
-
         if "image" in model_input.columns:
             images = [decode_image(base64.b64decode(b)).pixels for b in model_input["image"]]
         elif "path" in model_input.columns:
@@ -46,6 +46,6 @@ def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
         python_model=QualiCLIPPyfunc(),
         artifacts={"checkpoint": str(checkpoint_dir)},
         pip_requirements=requirements(),
-        code_paths=[str(Path(__file__).parent)],
+        code_paths=[str(PACKAGE_DIR)],
         registered_model_name=registered_model_name,
     )

@@ -8,7 +8,7 @@ shard folder where ``dvc.lock`` exists) and its evaluation metrics (``eval.<metr
 registry alone can compare versions. The alias moves only when the primary metric is strictly
 better than the champion's by more than ``min_improvement``, or when there is no champion.
 
-mlflow is imported only through `qualiclip.tracking_mlflow`; the decision logic is plain Python.
+The decision logic is plain Python; mlflow is imported only to open the registry.
 """
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import yaml
 
-from .config import build_config, load_params
+from ..checkpoint import read_metadata
+from ..config import build_config, load_params
+from ..errors import QualiclipError
+from .paths import stage_paths
+from .tracking import VERSION_FILE, TrackingConfig
 
-VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id"}
-METRIC_TAG = "eval."                    # version tag prefix of the evaluation metrics
-# Defaults are the paths of dvc.yaml; `qualiclip promote` takes them as flags.
-CHECKPOINT, METRICS, SHARDS = "outputs/train/checkpoint", "outputs/eval/metrics.json", "data/shards"
+METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 
 
-class PromotionError(RuntimeError):
+class PromotionError(QualiclipError, RuntimeError):
     """Promotion cannot decide: a missing metric, no registered version, an unreadable file."""
 
 
@@ -89,7 +90,7 @@ def is_better(new: float, champion: float | None, cfg: PromotionConfig) -> bool:
     return gain > cfg.min_improvement
 
 
-def dvc_data_version(project_dir: Path, shards: str = SHARDS) -> str | None:
+def dvc_data_version(project_dir: Path, shards: str) -> str | None:
     """The md5 that ``dvc.lock`` records for the shard folder (train's dep, else degrade's out)."""
     lock = Path(project_dir) / "dvc.lock"
     if not lock.is_file():
@@ -111,20 +112,8 @@ def version_tags(meta: dict, data_version: str | None, metrics: dict) -> dict[st
     return tags
 
 
-def write_version_file(train_out: Path, name: str, version: str | None, run_id: str | None = None) -> Path:
-    """What the train stage registered, beside its checkpoint (``version`` None: nothing registered).
-
-    Always written, so a DVC ``outs`` entry for it exists whether or not tracking is on.
-    """
-    path = Path(train_out) / VERSION_FILE
-    path.write_text(json.dumps({"name": name, "version": version, "run_id": run_id}, indent=2) + "\n")
-    return path
-
-
 def find_version(client, name: str, checkpoint: Path) -> str:
     """The registered version of ``checkpoint``: its version file, else matching version tags."""
-    from .checkpoint import read_metadata
-
     vfile = Path(checkpoint).parent / VERSION_FILE
     if vfile.is_file():
         info = json.loads(vfile.read_text())
@@ -175,25 +164,30 @@ def decide(client, name: str, version: str, value: float, cfg: PromotionConfig, 
     return Decision(name, version, promoted, cfg.metric, value, champ, champ_value, reason)
 
 
-def promote_project(project_dir: str | Path = ".", params_file: str = "params.yaml", *, checkpoint: str = CHECKPOINT,
-                    metrics_file: str = METRICS, shards: str = SHARDS, dry_run: bool = False) -> Decision:
-    """Tag the version trained in ``project_dir`` with its evaluation and promote it if better."""
-    from .checkpoint import read_metadata
-    from .stages import TrackingConfig
+def promote_project(project_dir: str | Path = ".", params_file: str = "params.yaml", *, checkpoint: str | None = None,
+                    metrics_file: str | None = None, shards: str | None = None, dry_run: bool = False) -> Decision:
+    """Tag the version trained in ``project_dir`` with its evaluation and promote it if better.
 
+    The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`).
+    """
     project = Path(project_dir)
     params = load_params(project / params_file)
     cfg = build_config(PromotionConfig, params.get("promotion"), where="promotion")
     tracking = build_config(TrackingConfig, params.get("tracking"), where="tracking")
     if tracking.backend == "none":
         raise PromotionError("tracking.backend is 'none' in params.yaml: no model version was registered to promote")
+    if None in (checkpoint, metrics_file, shards):  # the paths dvc.yaml names
+        paths = stage_paths(project)
+        checkpoint = checkpoint or paths.checkpoint
+        metrics_file = metrics_file or paths.metrics
+        shards = shards or paths.shards
     mfile = project / metrics_file
     if not mfile.is_file():
         raise PromotionError(f"no evaluation metrics at {mfile} — run the evaluate stage first (dvc repro)")
     metrics = json.loads(mfile.read_text())
     value = metric_value(metrics, cfg.metric)  # fail before touching the registry
 
-    from .tracking_mlflow import registry_client
+    from .tracking_mlflow import registry_client  # mlflow: optional, and seconds to import
 
     client = registry_client(project)
     name = tracking.registered_model
@@ -203,24 +197,3 @@ def promote_project(project_dir: str | Path = ".", params_file: str = "params.ya
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
     return decide(client, name, version, value, cfg, dry_run=dry_run)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: `qualiclip promote`
-
-
-def add_promote_args(sp) -> None:
-    sp.add_argument("--params", default="params.yaml", help="params file, relative to --project")
-    sp.add_argument("--project", default=".", help="project folder (holds dvc.lock and the default mlflow.db)")
-    sp.add_argument("--model", default=CHECKPOINT, help="checkpoint folder the train stage wrote")
-    sp.add_argument("--metrics", default=METRICS, help="metrics.json the evaluate stage wrote")
-    sp.add_argument("--shards", default=SHARDS, help="shard folder, to read its hash from dvc.lock")
-    sp.add_argument("--dry-run", action="store_true", help="decide and print, change nothing in the registry")
-    sp.add_argument("--json", action="store_true", help="print the decision as JSON")
-
-
-def run_promote(args) -> Decision:
-    d = promote_project(args.project, args.params, checkpoint=args.model, metrics_file=args.metrics,
-                        shards=args.shards, dry_run=args.dry_run)
-    print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
-    return d

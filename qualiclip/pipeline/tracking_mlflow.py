@@ -1,4 +1,8 @@
-"""MLflow implementation of `Tracker`: the only module that imports mlflow."""
+"""MLflow implementation of `Tracker`, and the project's tracking store and registry client.
+
+With `serving` (the pyfunc model it logs), the place where mlflow is imported at module level;
+`promotion` and `score_cli` import it only when a registry or a ``models:/`` URI is used.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +13,7 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .tracking import Tracker, flatten
+from ..tracking import Tracker
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # the embedded default store, in the project folder
 
@@ -84,7 +88,7 @@ class MlflowTracker(Tracker):
 
     def log_model(self, checkpoint_dir: Path, *, register_as: str | None, description: str, tags: dict[str, str]) -> str | None:
         """Log the checkpoint as a pyfunc model; register a version carrying ``tags``; return it."""
-        from .serving import log_pyfunc
+        from .serving import log_pyfunc  # imports torch and open_clip: only the train stage logs a model
 
         info = log_pyfunc(checkpoint_dir, registered_model_name=register_as)
         if not register_as:
@@ -94,6 +98,18 @@ class MlflowTracker(Tracker):
         for k, v in tags.items():
             self.client.set_model_version_tag(register_as, version, k, str(v))
         return version
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become strings (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
 
 
 def tracking_uri(project_dir: str | Path = ".") -> str:

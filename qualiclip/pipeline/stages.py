@@ -2,43 +2,34 @@
 
 The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage has one body.
 Each builds its typed configs from params.yaml, runs the library stage inside a tracker run,
-and logs params, metrics and pictures.
+and logs params, metrics and pictures. The train and evaluate stages import the torch-based
+library modules when they run: ingest and degrade (and their spawned shard workers) do not
+need torch and open_clip, which take seconds to import.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
-from typing import Literal
 
-from .config import build_config, config_dict, load_params, params_hash
+from ..config import build_config, config_dict, load_params, params_hash
+from ..degrade import DegradeConfig, run_degrade
+from ..distortions import save_contact_sheet
+from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
+from ..plots import plot_loss_curves
+from ..shards import INDEX_FILE, read_index
+from ..tracking import Tracker
+from .tracking import TrackingConfig, get_tracker, write_version_file
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
-    backend: Literal["auto", "mlflow", "none"] = "auto"
-    experiment: str = "qualiclip"
-    registered_model: str = "qualiclip"
-
-
-def _tracker(params: dict, params_file: str):
-    from .tracking import get_tracker
-
+def _tracker(params: dict, params_file: str) -> tuple[Tracker, TrackingConfig]:
     t = build_config(TrackingConfig, params.get("tracking"), where="tracking")
     return get_tracker(t.backend, experiment=t.experiment, params_file=Path(params_file)), t
 
 
-def _model_cfg(params: dict):
-    from .model import ModelConfig
-
-    return build_config(ModelConfig, params.get("model"), where="model")
-
-
 def stage_ingest(params_file: str, out: str) -> dict:
-    from .ingest import IngestConfig, run_ingest
-
     params = load_params(params_file)
     cfg = build_config(IngestConfig, params.get("ingest"), where="ingest")
     tracker, _ = _tracker(params, params_file)
@@ -54,8 +45,6 @@ def stage_ingest(params_file: str, out: str) -> dict:
 
 
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
-    from .degrade import DegradeConfig, run_degrade
-
     params = load_params(params_file)
     cfg = build_config(DegradeConfig, params.get("degrade"), where="degrade")
     tracker, _ = _tracker(params, params_file)
@@ -65,36 +54,30 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
         tracker.log_metrics({"degrade.shards": result.shards, "degrade.samples": result.samples,
                              "degrade.bytes_per_sample": result.bytes / max(1, result.samples)})
         if tracker.enabled:
-            tracker.log_figure(_contact_sheet_for(Path(ingest), Path(out)))
+            tracker.log_figure(_contact_sheet_for(Path(ingest)))
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")
     return {"samples": result.samples, "shards": result.shards, "bytes": result.bytes}
 
 
-def _contact_sheet_for(ingest_dir: Path, out_dir: Path) -> Path:
+def _contact_sheet_for(ingest_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
-    import tempfile
-
-    from .degrade import load_image, read_manifest
-    from .distortions import save_contact_sheet
-
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
-    save_contact_sheet(load_image(str(ingest_dir / "images"), first), out)
+    save_contact_sheet(load_image(images_dir(ingest_dir), first), out)
     return out
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from .shards import INDEX_FILE, read_index
-    from .train import TrainConfig, run_train
+    from ..model import ModelConfig  # torch: see the module docstring
+    from ..train import TrainConfig, run_train
 
     params = load_params(params_file)
     cfg = build_config(TrainConfig, params.get("train"), where="train")
-    model_cfg = _model_cfg(params)
+    model_cfg = build_config(ModelConfig, params.get("model"), where="model")
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
     tracker, tcfg = _tracker(params, params_file)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 tracks and registers
-        from .tracking import Tracker
-
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
+    if not main_process:
         tracker = Tracker()
     phash = params_hash(model_cfg, cfg)
     data_version = hashlib.sha256((Path(shards) / INDEX_FILE).read_bytes()).hexdigest()[:12]
@@ -103,8 +86,6 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     with tracker.run("train", tags={"qualiclip.params_hash": phash, "qualiclip.data_version": data_version}):
         tracker.log_params({"model": config_dict(model_cfg), "train": config_dict(cfg)})
         result = run_train(cfg, model_cfg, Path(shards), Path(out), tracker=tracker, metadata=meta)
-        from .plots import plot_loss_curves
-
         tracker.log_figure(plot_loss_curves(Path(out) / "train_log.csv", Path(out) / "loss_curves.png"))
         if tracker.enabled:
             version = tracker.log_model(
@@ -113,25 +94,22 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
                 tags={"params_hash": phash, "data_version": data_version, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {version}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        from .promotion import write_version_file
-
+    if main_process:
         write_version_file(Path(out), tcfg.registered_model, version, getattr(tracker, "run_id", None))
     print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
     return {"checkpoint": str(result.checkpoint), "final": result.final, "model_version": version, "params_hash": phash}
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
-    from .checkpoint import load_checkpoint
-    from .evaluate import EvaluateConfig, run_evaluate
+    from ..checkpoint import load_checkpoint  # torch: see the module docstring
+    from ..evaluate import EvaluateConfig, run_evaluate
 
     params = load_params(params_file)
     cfg = build_config(EvaluateConfig, params.get("evaluate"), where="evaluate")
-    model_cfg = _model_cfg(params)
     tracker, _ = _tracker(params, params_file)
     with tracker.run("evaluate"):
         tracker.log_params({"evaluate": config_dict(cfg)})
-        metrics = run_evaluate(cfg, load_checkpoint(model), model_cfg, Path(ingest), Path(out))
+        metrics = run_evaluate(cfg, load_checkpoint(model), Path(ingest), Path(out))
         tracker.log_metrics(metrics)
         for png in sorted((Path(out) / "plots").glob("*.png")):
             tracker.log_figure(png)
@@ -143,5 +121,3 @@ def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
 
 def _numbers(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, dict)) and not isinstance(v, bool)}
-
-

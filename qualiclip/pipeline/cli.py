@@ -1,0 +1,198 @@
+"""The ``qualiclip`` command line: the pipeline stages (as DVC calls them) and user tools.
+
+Argparse lives here only: each command turns its arguments into typed values and calls one
+function. The modules behind ``score``, ``explain``, ``promote``, ``export-official`` and
+``export-onnx`` are imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
+``ingest``, ``degrade`` and ``distortions`` do not need.
+
+``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import skimage.data
+
+from ..distortions import GROUPS, save_contact_sheet
+from ..errors import QualiclipError
+from ..imageio import DEFAULT_MAX_PIXELS
+from . import stages
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    paths = {k: getattr(args, k) for k in ("ingest", "shards", "model", "out") if getattr(args, k, None)}
+    getattr(stages, f"stage_{args.command}")(args.params, **paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# User tools
+
+
+def model_options(args: argparse.Namespace):
+    """The shared model options of ``score`` and ``explain`` as their typed value."""
+    from .score_cli import ModelOptions  # torch and open_clip: see the module docstring
+
+    return ModelOptions(model=args.model, device=args.device, precision=args.precision, threads=args.threads)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .score_cli import run_score
+
+    run_score(args.paths, Path(args.out), model_options(args), batch_size=args.batch_size,
+              max_pixels=args.max_pixels, progress=not args.no_progress)
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .explain_cli import run_explain
+
+    run_explain(args.image, Path(args.out), model_options(args), patch=args.patch, stride=args.stride,
+                batch_size=args.batch_size, csv_out=Path(args.csv) if args.csv else None)
+
+
+def cmd_distortions(args: argparse.Namespace) -> None:
+    if args.list or not args.grid:
+        for group, names in GROUPS.items():
+            for name in names:
+                print(f"{name}\t{group}")
+    if args.grid:
+        source = args.image if args.image is not None else skimage.data.astronaut()
+        out = save_contact_sheet(source, Path(args.grid), names=args.types or None, seed=args.seed)
+        print(f"wrote {out}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from .promotion import promote_project
+
+    d = promote_project(args.project, args.params, checkpoint=args.model, metrics_file=args.metrics,
+                        shards=args.shards, dry_run=args.dry_run)
+    print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
+
+
+def cmd_export_official(args: argparse.Namespace) -> None:
+    from ..checkpoint import export_official, load_checkpoint
+
+    out = export_official(load_checkpoint(args.model), Path(args.out))
+    print(f"wrote {out} (official QualiCLIP format)")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ..onnx_export import export_onnx
+    from ..scoring import load_scorer
+
+    out = export_onnx(load_scorer(Path(args.model)), Path(args.out))
+    print(f"wrote {out} (uint8 (N, H, W, 3) RGB in, score out; docs/evaluation.md)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def add_stage_parsers(sub) -> None:
+    def stage(name, *paths):
+        sp = sub.add_parser(name, help=f"the {name} stage (as dvc.yaml runs it)")
+        sp.add_argument("--params", default="params.yaml")
+        for flag, help_ in paths:
+            sp.add_argument(flag, required=True, help=help_)
+        sp.set_defaults(fn=cmd_stage)
+
+    stage("ingest", ("--out", "output folder"))
+    stage("degrade", ("--ingest", "ingest output folder"), ("--out", "shard folder"))
+    stage("train", ("--shards", "shard folder"), ("--out", "output folder (checkpoint/, train_log.csv)"))
+    stage("evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder"))
+
+
+def add_model_args(sp: argparse.ArgumentParser) -> None:
+    """Options shared by ``score`` and ``explain``: which model, where, how precise."""
+    sp.add_argument("--model", default=None,
+                    help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, "
+                         "runs:/ID/model); default: the checkpoint dvc.yaml's evaluate stage evaluates")
+    sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="bf16/fp16 autocast: faster on GPU (fp16 GPU only); scores differ by ~1e-3")
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def add_score_parser(sub) -> None:
+    sp = sub.add_parser("score", help="score images, folders or list files to CSV/JSON")
+    sp.add_argument("paths", nargs="+",
+                    help="image files, folders (recursive), or .txt/.lst/.list files (one path per line, "
+                         "relative paths taken from the list file's folder, '#' comments)")
+    sp.add_argument("--out", required=True, help="scores.csv or scores.json")
+    add_model_args(sp)
+    sp.add_argument("--batch-size", type=int, default=8,
+                    help="images of equal size scored together (capped at 0.8 MP per batch to bound memory)")
+    sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    sp.set_defaults(fn=cmd_score)
+
+
+def add_explain_parser(sub) -> None:
+    sp = sub.add_parser("explain", help="quality map: per-patch scores as a heat map over the image")
+    sp.add_argument("image", help="the image to explain")
+    sp.add_argument("--out", required=True, help="the heat map, e.g. map.png")
+    add_model_args(sp)
+    sp.add_argument("--patch", type=int, default=224, help="window side in pixels (224: CLIP's training size)")
+    sp.add_argument("--stride", type=int, default=112, help="window step in pixels (smaller: finer map, slower)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--csv", help="also write the patch scores (y, x, size, score) to this CSV")
+    sp.set_defaults(fn=cmd_explain)
+
+
+def add_tool_parsers(sub) -> None:
+    sp = sub.add_parser("distortions", help="list the distortion types or render a contact sheet")
+    sp.add_argument("--list", action="store_true", help="print 'name<TAB>group', one per line")
+    sp.add_argument("--grid", metavar="OUT.png", help="write a contact sheet (rows = types, columns = levels)")
+    sp.add_argument("--image", help="source image for --grid (default: scikit-image's astronaut)")
+    sp.add_argument("--types", nargs="*", help="only these types")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_distortions)
+
+    sp = sub.add_parser("promote", help="tag the new model version with its evaluation; move the champion alias if better")
+    sp.add_argument("--params", default="params.yaml", help="params file, relative to --project")
+    sp.add_argument("--project", default=".", help="project folder (holds dvc.yaml, dvc.lock and the default mlflow.db)")
+    sp.add_argument("--model", help="checkpoint folder the train stage wrote (default: from dvc.yaml)")
+    sp.add_argument("--metrics", help="metrics.json the evaluate stage wrote (default: from dvc.yaml)")
+    sp.add_argument("--shards", help="shard folder, to read its hash from dvc.lock (default: from dvc.yaml)")
+    sp.add_argument("--dry-run", action="store_true", help="decide and print, change nothing in the registry")
+    sp.add_argument("--json", action="store_true", help="print the decision as JSON")
+    sp.set_defaults(fn=cmd_promote)
+
+    sp = sub.add_parser("export-official", help="write a checkpoint in the official QualiCLIP .pth format")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_export_official)
+
+    sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
+    sp.add_argument("--model", required=True, help="checkpoint folder or official .pth")
+    sp.add_argument("--out", required=True, help="output .onnx file")
+    sp.set_defaults(fn=cmd_export_onnx)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qualiclip", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_stage_parsers(sub)
+    add_score_parser(sub)
+    add_explain_parser(sub)
+    add_tool_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback
+        print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Where the stages read and write, read from dvc.yaml: the one home of the stage paths.
+
+dvc.yaml names every path once, as an argument of its stage's command
+(``qualiclip train --shards data/shards --out outputs/train``). The Prefect flows,
+``qualiclip promote`` and ``qualiclip score`` take their default paths from those arguments, so
+a path changed in dvc.yaml is changed everywhere.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import QualiclipError
+
+DVC_FILE = "dvc.yaml"
+
+
+class StagePathError(QualiclipError, ValueError):
+    """dvc.yaml is missing, or a stage command lacks the argument a default is read from."""
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The pipeline's paths, relative to the project folder, as dvc.yaml's stage commands name them."""
+
+    ingest: str      # ingest --out
+    shards: str      # degrade --out
+    train: str       # train --out
+    checkpoint: str  # evaluate --model: the checkpoint that is evaluated and promoted
+    evaluate: str    # evaluate --out
+    metrics: str     # the evaluate stage's metrics file
+
+
+def stage_paths(project_dir: str | Path = ".") -> StagePaths:
+    """The stage paths of the project at ``project_dir``, from its dvc.yaml."""
+    dvc_file = Path(project_dir) / DVC_FILE
+    stages = _read_stages(dvc_file)
+
+    def argument(stage: str, flag: str) -> str:
+        words = shlex.split(str(_stage(stages, stage, dvc_file).get("cmd", "")))
+        for i, word in enumerate(words[:-1]):
+            if word == flag:
+                return words[i + 1]
+        raise StagePathError(f"{dvc_file}: the '{stage}' stage's cmd has no '{flag} PATH' argument")
+
+    ingest, shards, train = argument("ingest", "--out"), argument("degrade", "--out"), argument("train", "--out")
+    checkpoint, evaluate = argument("evaluate", "--model"), argument("evaluate", "--out")
+    metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stages["evaluate"].get("metrics", [])]
+    if not metrics:
+        raise StagePathError(f"{dvc_file}: the evaluate stage lists no metrics file")
+    return StagePaths(ingest, shards, train, checkpoint, evaluate, str(metrics[0]))
+
+
+def _read_stages(dvc_file: Path) -> dict:
+    if not dvc_file.is_file():
+        raise StagePathError(f"no {DVC_FILE} at {dvc_file} — run from the project folder (or pass --project), "
+                             "or give the paths explicitly")
+    stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages")
+    if not isinstance(stages, dict):
+        raise StagePathError(f"{dvc_file} has no 'stages' mapping")
+    return stages
+
+
+def _stage(stages: dict, name: str, dvc_file: Path) -> dict:
+    if not isinstance(stages.get(name), dict):
+        raise StagePathError(f"{dvc_file} has no '{name}' stage (stages: {', '.join(stages) or 'none'})")
+    return stages[name]
