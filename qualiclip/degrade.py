@@ -66,7 +66,7 @@ class DegradeConfig:
     variants: int = 24  # samples per pristine image
     samples_per_shard: int = 32
     workers: int = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "png"
+    encoding: Literal["png", "webp", "npy"] = "webp"
     split: str = "train"  # which ingest split to degrade
     sample: SampleConfig = field(default_factory=SampleConfig)
 

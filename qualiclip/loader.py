@@ -76,7 +76,7 @@ def _shard_samples(url: str, expected: int, entry: dict | None = None) -> Iterat
     name, n = Path(url).name, 0
     # Checked against its index entry before any sample is used: one more sequential read, which
     # leaves the shard in the page cache for the parse that follows (sha256 ~1 GB/s, against
-    # ~50 MB/s of PNG decoding per worker).
+    # ~50 MB/s of crop decoding per worker).
     if entry is not None and (problem := shard_problem(Path(url), entry)):
         yield {"__key__": name, "__fatal__": f"{name} does not match its index entry (it {problem}): replaced, "
                                              "damaged or from another run"}

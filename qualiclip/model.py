@@ -87,7 +87,7 @@ class AttentionPool(nn.Module):
         x = x.flatten(2).permute(2, 0, 1)  # (HW, N, C)
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1, N, C)
         if self.mode == "interpolate":
-            x = x + self._resized_pos(h, w).to(x.dtype)[:, None, :]
+            x = x + resized_positional_embedding(self.positional_embedding, h, w).to(x.dtype)[:, None, :]
         out, _ = F.multi_head_attention_forward(
             query=x[:1], key=x, value=x, embed_dim_to_check=c, num_heads=self.num_heads,
             q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
@@ -99,12 +99,13 @@ class AttentionPool(nn.Module):
         )
         return out[0]  # (N, output_dim)
 
-    def _resized_pos(self, h: int, w: int) -> torch.Tensor:
-        pos = self.positional_embedding
-        side = int(round((pos.shape[0] - 1) ** 0.5))
-        grid = pos[1:].T.reshape(1, -1, side, side)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.reshape(pos.shape[1], h * w).T], dim=0)
+
+def resized_positional_embedding(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(1 + S*S, C) embedding of an S x S grid -> (1 + h*w, C): the grid resized bicubically."""
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    grid = pos[1:].T.reshape(1, -1, side, side)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.reshape(pos.shape[1], h * w).T], dim=0)
 
 
 class QualiCLIP(nn.Module):
@@ -133,14 +134,17 @@ class QualiCLIP(nn.Module):
         return self.clip.visual
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """RGB in [0,1] -> CLIP-normalised input, same shape and dtype."""
+        """RGB in [0,1] (or uint8) -> CLIP-normalised input, same shape, float dtype."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def encode(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
-        """(N, 3, H, W) in [0,1] -> L2-normalised float32 image features (N, D).
+        """(N, 3, H, W) in [0,1] (or uint8) -> L2-normalised float32 image features (N, D).
 
         ``encoder`` replaces ``self.visual`` for the forward pass; training passes its
-        DistributedDataParallel / compiled wrapper of the same module.
+        DistributedDataParallel / compiled wrapper of the same module. An encoder with
+        ``normalizes_input`` (the scoring `FastEncoder`) gets the pixels as they are.
         """
         encoder = encoder if encoder is not None else self.clip.visual
         if min(x.shape[-2:]) < self.min_side:
@@ -148,12 +152,16 @@ class QualiCLIP(nn.Module):
                 f"image of {x.shape[-2]}x{x.shape[-1]} px: a ResNet image encoder needs at least {MIN_SIDE} px "
                 "on each side (five stride-2 stages). Fix: upscale small images before scoring."
             )
-        return F.normalize(encoder(self.normalize(x)).float(), dim=-1)
+        x = x if getattr(encoder, "normalizes_input", False) else self.normalize(x)
+        return F.normalize(encoder(x).float(), dim=-1)
 
     @property
     def min_side(self) -> int:
-        """The shortest image side the encoder takes: `MIN_SIDE` for a ResNet, else 1."""
-        return MIN_SIDE if isinstance(getattr(self.clip.visual, "attnpool", None), AttentionPool) else 1
+        """The shortest image side the encoder takes: `MIN_SIDE` for a ResNet (the training module
+        or the scoring `FastEncoder`, which declares its own), else 1."""
+        visual = self.clip.visual
+        resnet = isinstance(getattr(visual, "attnpool", None), AttentionPool)
+        return getattr(visual, "min_side", MIN_SIDE if resnet else 1)
 
     def similarities(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
         """Raw cosine similarities to every prompt, (N, K, 2) with [..., 0] the positive prompt."""

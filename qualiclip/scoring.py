@@ -13,8 +13,9 @@ the scoring device). `score_paths` reports a failed check per file; the others r
 
 All of them score with an *inference copy* of the model (`inference_copy`, or `load_scorer` straight
 from a checkpoint): the image encoder alone, BatchNorm folded into the convolutions, no text
-tower. It gives the model's scores to float rounding (~1e-7) and runs faster on a CPU, with less
-memory (figures in docs/evaluation.md).
+tower; a ResNet encoder is rebuilt as a `fast_encoder.FastEncoder` (fused convolutions, pooled
+attention, normalisation folded, uint8 pixels in). It gives the model's scores to float rounding
+(< 1e-5) and runs faster, with less memory (figures in docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -37,21 +38,23 @@ from .device import resolve_device
 from .errors import QualiclipError
 from .files import open_regular
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from .model import QualiCLIP
+from .fast_encoder import FastEncoder, can_build
+from .model import ModelConfig, QualiCLIP
+from .prompts import CLIP_MEAN, CLIP_STD
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
-# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (benchmarks/bench_scoring.py).
+# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (docs/evaluation.md).
 DEFAULT_MAX_BATCH_PIXELS = 800_000
 # Peak memory of scoring one image, estimated before it is scored: bytes per input pixel =
 # ACTIVATION_FACTOR x the encoder's largest activation per pixel + INPUT_BYTES_PER_PIXEL.
 # A bottleneck block holds its input, its 3x3 output, its wide 1x1 output and the shortcut at
-# once: measured (peak - input) / largest activation = 2.1-2.5 (tiny, small, RN50 at 4-9 MP);
-# 3 leaves a margin for allocator slack.
-ACTIVATION_FACTOR = 3.0
+# once, and oneDNN's fused kernels keep reordered copies: measured (peak - input) / largest
+# activation = 1.9-3.0 with the scoring FastEncoder (tiny, small, RN50 at 4-9 MP); 4 leaves a margin.
+ACTIVATION_FACTOR = 4.0
 # The decoded uint8 image and its stacked copy (3 + 3) plus the float32 batch and its
-# normalised copy (12 + 12). Estimates vs. measured peaks: tiny 78 vs 64, small 102 vs 84-90,
-# RN50 222 vs 160-172 B/px (benchmarks/bench_score_memory.py; docs/evaluation.md).
+# normalised copy (12 + 12). Estimates vs. measured peaks: tiny 94 vs 59-61, small 126 vs 87-93,
+# RN50 286 vs 208-225 B/px (benchmarks/bench_score_memory.py; docs/evaluation.md).
 INPUT_BYTES_PER_PIXEL = 30
 DEFAULT_MEMORY_FRACTION = 0.5  # the default budget: this share of the scoring device's memory
 MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword is max_memory (bytes)
@@ -84,13 +87,19 @@ def inference_copy(model: QualiCLIP) -> QualiCLIP:
         return model
     visual = copy.deepcopy(model.visual).eval()
     fold_batchnorm(visual)
-    scorer = QualiCLIP(_ImageTower(visual), model.prompt_features.detach().clone(), model.cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(visual, model.cfg)), model.prompt_features.detach().clone(),
+                       model.cfg)
     scorer.requires_grad_(False)
     return scorer.to(model.prompt_features.device).eval()
 
 
 def is_inference_copy(model: QualiCLIP) -> bool:
     return isinstance(model.clip, _ImageTower)
+
+
+def _scoring_encoder(visual: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A folded encoder as scoring runs it: a `FastEncoder` for a ModifiedResNet, else itself."""
+    return FastEncoder(visual, CLIP_MEAN, CLIP_STD, cfg.pos_embedding) if can_build(visual) else visual
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -137,7 +146,7 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     if encoder is None:
         return inference_copy(load_checkpoint(path))
     visual, prompts, cfg = encoder
-    scorer = QualiCLIP(_ImageTower(fold_batchnorm(visual.eval())), prompts, cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(fold_batchnorm(visual.eval()), cfg)), prompts, cfg)
     return scorer.requires_grad_(False).eval()
 
 
@@ -172,10 +181,10 @@ def plan_batches(shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int
 
 
 def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) float32 in [0, 1] from equal-size (H, W, 3) uint8 or float arrays."""
+    """(B, 3, H, W) from equal-size (H, W, 3) arrays: uint8 stays uint8 (the model converts it
+    with its normalisation), floats in [0, 1] become float32."""
     x = torch.from_numpy(np.stack(images)).to(device)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.permute(0, 3, 1, 2)
+    return (x if x.dtype == torch.uint8 else x.float()).permute(0, 3, 1, 2)
 
 
 def _check_array(image: np.ndarray, index: int) -> None:

@@ -123,8 +123,8 @@ def _damage(src: Path, dst: Path, how: str, *, reindex: bool = True) -> None:
         end = members[-3].offset_data + 100 if how == "truncate_mid" else members[len(members) // 2].offset
         path.write_bytes(path.read_bytes()[:end])
     else:
-        member = next(m for m in members if m.name.endswith(".png"))
-        with open(path, "r+b") as f:  # garble the middle of one PNG member, tar structure intact
+        member = next(m for m in members if m.name.endswith(f".{CFG.encoding}"))
+        with open(path, "r+b") as f:  # garble the middle of one crop member, tar structure intact
             f.seek(member.offset_data + member.size // 2)
             f.write(b"\x00garbage\xff" * 4)
     if reindex:
@@ -140,7 +140,7 @@ def _reindex(folder: Path) -> None:
     (folder / "index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("how", ["png_member", "truncate_mid", "truncate_boundary"])
+@pytest.mark.parametrize("how", ["crop_member", "truncate_mid", "truncate_boundary"])
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, how):
     _damage(shards, tmp_path / "s", how)
     stats = LoaderStats()
@@ -161,8 +161,8 @@ def test_endless_stream_with_no_intact_sample_stops_with_the_fix(shards, tmp_pat
     shutil.copytree(shards, bad)
     for path in bad.glob("shard-*.tar"):
         with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if m.name.endswith(".png")]
-        with open(path, "r+b") as f:  # garble every PNG member: no sample survives
+            members = [m for m in tar.getmembers() if m.name.endswith(f".{CFG.encoding}")]
+        with open(path, "r+b") as f:  # garble every crop member: no sample survives
             for m in members:
                 f.seek(m.offset_data + m.size // 2)
                 f.write(b"\x00garbage\xff" * 4)
@@ -179,7 +179,7 @@ def test_a_shard_that_differs_from_its_index_stops_the_loader(shards, tmp_path, 
 
 
 def test_pieces_cut_short_by_a_corrupt_sample_are_regrouped_into_full_batches(shards, tmp_path):
-    _damage(shards, tmp_path / "s", "png_member")
+    _damage(shards, tmp_path / "s", "crop_member")
     stats = LoaderStats()
     it = iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=True, stats=stats)
     batches = list(itertools.islice(it, 12))  # 48 samples: about four passes over the 11 intact ones

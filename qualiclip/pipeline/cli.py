@@ -1,8 +1,8 @@
 """The ``qualiclip`` command line: the pipeline stages (as DVC calls them) and user tools.
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
-function. The modules behind ``score``, ``explain``, ``promote`` and ``export-official`` are
-imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
+function. The modules behind ``score``, ``explain``, ``promote``, ``export-official`` and
+``export-onnx`` are imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
 ``ingest``, ``degrade`` and ``distortions`` do not need.
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
@@ -78,6 +78,14 @@ def cmd_export_official(args: argparse.Namespace) -> None:
 
     out = export_official(load_checkpoint(args.model), Path(args.out))
     print(f"wrote {out} (official QualiCLIP format)")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ..onnx_export import export_onnx
+    from ..scoring import load_scorer
+
+    out = export_onnx(load_scorer(Path(args.model)), Path(args.out))
+    print(f"wrote {out} (uint8 (N, H, W, 3) RGB in, score out; docs/evaluation.md)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +169,11 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_export_official)
+
+    sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
+    sp.add_argument("--model", required=True, help="checkpoint folder or official .pth")
+    sp.add_argument("--out", required=True, help="output .onnx file")
+    sp.set_defaults(fn=cmd_export_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:
