@@ -4,17 +4,20 @@
 
 The tasks only call `qualiclip.degrade`; their arguments are small frozen dataclasses that
 pickle, so any task runner can run the shard tasks: the default thread pool, Prefect's
-``ProcessPoolTaskRunner``, or a Dask / Ray cluster — with no code change:
+``ProcessPoolTaskRunner``, or a Dask / Ray cluster — with no code change. From the command line
+(run from the repository root; docs/shards.md, "Dask"):
 
-    from prefect_dask import DaskTaskRunner
-    degrade_shards_flow.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))("params.yaml")
+    python -m flows.degrade_flow --out s3://bucket/shards                          # thread pool
+    python -m flows.degrade_flow --out s3://bucket/shards --dask local --workers 8  # a temporary LocalCluster
+    python -m flows.degrade_flow --out s3://bucket/shards --dask tcp://scheduler:8786
 
-Each worker must see ``ingest`` and ``out`` at the same paths (a shared file system). The
-output is byte-identical whichever runner, how many workers, and in which order shards finish
-(docs/shards.md).
+Every worker must reach ``ingest`` at the same path (a shared file system), and ``out`` too: the
+same path, or a bucket URL with the same credentials. The output is byte-identical whichever
+runner, how many workers, and in which order shards finish (docs/shards.md).
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from prefect import flow, task, unmapped
@@ -28,6 +31,7 @@ from qualiclip.degrade import (
     ShardJob,
     degrade_lock,
     finalize_degrade,
+    limit_threads,
     plan_degrade,
     write_one_shard,
 )
@@ -39,12 +43,13 @@ from qualiclip.pipeline.paths import stage_paths
 
 @task(name="degrade-plan", cache_policy=NONE)
 def plan_task(cfg: DegradeConfig, ingest: str, out: str) -> DegradePlan:
-    return plan_degrade(cfg, Path(ingest), Path(out))
+    return plan_degrade(cfg, Path(ingest), out)  # out: a folder or an s3:// prefix
 
 
 # retries: on a cluster a worker can vanish mid-shard; a shard write is atomic, so a retry is safe
 @task(name="degrade-shard", cache_policy=NONE, retries=1)
 def shard_task(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
+    limit_threads()  # one task per worker thread: OpenCV's own threads would only oversubscribe
     return write_one_shard(job, cfg, images_dir, out_dir)
 
 
@@ -62,7 +67,7 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
     cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
     paths = stage_paths()
     ingest, out = ingest or paths.ingest, out or paths.shards
-    with degrade_lock(Path(out)):  # one run per output folder, held here while the tasks run anywhere
+    with degrade_lock(out):  # one run per output folder (or bucket prefix), held here while the tasks run anywhere
         plan = plan_task(cfg, ingest, out)
         entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
         result = finalize_task(plan, entries)
@@ -71,5 +76,43 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
             "resumed_shards": result.resumed_shards}
 
 
+# ---------------------------------------------------------------------------------------------
+# Dask: `python -m flows.degrade_flow --dask local|ADDRESS`
+
+
+def local_cluster_kwargs(workers: int) -> dict:
+    """A temporary `distributed.LocalCluster`: ``workers`` single-threaded processes (the shard work
+    is pure Python + OpenCV, so threads would contend for the GIL), bound to 127.0.0.1, no dashboard."""
+    return {"n_workers": workers, "processes": True, "threads_per_worker": 1, "host": "127.0.0.1",
+            "dashboard_address": None}
+
+
+def dask_runner(address: str = "local", workers: int = 2):
+    """The shard tasks on Dask (a `prefect_dask.DaskTaskRunner`): a running scheduler at ``address``
+    (``tcp://host:8786``), or with ``"local"`` a temporary cluster of ``workers`` processes here."""
+    from prefect_dask import DaskTaskRunner  # the `scale` extra: flows without Dask need no prefect-dask
+
+    if address == "local":
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
+    return DaskTaskRunner(address=address)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m flows.degrade_flow", description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--ingest", help="ingest output folder (default: dvc.yaml's degrade stage)")
+    p.add_argument("--out", help="shard folder or s3://bucket/prefix (default: dvc.yaml's degrade stage)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run the shard tasks on Dask: 'local' (a temporary cluster "
+                   "on this machine) or a scheduler address such as tcp://scheduler:8786")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of --dask local (default: 2)")
+    args = p.parse_args(argv)
+    run = degrade_shards_flow
+    if args.dask:
+        run = degrade_shards_flow.with_options(task_runner=dask_runner(args.dask, args.workers))
+    summary = run(args.params, args.ingest, args.out)
+    print(summary)
+    return summary
+
+
 if __name__ == "__main__":
-    degrade_shards_flow()
+    main()

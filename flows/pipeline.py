@@ -53,6 +53,27 @@ def read_metrics(project_dir: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class PushFailed(RuntimeError):
+    """``dvc push`` failed; the message carries its last output lines."""
+
+
+def _network_error(task, task_run, state) -> bool:
+    """Retry a push that failed on the way to the remote, not one with no remote configured."""
+    return "config file error" not in str(state.result(raise_on_failure=False))
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=30, retry_condition_fn=_network_error)
+def dvc_push(project_dir: str) -> None:
+    """Upload every output ``dvc.lock`` records to the default DVC remote (``dvc remote add -d``), so
+    another clone gets them with ``dvc pull`` instead of recomputing them."""
+    proc = subprocess.run([_dvc(), "push"], cwd=project_dir, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise PushFailed(f"dvc push failed (exit {proc.returncode}) in {project_dir}:\n{output[-3000:]}")
+    get_run_logger().info("dvc push: %s", output.splitlines()[-1] if output else "done")
+
+
 @flow(name="qualiclip-pipeline", log_prints=True)
 def pipeline_flow(project_dir: str = ".", targets: list[str] | None = None, force: bool = False) -> dict:
     """Reproduce the DVC pipeline and return the evaluation metrics."""

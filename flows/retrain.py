@@ -1,4 +1,5 @@
-"""Scheduled retraining: ``dvc repro`` (unchanged stages skipped) → champion promotion.
+"""Scheduled retraining: ``dvc repro`` (unchanged stages skipped) → champion promotion → ``dvc push``
+(when ``schedule.push`` is true).
 
 One command creates the deployment ``qualiclip-retrain/scheduled-retraining`` with the cron
 schedule of ``params.yaml`` (``schedule.cron``) and runs it on demand too::
@@ -26,7 +27,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
-from flows.pipeline import pipeline_flow
+from flows.pipeline import dvc_push, pipeline_flow
 from qualiclip.config import build_config, load_params
 from qualiclip.pipeline.promotion import PromotionError, promote_project
 
@@ -43,6 +44,7 @@ class ScheduleConfig:
     timezone: str = "UTC"
     deployment: str = "scheduled-retraining"
     lock_timeout: float = 3600.0            # seconds a second trigger waits for the workspace
+    push: bool = False                      # dvc push the outputs to the default remote after a run
 
 
 class WorkspaceBusy(RuntimeError):
@@ -86,7 +88,8 @@ def promote(project_dir: str, params_file: str) -> dict:
 
 @flow(name=FLOW_NAME, log_prints=True)
 def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
-    """Reproduce the pipeline under the workspace lock, then promote; returns the decision.
+    """Reproduce the pipeline under the workspace lock, promote, and with ``schedule.push`` push the
+    outputs to the default DVC remote; returns the metrics and the promotion decision.
 
     A failing stage raises `StageFailed` (its output tail in the message), failing this run.
     ``dvc repro`` is not retried: a stage failure is deterministic until someone fixes it.
@@ -99,6 +102,8 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
         log.info("holding %s", lock)
         metrics = pipeline_flow(project_dir, force=force)
         decision = promote(project_dir, params_file)
+        if cfg.push:  # other machines `dvc pull` this run's outputs (docs/scale.md)
+            dvc_push(project_dir)
     return {"metrics": metrics, "promotion": decision}
 
 

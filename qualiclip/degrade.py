@@ -18,6 +18,7 @@ the same folder fails at once instead of wiping the first one's shards.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import multiprocessing as mp
@@ -45,12 +46,15 @@ from .shards import (
     shard_problem,
     write_shard,
 )
+from .store import Store, open_store
 
 PLAN_FILE = "plan.json"
 LOCK_FILE = ".degrade.lock"  # held for a whole run; stays (empty) in the folder
 RECORD_SUFFIX = ".json"  # shard-000000.tar.json: the shard's index entry, written right after the shard
+LOCK_DIR_ENV = "QUALICLIP_LOCK_DIR"  # where the locks of bucket outputs live (default ~/.cache/qualiclip/locks)
+# what a run may find in, and delete from, its output folder (temporary names: <name>.<pid>.tmp)
 _OWN_FILES = ("shard-*.tar", f"shard-*.tar{RECORD_SUFFIX}", "shard-*.tmp", INDEX_FILE, PLAN_FILE,
-              f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp", LOCK_FILE)
+              f"{PLAN_FILE}*.tmp", f"{INDEX_FILE}*.tmp", LOCK_FILE)
 
 
 class DegradeError(QualiclipError, RuntimeError):
@@ -107,7 +111,7 @@ class DegradePlan:
 
 @dataclass(frozen=True)
 class DegradeResult:
-    out_dir: Path
+    out_dir: str  # a folder path or a bucket URL, as given
     shards: int
     samples: int
     bytes: int
@@ -125,8 +129,9 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
 # The three pieces
 
 
-def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> DegradePlan:
-    """Plan the shards and prepare ``out_dir``: keep complete shards of the same plan, wipe the rest.
+def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike) -> DegradePlan:
+    """Plan the shards and prepare ``out_dir`` (a folder, or a bucket prefix ``s3://bucket/prefix``):
+    keep complete shards of the same plan, wipe the rest.
 
     Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
     files that are not shards (it is never wiped then).
@@ -137,34 +142,37 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
                            "add pristine photos and rerun ingest, or set degrade.split")
     shards = plan_jobs([r["id"] for r in rows], cfg)
-    out_dir = Path(out_dir)
+    store = open_store(out_dir)
     plan_hash = _plan_hash(cfg, rows)
-    _prepare_out_dir(out_dir, plan_hash, len(shards))
-    pending = tuple(j for j in shards if not _intact(out_dir, j))
-    return DegradePlan(cfg, images_dir(ingest_dir), str(out_dir), plan_hash, shards, pending)
+    files = _prepare_out_dir(store, plan_hash, len(shards))
+    pending = tuple(j for j in shards if not _intact(store, j, files))
+    return DegradePlan(cfg, images_dir(ingest_dir), os.fspath(out_dir), plan_hash, shards, pending)
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
     """Render and write one shard atomically, then its record; returns its index entry
     (name, samples, bytes, sha256)."""
     samples = [_make_record(image_id, v, cfg, images_dir) for image_id, v in job.samples]
-    entry = write_shard(Path(out_dir) / job.name, samples)
-    _write_atomic(_record_path(Path(out_dir), job.name), json.dumps(entry, sort_keys=True), unique=True)
+    store = open_store(out_dir)
+    entry = write_shard(store.url_of(job.name), samples)
+    _write_json(store, _record_name(job.name), entry)
     return entry
 
 
 def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResult:
     """Check every planned shard exists with the size it was written with, then write index.json
     (atomically, last) from the entries recorded when the shards were written."""
-    out_dir = Path(plan.out_dir)
-    if _read_json(out_dir / PLAN_FILE).get("plan") != plan.plan_hash:
-        raise DegradeError(f"{out_dir} was taken over by another degrade run (plan.json changed) — "
+    store = open_store(plan.out_dir)
+    if _read_json(store, PLAN_FILE).get("plan") != plan.plan_hash:
+        raise DegradeError(f"{plan.out_dir} was taken over by another degrade run (plan.json changed) — "
                            "rerun the degrade stage, one run per output folder")
     by_name = {e["name"]: e for e in entries}
-    shards = [by_name.get(j.name) or _read_json(_record_path(out_dir, j.name)) for j in plan.shards]
-    bad = [j.name for j, e in zip(plan.shards, shards) if not e or shard_problem(out_dir / j.name, e, check_hash=False)]
+    shards = [by_name.get(j.name) or _read_json(store, _record_name(j.name)) for j in plan.shards]
+    files = store.entries()
+    bad = [j.name for j, e in zip(plan.shards, shards)
+           if not e or shard_problem(store, j.name, e, files.get(j.name), check_hash=False)]
     if bad:
-        raise DegradeError(f"{len(bad)} planned shards are missing or changed in {out_dir} (e.g. {bad[0]}) — "
+        raise DegradeError(f"{len(bad)} planned shards are missing or changed in {plan.out_dir} (e.g. {bad[0]}) — "
                            "a shard job failed; rerun the degrade stage to finish the set")
     index = {
         "format_version": FORMAT_VERSION,
@@ -176,13 +184,15 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
         "encoding": plan.cfg.encoding,
         "crop": plan.cfg.sample.crop,
     }
-    _write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list))
-    return DegradeResult(out_dir, len(shards), index["total_samples"], index["total_bytes"],
+    store.write_bytes(INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list).encode())
+    return DegradeResult(plan.out_dir, len(shards), index["total_samples"], index["total_bytes"],
                          len(plan.shards) - len(plan.pending))
 
 
-def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress: bool = True) -> DegradeResult:
-    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes."""
+def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike, *, progress: bool = True
+                ) -> DegradeResult:
+    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` (a folder or an ``s3://``
+    prefix) with ``cfg.workers`` processes."""
     with degrade_lock(out_dir):
         plan = plan_degrade(cfg, ingest_dir, out_dir)
         entries = _run_jobs(plan, progress)
@@ -190,29 +200,41 @@ def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress
 
 
 @contextlib.contextmanager
-def degrade_lock(out_dir: Path) -> Iterator[None]:
+def degrade_lock(out_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the lock of the output folder for a whole run (plan, shard jobs, finalize).
 
     A second run into the same folder raises `DegradeError` at once instead of wiping the shards
     of the first (a file lock: released by the OS if the holder is killed). A folder that holds
-    other files is refused first, so the lock file is never created in it.
+    other files is refused first, so the lock file is never created in it. The lock of a bucket
+    prefix is a local file named by its URL (`lock_path`): it excludes runs on this machine, or on
+    machines sharing ``$QUALICLIP_LOCK_DIR`` (docs/shards.md, "Object storage").
     """
     from filelock import FileLock, Timeout
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        _check_only_shard_files(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out_dir / LOCK_FILE), timeout=0)
+    store = open_store(out_dir)
+    if files := store.entries():
+        _check_only_shard_files(store, files)
+    store.mkdir()
+    lock = FileLock(lock_path(store), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise DegradeError(f"another qualiclip degrade is writing to {out_dir} — wait for it to finish, "
+        raise DegradeError(f"another qualiclip degrade is writing to {store.url} — wait for it to finish, "
                            "or choose another --out") from None
     try:
         yield
     finally:
         lock.release()
+
+
+def lock_path(store: Store) -> str:
+    """``.degrade.lock`` in a folder on disk; for a bucket prefix, ``<lock dir>/<sha256 of its URL>.lock``."""
+    if store.local:
+        return store.path(LOCK_FILE)
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path.home() / ".cache" / "qualiclip" / "locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    url = store.fs.unstrip_protocol(store.root)
+    return str(folder / f"degrade-{hashlib.sha256(url.encode()).hexdigest()[:32]}.lock")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,80 +248,80 @@ def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
-    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files."""
-    plan_path = out_dir / PLAN_FILE
-    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash
-    if out_dir.exists() and not same:
-        _check_only_shard_files(out_dir)
-        for own in out_dir.iterdir():
-            if own.name != LOCK_FILE:  # held by this run
-                own.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_out_dir(store: Store, plan_hash: str, n_shards: int) -> dict[str, int | None]:
+    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files.
+    Returns what the folder then holds (name -> size)."""
+    files = store.entries()
+    same = PLAN_FILE in files and _read_json(store, PLAN_FILE).get("plan") == plan_hash
+    if files and not same:
+        _check_only_shard_files(store, files)
+        store.delete([n for n in files if n != LOCK_FILE])  # the lock is held by this run
+        files = {}
+    store.mkdir()
     if same:
-        _records_from_index(out_dir, plan_hash)
-    for stale in [*out_dir.glob("*.tmp"), out_dir / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # the index reappears only when the set is complete
-    for extra in [*out_dir.glob("shard-*.tar"), *out_dir.glob(f"shard-*.tar{RECORD_SUFFIX}")]:
-        if not SHARD_NAME.fullmatch(extra.name.removesuffix(RECORD_SUFFIX)) or int(extra.name[6:12]) >= n_shards:
-            extra.unlink()
+        _records_from_index(store, plan_hash, files)
+        files = store.entries()
+    # temporary files, the index (it reappears only when the set is complete) and shards past the plan
+    stale = [n for n in files if n.endswith(".tmp") or n == INDEX_FILE or _beyond_plan(n, n_shards)]
+    store.delete(stale)
     if not same:
-        _write_atomic(plan_path, json.dumps({"plan": plan_hash}))
+        _write_json(store, PLAN_FILE, {"plan": plan_hash})
+    return {n: size for n, size in files.items() if n not in stale}
 
 
-def _records_from_index(out_dir: Path, plan_hash: str) -> None:
+def _beyond_plan(name: str, n_shards: int) -> bool:
+    """A shard or record name that no job of this plan writes."""
+    if not (fnmatch.fnmatch(name, "shard-*.tar") or fnmatch.fnmatch(name, f"shard-*.tar{RECORD_SUFFIX}")):
+        return False
+    return not SHARD_NAME.fullmatch(name.removesuffix(RECORD_SUFFIX)) or int(name[6:12]) >= n_shards
+
+
+def _records_from_index(store: Store, plan_hash: str, files: dict) -> None:
     """Migration: shards written before records existed get theirs from a complete run's index."""
-    index = _read_json(out_dir / INDEX_FILE)
+    index = _read_json(store, INDEX_FILE)
     if index.get("plan") != plan_hash or not isinstance(index.get("shards"), list):
         return
     for entry in index["shards"]:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and SHARD_NAME.fullmatch(name) and not _record_path(out_dir, name).exists():
-            _write_atomic(_record_path(out_dir, name), json.dumps(entry, sort_keys=True))
+        if isinstance(name, str) and SHARD_NAME.fullmatch(name) and _record_name(name) not in files:
+            _write_json(store, _record_name(name), entry)
 
 
-def _record_path(out_dir: Path, name: str) -> Path:
-    return out_dir / f"{name}{RECORD_SUFFIX}"
+def _record_name(name: str) -> str:
+    return f"{name}{RECORD_SUFFIX}"
 
 
-def _intact(out_dir: Path, job: ShardJob) -> bool:
+def _intact(store: Store, job: ShardJob, files: dict[str, int | None]) -> bool:
     """Whether the shard of ``job`` survives from an earlier run as written: its file matches the
     size and sha256 recorded beside it. Anything else is removed, to be written again."""
-    shard, record = out_dir / job.name, _record_path(out_dir, job.name)
-    entry = _read_json(record)
-    if shard.is_file() and entry.get("samples") == len(job.samples) and {"bytes", "sha256"} <= set(entry) \
-            and shard_problem(shard, entry) is None:
+    record = _record_name(job.name)
+    entry = _read_json(store, record) if record in files else {}
+    if entry.get("samples") == len(job.samples) and {"bytes", "sha256"} <= set(entry) \
+            and shard_problem(store, job.name, entry, files.get(job.name)) is None:
         return True
-    shard.unlink(missing_ok=True)
-    record.unlink(missing_ok=True)
+    store.delete([n for n in (job.name, record) if n in files])
     return False
 
 
-def _check_only_shard_files(out_dir: Path) -> None:
-    if not out_dir.is_dir():
-        raise DegradeError(f"degrade output {out_dir} exists and is not a folder — choose another --out")
-    ours = {p for pattern in _OWN_FILES for p in out_dir.glob(pattern) if p.is_file()}
-    other = sorted(p.name for p in out_dir.iterdir() if p not in ours)
+def _check_only_shard_files(store: Store, files: dict[str, int | None]) -> None:
+    other = sorted(n for n, size in files.items()
+                   if size is None or not any(fnmatch.fnmatch(n, own) for own in _OWN_FILES))
     if other:
-        raise DegradeError(f"{out_dir} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
+        raise DegradeError(f"{store.url} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
                            "choose another --out or empty the folder")
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``; {} for a missing, torn or foreign file (plan, record or index)."""
+def _read_json(store: Store, name: str) -> dict:
+    """A JSON object from ``name``; {} for a missing, torn or foreign file (plan, record or index)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(store.read_bytes(name))
     except (OSError, ValueError):
         return {}  # a torn plan file: treat as another plan, i.e. start over
     return value if isinstance(value, dict) else {}
 
 
-def _write_atomic(path: Path, text: str, *, unique: bool = False) -> None:
-    """``text`` to ``path`` via a temporary file and a rename; ``unique``: the temporary name
-    carries the pid (a shard job orphaned by a killed run may write the same file)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if unique else f"{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_json(store: Store, name: str, value: dict) -> None:
+    store.write_bytes(name, json.dumps(value, sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +338,7 @@ def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
             bar.update()
     else:
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive fork
-        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=_init_worker) as pool:
+        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=limit_threads) as pool:
             for r in pool.imap_unordered(_shard_job, args):
                 results.append(r)
                 bar.update()
@@ -324,8 +346,9 @@ def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
     return results
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core; nested threads only oversubscribe
+def limit_threads() -> None:
+    """OpenCV on one thread: shard jobs run one per core (a pool or cluster worker); nested threads oversubscribe."""
+    cv2.setNumThreads(1)
 
 
 def _shard_job(args: tuple) -> dict:

@@ -17,13 +17,13 @@ import os
 import re
 import tarfile
 import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from .errors import QualiclipError
+from .store import Store, open_store, split_location
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
@@ -78,21 +78,22 @@ def sample_json(meta: dict, crops: dict[str, bytes] | None = None) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def write_shard(path: Path, samples: list[dict]) -> dict:
-    """Write ``samples`` atomically (temp file, fsync, rename); return the index entry.
+def write_shard(location: str | os.PathLike, samples: list[dict]) -> dict:
+    """Write ``samples`` as the shard at ``location`` (a path, or a URL such as ``s3://bucket/prefix/
+    shard-000000.tar``) atomically (`store.Store.write_bytes`); return its index entry."""
+    store, name = split_location(location)
+    data = shard_bytes(samples)
+    store.write_bytes(name, data)
+    return {"name": name, "samples": len(samples), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
-    The temp name carries the pid: a worker orphaned by a killed run may still finish the shard
-    that a rerun is writing, and the two must never share a half-written file.
-    """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples:
-                _add_sample(tar, s)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+def shard_bytes(samples: list[dict]) -> bytes:
+    """The tar of ``samples``: the same bytes for the same samples (fixed owner, mode, mtime, order)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            _add_sample(tar, s)
+    return buf.getvalue()
 
 
 def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
@@ -104,14 +105,6 @@ def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         info.uname = info.gname = "qualiclip"
         tar.addfile(info, io.BytesIO(data))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,30 +173,32 @@ def _decode_one(data: bytes, name: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def read_index(shard_dir: Path) -> dict:
-    """The shard index, or a `ShardError` that says to run the degrade stage.
+def read_index(shard_dir: str | os.PathLike) -> dict:
+    """The shard index of a folder or bucket prefix, or a `ShardError` that says to run the degrade stage.
 
     The index must be a JSON object whose ``shards`` entries each have a plain shard file
     ``name`` (no path: it is opened inside ``shard_dir``), a ``samples`` and ``bytes`` count
     and a ``sha256``; every listed file must exist.
     """
-    path = Path(shard_dir) / INDEX_FILE
-    if not path.is_file():
-        raise ShardError(f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
-                         "an interrupted run leaves no index until it is rerun to completion")
+    store = open_store(shard_dir)
+    path = store.url_of(INDEX_FILE)
     try:
-        index = json.loads(path.read_bytes())
+        index = json.loads(store.read_bytes(INDEX_FILE))
+    except FileNotFoundError:
+        raise ShardError(f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
+                         "an interrupted run leaves no index until it is rerun to completion") from None
     except (OSError, ValueError) as exc:
         raise ShardError(f"the shard index {path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}) "
                          "— it is damaged (truncated?); rerun the degrade stage to rewrite it") from None
     _check_index(path, index)
-    missing = [s["name"] for s in index["shards"] if not (Path(shard_dir) / s["name"]).is_file()]
+    files = store.entries()
+    missing = [s["name"] for s in index["shards"] if files.get(s["name"]) is None]
     if missing:
         raise ShardError(f"{len(missing)} shards listed in {path} are missing (e.g. {missing[0]}) — rerun the degrade stage")
     return index
 
 
-def _check_index(path: Path, index) -> None:
+def _check_index(path: str, index) -> None:
     shards = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(shards, list):
         raise ShardError(f"the shard index {path} has no list of shards — it is damaged; rerun the degrade stage")
@@ -223,12 +218,13 @@ def index_digest(index: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def shard_paths(shard_dir: Path) -> list[str]:
-    """Paths of every indexed shard, in index order."""
-    return [str(Path(shard_dir) / s["name"]) for s in indexed_shards(shard_dir)]
+def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
+    """Locations of every indexed shard, in index order: paths on disk, URLs in a bucket (`store.open_file`)."""
+    store = open_store(shard_dir)
+    return [store.url_of(s["name"]) for s in indexed_shards(shard_dir)]
 
 
-def indexed_shards(shard_dir: Path) -> list[dict]:
+def indexed_shards(shard_dir: str | os.PathLike) -> list[dict]:
     """Index entries (name, samples, bytes, sha256) of every shard; an empty index is an error."""
     index = read_index(shard_dir)
     if not index["shards"]:
@@ -236,23 +232,38 @@ def indexed_shards(shard_dir: Path) -> list[dict]:
     return index["shards"]
 
 
-def shard_problem(path: Path, entry: dict, *, check_hash: bool = True) -> str | None:
-    """Why the shard file ``path`` is not the one ``entry`` records (size first, then sha256), or None."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+def entry_problem(size: int, sha256: str | None, entry: dict) -> str | None:
+    """Why bytes of ``size`` (and ``sha256``, None: unchecked) are not the shard ``entry`` records, or None."""
     if size != entry["bytes"]:
         return f"is {size} bytes, recorded {entry['bytes']}"
-    if check_hash and sha256_file(path) != entry["sha256"]:
+    if sha256 is not None and sha256 != entry["sha256"]:
         return "differs from its recorded sha256"
     return None
 
 
-def verify_shards(shard_dir: Path, names: list[str] | None = None) -> list[str]:
+def shard_problem(store: Store, name: str, entry: dict, size: int | None, *, check_hash: bool = True) -> str | None:
+    """Why the shard file ``name`` is not the one ``entry`` records, or None.
+
+    ``size`` is the file's size in a listing (`Store.entries`; None: absent), checked first: one
+    listing serves every shard, where a bucket would answer one request per shard. The sha256
+    check reads the file once.
+    """
+    if size is None:
+        return "is missing"
+    if (problem := entry_problem(size, None, entry)) or not check_hash:
+        return problem
+    try:
+        return entry_problem(*store.sha256(name), entry)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def verify_shards(shard_dir: str | os.PathLike, names: list[str] | None = None) -> list[str]:
     """Names of indexed shards whose size or sha256 differs from the index (empty: all intact).
 
-    Sizes are checked for every shard, hashes for those in ``names`` (None: all).
+    Sizes are checked for every shard (one listing), hashes for those in ``names`` (None: all).
     """
+    store = open_store(shard_dir)
+    files = store.entries()
     return [s["name"] for s in indexed_shards(shard_dir)
-            if shard_problem(Path(shard_dir) / s["name"], s, check_hash=names is None or s["name"] in names)]
+            if shard_problem(store, s["name"], s, files.get(s["name"]), check_hash=names is None or s["name"] in names)]

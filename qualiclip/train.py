@@ -348,10 +348,10 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path, shards: s
 # The stage
 
 
-def shard_batches(cfg: TrainConfig, shard_dir: Path, dist_info: DistInfo, stats: LoaderStats, skip: int,
+def shard_batches(cfg: TrainConfig, shard_dir: str | os.PathLike, dist_info: DistInfo, stats: LoaderStats, skip: int,
                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
-    n_shards = len(shard_paths(Path(shard_dir)))
+    n_shards = len(shard_paths(shard_dir))
     if n_shards < dist_info.world_size:
         raise TrainError(f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
                          "one. Fix: write more, smaller shards (lower degrade.samples_per_shard) or use fewer processes.")
@@ -398,7 +398,7 @@ def log_step(tracker: Tracker, row: dict, crops: int, seconds: float) -> None:
 def run_train(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
-    shard_dir: Path,
+    shard_dir: str | os.PathLike,
     out_dir: Path,
     *,
     tracker: Tracker | None = None,
@@ -406,12 +406,13 @@ def run_train(
     metadata: dict | None = None,
 ) -> TrainResult:
     """Train to ``cfg.steps`` (resuming from ``out_dir/train_state.pt`` if allowed) and write
-    ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun)."""
+    ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun). ``shard_dir``
+    is a folder or a bucket prefix (``s3://bucket/shards``), streamed by the loader."""
     tracker = tracker or Tracker()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
-    shards = check_shards(Path(shard_dir))
+    shards = check_shards(shard_dir)
     t = build_trainer(cfg, model_cfg, dist_info)
     torch.manual_seed(cfg.seed)
     state_path = Path(out_dir) / TRAIN_STATE
@@ -422,15 +423,15 @@ def run_train(
         start, rows = restore_train_state(t, state, key, state_path, shards)
         log.info("resuming from step %d (%s)", start, state_path)
     stats = LoaderStats()
-    batches = shard_batches(cfg, Path(shard_dir), dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
+    batches = shard_batches(cfg, shard_dir, dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
     seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress, shards)
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
-def check_shards(shard_dir: Path) -> str:
+def check_shards(shard_dir: str | os.PathLike) -> str:
     """Refuse shards whose size differs from the index; returns the index digest (`shards.index_digest`).
 
-    Sizes cost one ``stat`` per shard; each shard's sha256 is checked by the loader when it
+    Sizes cost one listing of the folder or bucket prefix; each shard's sha256 is checked by the loader when it
     first reads it, before any of its samples is used (`loader.expand_shards`), so the check
     costs no extra pass over the data.
     """

@@ -1,10 +1,13 @@
-"""Shared fixtures: the read-only real data in ../shared/data and tiny artefacts."""
+"""Shared fixtures: the read-only real data in ../shared/data, tiny artefacts, and (from servers.py) real
+servers on 127.0.0.1."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+
+from servers import dask_cluster, s3_bucket, s3_server  # noqa: F401 - fixtures: real servers on 127.0.0.1 (tests/servers.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 

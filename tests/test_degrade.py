@@ -174,6 +174,24 @@ def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, 
     assert digests(tmp_path / "flow") == digests(tmp_path / "pool")
 
 
+def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_path, prefect_harness, dask_cluster):
+    from distributed import Client
+
+    from flows.degrade_flow import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
+    with Client(dask_cluster) as client:
+        before = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        summary = main(["--params", str(params), "--ingest", str(ingest_dir), "--out", str(tmp_path / "dask"),
+                        "--dask", dask_cluster.scheduler_address])
+        ran = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert summary["shards"] == 6 and summary["resumed_shards"] == 0
+    assert len(ran) == 2 and all(ran[w] > before[w] for w in ran), f"shard tasks per worker process: {ran}"
+    run_degrade(CFG, ingest_dir, tmp_path / "pool", progress=False)
+    assert digests(tmp_path / "dask") == digests(tmp_path / "pool")
+
+
 # ---------------------------------------------------------------------------------------------
 # Shards that no longer match what was written, and two runs into one folder (issue 19)
 

@@ -20,6 +20,7 @@ from ..distortions import save_contact_sheet
 from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
 from ..plots import plot_loss_curves
 from ..shards import INDEX_FILE, read_index
+from ..store import open_store
 from ..tracking import Tracker
 from .tracking import TrackingConfig, get_tracker, write_version_file
 
@@ -50,7 +51,7 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
     tracker, _ = _tracker(params, params_file)
     with tracker.run("degrade"):
         tracker.log_params({"degrade": config_dict(cfg)})
-        result = run_degrade(cfg, Path(ingest), Path(out))
+        result = run_degrade(cfg, Path(ingest), out)  # out: a folder or an s3:// prefix
         tracker.log_metrics({"degrade.shards": result.shards, "degrade.samples": result.samples,
                              "degrade.bytes_per_sample": result.bytes / max(1, result.samples)})
         if tracker.enabled:
@@ -75,7 +76,7 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     params = load_params(params_file)
     cfg = build_config(TrainConfig, params.get("train"), where="train")
     model_cfg = build_config(ModelConfig, params.get("model"), where="model")
-    read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
+    read_index(shards)  # fails with the fix ("run the degrade stage first") before any work
     # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
     check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
     tracker, tcfg = _tracker(params, params_file)
@@ -83,12 +84,12 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     if not main_process:
         tracker = Tracker()
     phash = params_hash(model_cfg, cfg)
-    data_version = hashlib.sha256((Path(shards) / INDEX_FILE).read_bytes()).hexdigest()[:12]
+    data_version = hashlib.sha256(open_store(shards).read_bytes(INDEX_FILE)).hexdigest()[:12]
     meta = {"params_hash": phash, "data_version": data_version, "model": config_dict(model_cfg), "train": config_dict(cfg)}
     version = None
     with tracker.run("train", tags={"qualiclip.params_hash": phash, "qualiclip.data_version": data_version}):
         tracker.log_params({"model": config_dict(model_cfg), "train": config_dict(cfg)})
-        result = run_train(cfg, model_cfg, Path(shards), Path(out), tracker=tracker, metadata=meta)
+        result = run_train(cfg, model_cfg, shards, Path(out), tracker=tracker, metadata=meta)
         tracker.log_figure(plot_loss_curves(Path(out) / "train_log.csv", Path(out) / "loss_curves.png"))
         if tracker.enabled:
             version = tracker.log_model(
