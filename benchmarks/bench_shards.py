@@ -200,10 +200,10 @@ def pool_startup() -> float:
     """Seconds to start the degrade stage's 2-process spawn pool and import the job's modules."""
     import multiprocessing as mp
 
-    from qualiclip.degrade import _init_worker
+    from qualiclip.degrade import limit_threads
 
     t = time.perf_counter()
-    with mp.get_context("spawn").Pool(2, initializer=_init_worker) as pool:
+    with mp.get_context("spawn").Pool(2, initializer=limit_threads) as pool:
         pool.map(_warm, range(2), chunksize=1)
     return time.perf_counter() - t
 

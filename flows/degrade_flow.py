@@ -18,10 +18,13 @@ runner, how many workers, and in which order shards finish (docs/shards.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from qualiclip.config import build_config, load_params
 from qualiclip.degrade import (
@@ -81,10 +84,12 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
 
 def local_cluster_kwargs(workers: int) -> dict:
-    """A temporary `distributed.LocalCluster`: ``workers`` single-threaded processes (the shard work
-    is pure Python + OpenCV, so threads would contend for the GIL), bound to 127.0.0.1, no dashboard."""
+    """A temporary `distributed.LocalCluster`: ``workers`` single-threaded processes (one shard job
+    per core; threads would contend for the GIL), bound to 127.0.0.1, no dashboard. The scheduler
+    still serves its health and metrics routes over HTTP: on a free loopback port, not on 8787
+    (which a second cluster on the machine would find taken)."""
     return {"n_workers": workers, "processes": True, "threads_per_worker": 1, "host": "127.0.0.1",
-            "dashboard_address": None}
+            "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
 
 def dask_runner(address: str = "local", workers: int = 2):
@@ -97,6 +102,38 @@ def dask_runner(address: str = "local", workers: int = 2):
     return DaskTaskRunner(address=address)
 
 
+class NoApiForWorkers(RuntimeError):
+    """Dask workers elsewhere need a Prefect server they can reach; the message names the fix."""
+
+
+@contextlib.contextmanager
+def api_for_dask(address: str) -> Iterator[None]:
+    """A Prefect API URL the Dask workers can reach: each shard task reports its run to it.
+
+    Workers run with the flow's settings, not with its temporary server: without
+    ``PREFECT_API_URL`` every worker would start a temporary server of its own (measured: ~15 s
+    and a core each, and the task runs land in as many throw-away databases). With ``"local"``
+    the temporary server is started here and its URL set for the run; the workers of a scheduler
+    elsewhere need a server they can reach, named by ``PREFECT_API_URL``.
+    """
+    if PREFECT_API_URL.value():
+        yield
+        return
+    if address != "local":
+        raise NoApiForWorkers(f"--dask {address}: set PREFECT_API_URL to a Prefect server the Dask workers can reach "
+                              "(e.g. `prefect server start --host 0.0.0.0`, docs/shards.md), in their environment too")
+    # What a plain flow call starts on its own, with its URL exported (a Prefect-internal class).
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m flows.degrade_flow", description=__doc__.split("\n\n")[0])
     p.add_argument("--params", default="params.yaml")
@@ -106,10 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
                    "on this machine) or a scheduler address such as tcp://scheduler:8786")
     p.add_argument("--workers", type=int, default=2, help="worker processes of --dask local (default: 2)")
     args = p.parse_args(argv)
-    run = degrade_shards_flow
-    if args.dask:
-        run = degrade_shards_flow.with_options(task_runner=dask_runner(args.dask, args.workers))
-    summary = run(args.params, args.ingest, args.out)
+    if not args.dask:
+        summary = degrade_shards_flow(args.params, args.ingest, args.out)
+    else:
+        try:
+            with api_for_dask(args.dask):
+                run = degrade_shards_flow.with_options(task_runner=dask_runner(args.dask, args.workers))
+                summary = run(args.params, args.ingest, args.out)
+        except NoApiForWorkers as exc:
+            p.error(str(exc))
     print(summary)
     return summary
 

@@ -102,8 +102,8 @@ class DegradePlan:
     """Every shard of a run, and those still to write (the rest survive from an interrupted run)."""
 
     cfg: DegradeConfig
-    images_dir: str
-    out_dir: str
+    images_dir: str  # absolute, as every shard job names it
+    out_dir: str  # absolute path, or the bucket URL (`store.Store.location`)
     plan_hash: str
     shards: tuple[ShardJob, ...]
     pending: tuple[ShardJob, ...]
@@ -146,7 +146,9 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
     plan_hash = _plan_hash(cfg, rows)
     files = _prepare_out_dir(store, plan_hash, len(shards))
     pending = tuple(j for j in shards if not _intact(store, j, files))
-    return DegradePlan(cfg, images_dir(ingest_dir), os.fspath(out_dir), plan_hash, shards, pending)
+    # absolute: shard jobs may run in other processes, other machines (Dask), other working folders
+    images = str(Path(images_dir(ingest_dir)).resolve())
+    return DegradePlan(cfg, images, store.location, plan_hash, shards, pending)
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
@@ -233,8 +235,7 @@ def lock_path(store: Store) -> str:
         return store.path(LOCK_FILE)
     folder = Path(os.environ.get(LOCK_DIR_ENV) or Path.home() / ".cache" / "qualiclip" / "locks")
     folder.mkdir(parents=True, exist_ok=True)
-    url = store.fs.unstrip_protocol(store.root)
-    return str(folder / f"degrade-{hashlib.sha256(url.encode()).hexdigest()[:32]}.lock")
+    return str(folder / f"degrade-{hashlib.sha256(store.location.encode()).hexdigest()[:32]}.lock")
 
 
 # ---------------------------------------------------------------------------------------------

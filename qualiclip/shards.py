@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import QualiclipError
-from .store import Store, open_store, split_location
+from .store import Store, StoreError, open_store, split_location
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
@@ -187,6 +187,8 @@ def read_index(shard_dir: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ShardError(f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
                          "an interrupted run leaves no index until it is rerun to completion") from None
+    except StoreError:
+        raise  # the bucket cannot be reached: its own message names the fix
     except (OSError, ValueError) as exc:
         raise ShardError(f"the shard index {path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}) "
                          "— it is damaged (truncated?); rerun the degrade stage to rewrite it") from None

@@ -53,9 +53,14 @@ class Store:
         """``name``'s path inside ``fs`` (a local path on disk)."""
         return f"{self.root}/{name}"
 
+    @property
+    def location(self) -> str:
+        """The folder as every process names it: an absolute path on disk, ``s3://bucket/prefix`` in a bucket."""
+        return self.root if self.local else self.fs.unstrip_protocol(self.root)
+
     def url_of(self, name: str) -> str:
-        """A location `open_file` accepts: a plain path on disk, ``s3://bucket/prefix/name`` in a bucket."""
-        return self.path(name) if self.local else self.fs.unstrip_protocol(self.path(name))
+        """``name``'s location, as `open_file` and `open_store` accept it."""
+        return f"{self.location}/{name}"
 
     def entries(self) -> dict[str, int | None]:
         """Size of each file directly inside (None: a sub-folder); {} when the folder does not exist."""
@@ -88,7 +93,12 @@ class Store:
         """``name`` opened for binary reading (`FileNotFoundError` when absent)."""
         path = self.path(name)
         if not self.local:
-            return self.fs.open(path, "rb")
+            try:
+                return self.fs.open(path, "rb")
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - credentials, endpoint: one line naming the fix
+                raise self._unreachable(exc) from None
         if not os.path.lexists(path):  # open_regular reports it as unreadable; callers tell "absent" apart
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return open_regular(path)
@@ -132,7 +142,7 @@ class Store:
     def _unreachable(self, exc: Exception) -> StoreError:
         hint = (" — set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and, for a server other "
                 "than AWS, AWS_ENDPOINT_URL (docs/scale.md)") if not self.local else ""
-        return StoreError(f"cannot list {self.url} ({type(exc).__name__}: {exc}){hint}")
+        return StoreError(f"cannot reach {self.url} ({type(exc).__name__}: {exc}){hint}")
 
 
 def hash_stream(f: BinaryIO, sink: Callable[[bytes], object] | None = None) -> tuple[int, str]:

@@ -168,3 +168,15 @@ def test_training_from_the_bucket_equals_training_from_disk(twin_shards, tmp_pat
     assert rows[0] == rows[1] and len(rows[0]) == 5
     weights = [(tmp_path / name / "checkpoint" / "model.safetensors").read_bytes() for name in ("bucket", "disk")]
     assert weights[0] == weights[1]
+
+
+def test_a_bucket_without_credentials_is_one_line_naming_the_fix(ingest_dir, tmp_path, s3_server):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(CLEAN_ENV, AWS_ENDPOINT_URL=s3_server.endpoint, AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest_dir),
+                           "--out", "s3://any-bucket/shards"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot reach s3://any-bucket/shards (NoCredentialsError" in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr
