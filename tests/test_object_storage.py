@@ -134,11 +134,12 @@ def test_a_bucket_prefix_is_locked_and_a_missing_bucket_is_named(ingest_dir, s3_
 
 
 @pytest.fixture
-def twin_shards(ingest_dir, tmp_path, s3_bucket) -> tuple[str, Path]:
+def twin_shards(ingest_dir, tmp_path, s3_server, s3_bucket) -> tuple[str, Path]:
     """The same 6 shards in the bucket and on disk."""
     url = f"{s3_bucket}/shards"
     run_degrade(CFG, ingest_dir, url, progress=False)
     run_degrade(CFG, ingest_dir, tmp_path / "local", progress=False)
+    assert object_digests(s3_server, url) == file_digests(tmp_path / "local")  # the reads below start in the bucket
     return url, tmp_path / "local"
 
 
