@@ -78,6 +78,50 @@ def make_photos(folder: Path, n: int = 6, size: tuple[int, int] = (96, 128), see
     return folder
 
 
+@pytest.fixture(scope="module")
+def ingest_dir(tmp_path_factory) -> Path:
+    """An ingest output of 4 small synthetic photos (72 × 96), all in the train split."""
+    from qualiclip.ingest import IngestConfig, run_ingest
+
+    root = tmp_path_factory.mktemp("ingest")
+    photos = make_photos(root / "photos", n=4, size=(72, 96))
+    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "ingest",
+               progress=False)
+    return root / "ingest"
+
+
+def degrade_cli(params: Path, ingest: Path, out: str | Path, **popen) -> "subprocess.Popen":
+    """``qualiclip degrade`` in a session of its own, so that a test can signal it with its pool workers."""
+    import subprocess
+
+    cmd = [bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest), "--out", str(out)]
+    return subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, **popen)
+
+
+def kill_midway_then_rerun(params: Path, ingest: Path, out: str | Path, listing, total: int) -> str:
+    """Run ``qualiclip degrade``; SIGKILL it and its pool workers (as an OOM kill or a lost node would)
+    once ``listing()`` (the names in ``out``) shows a shard; check it died midway (1 to ``total`` - 1
+    shards, no index); rerun it to the end. Returns the rerun's output."""
+    import signal
+    import subprocess
+    import time
+
+    proc = degrade_cli(params, ingest, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(n.endswith(".tar") for n in listing()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = listing()
+    written = sum(n.endswith(".tar") for n in names)
+    assert 1 <= written < total and "index.json" not in names, f"not killed midway ({written} shards)"
+    rerun = degrade_cli(params, ingest, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log
+    assert "resumed)" in log and " 0 resumed" not in log, log
+    return log
+
+
 def tiny_params(sources: list[str], **overrides) -> dict:
     """A params.yaml for a pipeline that runs in seconds: tiny crops, few types, few steps."""
     params = {

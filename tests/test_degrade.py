@@ -16,24 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import CLEAN_ENV, bin_path, make_photos
+from conftest import degrade_cli, kill_midway_then_rerun
 from qualiclip.config import build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
-from qualiclip.ingest import IngestConfig, IngestError, run_ingest
+from qualiclip.ingest import IngestError
 from qualiclip.sampling import SampleConfig
 from qualiclip.shards import decode_crops
 
 TYPES = ("gaussian_blur", "white_noise", "jpeg", "brighten")
 CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=TYPES))
-
-
-@pytest.fixture(scope="module")
-def ingest_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ingest")
-    photos = make_photos(root / "photos", n=4, size=(72, 96))
-    out = root / "ingest"
-    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), out, progress=False)
-    return out
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -121,28 +112,11 @@ def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
 KILL_CFG = {"variants": 12, "samples_per_shard": 2, "workers": 2, "crop": 64, "distortions": list(TYPES)}
 
 
-def _cli(params: Path, ingest: Path, out: Path, **kw) -> subprocess.Popen:
-    cmd = [bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest), "--out", str(out)]
-    return subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, **kw)
-
-
 def test_sigkill_midway_then_rerun_is_byte_identical(ingest_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
     out = tmp_path / "shards"
-    proc = _cli(params, ingest_dir, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("shard-*.tar")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers, as an OOM kill or a lost node would
-    proc.wait()
-    written = len(list(out.glob("shard-*.tar")))
-    assert 1 <= written < 24 and not (out / "index.json").exists(), f"not killed midway ({written} shards)"
-
-    rerun = _cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = rerun.communicate(timeout=300)[0]
-    assert rerun.returncode == 0, log
-    assert "resumed)" in log and " 0 resumed" not in log, log
+    kill_midway_then_rerun(params, ingest_dir, out, lambda: [p.name for p in out.glob("*")], total=24)
 
     cfg = build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade")
     run_degrade(cfg, ingest_dir, tmp_path / "reference", progress=False)
@@ -219,7 +193,7 @@ def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
     out = tmp_path / "shards"
-    first = _cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = degrade_cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("shard-*.tar")) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_photos
 from qualiclip.degrade import DegradeConfig, run_degrade
-from qualiclip.ingest import IngestConfig, run_ingest
 from qualiclip.loader import LoaderStats, iterate_batches
 from qualiclip.sampling import SampleConfig
 from qualiclip.shards import ShardError, decode_crops
 
 CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=("gaussian_blur", "jpeg")))
-
-
-@pytest.fixture(scope="module")
-def ingest_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ingest")
-    photos = make_photos(root / "photos", n=4, size=(72, 96))
-    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "i", progress=False)
-    return root / "i"
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import CLEAN_ENV, bin_path, make_photos
+from conftest import CLEAN_ENV, bin_path, kill_midway_then_rerun
 from qualiclip.config import build_config
 from qualiclip.degrade import LOCK_FILE, DegradeConfig, DegradeError, degrade_lock, run_degrade
-from qualiclip.ingest import IngestConfig, run_ingest
 from qualiclip.loader import iterate_batches
 from qualiclip.model import ModelConfig
 from qualiclip.sampling import SampleConfig
@@ -28,14 +25,6 @@ from qualiclip.train import TrainConfig, run_train
 TYPES = ("gaussian_blur", "white_noise", "jpeg", "brighten")
 CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=TYPES))
 KILL_CFG = {"variants": 12, "samples_per_shard": 2, "workers": 2, "crop": 64, "distortions": list(TYPES)}
-
-
-@pytest.fixture(scope="module")
-def ingest_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ingest")
-    photos = make_photos(root / "photos", n=4, size=(72, 96))
-    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "i", progress=False)
-    return root / "i"
 
 
 @pytest.fixture(autouse=True)
@@ -88,32 +77,11 @@ def test_damaged_objects_are_refused_by_the_loader_and_rewritten_on_resume(inges
     assert again.resumed_shards == 4 and object_digests(s3_server, url) == first
 
 
-def _cli(params: Path, ingest: Path, out: str, **kw) -> subprocess.Popen:
-    cmd = [bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest), "--out", out]
-    return subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, **kw)
-
-
 def test_sigkill_midway_then_rerun_resumes_against_the_bucket(ingest_dir, tmp_path, s3_server, s3_bucket):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
     url = f"{s3_bucket}/shards"
-
-    def shards() -> list[str]:
-        return [n for n in object_digests(s3_server, url) if n.endswith(".tar")]
-
-    proc = _cli(params, ingest_dir, url, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not shards() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers
-    proc.wait()
-    written = len(shards())
-    assert 1 <= written < 24 and "index.json" not in object_digests(s3_server, url), f"not killed midway ({written})"
-
-    rerun = _cli(params, ingest_dir, url, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = rerun.communicate(timeout=300)[0]
-    assert rerun.returncode == 0, log
-    assert "resumed)" in log and " 0 resumed" not in log, log
+    kill_midway_then_rerun(params, ingest_dir, url, lambda: list(object_digests(s3_server, url)), total=24)
     cfg = build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade")
     run_degrade(cfg, ingest_dir, tmp_path / "reference", progress=False)
     assert object_digests(s3_server, url) == file_digests(tmp_path / "reference")
