@@ -238,7 +238,8 @@ def extrapolate(cpu_s: float, size: float, variants: int) -> None:
     samples = PHOTOS * variants
     print(f"\n1M pristine photos × {variants} variants = {samples / 1e6:.0f} M samples "
           f"({samples * CROPS_PER_SAMPLE / 1e6:.0f} M crops):")
-    print(f"  shard storage        {samples * size / 1e12:.1f} TB ({samples * size / 2**40:.1f} TiB) at {size / 1024:.0f} KiB/sample")
+    print(f"  shard storage        {samples * size / 1e12:.1f} TB ({samples * size / 2**40:.1f} TiB) "
+          f"at {size / 1024:.0f} KiB/sample")
     print(f"  generation           {samples * cpu_s / 3600:,.0f} core-hours at {cpu_s * 1000:.0f} CPU ms/sample")
     hours = samples * CROPS_PER_SAMPLE / H100_CROPS_PER_S / 3600
     print(f"  one epoch on one H100 {hours:.1f} GPU-hours at {H100_CROPS_PER_S:,} crops/s (RN50, compile, batch 32; "

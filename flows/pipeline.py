@@ -66,8 +66,8 @@ def _network_error(task, task_run, state) -> bool:
 def dvc_push(project_dir: str) -> None:
     """Upload every output ``dvc.lock`` records to the default DVC remote (``dvc remote add -d``), so
     another clone gets them with ``dvc pull`` instead of recomputing them."""
-    proc = subprocess.run([_dvc(), "push"], cwd=project_dir, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([_dvc(), "push"], cwd=project_dir, env=env, capture_output=True, text=True)
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         raise PushFailed(f"dvc push failed (exit {proc.returncode}) in {project_dir}:\n{output[-3000:]}")

@@ -13,7 +13,8 @@ Shards appear atomically; an interrupted run resumes where it stopped and ends b
 Each shard's index entry (size, sha256) is recorded beside it when it is written
 (``shard-NNNNNN.tar.json``); a rerun keeps a shard only if the file still matches its record and
 rewrites it otherwise. A run holds the output folder's lock (`degrade_lock`): a second run into
-the same folder fails at once instead of wiping the first one's shards.
+the same folder fails at once instead of wiping the first one's shards. The output folder may be
+a bucket prefix (``s3://bucket/prefix``): every file operation goes through `store.Store`.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ class DegradePlan:
 
 @dataclass(frozen=True)
 class DegradeResult:
-    out_dir: str  # a folder path or a bucket URL, as given
+    out_dir: str  # absolute path, or the bucket URL
     shards: int
     samples: int
     bytes: int
@@ -272,7 +273,7 @@ def _prepare_out_dir(store: Store, plan_hash: str, n_shards: int) -> dict[str, i
 
 def _beyond_plan(name: str, n_shards: int) -> bool:
     """A shard or record name that no job of this plan writes."""
-    if not (fnmatch.fnmatch(name, "shard-*.tar") or fnmatch.fnmatch(name, f"shard-*.tar{RECORD_SUFFIX}")):
+    if not (fnmatch.fnmatchcase(name, "shard-*.tar") or fnmatch.fnmatchcase(name, f"shard-*.tar{RECORD_SUFFIX}")):
         return False
     return not SHARD_NAME.fullmatch(name.removesuffix(RECORD_SUFFIX)) or int(name[6:12]) >= n_shards
 
@@ -306,7 +307,7 @@ def _intact(store: Store, job: ShardJob, files: dict[str, int | None]) -> bool:
 
 def _check_only_shard_files(store: Store, files: dict[str, int | None]) -> None:
     other = sorted(n for n, size in files.items()
-                   if size is None or not any(fnmatch.fnmatch(n, own) for own in _OWN_FILES))
+                   if size is None or not any(fnmatch.fnmatchcase(n, own) for own in _OWN_FILES))
     if other:
         raise DegradeError(f"{store.url} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
                            "choose another --out or empty the folder")

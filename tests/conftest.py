@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from servers import dask_cluster, s3_bucket, s3_server  # noqa: F401 - fixtures: real servers on 127.0.0.1 (tests/servers.py)
+# fixtures: real servers on 127.0.0.1 (tests/servers.py)
+from servers import dask_cluster, s3_bucket, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

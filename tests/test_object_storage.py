@@ -57,6 +57,8 @@ def test_shards_in_a_bucket_are_byte_identical_to_shards_on_disk(ingest_dir, tmp
     ref = file_digests(tmp_path / "local")
     assert {"index.json", "plan.json", "shard-000005.tar", "shard-000005.tar.json"} <= set(ref)
     assert object_digests(s3_server, url) == ref
+    run_degrade(CFG, ingest_dir, f"file://{tmp_path}/file-url", progress=False)  # a file:// URL is a folder
+    assert file_digests(tmp_path / "file-url") == ref
     assert len(list(lock_dir.glob("degrade-*.lock"))) == 1  # the bucket's lock is a local file
     again = run_degrade(CFG, ingest_dir, url, progress=False)
     assert again.resumed_shards == 6 and object_digests(s3_server, url) == ref
