@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, register_model_configs
+from .model import (
+    ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, register_model_configs, weights_loaded_next,
+)
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
 WEIGHTS = "model.safetensors"
@@ -84,7 +86,8 @@ def _load_folder(path: Path) -> QualiCLIP:
         raise ModelLoadError(f"{path} is not a qualiclip checkpoint (needs {CONFIG} and {WEIGHTS})")
     cfg, config = read_model_config(path)
     _ensure_architecture(cfg.name, config.get("open_clip_config"))
-    clip = open_clip.create_model(cfg.name, pretrained=None)
+    with weights_loaded_next():
+        clip = open_clip.create_model(cfg.name, pretrained=None)
     state = load_file(str(path / WEIGHTS))
     prompts = state.pop("prompt_features")
     state = {k.removeprefix("clip."): v for k, v in state.items()}
@@ -120,7 +123,7 @@ def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, Model
     cfg, _ = read_model_config(path)
     if cfg.name not in open_clip.list_models():
         return None
-    with torch.device("meta"):  # shapes only: no memory for either tower
+    with torch.device("meta"), weights_loaded_next():  # shapes only: no memory for either tower
         visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
     state, prompts = _read_image_tower(path / WEIGHTS)
     check_state_dict(visual, state, source=str(path), name=cfg.name)

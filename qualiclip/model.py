@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
+# A score is a mean of softmax probabilities of the positive prompt (score_from_similarities):
+SCORE_RANGE = (0.0, 1.0)
+HIGHER_IS_BETTER = True
 
 
 class ModelLoadError(QualiclipError, RuntimeError):
@@ -207,7 +211,8 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
         return open_clip.create_model(cfg.name, pretrained=None), None
     if _looks_like_path(pretrained):
         torch.manual_seed(cfg.seed)
-        clip = open_clip.create_model(cfg.name, pretrained=None)
+        with weights_loaded_next():
+            clip = open_clip.create_model(cfg.name, pretrained=None)
         prompts = load_weights_file(clip, Path(pretrained), cfg.name)
         return clip, prompts
     return _create_from_tag(cfg.name, pretrained), None
@@ -235,6 +240,27 @@ def _create_from_tag(name: str, tag: str) -> nn.Module:
                 "(an open_clip state dict, or the official QualiCLIP checkpoint), or run once with internet "
                 "so the weights are cached."
             ) from exc
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def weights_loaded_next() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... Model initialized randomly" inside the block.
+
+    open_clip says so of every model built without a pretrained tag; where stored weights are
+    loaded into the model right after, the warning is false. open_clip logs it with
+    ``logging.warning``, i.e. on the root logger, so the filter sits there while the block runs.
+    """
+    quiet = _RandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -111,3 +111,28 @@ def test_evaluate_without_held_out_images_names_the_fix(project):
     assert proc.returncode == 2, proc.stderr
     assert "no 'val' images in ingest/manifest.csv — ingest more photos or lower ingest.val_fraction" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_version_prints_the_package_version(capsys):
+    from qualiclip import __version__
+    from qualiclip.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"qualiclip {__version__}\n"
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    ("score", ["--device DEVICE", "(default: auto)", "(default: 8)", "(default: 89478485)"]),
+    ("train", ["(default: params.yaml)"]),
+    ("explain", ["(default: 224)", "(default: 112)"]),
+    ("distortions", ["(default: 0)"]),
+])
+def test_help_shows_the_defaults(command, shown, capsys):
+    from qualiclip.pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(s in text for s in shown), text
+    assert "(default: None)" not in text and "(default: False)" not in text
