@@ -162,6 +162,19 @@ def read_index(shard_dir: Path) -> dict:
     return index
 
 
+def data_version(shard_dir: Path) -> str:
+    """The version of the training data in ``shard_dir``: the first 12 hex digits of the sha256 of
+    its index.
+
+    The index holds every shard's sha256, the degrade config and the sample plan, so equal
+    versions mean byte-identical training data. This is the one meaning of ``data_version``
+    (checkpoint metadata, MLflow run and registry tags); DVC's own hash of the folder is
+    recorded apart as ``dvc_shards_md5`` (docs/operations.md).
+    """
+    read_index(shard_dir)  # the fix ("run the degrade stage first") before a bare FileNotFoundError
+    return sha256_file(Path(shard_dir) / INDEX_FILE)[:12]
+
+
 def shard_paths(shard_dir: Path) -> list[str]:
     """Paths of every indexed shard, in index order."""
     return [str(Path(shard_dir) / s["name"]) for s in indexed_shards(shard_dir)]

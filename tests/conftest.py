@@ -111,3 +111,18 @@ def bin_path(name: str) -> str:
     import sys
 
     return str(Path(sys.executable).with_name(name))
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True):
+    """Run ``cmd`` as a user would in a project: the quiet environment, this virtualenv first on
+    PATH, no tracking store or pipeline id inherited from the test process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "QUALICLIP_PIPELINE"))}
+    env.update(CLEAN_ENV)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -16,7 +16,7 @@ pytest.importorskip("mlflow")
 from qualiclip.config import ConfigError  # noqa: E402
 from qualiclip.errors import QualiclipError  # noqa: E402
 from qualiclip.pipeline.promotion import (  # noqa: E402
-    VERSION_FILE, PromotionConfig, PromotionError, dvc_data_version, is_better, metric_value, promote_project,
+    VERSION_FILE, PromotionConfig, PromotionError, dvc_shards_md5, is_better, metric_value, promote_project,
 )
 
 
@@ -72,7 +72,8 @@ def test_first_version_becomes_champion_and_carries_its_metrics_as_tags(store):
     tags = store[1].get_model_version("first", v1).tags
     assert float(tags["eval.synthetic.srcc"]) == 0.40
     assert float(tags["eval.synthetic.per_distortion.jpeg"]) == 0.1
-    assert tags["params_hash"] == "p0.4" and tags["data_version"] == "idx"  # no dvc.lock: the shard index hash
+    assert tags["params_hash"] == "p0.4" and tags["data_version"] == "idx"  # the checkpoint's shard index hash
+    assert "dvc_shards_md5" not in tags  # no dvc.lock
 
 
 def test_better_version_takes_the_alias_worse_and_equal_ones_do_not(store):
@@ -133,8 +134,8 @@ def test_clear_errors(store, tmp_path):
         promote_project(tmp_path)
 
 
-def test_data_version_is_the_dvc_lock_hash_of_the_shards(tmp_path):
-    assert dvc_data_version(tmp_path, "data/shards") is None
+def test_dvc_shards_md5_is_the_dvc_lock_hash_of_the_shards(tmp_path):
+    assert dvc_shards_md5(tmp_path, "data/shards") is None
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: data/shards\n      md5: abc123.dir\n")
-    assert dvc_data_version(tmp_path, "data/shards") == "abc123"
+    assert dvc_shards_md5(tmp_path, "data/shards") == "abc123"

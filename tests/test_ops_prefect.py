@@ -264,6 +264,20 @@ def test_champion_served_scores_equal_the_library(loop, mlflow_urls):
 
 
 @pytest.mark.slow
+def test_champion_served_answers_bad_input_with_a_clear_error_not_a_stack_trace(loop, mlflow_urls):
+    url = mlflow_urls["model"] + "/invocations"
+    good = base64.b64encode(loop["photos"][0].read_bytes()).decode()
+    rows = http(url, {"dataframe_records": [{"image": good}, {"image": "%%% not base64"}]})["predictions"]
+    assert 0 <= rows[0]["score"] <= 1 and rows[0]["error"] is None
+    assert rows[1] == {"score": None, "error": "row 1: not base64"}  # the other rows are still scored
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        http(url, {"dataframe_records": [{"img": good}]})
+    body = json.loads(refused.value.read())
+    assert refused.value.code == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "needs one input column, 'image'" in body["message"] and "stack_trace" not in body
+
+
+@pytest.mark.slow
 def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop, mlflow_urls):
     api = mlflow_urls["server"] + "/api/2.0/mlflow"
     exp = http(f"{api}/experiments/get-by-name?experiment_name=qualiclip")["experiment"]

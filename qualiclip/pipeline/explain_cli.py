@@ -12,7 +12,7 @@ def run_explain(image_path: str | Path, out: Path, opts: ModelOptions, *, patch:
                 batch_size: int = 8, csv_out: Path | None = None) -> QualityMap:
     """Score every window of the image, draw the map to ``out`` (and the patch scores to ``csv_out``)."""
     image = read_image(image_path).pixels
-    qmap = quality_map(open_scorer(opts), image, patch=patch, stride=stride, batch_size=batch_size,
+    qmap = quality_map(open_scorer(opts)[0], image, patch=patch, stride=stride, batch_size=batch_size,
                        device=opts.device, precision=opts.precision)
     out = render_quality_map(qmap, image, Path(out), stride=stride, name=Path(image_path).name)
     if csv_out:

@@ -2,10 +2,11 @@
 
 The model version that the train stage registered is found through ``registered_model.json``
 beside the checkpoint (written by the train stage), or, failing that, through the version tags
-``params_hash`` / ``shard_index_hash`` that match the checkpoint's ``metadata.json``. Every
-promotion attempt tags that version with its params hash, data version (the DVC lock hash of the
-shard folder where ``dvc.lock`` exists) and its evaluation metrics (``eval.<metric>``), so the
-registry alone can compare versions. The alias moves only when the primary metric is strictly
+``params_hash`` / ``data_version`` that match the checkpoint's ``metadata.json``. Every
+promotion attempt tags that version with its params hash, data version (the shard index hash,
+`qualiclip.shards.data_version`), DVC's md5 of the shard folder (``dvc_shards_md5``, where
+``dvc.lock`` exists) and its headline evaluation metrics (``eval.<metric>``: every number of
+metrics.json), so the registry alone can compare versions. The alias moves only when the primary metric is strictly
 better than the champion's by more than ``min_improvement``, or when there is no champion.
 
 The decision logic is plain Python; mlflow is imported only to open the registry.
@@ -90,8 +91,12 @@ def is_better(new: float, champion: float | None, cfg: PromotionConfig) -> bool:
     return gain > cfg.min_improvement
 
 
-def dvc_data_version(project_dir: Path, shards: str) -> str | None:
-    """The md5 that ``dvc.lock`` records for the shard folder (train's dep, else degrade's out)."""
+def dvc_shards_md5(project_dir: Path, shards: str) -> str | None:
+    """The md5 that ``dvc.lock`` records for the shard folder (train's dep, else degrade's out).
+
+    DVC's hash of the whole folder, recorded beside the data version, not as it: it exists only
+    with ``dvc.lock`` and changes with files (plan.json) that are not training data.
+    """
     lock = Path(project_dir) / "dvc.lock"
     if not lock.is_file():
         return None
@@ -103,11 +108,11 @@ def dvc_data_version(project_dir: Path, shards: str) -> str | None:
     return None
 
 
-def version_tags(meta: dict, data_version: str | None, metrics: dict) -> dict[str, str]:
+def version_tags(meta: dict, shards_md5: str | None, metrics: dict) -> dict[str, str]:
     """The tags every evaluated version carries: provenance plus ``eval.<metric>`` values."""
-    tags = {"params_hash": str(meta.get("params_hash", "")),
-            "shard_index_hash": str(meta.get("data_version", "")),  # the train stage's own hash
-            "data_version": data_version or str(meta.get("data_version", ""))}
+    tags = {"params_hash": str(meta.get("params_hash", "")), "data_version": str(meta.get("data_version", ""))}
+    if shards_md5:
+        tags["dvc_shards_md5"] = shards_md5
     tags.update({f"{METRIC_TAG}{k}": repr(v) for k, v in flat_metrics(metrics).items()})
     return tags
 
@@ -124,7 +129,8 @@ def find_version(client, name: str, checkpoint: Path) -> str:
         raise PromotionError(f"no checkpoint metadata at {checkpoint} — run the train stage first")
     matches = [mv for mv in client.search_model_versions(f"name = '{name}'")
                if mv.tags.get("params_hash") == meta.get("params_hash")
-               and meta.get("data_version") in (mv.tags.get("shard_index_hash"), mv.tags.get("data_version"))]
+               # shard_index_hash: where versions promoted by earlier code kept the data version
+               and meta.get("data_version") in (mv.tags.get("data_version"), mv.tags.get("shard_index_hash"))]
     if not matches:
         raise PromotionError(f"no version of registered model '{name}' matches {checkpoint} (params hash "
                              f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
@@ -192,7 +198,7 @@ def promote_project(project_dir: str | Path = ".", params_file: str = "params.ya
     client = registry_client(project)
     name = tracking.registered_model
     version = find_version(client, name, project / checkpoint)
-    tags = version_tags(read_metadata(project / checkpoint), dvc_data_version(project, shards), metrics)
+    tags = version_tags(read_metadata(project / checkpoint), dvc_shards_md5(project, shards), metrics)
     if not dry_run:
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
