@@ -152,6 +152,9 @@ class DatasetRun:
 
 def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
     """(label, dataset) from ``{name, root, [label], **loader options}`` (one ``evaluate.datasets`` entry)."""
+    if not isinstance(spec, dict):
+        raise EvaluateError(f"evaluate.datasets entry {spec!r} is not a mapping — write e.g. "
+                            "{name: clive, root: /data/ChallengeDB_release}")
     spec = dict(spec)
     missing = [k for k in ("name", "root") if k not in spec]
     if missing:
@@ -173,7 +176,7 @@ def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateCon
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]
     if bad:
-        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be decoded, first {bad[0].path}: {bad[0].error} "
+        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be scored, first {bad[0].path}: {bad[0].error} "
                             "— repair or remove them (their labels too), then rerun")
     return np.array([r.score for r in results])
 
@@ -187,8 +190,11 @@ def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, 
     return blocks
 
 
-def load_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
-    """(label, dataset) of every ``evaluate.datasets`` entry, labels unique."""
+def check_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
+    """Read and check every ``evaluate.datasets`` entry: its root, label file and layout, every
+    label against its image and every image in a rated folder against a label, and distinct
+    labels. Cheap (image headers parsed, no pixel decoded), so stages run it before their work: the train
+    stage fails in seconds, not after training. `EvaluateError`/`DatasetError` name the entry."""
     loaded: list[tuple[str, IQADataset]] = []
     for spec in cfg.datasets:
         label, ds = load_dataset_spec(spec)
@@ -200,7 +206,7 @@ def load_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
 
 def evaluate_datasets(model: QualiCLIP, datasets: list[tuple[str, IQADataset]], cfg: EvaluateConfig, device,
                       baseline: QualiCLIP | None = None) -> list[DatasetRun]:
-    """Score each loaded real dataset with the model (and the baseline, if given)."""
+    """Score each checked real dataset (`check_datasets`) with the model (and the baseline, if given)."""
     runs = []
     for label, ds in datasets:
         scores = score_dataset(model, label, ds, cfg, device, "model")
@@ -269,6 +275,7 @@ def write_plots(out_dir: Path, metrics: dict, per_distortion: list[dict], scores
                 runs: list[DatasetRun]) -> None:
     plots = out_dir / "plots"
     plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
+
     def column(key: str) -> dict[str, float] | None:
         return {r["distortion"]: r[key] for r in per_distortion} if key in per_distortion[0] else None
 
@@ -295,10 +302,10 @@ def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, ingest_dir: Path, out_di
     """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots.
 
     The baseline is built from ``model.cfg``, the config the checkpoint carries. ``datasets``:
-    the `load_datasets` of ``cfg`` when the caller has loaded them already (None: load them here).
+    the `check_datasets` of ``cfg`` when the caller has loaded them already (None: load them here).
     """
     device = resolve_device(cfg.device)
-    datasets = load_datasets(cfg) if datasets is None else datasets
+    datasets = check_datasets(cfg) if datasets is None else datasets
     s = build_synthetic_set(ingest_dir, cfg)
     model = inference_copy(model)
     scores = score_synthetic(model, s, cfg, device)

@@ -70,7 +70,8 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..model import ModelConfig  # torch: see the module docstring
+    from ..evaluate import EvaluateConfig, check_datasets  # torch: see the module docstring
+    from ..model import ModelConfig
     from ..train import TrainConfig, run_train
 
     params = load_params(params_file)
@@ -83,6 +84,8 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
         cfg = build_config(TrainConfig, params.get("train"), where="train")
         model_cfg = build_config(ModelConfig, params.get("model"), where="model")
         data = shard_input(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
+        # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
+        check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
         phash = params_hash(model_cfg, cfg)
         provenance = {"params_hash": phash, "data_version": data.digest}
         tracker.set_tags({f"qualiclip.{k}": v for k, v in provenance.items()})
@@ -108,7 +111,7 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
     from ..checkpoint import load_checkpoint, read_metadata  # torch: see the module docstring
-    from ..evaluate import EvaluateConfig, load_datasets, run_evaluate
+    from ..evaluate import EvaluateConfig, check_datasets, run_evaluate
 
     params = load_params(params_file)
     tracker, _ = _tracker(params)
@@ -120,7 +123,7 @@ def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
         tracker.set_tags({f"qualiclip.{k}": str(meta[k]) for k in ("params_hash", "data_version") if k in meta})
         model_id = read_version_file(Path(model)).get("model_id")
         model_id = model_id if model_id and tracker.link_model(model_id) else None
-        datasets = load_datasets(cfg)
+        datasets = check_datasets(cfg)
         inputs = {"synthetic": manifest_input(Path(ingest), cfg.split)}
         inputs |= {label: iqa_input(label, ds) for label, ds in datasets}
         for ref in inputs.values():
