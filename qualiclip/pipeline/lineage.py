@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..datasets import IQADataset
 from ..ingest import MANIFEST_FILE, read_manifest
 from ..shards import INDEX_FILE, data_version, read_index
 from ..tracking import DatasetRef
+
+if TYPE_CHECKING:  # the dataset readers are evaluate's: the ingest and degrade stages need not load them
+    from ..datasets import IQADataset
 
 
 def rows_digest(rows: list[dict]) -> str:
