@@ -33,10 +33,13 @@ EXPERIMENT = "lineage-exp"
 def project(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lineage")
     photos = make_photos(root / "photos", n=4)
-    params = tiny_params([str(photos)])
+    rated = make_photos(root / "rated", n=5, seed=1)  # the 4-parameter logistic fit needs at least 4 images
+    (rated / "labels.csv").write_text("image,mos\n" + "".join(f"photo_{i:02d}.png,{m}\n" for i, m in enumerate([2, 4.5, 3, 1.5, 4])))
+    params = tiny_params([str(photos)], evaluate__datasets=[
+        {"name": "csv", "root": str(rated), "mos_range": [1, 5], "lower_is_better": False, "label": "rated"}])
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\n")
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\nrated/\n")
     for cmd in (["git", "init", "-q"], [bin_path("dvc"), "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run(cmd, root)
     first_commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
@@ -116,8 +119,9 @@ def test_runs_carry_the_git_commit_and_the_dvc_experiment(project):
 
 
 def test_each_stage_logs_the_datasets_it_consumes_with_their_digests(project):
+    from qualiclip.evaluate import EvaluateConfig, check_datasets
     from qualiclip.ingest import read_manifest
-    from qualiclip.pipeline.lineage import rows_digest
+    from qualiclip.pipeline.lineage import iqa_input, rows_digest
     from qualiclip.shards import data_version
 
     root = project["root"]
@@ -129,7 +133,10 @@ def test_each_stage_logs_the_datasets_it_consumes_with_their_digests(project):
     assert inputs("degrade") == {"ingest-train": (rows_digest(read_manifest(root / "data/ingest", "train")), ["training"])}
     version = data_version(root / "data/shards")
     assert inputs("train") == {"shards": (version, ["training"])}
-    assert inputs("evaluate") == {"ingest-val": (rows_digest(read_manifest(root / "data/ingest", "val")), ["evaluation"])}
+    rated = iqa_input("rated", check_datasets(EvaluateConfig(datasets=tuple(
+        yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["datasets"])))[0][1])
+    assert inputs("evaluate") == {"ingest-val": (rows_digest(read_manifest(root / "data/ingest", "val")), ["evaluation"]),
+                                  "rated": (rated.digest, ["evaluation"])}
     assert inputs("ingest") == {}
 
 
@@ -157,6 +164,7 @@ def test_evaluation_metrics_are_logged_against_the_trained_model(project):
     evaluate = evaluations[0]
     on_model = {m.key: (m.value, m.dataset_name) for m in model.metrics if m.run_id == evaluate.info.run_id}
     assert on_model["synthetic.srcc"] == (evaluate.data.metrics["synthetic.srcc"], "ingest-val")
+    assert on_model["rated.srcc"] == (evaluate.data.metrics["rated.srcc"], "rated")  # each on its own data
     assert not any(k.startswith("baseline.") for k in on_model)  # the baseline is not this model
     assert evaluate.data.tags["qualiclip.model_id"] == info["model_id"]
     ckpt_model = json.loads((root / "outputs/train/checkpoint/config.json").read_text())["model"]
