@@ -1,8 +1,9 @@
 """The pipeline stages as plain functions: params file + paths in, result out.
 
 The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage has one body.
-Each builds its typed configs from params.yaml, runs the library stage inside a tracker run,
-and logs params, metrics and pictures. The train and evaluate stages import the torch-based
+Each reads params.yaml whole first (`params.read_params`: every section checked, the sections
+it reads required), runs the library stage inside a tracker run, and logs params, metrics and
+pictures. The train and evaluate stages import the torch-based
 library modules when they run: ingest and degrade (and their spawned shard workers) do not
 need torch and open_clip, which take seconds to import.
 """
@@ -14,25 +15,25 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import DegradeConfig, run_degrade
+from ..config import config_dict, params_hash
+from ..degrade import run_degrade
 from ..distortions import save_contact_sheet
-from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
+from ..ingest import images_dir, load_image, read_manifest, run_ingest
 from ..plots import plot_loss_curves
 from ..shards import INDEX_FILE, read_index
 from ..tracking import Tracker
+from .params import read_params
 from .tracking import TrackingConfig, get_tracker, write_version_file
 
 
-def _tracker(params: dict, params_file: str) -> tuple[Tracker, TrackingConfig]:
-    t = build_config(TrackingConfig, params.get("tracking"), where="tracking")
-    return get_tracker(t.backend, experiment=t.experiment, params_file=Path(params_file)), t
+def _tracker(t: TrackingConfig, params_file: str) -> Tracker:
+    return get_tracker(t.backend, experiment=t.experiment, params_file=Path(params_file))
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
-    params = load_params(params_file)
-    cfg = build_config(IngestConfig, params.get("ingest"), where="ingest")
-    tracker, _ = _tracker(params, params_file)
+    params = read_params(params_file, "ingest", "tracking")
+    cfg = params["ingest"]
+    tracker = _tracker(params["tracking"], params_file)
     with tracker.run("ingest"):
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
@@ -45,9 +46,9 @@ def stage_ingest(params_file: str, out: str) -> dict:
 
 
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
-    params = load_params(params_file)
-    cfg = build_config(DegradeConfig, params.get("degrade"), where="degrade")
-    tracker, _ = _tracker(params, params_file)
+    params = read_params(params_file, "degrade", "tracking")
+    cfg = params["degrade"]
+    tracker = _tracker(params["tracking"], params_file)
     with tracker.run("degrade"):
         tracker.log_params({"degrade": config_dict(cfg)})
         result = run_degrade(cfg, Path(ingest), Path(out))
@@ -68,17 +69,15 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..evaluate import EvaluateConfig, check_datasets  # torch: see the module docstring
-    from ..model import ModelConfig
-    from ..train import TrainConfig, run_train
+    from ..evaluate import check_datasets  # torch: see the module docstring
+    from ..train import run_train
 
-    params = load_params(params_file)
-    cfg = build_config(TrainConfig, params.get("train"), where="train")
-    model_cfg = build_config(ModelConfig, params.get("model"), where="model")
+    params = read_params(params_file, "train", "model", "evaluate", "tracking")
+    cfg, model_cfg, tcfg = params["train"], params["model"], params["tracking"]
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
     # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
-    check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
-    tracker, tcfg = _tracker(params, params_file)
+    check_datasets(params["evaluate"])
+    tracker = _tracker(tcfg, params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
     if not main_process:
         tracker = Tracker()
@@ -105,11 +104,11 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
     from ..checkpoint import load_checkpoint  # torch: see the module docstring
-    from ..evaluate import EvaluateConfig, run_evaluate
+    from ..evaluate import run_evaluate
 
-    params = load_params(params_file)
-    cfg = build_config(EvaluateConfig, params.get("evaluate"), where="evaluate")
-    tracker, _ = _tracker(params, params_file)
+    params = read_params(params_file, "evaluate", "tracking")
+    cfg = params["evaluate"]
+    tracker = _tracker(params["tracking"], params_file)
     with tracker.run("evaluate"):
         tracker.log_params({"evaluate": config_dict(cfg)})
         metrics = run_evaluate(cfg, load_checkpoint(model), Path(ingest), Path(out))

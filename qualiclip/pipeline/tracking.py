@@ -13,8 +13,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import MinLen
+
+from ..config import check_fields
 from ..errors import QualiclipError
 from ..tracking import Tracker
 
@@ -31,8 +34,11 @@ class TrackingConfig:
     """The ``tracking`` section of params.yaml."""
 
     backend: Literal["auto", "mlflow", "none"] = "auto"
-    experiment: str = "qualiclip"
-    registered_model: str = "qualiclip"
+    experiment: Annotated[str, MinLen(1)] = "qualiclip"
+    registered_model: Annotated[str, MinLen(1)] = "qualiclip"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tracking")
 
 
 def pipeline_id(params_file: Path | None = None) -> str:
