@@ -20,7 +20,6 @@ from pathlib import Path
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
-from qualiclip.config import build_config, load_params
 from qualiclip.degrade import (
     DegradeConfig,
     DegradePlan,
@@ -31,6 +30,7 @@ from qualiclip.degrade import (
     plan_degrade,
     write_one_shard,
 )
+from qualiclip.pipeline.params import read_params
 from qualiclip.pipeline.paths import stage_paths
 
 # cache_policy=NONE: the library resumes from the shards on disk; hashing a plan of millions of
@@ -59,7 +59,7 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
     ``ingest`` and ``out`` default to the degrade stage's paths in dvc.yaml.
     """
-    cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
+    cfg = read_params(params_file, "degrade")["degrade"]  # the whole file checked before any task
     paths = stage_paths()
     ingest, out = ingest or paths.ingest, out or paths.shards
     with degrade_lock(Path(out)):  # one run per output folder, held here while the tasks run anywhere

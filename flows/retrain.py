@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +26,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
 from flows.pipeline import pipeline_flow
-from qualiclip.config import build_config, load_params
+from qualiclip.pipeline.params import ScheduleConfig, read_params
 from qualiclip.pipeline.promotion import PromotionError, promote_project
 
 FLOW_NAME = "qualiclip-retrain"
@@ -35,23 +34,12 @@ LOCK_FILE = ".qualiclip.lock"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `flows.retrain` imports from
 
 
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The ``schedule`` section of params.yaml."""
-
-    cron: str = "0 3 * * *"                 # every day at 03:00
-    timezone: str = "UTC"
-    deployment: str = "scheduled-retraining"
-    lock_timeout: float = 3600.0            # seconds a second trigger waits for the workspace
-
-
 class WorkspaceBusy(RuntimeError):
     """Another run holds the project's workspace lock."""
 
 
 def schedule_config(project_dir: str | Path, params_file: str = "params.yaml") -> ScheduleConfig:
-    params = load_params(Path(project_dir) / params_file)
-    return build_config(ScheduleConfig, params.get("schedule"), where="schedule")
+    return read_params(Path(project_dir) / params_file, "schedule")["schedule"]
 
 
 @contextlib.contextmanager

@@ -138,9 +138,9 @@ def read_config(path: Path) -> tuple[ModelConfig, dict | None]:
                              "re-run the train stage")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where=f"{file} model")
+        cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where="model")
     except ConfigError as exc:
-        raise ModelLoadError(f"{exc} — the checkpoint is damaged; re-run the train stage") from None
+        raise ModelLoadError(f"{file}: {exc} — the checkpoint is damaged; re-run the train stage") from None
     arch = config.get("open_clip_config")
     if arch is not None and not isinstance(arch, dict):
         raise ModelLoadError(f"{file}: open_clip_config must be a mapping, got {type(arch).__name__}")

@@ -24,18 +24,18 @@ import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Annotated, Iterable, Iterator, Literal
 
 import cv2
 import numpy as np
+from annotated_types import Ge
 from tqdm import tqdm
 
-from .config import config_fields
+from .config import Seed, check_fields, config_fields
 from .errors import QualiclipError
-from .ingest import images_dir, load_image, read_manifest
-from .sampling import SampleConfig, make_sample, validate_distortion_names
+from .ingest import check_crop, images_dir, load_image, read_manifest
+from .sampling import SampleConfig, make_sample
 from .shards import (
-    ENCODINGS,
     FORMAT_VERSION,
     INDEX_FILE,
     SHARD_NAME,
@@ -62,23 +62,16 @@ class DegradeConfig:
     """The ``degrade`` section of params.yaml (see docs/shards.md); how one sample is drawn sits
     in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
 
-    seed: int = 0
-    variants: int = 24  # samples per pristine image
-    samples_per_shard: int = 32
-    workers: int = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "webp"
-    split: str = "train"  # which ingest split to degrade
+    seed: Seed = 0
+    variants: Annotated[int, Ge(1)] = 24  # samples per pristine image
+    samples_per_shard: Annotated[int, Ge(1)] = 32
+    workers: Annotated[int, Ge(1)] = 2  # processes; the output bytes do not depend on it
+    encoding: Literal["png", "webp", "npy"] = "webp"  # shards.ENCODINGS (a test keeps them equal)
+    split: Literal["train", "val"] = "train"  # which ingest split to degrade
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        values = config_fields(self)
-        for key in ("variants", "samples_per_shard", "workers", "crop", "max_distortions"):
-            if values[key] < 1:
-                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {values[key]!r} — fix params.yaml")
-        if not 0.0 <= self.sample.min_overlap <= 1.0:
-            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.sample.min_overlap!r} — fix params.yaml")
-        if self.encoding not in ENCODINGS:
-            raise DegradeError(f"degrade.encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
+        check_fields(self, "degrade")
 
 
 @dataclass(frozen=True)
@@ -128,14 +121,15 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
 def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> DegradePlan:
     """Plan the shards and prepare ``out_dir``: keep complete shards of the same plan, wipe the rest.
 
-    Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
-    files that are not shards (it is never wiped then).
+    Raises `DegradeError` for an empty split or an ``out_dir`` holding files that are not shards
+    (it is never wiped then), `ConfigError` for a crop larger than an image (unknown distortions
+    were refused when ``cfg`` was built).
     """
-    validate_distortion_names(cfg.sample.distortions)
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
                            "add pristine photos and rerun ingest, or set degrade.split")
+    check_crop(ingest_dir, rows, cfg.sample.crop, "degrade.crop")
     shards = plan_jobs([r["id"] for r in rows], cfg)
     out_dir = Path(out_dir)
     plan_hash = _plan_hash(cfg, rows)

@@ -23,16 +23,19 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from annotated_types import Ge
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm import tqdm
 
+from .config import Seed, check_fields
 from .datasets import IQADataset, load_dataset
-from .device import resolve_device
-from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
+from .device import DeviceName, resolve_device
+from .distortions import LEVELS, DistortionName, get_distortion, list_distortions, to_uint8
 from .errors import QualiclipError
-from .ingest import MANIFEST_FILE, images_dir, load_image, read_manifest
+from .ingest import MANIFEST_FILE, check_crop, images_dir, load_image, read_manifest
 from .metrics import correlations
 from .model import ModelConfig, QualiCLIP, create_clip, encode_prompts
 from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
@@ -50,16 +53,21 @@ class EvaluateError(QualiclipError, ValueError):
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    seed: int = 0
-    split: str = "val"
-    crop: int = 224
-    distortions: tuple[str, ...] = ()  # empty: every registered type
-    batch_size: int = 32
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only); see docs/evaluation.md
+    """The ``evaluate`` section of params.yaml."""
+
+    seed: Seed = 0
+    split: Literal["train", "val"] = "val"
+    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked before any is read)
+    distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
+    batch_size: Annotated[int, Ge(1)] = 32
+    device: DeviceName = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # scoring.PRECISIONS; fp16 on GPU only (docs/evaluation.md)
     baseline: bool = True  # also score the backbone before fine-tuning, zero-shot
     # real IQA sets: {name: clive, root: /path, [label: ...], [on_missing: exclude], ...loader options}
     datasets: tuple[dict, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self, "evaluate")
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
     if not rows:
         raise EvaluateError(f"no '{cfg.split}' images in {ingest_dir}/{MANIFEST_FILE} — ingest more photos "
                             "or lower ingest.val_fraction")
+    check_crop(ingest_dir, rows, cfg.crop, "evaluate.crop")
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
     for r in rows:

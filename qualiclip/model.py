@@ -16,16 +16,18 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Annotated, Iterator, Literal
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
+from annotated_types import Gt, MinLen
 import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .config import Seed, check_fields
 from .errors import QualiclipError
 from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
@@ -59,11 +61,14 @@ class ModelConfig:
     file holding an open_clip state dict or an official QualiCLIP checkpoint.
     """
 
-    name: str = TINY_MODEL
+    name: Annotated[str, MinLen(1)] = TINY_MODEL
     pretrained: str | None = None
     pos_embedding: Literal["drop", "interpolate"] = "drop"
-    logit_scale: float = 100.0
-    seed: int = 0
+    logit_scale: Annotated[float, Gt(0)] = 100.0
+    seed: Seed = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
 
 
 def register_model_configs() -> None:

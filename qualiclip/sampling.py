@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import cv2
 import numpy as np
+from annotated_types import Ge, Interval
 
-from .distortions import GROUPS, LEVELS, get_distortion, to_uint8
+from .config import check_fields
+from .distortions import GROUPS, LEVELS, DistortionName, get_distortion, to_uint8
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     """How one training sample is drawn; every field lives in params.yaml ``degrade:``."""
 
-    crop: int = 224
-    min_overlap: float = 0.5
-    max_distortions: int = 1
+    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked by degrade)
+    min_overlap: Annotated[float, Interval(ge=0, le=1)] = 0.5
+    max_distortions: Annotated[int, Ge(1)] = 1
     include_pristine: bool = False
-    distortions: tuple[str, ...] = ()  # empty: every registered type
+    distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
+
+    def __post_init__(self) -> None:
+        check_fields(self, "degrade")
 
     @property
     def max_shift(self) -> int:
@@ -98,9 +104,3 @@ def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator,
             x = d.apply(x, level, state)
         out.append(x)
     return to_uint8(np.stack(out))
-
-
-def validate_distortion_names(names: tuple[str, ...]) -> None:
-    """Raise the registry's close-match error for the first unknown name."""
-    for name in names:
-        get_distortion(name)

@@ -22,18 +22,19 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Annotated, Iterator, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Interval, doc
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
-from .config import config_fields
-from .device import resolve_device
+from .config import Seed, check_fields, config_fields
+from .device import DeviceName, resolve_device
 from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
 from .losses import LossWeights, qualiclip_loss
@@ -53,32 +54,32 @@ class TrainError(QualiclipError, RuntimeError):
 class TrainConfig:
     """The ``train`` section of params.yaml (the loss margins and weights sit in it, flat)."""
 
-    seed: int = 0
-    steps: int = 300
-    batch_size: int = 4  # samples per step and process; each is 2 crops × 5 levels
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
+    seed: Seed = 0
+    steps: Annotated[int, Ge(1)] = 300
+    batch_size: Annotated[int, Ge(1)] = 4  # samples per step and process; each is 2 crops × 5 levels
+    lr: Annotated[float, Gt(0)] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    warmup_steps: Annotated[int, Ge(0)] = 10
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
     loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
     bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
-    shuffle_buffer: int = 64
-    num_workers: int = 1
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    log_every: int = 10
+    shuffle_buffer: Annotated[int, Ge(0)] = 64  # 0: no shuffling
+    num_workers: Annotated[int, Ge(0)] = 1  # 0: load in the training process
+    device: DeviceName = "auto"
+    threads: Annotated[int, Ge(0)] = 0  # torch CPU threads; 0 keeps torch's default
+    log_every: Annotated[int, Ge(1)] = 10
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
     compile: bool = False  # torch.compile the image encoder
-    checkpoint_every: int = 50  # steps between resumable train states; 0: none
+    checkpoint_every: Annotated[int, Ge(0)] = 50  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
-    ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
+    # decay of an exponential moving average of the encoder, saved as the model; 0: off
+    ema: Annotated[float, Interval(ge=0, lt=1), doc("0: off; e.g. 0.999")] = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ema < 1.0:
-            raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
+        check_fields(self, "train")
 
 
 # Fields that change neither the weights nor the batch stream: a train state may be resumed across them.

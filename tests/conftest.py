@@ -85,6 +85,7 @@ def tiny_params(sources: list[str], **overrides) -> dict:
                     "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"]},
         "train": {"steps": 3, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, "log_every": 1},
         "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True, "batch_size": 16},
+        "promotion": {},
     }
     for key, value in overrides.items():
         section, _, name = key.partition("__")

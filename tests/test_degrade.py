@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import CLEAN_ENV, bin_path, make_photos
-from qualiclip.config import build_config
+from qualiclip.config import ConfigError, build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
 from qualiclip.ingest import IngestConfig, IngestError, run_ingest
 from qualiclip.sampling import SampleConfig
@@ -105,7 +105,7 @@ def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
 
 
 def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
-    with pytest.raises(DegradeError, match="workers must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="degrade.workers must be an integer >= 1, got 0"):
         DegradeConfig(workers=0)
     with pytest.raises(IngestError, match="run the ingest stage first"):
         run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
@@ -113,6 +113,17 @@ def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
         run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)
     with pytest.raises(Exception, match="gaussian_blur"):  # the registry's did-you-mean
         run_degrade(replace(CFG, sample=SampleConfig(distortions=("gausian_blur",))), ingest_dir, tmp_path / "out", progress=False)
+
+
+def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, tmp_path):
+    """degrade.crop: 100000 crashed (an upscale to 10^10 pixels); any crop above an image's shorter
+    side is refused from the manifest's sizes before any shard is planned or written."""
+    for crop in (73, 100_000):  # the photos are 72 x 96
+        cfg = replace(CFG, sample=replace(CFG.sample, crop=crop))
+        with pytest.raises(ConfigError, match=rf"degrade.crop is {crop} px, larger than the shorter side of 4 of the 4 "
+                                              r"images .* \(smallest: 72 px, .*\) — set degrade.crop to at most 72"):
+            run_degrade(cfg, ingest_dir, tmp_path / "out", progress=False)
+        assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # its lock file only
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def ingest_dir(kodak_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest")
     (out / "images").mkdir()
     Image.open(kodak_dir / "kodim01.png").convert("RGB").resize((320, 240)).save(out / "images" / "ab12.png")
-    (out / "manifest.csv").write_text("id,split\nab12,val\n")
+    (out / "manifest.csv").write_text("id,split,width,height\nab12,val,320,240\n")
     return out
 
 
@@ -149,3 +149,17 @@ def test_dataset_spec_errors_name_the_fix(clive_dir, clive_split_labels):
     bad = {**clive_spec(clive_dir, clive_split_labels), "label": "synthetic"}
     with pytest.raises(EvaluateError, match="label"):
         load_dataset_spec(bad)
+
+
+def test_a_crop_larger_than_the_images_is_refused_before_any_is_read(ingest_dir):
+    """evaluate.crop far above the photos upscaled each one (minutes, gigabytes); the manifest's
+    sizes refuse it before any image is decoded, naming both fixes."""
+    from qualiclip.config import ConfigError
+    from qualiclip.evaluate import EvaluateConfig, build_synthetic_set
+
+    assert len(build_synthetic_set(ingest_dir, EvaluateConfig(crop=240, distortions=("jpeg",))).images) == 5
+    for crop in (241, 100_000):
+        with pytest.raises(ConfigError, match=rf"evaluate.crop is {crop} px, larger than the shorter side of 1 of the 1 "
+                                              r"images in .*manifest.csv \(smallest: 240 px, ab12\) — set evaluate.crop "
+                                              rf"to at most 240, or raise ingest.min_size to {crop}"):
+            build_synthetic_set(ingest_dir, EvaluateConfig(crop=crop, distortions=("jpeg",)))

@@ -40,7 +40,7 @@ def _project_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "") -> str:
+def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "promotion: {}\n") -> str:
     """Register a version of ``name`` and leave the files of its train + evaluate stages."""
     project, client = store
     if not client.search_registered_models(f"name = '{name}'"):
@@ -123,10 +123,13 @@ def test_clear_errors(store, tmp_path):
     (tmp_path / "params.yaml").write_text("promotion: {metrc: x}\n")
     with pytest.raises(ConfigError, match="did you mean 'metric'"):
         promote_project(tmp_path)
-    (tmp_path / "params.yaml").write_text("tracking: {backend: none}\n")
+    (tmp_path / "params.yaml").write_text("tracking: {backend: none}\npromotion: {}\n")
     with pytest.raises(PromotionError, match="backend is 'none'"):
         promote_project(tmp_path)
-    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "params.yaml").write_text("tracking: {}\n")
+    with pytest.raises(ConfigError, match="has no 'promotion:' section"):
+        promote_project(tmp_path)
+    (tmp_path / "params.yaml").write_text("tracking: {}\npromotion: {}\n")
     with pytest.raises(PromotionError, match="run the evaluate stage first"):
         promote_project(tmp_path)
     (tmp_path / "dvc.yaml").unlink()

@@ -40,6 +40,8 @@ ingest: {sources: [%s], min_size: 64}
 degrade: {variants: 1, samples_per_shard: 8, workers: 1, crop: 64, distortions: [gaussian_blur, white_noise, jpeg, brighten]}
 train: {steps: 3, batch_size: 2, num_workers: 0}
 evaluate: {crop: 64, distortions: [gaussian_blur, jpeg], baseline: false}
+schedule: {}
+promotion: {}
 """
 
 
@@ -240,13 +242,13 @@ def test_deployment_run_completes_and_promotes_a_champion(loop):
 
 @pytest.mark.slow
 def test_failed_stage_fails_the_flow_run_with_the_stage_error_in_its_logs(loop):
-    broken = make_project(loop["tmp"] / "broken", loop["tmp"] / "photos",
-                          params=TINY_PARAMS.replace("min_size:", "min_sise:"), env=loop["env"])
+    # a params error now fails the flow before dvc repro starts; a missing photo folder fails a stage
+    broken = make_project(loop["tmp"] / "broken", loop["tmp"] / "no-such-photos", env=loop["env"])
     run = prefect(["deployment", "run", DEPLOYMENT, "--param", f"project_dir={broken}", "--watch"], loop["env"])
     assert run.returncode != 0 and "Failed" in run.stdout + run.stderr
     flow_run_id = run.stdout.split("UUID:")[1].split()[0]
     logs = prefect(["flow-run", "logs", flow_run_id], loop["env"]).stdout
-    assert "unknown key 'min_sise'" in logs and "dvc repro failed" in logs
+    assert "no-such-photos" in logs and "dvc repro failed" in logs
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
+from annotated_types import Predicate
 
 from ..errors import QualiclipError
 from . import _ops, blur, brightness, color, compression, noise, sharpness, spatial
@@ -129,7 +130,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 def _unknown(kind: str, name: str, choices: list[str]) -> UnknownDistortionError:
     close = difflib.get_close_matches(str(name), choices, n=1)
     hint = f" — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
-    return UnknownDistortionError(f"unknown {kind} '{name}'{hint}")
+    return UnknownDistortionError(f"unknown {kind} {name!r}{hint}")
 
 
 def list_distortions(group: str | None = None) -> list[str]:
@@ -147,3 +148,7 @@ def get_distortion(name: str) -> Distortion:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         raise _unknown("distortion", name, list(_REGISTRY)) from None
+
+
+# A config field naming a distortion: an unknown name fails with the close match when the config is built
+DistortionName = Annotated[str, Predicate(get_distortion)]

@@ -21,26 +21,16 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import read_metadata
-from ..config import build_config, load_params
 from ..errors import QualiclipError
+from .params import PromotionConfig, read_params
 from .paths import stage_paths
-from .tracking import VERSION_FILE, TrackingConfig
+from .tracking import VERSION_FILE
 
 METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 
 
 class PromotionError(QualiclipError, RuntimeError):
     """Promotion cannot decide: a missing metric, no registered version, an unreadable file."""
-
-
-@dataclass(frozen=True)
-class PromotionConfig:
-    """The ``promotion`` section of params.yaml."""
-
-    metric: str = "synthetic.srcc"  # dotted key into outputs/eval/metrics.json
-    higher_is_better: bool = True
-    min_improvement: float = 0.0    # the new value must beat the champion's by more than this
-    alias: str = "champion"
 
 
 @dataclass(frozen=True)
@@ -177,9 +167,8 @@ def promote_project(project_dir: str | Path = ".", params_file: str = "params.ya
     The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`).
     """
     project = Path(project_dir)
-    params = load_params(project / params_file)
-    cfg = build_config(PromotionConfig, params.get("promotion"), where="promotion")
-    tracking = build_config(TrackingConfig, params.get("tracking"), where="tracking")
+    params = read_params(project / params_file, "promotion", "tracking")
+    cfg, tracking = params["promotion"], params["tracking"]
     if tracking.backend == "none":
         raise PromotionError("tracking.backend is 'none' in params.yaml: no model version was registered to promote")
     if None in (checkpoint, metrics_file, shards):  # the paths dvc.yaml names

@@ -1,8 +1,10 @@
 """The pipeline stages as plain functions: params file + paths in, result out.
 
 The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage has one body.
-Each opens its tracker run first (so that a stage failing on its params or inputs is a failed
-run too), builds its typed configs from params.yaml, records the datasets it consumes
+Each opens its tracker run first, from the ``tracking:`` section alone (so that a stage failing
+on its params or inputs is a failed run too), then reads params.yaml whole
+(`params.read_params`: every section checked, the sections it reads required, before any
+work), records the datasets it consumes
 (`qualiclip.pipeline.lineage`), runs the library stage, and logs params, metrics and pictures.
 The train and evaluate stages import the torch-based library modules when they run: ingest and
 degrade (and their spawned shard workers) do not need torch and open_clip, which take seconds
@@ -16,25 +18,27 @@ import tempfile
 from pathlib import Path
 
 from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import DegradeConfig, run_degrade
+from ..degrade import run_degrade
 from ..distortions import save_contact_sheet
-from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
+from ..ingest import images_dir, load_image, read_manifest, run_ingest
 from ..plots import plot_loss_curves
 from ..tracking import DatasetRef, Tracker
 from .lineage import iqa_input, manifest_input, shard_input
+from .params import read_params
 from .tracking import TrackingConfig, get_tracker, read_version_file, write_version_file
 
 
-def _tracker(params: dict) -> tuple[Tracker, TrackingConfig]:
-    t = build_config(TrackingConfig, params.get("tracking"), where="tracking")
+def _tracker(params_file: str) -> tuple[Tracker, TrackingConfig]:
+    """The stage's tracker, built from the ``tracking:`` section alone: an error in any other
+    section is then logged as a failed run (the whole file is checked inside the run)."""
+    t = build_config(TrackingConfig, load_params(params_file).get("tracking"), where="tracking")
     return get_tracker(t.backend, experiment=t.experiment), t
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
-    params = load_params(params_file)
-    tracker, _ = _tracker(params)
+    tracker, _ = _tracker(params_file)
     with tracker.run("ingest"):
-        cfg = build_config(IngestConfig, params.get("ingest"), where="ingest")
+        cfg = read_params(params_file, "ingest", "tracking")["ingest"]
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
@@ -46,10 +50,9 @@ def stage_ingest(params_file: str, out: str) -> dict:
 
 
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
-    params = load_params(params_file)
-    tracker, _ = _tracker(params)
+    tracker, _ = _tracker(params_file)
     with tracker.run("degrade"):
-        cfg = build_config(DegradeConfig, params.get("degrade"), where="degrade")
+        cfg = read_params(params_file, "degrade", "tracking")["degrade"]
         tracker.log_input(manifest_input(Path(ingest), cfg.split), "training")
         tracker.log_params({"degrade": config_dict(cfg)})
         result = run_degrade(cfg, Path(ingest), Path(out))
@@ -70,22 +73,20 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..evaluate import EvaluateConfig, check_datasets  # torch: see the module docstring
-    from ..model import ModelConfig
-    from ..train import TrainConfig, run_train
+    from ..evaluate import check_datasets  # torch: see the module docstring
+    from ..train import run_train
 
-    params = load_params(params_file)
-    tracker, tcfg = _tracker(params)
+    tracker, tcfg = _tracker(params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
     if not main_process:
         tracker = Tracker()
     logged = None
     with tracker.run("train"):
-        cfg = build_config(TrainConfig, params.get("train"), where="train")
-        model_cfg = build_config(ModelConfig, params.get("model"), where="model")
+        params = read_params(params_file, "train", "model", "evaluate", "tracking")
+        cfg, model_cfg = params["train"], params["model"]
         data = shard_input(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
         # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
-        check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
+        check_datasets(params["evaluate"])
         phash = params_hash(model_cfg, cfg)
         provenance = {"params_hash": phash, "data_version": data.digest}
         tracker.set_tags({f"qualiclip.{k}": v for k, v in provenance.items()})
@@ -111,12 +112,11 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
     from ..checkpoint import load_checkpoint, read_metadata  # torch: see the module docstring
-    from ..evaluate import EvaluateConfig, check_datasets, run_evaluate
+    from ..evaluate import check_datasets, run_evaluate
 
-    params = load_params(params_file)
-    tracker, _ = _tracker(params)
+    tracker, _ = _tracker(params_file)
     with tracker.run("evaluate"):
-        cfg = build_config(EvaluateConfig, params.get("evaluate"), where="evaluate")
+        cfg = read_params(params_file, "evaluate", "tracking")["evaluate"]
         checkpoint = load_checkpoint(model)
         tracker.log_params({"evaluate": config_dict(cfg), "model": config_dict(checkpoint.cfg)})
         meta = read_metadata(Path(model)) if Path(model).is_dir() else {}

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import MinLen
+
+from ..config import check_fields
 from ..errors import QualiclipError
 from ..tracking import Tracker
 from .execution import PIPELINE_ENV, current_execution  # noqa: F401 - PIPELINE_ENV: the flows set it
@@ -27,8 +30,11 @@ class TrackingConfig:
     """The ``tracking`` section of params.yaml."""
 
     backend: Literal["auto", "mlflow", "none"] = "auto"
-    experiment: str = "qualiclip"
-    registered_model: str = "qualiclip"
+    experiment: Annotated[str, MinLen(1)] = "qualiclip"
+    registered_model: Annotated[str, MinLen(1)] = "qualiclip"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tracking")
 
 
 def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip") -> Tracker:
