@@ -10,6 +10,8 @@ the same code:
 Output bytes depend only on the manifest, the config and the seed: each sample has its own
 random stream seeded by (seed, image id, variant), and each shard is written by one job.
 Shards appear atomically; an interrupted run resumes where it stopped and ends byte-identical.
+A finished set (``index.json`` present) is never resumed: a run on it starts afresh, so a
+forced run (``dvc repro --force degrade``) or a code change regenerates every shard.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
 
 
 def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> DegradePlan:
-    """Plan the shards and prepare ``out_dir``: keep complete shards of the same plan, wipe the rest.
+    """Plan the shards and prepare ``out_dir``: keep the shards of an interrupted run of the same
+    plan, wipe anything else (another plan, or a finished set: see `_prepare_out_dir`).
 
     Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
     files that are not shards (it is never wiped then).
@@ -167,7 +170,10 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
 
 
 def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress: bool = True) -> DegradeResult:
-    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes."""
+    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes.
+
+    ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes).
+    """
     plan = plan_degrade(cfg, ingest_dir, out_dir)
     entries = _run_jobs(plan, progress)
     return finalize_degrade(plan, entries)
@@ -185,15 +191,22 @@ def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
 
 
 def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
-    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files."""
+    """Resume an interrupted run of the same plan; wipe anything else; refuse a folder of other files.
+
+    Interrupted means: plan.json names this plan and index.json, written last, is absent. A
+    finished set is wiped although its plan matches, because the stage only runs on one when
+    something the plan does not see has changed: the code (a DVC dependency) or nothing at all
+    (``dvc repro --force``), and either way the user asked for new shards.
+    """
     plan_path = out_dir / PLAN_FILE
-    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash
+    finished = (out_dir / INDEX_FILE).is_file()
+    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash and not finished
     if out_dir.exists() and not same:
         _check_only_shard_files(out_dir)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("*.tmp"), out_dir / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # the index reappears only when the set is complete
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink()
     for extra in out_dir.glob("shard-*.tar"):
         if int(extra.name[6:12]) >= n_shards:
             extra.unlink()
@@ -235,7 +248,7 @@ def _entry_from_file(path: Path, samples: int) -> dict:
 
 def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
     args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
-    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
+    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=None if progress else True)
     results = []
     if plan.cfg.workers <= 1 or len(args) <= 1:
         for a in args:

@@ -129,7 +129,7 @@ def _nan0(v: float) -> float:
 
 
 def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
-    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img") as bar:
+    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img", disable=None) as bar:
         return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                             progress=bar)
 
@@ -166,7 +166,7 @@ def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
 
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
-    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img") as bar:
+    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img", disable=None) as bar:
         results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]

@@ -387,7 +387,9 @@ def run_train(
     metadata: dict | None = None,
 ) -> TrainResult:
     """Train to ``cfg.steps`` (resuming from ``out_dir/train_state.pt`` if allowed) and write
-    ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun)."""
+    ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun).
+
+    ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes)."""
     tracker = tracker or Tracker()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -413,7 +415,7 @@ def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[d
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
     window_steps = 0
-    for step in tqdm(steps, desc="train", unit="step", disable=not (progress and t.dist.main)):
+    for step in tqdm(steps, desc="train", unit="step", disable=None if progress and t.dist.main else True):
         batch = next(batches)
         row = {"step": step + 1, **optimize(t, batch, cfg)}
         rows.append(row)

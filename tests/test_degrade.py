@@ -85,16 +85,27 @@ def test_sample_holds_2xL_crops_and_its_provenance(ingest_dir, tmp_path):
 def test_plan_change_wipes_stale_shards_and_same_plan_resumes(ingest_dir, tmp_path):
     run_degrade(CFG, ingest_dir, tmp_path, progress=False)
     first = digests(tmp_path)
-    again = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path, progress=False)
-    assert again.resumed_shards == 6 and digests(tmp_path) == first  # workers is not part of the plan
+    (tmp_path / "index.json").unlink()  # an interrupted run: the index is written last
     (tmp_path / "shard-000003.tar").unlink()
-    redo = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
-    assert redo.resumed_shards == 5 and digests(tmp_path) == first
+    redo = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path, progress=False)
+    assert redo.resumed_shards == 5 and digests(tmp_path) == first  # workers is not part of the plan
     fewer = run_degrade(replace(CFG, variants=2, seed=1), ingest_dir, tmp_path, progress=False)
     assert (fewer.shards, fewer.resumed_shards) == (4, 0)
     now = digests(tmp_path)
     assert sorted(n for n in now if n.endswith(".tar")) == [f"shard-{k:06d}.tar" for k in range(4)]
     assert all(now[n] != first[n] for n in now if n.endswith(".tar"))
+
+
+def test_a_finished_set_is_regenerated_not_resumed(ingest_dir, tmp_path):
+    """What `dvc repro --force degrade` and a changed distortion module do: the stage runs on a
+    finished set whose plan is unchanged, and every shard is written anew."""
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 0 and again.shards == 6
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in tmp_path.glob("shard-*.tar"))
+    assert digests(tmp_path) == first  # same code, same bytes
 
 
 def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):

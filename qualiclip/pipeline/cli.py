@@ -1,9 +1,10 @@
 """The ``qualiclip`` command line: the pipeline stages (as DVC calls them) and user tools.
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
-function. The modules behind ``score``, ``explain``, ``promote`` and ``export-official`` are
-imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
-``ingest``, ``degrade`` and ``distortions`` do not need.
+function. The modules behind each command are imported when it runs: ``score``, ``explain``,
+``promote`` and ``export-official`` pull in torch and open_clip (seconds), which ``--help``,
+``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only the
+code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
@@ -15,9 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import skimage.data
-
-from ..distortions import GROUPS, save_contact_sheet
 from ..errors import QualiclipError
 from ..imageio import DEFAULT_MAX_PIXELS
 from . import stages
@@ -54,6 +52,10 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_distortions(args: argparse.Namespace) -> None:
+    import skimage.data
+
+    from ..distortions import GROUPS, save_contact_sheet
+
     if args.list or not args.grid:
         for group, names in GROUPS.items():
             for name in names:

@@ -2,9 +2,11 @@
 
 The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage has one body.
 Each builds its typed configs from params.yaml, runs the library stage inside a tracker run,
-and logs params, metrics and pictures. The train and evaluate stages import the torch-based
-library modules when they run: ingest and degrade (and their spawned shard workers) do not
-need torch and open_clip, which take seconds to import.
+and logs params, metrics and pictures. Each stage imports the library modules it runs inside
+its own function, for two reasons: a stage process then loads exactly the code that dvc.yaml
+lists as that stage's dependencies (tests/test_stage_deps.py compares the two), so a changed
+distortion reruns degrade but not ingest; and ingest and degrade (and their spawned shard
+workers) do not pay seconds for torch and open_clip.
 """
 from __future__ import annotations
 
@@ -15,12 +17,8 @@ import tempfile
 from pathlib import Path
 
 from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import DegradeConfig, run_degrade
-from ..distortions import save_contact_sheet
-from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
-from ..plots import plot_loss_curves
-from ..shards import INDEX_FILE, read_index
 from ..tracking import Tracker
+from .paths import check_sources_are_deps
 from .tracking import TrackingConfig, get_tracker, write_version_file
 
 
@@ -30,8 +28,12 @@ def _tracker(params: dict, params_file: str) -> tuple[Tracker, TrackingConfig]:
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
+    from ..ingest import SKIMAGE_SOURCE, IngestConfig, run_ingest  # see the module docstring
+
     params = load_params(params_file)
     cfg = build_config(IngestConfig, params.get("ingest"), where="ingest")
+    if os.environ.get("DVC_STAGE"):  # under dvc repro, which sets it: DVC must see the photos change
+        check_sources_are_deps([s for s in cfg.sources if s != SKIMAGE_SOURCE], _dvc_stage_name())
     tracker, _ = _tracker(params, params_file)
     with tracker.run("ingest"):
         tracker.log_params({"ingest": config_dict(cfg)})
@@ -44,7 +46,14 @@ def stage_ingest(params_file: str, out: str) -> dict:
     return summary
 
 
+def _dvc_stage_name() -> str:
+    """The running stage's name in dvc.yaml (DVC_STAGE is ``name`` or ``path/dvc.yaml:name``)."""
+    return os.environ["DVC_STAGE"].rsplit(":", 1)[-1]
+
+
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
+    from ..degrade import DegradeConfig, run_degrade  # see the module docstring
+
     params = load_params(params_file)
     cfg = build_config(DegradeConfig, params.get("degrade"), where="degrade")
     tracker, _ = _tracker(params, params_file)
@@ -61,6 +70,9 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
 
 def _contact_sheet_for(ingest_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
+    from ..distortions import save_contact_sheet
+    from ..ingest import images_dir, load_image, read_manifest
+
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
     save_contact_sheet(load_image(images_dir(ingest_dir), first), out)
@@ -68,7 +80,9 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..model import ModelConfig  # torch: see the module docstring
+    from ..model import ModelConfig  # see the module docstring
+    from ..plots import plot_loss_curves
+    from ..shards import INDEX_FILE, read_index
     from ..train import TrainConfig, run_train
 
     params = load_params(params_file)
@@ -101,7 +115,7 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
-    from ..checkpoint import load_checkpoint  # torch: see the module docstring
+    from ..checkpoint import load_checkpoint  # see the module docstring
     from ..evaluate import EvaluateConfig, run_evaluate
 
     params = load_params(params_file)
