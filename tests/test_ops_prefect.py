@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from conftest import add_training_photo, make_dvc_project
-from flows.retrain import LOCK_FILE, WorkspaceBusy, failure_automation, workspace_lock
+from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -494,6 +494,8 @@ def _canonical(value):
 def test_the_documented_automation_yaml_is_accepted_by_the_server(server, tmp_path):
     """docs/operations.md shows the automation as YAML for `prefect automation create`; the server
     takes it, and it watches the same events as `python -m flows.retrain alert` creates."""
+    from flows.retrain import failure_automation
+
     docs = (ROOT / "docs/operations.md").read_text()
     text = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "prefect.flow-run.Failed" in b)
     env = {**server["env"], "PYTHONPATH": str(ROOT)}
