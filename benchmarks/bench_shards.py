@@ -1,8 +1,9 @@
 """Speed and size of the degrade shards (issue 4): the figures behind ``degrade.encoding``.
 
 Prints, on 224×224 QualiCLIP samples (2 crops × 5 levels) rendered from real photos:
-  1. per encoding (PNG at compression 1 and 3, lossless WebP, raw npy): samples/s encoded and
-     written to a tar, samples/s decoded (with the CRC check), bytes per sample;
+  1. per encoding (PNG at compression 1 and 3, lossless WebP at effort 0, raw npy): CPU ms per
+     sample to encode and write a tar, to decode (with the CRC check), and bytes per sample;
+     QOI too when the `qoi` package is importable (a candidate, not an option: crops only, no tar);
   2. loader throughput in crops/s with 2 DataLoader workers, per encoding;
   3. the degrade stage end to end (`run_degrade`) with 1 and 2 worker processes;
   4. what one training step of the default model consumes (batch 4 at 224 px), for the ratio.
@@ -95,8 +96,8 @@ def bench_loader(shard_dir: Path, workers: int = 2, batch: int = 4) -> float:
     return crops / (time.perf_counter() - t)
 
 
-def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dict[int, tuple[float, float]]:
-    """(samples/s wall, CPU ms/sample) of `run_degrade` over the photos with 1 and 2 worker processes.
+def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dict[int, tuple[float, float, float]]:
+    """(samples/s wall, CPU ms/sample, bytes/sample) of `run_degrade` over the photos with 1 and 2 workers.
 
     CPU time counts this process and its (reaped) pool workers: on a shared machine the wall-clock
     ratio says how many cores we got, the CPU figure whether a sample costs the same in a worker.
@@ -109,8 +110,11 @@ def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dic
     for workers in (1, 2):
         cfg = DegradeConfig(variants=variants, samples_per_shard=4, workers=workers, encoding=encoding)
         t, cpu = time.perf_counter(), _cpu_seconds()
-        r = run_degrade(cfg, root / "ingest", root / f"shards-{workers}", progress=False)
-        rates[workers] = (r.samples / (time.perf_counter() - t), (_cpu_seconds() - cpu) * 1000 / r.samples)
+        out = root / f"shards-{workers}-{encoding}"
+        r = run_degrade(cfg, root / "ingest", out, progress=False)
+        size = json.loads((out / S.INDEX_FILE).read_text())["total_bytes"]
+        rates[workers] = (r.samples / (time.perf_counter() - t), (_cpu_seconds() - cpu) * 1000 / r.samples,
+                          size / r.samples)
     return rates
 
 
@@ -143,20 +147,44 @@ def bench_train_step(reps: int = 5) -> float:
 def report_codecs(samples: list, root: Path) -> None:
     for name in CODECS:  # warm-up: first-call imports (webdataset) and codec initialisation
         bench_codec(samples[:1], name, root)
-    print(f"\n{'codec':8} {'write/s':>8} {'read/s':>8} {'KiB/sample':>11} {'loader crops/s (2 workers)':>27}")
+    print(f"\n{'codec':8} {'write ms':>9} {'read ms':>8} {'w+r ms':>7} {'KiB/sample':>11} {'loader crops/s (2 workers)':>27}")
     for name in CODECS:
         r = bench_codec(samples, name, root)
         loader = bench_loader(write_loader_shards(samples, name, root / f"loader-{name}", 8))
-        print(f"{name:8} {r['write']:8.1f} {r['read']:8.1f} {r['bytes'] / 1024:11.0f} {loader:27.0f}")
-    print("(write/read: samples per CPU-second on one core; loader: wall clock)")
+        w, rd = 1e3 / r["write"], 1e3 / r["read"]
+        print(f"{name:8} {w:9.1f} {rd:8.1f} {w + rd:7.1f} {r['bytes'] / 1024:11.0f} {loader:27.0f}")
+    qoi = bench_qoi(samples)
+    if qoi:
+        print(f"{'qoi':8} {qoi[0]:9.1f} {qoi[1]:8.1f} {sum(qoi[:2]):7.1f} {qoi[2] / 1024:11.0f} {'(crops only)':>27}")
+    print("(write/read: CPU ms per sample of 10 crops on one core; loader: wall clock)")
+
+
+def bench_qoi(samples: list) -> tuple[float, float, float] | None:
+    """(encode ms, decode ms, bytes) per sample with the `qoi` package, or None without it."""
+    try:
+        import qoi
+    except ImportError:
+        return None
+    crops = [c for crops, _ in samples for c in crops.reshape(-1, *crops.shape[-3:])]
+    qoi.decode(qoi.encode(crops[0]))
+    t = time.process_time()
+    blobs = [qoi.encode(np.ascontiguousarray(c)) for c in crops]
+    write = time.process_time() - t
+    t = time.process_time()
+    decoded = [qoi.decode(b) for b in blobs]
+    read = time.process_time() - t
+    assert all(np.array_equal(d, c) for d, c in zip(decoded, crops))  # lossless
+    n = len(samples)
+    return 1e3 * write / n, 1e3 * read / n, sum(map(len, blobs)) / n
 
 
 def report_degrade(images: Path, root: Path, variants: int, encoding: str) -> None:
     rates = bench_degrade(images, root, variants, encoding)
-    for w, (rate, cpu) in rates.items():
-        print(f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample")
+    for w, (rate, cpu, size) in rates.items():
+        print(f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample, "
+              f"{size / 1024:.0f} KiB/sample")
     startup = pool_startup()
-    n = len(list((root / "shards-1").glob("shard-*.tar"))) * 4
+    n = len(list((root / f"shards-1-{encoding}").glob("shard-*.tar"))) * 4
     t1 = n / rates[1][0]
     print(f"2 workers / 1 worker: {rates[2][0] / rates[1][0]:.2f}x wall; pool start-up {startup:.1f} s; "
           f"on 2 free cores this run would give {t1 / (startup + t1 / 2):.2f}x, "
@@ -190,7 +218,7 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--samples", type=int, default=16, help="samples rendered for the codec comparison")
     p.add_argument("--variants", type=int, default=2, help="samples per photo in the end-to-end run")
-    p.add_argument("--encoding", default="png", help="encoding of the end-to-end run")
+    p.add_argument("--encoding", default="webp", help="encoding of the end-to-end run")
     p.add_argument("--only", choices=["codecs", "degrade", "train"], help="run one part")
     args = p.parse_args()
     cv2.setNumThreads(1)

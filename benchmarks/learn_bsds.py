@@ -26,6 +26,7 @@ from filelock import FileLock
 
 from qualiclip.config import build_config, params_hash
 from qualiclip.degrade import DegradeConfig
+from qualiclip.evaluate import EvaluateConfig, check_datasets
 from qualiclip.ingest import IngestConfig
 from qualiclip.pipeline import stages
 
@@ -112,6 +113,7 @@ def main() -> None:
     else:
         train_params, eval_params = yaml.safe_load(train_p.read_text()), yaml.safe_load(eval_p.read_text())
     bsds, kodak, shards = data_dirs(work, train_params, eval_params)
+    check_datasets(build_config(EvaluateConfig, eval_params["evaluate"], where="evaluate"))  # before hours of work
     data_steps = [  # (label, folder whose summary.json means done, stage)
         ("ingest bsds500", bsds, lambda: stages.stage_ingest(str(train_p), str(bsds))),
         ("ingest kodak", kodak, lambda: stages.stage_ingest(str(eval_p), str(kodak))),

@@ -26,6 +26,7 @@ from qualiclip.degrade import (
     DegradePlan,
     DegradeResult,
     ShardJob,
+    degrade_lock,
     finalize_degrade,
     plan_degrade,
     write_one_shard,
@@ -60,9 +61,11 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
     """
     cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
     paths = stage_paths()
-    plan = plan_task(cfg, ingest or paths.ingest, out or paths.shards)
-    entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
-    result = finalize_task(plan, entries)
+    ingest, out = ingest or paths.ingest, out or paths.shards
+    with degrade_lock(Path(out)):  # one run per output folder, held here while the tasks run anywhere
+        plan = plan_task(cfg, ingest, out)
+        entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
+        result = finalize_task(plan, entries)
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")
     return {"samples": result.samples, "shards": result.shards, "bytes": result.bytes,
             "resumed_shards": result.resumed_shards}

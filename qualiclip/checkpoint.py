@@ -8,28 +8,62 @@ format (``clip_model.``-prefixed state dict + ``prompts_features``) is imported 
 This module is the one reader of checkpoints: `load_checkpoint` (the whole model, to train,
 evaluate or export) and `load_image_encoder` (the image encoder alone, read without building
 the text tower: the memory-saving path scoring uses).
+
+Nothing read from a checkpoint is trusted before it is checked: the safetensors header
+(`model.read_safetensors_header`) before any tensor is allocated, ``config.json``
+(`read_config`) before any model is built, and an architecture stored in it against
+`ARCH_LIMITS` and `MAX_PARAMETERS` (counted on the meta device) before it is registered with
+open_clip.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .model import ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, register_model_configs
+from .config import ConfigError, build_config
+from .files import FileReadError, read_regular
+from .model import (
+    SAFETENSORS_DTYPES, ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, load_safetensors,
+    read_safetensors_header, register_model_configs,
+)
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 METADATA = "metadata.json"
 TRAIN_STATE = "train_state.pt"
+MAX_JSON_BYTES = 16 << 20  # config.json / metadata.json: a few KB in practice
+# Limits on an architecture stored in a checkpoint's config.json: building a model allocates its
+# weights, so a config that declares a huge one is refused before anything is built. Each cap is
+# about 4x the largest value among open_clip 3.3's own configs (in brackets).
+ARCH_LIMITS: dict[str, int] = {
+    "embed_dim": 8192,                 # [1536: ViT-gopt-16-SigLIP2-384]
+    "vision_cfg.width": 8192,          # [1792: ViT-e-14]
+    "vision_cfg.layers": 256,          # [56: ViT-e-14; ResNet stages summed: 64, RN50x64]
+    "vision_cfg.image_size": 2048,     # [512: ViT-B-16-SigLIP2-512]
+    "vision_cfg.head_width": 1024,     # [112: ViT-e-14]
+    "vision_cfg.mlp_ratio": 64,        # [8.6: ViT-e-14]
+    "text_cfg.width": 8192,            # [1280: ViT-bigG-14]
+    "text_cfg.layers": 256,            # [36: ViT-e-14]
+    "text_cfg.heads": 256,             # [20: PE-Core-bigG-14-448]
+    "text_cfg.mlp_ratio": 64,          # [4]
+    "text_cfg.context_length": 4096,   # [77]
+    "text_cfg.vocab_size": 4_000_000,  # [901,629: ViT-bigG-14-worldwide]
+}
+MAX_PARAMETERS = 10_000_000_000  # about 2x ViT-e-14 (4.6 B), the largest CLIP open_clip knows
+_ARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # becomes a file name when registered
+_REGISTERED: dict[str, dict] = {}  # architectures this process registered from checkpoints
 
 
 def save_checkpoint(model: QualiCLIP, out_dir: Path, metadata: dict | None = None) -> Path:
@@ -72,20 +106,16 @@ def load_checkpoint(path: str | Path, *, name: str = "RN50") -> QualiCLIP:
     raise ModelLoadError(f"no checkpoint at {path} — run the train stage first or pass an existing path")
 
 
-def read_model_config(path: Path) -> tuple[ModelConfig, dict]:
-    """The model config of a checkpoint folder, and its whole ``config.json``."""
-    config = json.loads((Path(path) / CONFIG).read_text())
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in config["model"].items() if k in fields}), config
-
-
 def _load_folder(path: Path) -> QualiCLIP:
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ModelLoadError(f"{path} is not a qualiclip checkpoint (needs {CONFIG} and {WEIGHTS})")
-    cfg, config = read_model_config(path)
-    _ensure_architecture(cfg.name, config.get("open_clip_config"))
+    cfg, arch = read_config(path)
+    _ensure_architecture(cfg.name, arch, path / CONFIG)
     clip = open_clip.create_model(cfg.name, pretrained=None)
-    state = load_file(str(path / WEIGHTS))
+    state = load_safetensors(path / WEIGHTS)
+    if "prompt_features" not in state:
+        raise ModelLoadError(f"{path / WEIGHTS} holds no prompt_features — it is not a qualiclip checkpoint; "
+                             "re-run the train stage")
     prompts = state.pop("prompt_features")
     state = {k.removeprefix("clip."): v for k, v in state.items()}
     check_state_dict(clip, state, source=str(path), name=cfg.name)
@@ -93,16 +123,96 @@ def _load_folder(path: Path) -> QualiCLIP:
     return QualiCLIP(clip, prompts, cfg)
 
 
-def _ensure_architecture(name: str, arch: dict | None) -> None:
-    """Register an architecture stored in a checkpoint if open_clip does not know it here."""
+def read_config(path: Path) -> tuple[ModelConfig, dict | None]:
+    """``config.json`` of the checkpoint folder ``path``: (model config, stored open_clip architecture).
+
+    `ModelLoadError` naming the file when it is not a regular file of valid JSON, lacks a
+    ``model`` mapping with a ``name``, or holds values of the wrong type.
+    """
+    file = Path(path) / CONFIG
+    config = _read_json(file)
+    model = config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ModelLoadError(f"{file} has no 'model' section with a 'name' — the checkpoint is damaged; "
+                             "re-run the train stage")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where=f"{file} model")
+    except ConfigError as exc:
+        raise ModelLoadError(f"{exc} — the checkpoint is damaged; re-run the train stage") from None
+    arch = config.get("open_clip_config")
+    if arch is not None and not isinstance(arch, dict):
+        raise ModelLoadError(f"{file}: open_clip_config must be a mapping, got {type(arch).__name__}")
+    return cfg, arch
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from a small regular file, or `ModelLoadError` naming the file."""
+    try:
+        value = json.loads(read_regular(file, max_bytes=MAX_JSON_BYTES))
+    except FileReadError as exc:
+        raise ModelLoadError(f"{file}: {exc.detail}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelLoadError(f"{file} is not valid JSON ({exc}) — the checkpoint is damaged (truncated?); "
+                             "re-run the train stage or restore the file") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _ensure_architecture(name: str, arch: dict | None, source: Path) -> None:
+    """Register an architecture stored in a checkpoint if open_clip does not know it here.
+
+    A stored architecture is checked (`check_architecture`) before it is registered; one this
+    process registered before is checked again when another checkpoint stores it differently.
+    """
     register_model_configs()
-    if name in open_clip.list_models():
+    if name in open_clip.list_models() and (name not in _REGISTERED or _REGISTERED[name] == arch):
         return
     if not arch:
         raise ModelLoadError(f"architecture '{name}' is unknown to open_clip and not stored in the checkpoint")
+    check_architecture(name, arch, source)
     folder = Path(tempfile.mkdtemp(prefix="qualiclip-arch-"))
     (folder / f"{name}.json").write_text(json.dumps(arch))
     open_clip.add_model_config(folder)
+    _REGISTERED[name] = arch
+
+
+def check_architecture(name: str, arch: dict, source: Path) -> None:
+    """`ModelLoadError` unless ``arch`` (an open_clip model config) is within `ARCH_LIMITS` and
+    builds, on the meta device (nothing allocated), with at most `MAX_PARAMETERS` parameters."""
+    if not _ARCH_NAME.fullmatch(name) or ".." in name:
+        raise ModelLoadError(f"{source}: architecture name {name!r} is not a plain name (letters, digits, _ . + -)")
+    for key, limit in ARCH_LIMITS.items():
+        value = _declared(arch, key, source)
+        if value > limit:
+            raise ModelLoadError(f"{source}: architecture '{name}' declares {key} = {value}, above the limit of "
+                                 f"{limit} — the config is damaged or not a CLIP this project can load")
+    folder = Path(tempfile.mkdtemp(prefix="qualiclip-arch-check-"))
+    try:
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
+        with torch.device("meta"):
+            model = open_clip.create_model(f"local-dir:{folder}", device="meta")
+    except Exception as exc:  # open_clip raises whatever its constructors raise for a bad config
+        raise ModelLoadError(f"{source}: architecture '{name}' cannot be built ({type(exc).__name__}: {exc})") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_PARAMETERS:
+        raise ModelLoadError(f"{source}: architecture '{name}' has {n:,} parameters, above the limit of "
+                             f"{MAX_PARAMETERS:,} — the config is damaged or not a CLIP this project can load")
+
+
+def _declared(arch: dict, key: str, source: Path) -> float:
+    """The value of a dotted ``key`` in ``arch`` as one number (lists: summed; absent: 0)."""
+    value: object = arch
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+               for v in items):
+        raise ModelLoadError(f"{source}: {key} must be a number or a list of numbers, got {value!r}")
+    return sum(v for v in items if v is not None)
 
 
 def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, ModelConfig] | None:
@@ -117,7 +227,7 @@ def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, Model
     register_model_configs()
     if not (path / CONFIG).is_file():
         return None
-    cfg, _ = read_model_config(path)
+    cfg = read_config(path)[0]
     if cfg.name not in open_clip.list_models():
         return None
     with torch.device("meta"):  # shapes only: no memory for either tower
@@ -128,26 +238,23 @@ def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, Model
     return visual, prompts, cfg
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
-
 def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The ``clip.visual.*`` tensors (prefix removed) and ``prompt_features`` of a checkpoint file.
 
     Read with plain file reads into private memory rather than through safetensors' memory map:
     mapped pages, once touched, stay counted in the resident memory next to the folded copies
-    (about +150 MB of peak RSS for RN50). The format is an 8-byte header length, a JSON header
-    ``{name: {dtype, shape, data_offsets}}``, then the data.
+    (about +150 MB of peak RSS for RN50). The header is checked first (`read_safetensors_header`).
     """
     if not weights.is_file():
         raise ModelLoadError(f"{weights} not found — the checkpoint folder is incomplete; re-run the train stage")
     prefix = "clip.visual."
+    header = read_safetensors_header(weights)
+    if "prompt_features" not in header.tensors:
+        raise ModelLoadError(f"{weights} holds no prompt_features — it is not a qualiclip checkpoint; "
+                             "re-run the train stage")
     with open(weights, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        wanted = [k for k in header if k.startswith(prefix) or k == "prompt_features"]
-        tensors = {k: _read_tensor(f, 8 + size, header[k]) for k in wanted}
+        wanted = [k for k in header.tensors if k.startswith(prefix) or k == "prompt_features"]
+        tensors = {k: _read_tensor(f, header.data_start, header.tensors[k]) for k in wanted}
     prompts = tensors.pop("prompt_features")
     return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
 
@@ -157,13 +264,13 @@ def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:
     buf = bytearray(end - start)
     f.seek(base + start)
     f.readinto(buf)
-    dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+    dtype = SAFETENSORS_DTYPES[meta["dtype"]][0]
     return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"]) if buf else torch.empty(meta["shape"], dtype=dtype)
 
 
 def read_metadata(path: Path) -> dict:
     meta = Path(path) / METADATA
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return _read_json(meta) if meta.is_file() else {}
 
 
 def export_official(model: QualiCLIP, out_file: Path) -> Path:

@@ -10,19 +10,23 @@ the same code:
 Output bytes depend only on the manifest, the config and the seed: each sample has its own
 random stream seeded by (seed, image id, variant), and each shard is written by one job.
 Shards appear atomically; an interrupted run resumes where it stopped and ends byte-identical.
-A finished set (``index.json`` present) is never resumed: a run on it starts afresh, so a
-forced run (``dvc repro --force degrade``) or a code change regenerates every shard.
+Each shard's index entry (size, sha256) is recorded beside it when it is written
+(``shard-NNNNNN.tar.json``); a resumed run keeps a shard only if the file still matches its
+record and rewrites it otherwise. A finished set (``index.json`` present) is never resumed: a run
+on it starts afresh, so a forced run (``dvc repro --force degrade``) or a code change regenerates
+every shard. A run holds the output folder's lock (`degrade_lock`): a second run into the same
+folder fails at once instead of wiping the first one's shards.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import cv2
 import numpy as np
@@ -36,15 +40,19 @@ from .shards import (
     ENCODINGS,
     FORMAT_VERSION,
     INDEX_FILE,
+    SHARD_NAME,
     SHARD_PATTERN,
     encode_crops,
     sample_json,
-    sha256_file,
+    shard_problem,
     write_shard,
 )
 
 PLAN_FILE = "plan.json"
-_OWN_FILES = ("shard-*.tar", "shard-*.tmp", INDEX_FILE, PLAN_FILE, f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp")
+LOCK_FILE = ".degrade.lock"  # held for a whole run; stays (empty) in the folder
+RECORD_SUFFIX = ".json"  # shard-000000.tar.json: the shard's index entry, written right after the shard
+_OWN_FILES = ("shard-*.tar", f"shard-*.tar{RECORD_SUFFIX}", "shard-*.tmp", INDEX_FILE, PLAN_FILE,
+              f"{PLAN_FILE}.tmp", f"{INDEX_FILE}.tmp", LOCK_FILE)
 
 
 class DegradeError(QualiclipError, RuntimeError):
@@ -60,7 +68,7 @@ class DegradeConfig:
     variants: int = 24  # samples per pristine image
     samples_per_shard: int = 32
     workers: int = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "png"
+    encoding: Literal["png", "webp", "npy"] = "webp"
     split: str = "train"  # which ingest split to degrade
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -135,25 +143,32 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> Degrade
     out_dir = Path(out_dir)
     plan_hash = _plan_hash(cfg, rows)
     _prepare_out_dir(out_dir, plan_hash, len(shards))
-    pending = tuple(j for j in shards if not (out_dir / j.name).is_file())
+    pending = tuple(j for j in shards if not _intact(out_dir, j))
     return DegradePlan(cfg, images_dir(ingest_dir), str(out_dir), plan_hash, shards, pending)
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
-    """Render and write one shard atomically; returns its index entry (name, samples, bytes, sha256)."""
+    """Render and write one shard atomically, then its record; returns its index entry
+    (name, samples, bytes, sha256)."""
     samples = [_make_record(image_id, v, cfg, images_dir) for image_id, v in job.samples]
-    return write_shard(Path(out_dir) / job.name, samples)
+    entry = write_shard(Path(out_dir) / job.name, samples)
+    _write_atomic(_record_path(Path(out_dir), job.name), json.dumps(entry, sort_keys=True), unique=True)
+    return entry
 
 
 def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResult:
-    """Check every planned shard exists, then write index.json (atomically, last)."""
+    """Check every planned shard exists with the size it was written with, then write index.json
+    (atomically, last) from the entries recorded when the shards were written."""
     out_dir = Path(plan.out_dir)
-    missing = [j.name for j in plan.shards if not (out_dir / j.name).is_file()]
-    if missing:
-        raise DegradeError(f"{len(missing)} planned shards are missing in {out_dir} (e.g. {missing[0]}) — "
-                           "a shard job failed; rerun the degrade stage to finish the set")
+    if _read_json(out_dir / PLAN_FILE).get("plan") != plan.plan_hash:
+        raise DegradeError(f"{out_dir} was taken over by another degrade run (plan.json changed) — "
+                           "rerun the degrade stage, one run per output folder")
     by_name = {e["name"]: e for e in entries}
-    shards = [by_name.get(j.name) or _entry_from_file(out_dir / j.name, len(j.samples)) for j in plan.shards]
+    shards = [by_name.get(j.name) or _read_json(_record_path(out_dir, j.name)) for j in plan.shards]
+    bad = [j.name for j, e in zip(plan.shards, shards) if not e or shard_problem(out_dir / j.name, e, check_hash=False)]
+    if bad:
+        raise DegradeError(f"{len(bad)} planned shards are missing or changed in {out_dir} (e.g. {bad[0]}) — "
+                           "a shard job failed; rerun the degrade stage to finish the set")
     index = {
         "format_version": FORMAT_VERSION,
         "plan": plan.plan_hash,
@@ -174,9 +189,36 @@ def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress
 
     ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes).
     """
-    plan = plan_degrade(cfg, ingest_dir, out_dir)
-    entries = _run_jobs(plan, progress)
-    return finalize_degrade(plan, entries)
+    with degrade_lock(out_dir):
+        plan = plan_degrade(cfg, ingest_dir, out_dir)
+        entries = _run_jobs(plan, progress)
+        return finalize_degrade(plan, entries)
+
+
+@contextlib.contextmanager
+def degrade_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the lock of the output folder for a whole run (plan, shard jobs, finalize).
+
+    A second run into the same folder raises `DegradeError` at once instead of wiping the shards
+    of the first (a file lock: released by the OS if the holder is killed). A folder that holds
+    other files is refused first, so the lock file is never created in it.
+    """
+    from filelock import FileLock, Timeout
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        _check_only_shard_files(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_dir / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DegradeError(f"another qualiclip degrade is writing to {out_dir} — wait for it to finish, "
+                           "or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,21 +245,40 @@ def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
     same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash and not finished
     if out_dir.exists() and not same:
         _check_only_shard_files(out_dir)
-        shutil.rmtree(out_dir)
+        for own in out_dir.iterdir():
+            if own.name != LOCK_FILE:  # held by this run
+                own.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tmp"):
-        stale.unlink()
-    for extra in out_dir.glob("shard-*.tar"):
-        if int(extra.name[6:12]) >= n_shards:
+        stale.unlink(missing_ok=True)  # an orphaned worker of a killed run may still remove its own
+    for extra in [*out_dir.glob("shard-*.tar"), *out_dir.glob(f"shard-*.tar{RECORD_SUFFIX}")]:
+        if not SHARD_NAME.fullmatch(extra.name.removesuffix(RECORD_SUFFIX)) or int(extra.name[6:12]) >= n_shards:
             extra.unlink()
     if not same:
         _write_atomic(plan_path, json.dumps({"plan": plan_hash}))
 
 
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}{RECORD_SUFFIX}"
+
+
+def _intact(out_dir: Path, job: ShardJob) -> bool:
+    """Whether the shard of ``job`` survives from an earlier run as written: its file matches the
+    size and sha256 recorded beside it. Anything else is removed, to be written again."""
+    shard, record = out_dir / job.name, _record_path(out_dir, job.name)
+    entry = _read_json(record)
+    if shard.is_file() and entry.get("samples") == len(job.samples) and {"bytes", "sha256"} <= set(entry) \
+            and shard_problem(shard, entry) is None:
+        return True
+    shard.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+    return False
+
+
 def _check_only_shard_files(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise DegradeError(f"degrade output {out_dir} exists and is not a folder — choose another --out")
-    ours = {p for pattern in _OWN_FILES for p in out_dir.glob(pattern)}
+    ours = {p for pattern in _OWN_FILES for p in out_dir.glob(pattern) if p.is_file()}
     other = sorted(p.name for p in out_dir.iterdir() if p not in ours)
     if other:
         raise DegradeError(f"{out_dir} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
@@ -225,21 +286,20 @@ def _check_only_shard_files(out_dir: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; {} for a missing, torn or foreign file (plan, record or index)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a torn plan file: treat as another plan, i.e. start over
+    return value if isinstance(value, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _write_atomic(path: Path, text: str, *, unique: bool = False) -> None:
+    """``text`` to ``path`` via a temporary file and a rename; ``unique``: the temporary name
+    carries the pid (a shard job orphaned by a killed run may write the same file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if unique else f"{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _entry_from_file(path: Path, samples: int) -> dict:
-    """The index entry of a shard written by an earlier, interrupted run."""
-    return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # ---------------------------------------------------------------------------------------------

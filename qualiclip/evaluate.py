@@ -150,6 +150,9 @@ class DatasetRun:
 
 def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
     """(label, dataset) from ``{name, root, [label], **loader options}`` (one ``evaluate.datasets`` entry)."""
+    if not isinstance(spec, dict):
+        raise EvaluateError(f"evaluate.datasets entry {spec!r} is not a mapping — write e.g. "
+                            "{name: clive, root: /data/ChallengeDB_release}")
     spec = dict(spec)
     missing = [k for k in ("name", "root") if k not in spec]
     if missing:
@@ -171,7 +174,7 @@ def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateCon
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]
     if bad:
-        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be decoded, first {bad[0].path}: {bad[0].error} "
+        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be scored, first {bad[0].path}: {bad[0].error} "
                             "— repair or remove them (their labels too), then rerun")
     return np.array([r.score for r in results])
 
@@ -185,13 +188,24 @@ def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, 
     return blocks
 
 
+def check_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
+    """Read and check every ``evaluate.datasets`` entry: its root, label file and layout, every
+    label against its image and every image in a rated folder against a label, and distinct
+    labels. Cheap (image headers parsed, no pixel decoded), so stages run it before their work: the train
+    stage fails in seconds, not after training. `EvaluateError`/`DatasetError` name the entry."""
+    loaded: list[tuple[str, IQADataset]] = []
+    for spec in cfg.datasets:
+        label, ds = load_dataset_spec(spec)
+        if any(seen == label for seen, _ in loaded):
+            raise EvaluateError(f"two evaluate.datasets entries are called '{label}' — give one a `label:`")
+        loaded.append((label, ds))
+    return loaded
+
+
 def evaluate_datasets(model: QualiCLIP, cfg: EvaluateConfig, device, baseline: QualiCLIP | None = None) -> list[DatasetRun]:
     """Score each configured real dataset with the model (and the baseline, if given)."""
     runs = []
-    for spec in cfg.datasets:
-        label, ds = load_dataset_spec(spec)
-        if any(r.label == label for r in runs):
-            raise EvaluateError(f"two evaluate.datasets entries are called '{label}' — give one a `label:`")
+    for label, ds in check_datasets(cfg):
         scores = score_dataset(model, label, ds, cfg, device, "model")
         base = score_dataset(baseline, label, ds, cfg, device, "baseline") if baseline is not None else None
         runs.append(DatasetRun(label, ds, scores, base))

@@ -21,7 +21,7 @@ from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from .errors import QualiclipError
 from .plots import pyplot
-from .scoring import inference_copy, score_arrays
+from .scoring import default_memory_budget, image_problem, inference_copy, score_arrays, scoring_device
 
 
 class ExplainError(QualiclipError, ValueError):
@@ -63,19 +63,27 @@ def window_starts(length: int, patch: int, stride: int) -> list[int]:
 
 
 def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112, batch_size: int = 16,
-                device=None, precision: str = "fp32") -> QualityMap:
+                device=None, precision: str = "fp32", max_memory: int | None = None) -> QualityMap:
     """Score every window of ``image`` ((H, W, 3) uint8 RGB) and the whole image.
 
-    A patch larger than the image is reduced to the image's shorter side.
+    A patch larger than the image is reduced to the image's shorter side. An image the model
+    cannot score whole (too small, or above ``max_memory`` bytes: `scoring.image_problem`)
+    raises `ExplainError` before any patch is scored.
     """
     if patch < 16 or stride < 1:
         raise ExplainError(f"--patch must be >= 16 and --stride >= 1, got patch {patch}, stride {stride}")
     h, w = image.shape[:2]
+    scorer = inference_copy(model).to(scoring_device(model, device))
+    budget = max_memory or default_memory_budget(scorer.prompt_features.device)
+    if problem := image_problem(scorer, image.shape, budget):
+        raise ExplainError(f"cannot explain this image: {problem}")
     patch = min(patch, h, w)
+    if patch < scorer.min_side:
+        raise ExplainError(f"--patch {patch} is below the {scorer.min_side} px the image encoder needs — "
+                           f"use --patch {scorer.min_side} or more")
     ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
     crops = [image[y:y + patch, x:x + patch] for y in ys for x in xs]  # views, no copies
-    scorer = inference_copy(model)
-    common = dict(batch_size=batch_size, device=device, precision=precision)
+    common = dict(batch_size=batch_size, device=device, precision=precision, max_memory=budget)
     scores = score_arrays(scorer, crops, **common).reshape(len(ys), len(xs))
     global_score = float(score_arrays(scorer, [image], **common)[0])
     return QualityMap(scores, tuple(ys), tuple(xs), patch, global_score)

@@ -7,24 +7,31 @@ header is checked before any pixel is decoded (decompression-bomb guard), trunca
 an error (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set), and only a fixed set of raster
 formats is parsed, whatever the extension says (no EPS/Ghostscript, no PSD).
 
-`iter_image_files` / `scan_tree` list candidate files in a deterministic order and
-`resolve_inside` rejects paths and symlinks that escape their root.
+Only regular files are ever opened (`qualiclip.files.open_regular`): a FIFO would block the
+reader forever, a device may act on open. A file is read whole only after its header passed (a 512 MB file
+of random bytes named ``.jpg`` costs one small read).
+
+`iter_image_files` / `scan_tree` list candidate files in a deterministic order (and the
+folders that cannot be listed) and `resolve_inside` rejects paths and symlinks that escape
+their root.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import QualiclipError
+from .files import FileReadError, open_regular, symlink_loop
 
 # Pillow plugins allowed to parse a file (the JPEG plugin also opens MPO, the multi-picture
 # JPEG of phones, whose format then reads "MPO"). Anything else, e.g. EPS (Ghostscript) or
@@ -36,6 +43,7 @@ WHITE = (255, 255, 255)
 # Every reason `read_image` can give; ingestion adds its own on top.
 READ_REASONS: tuple[str, ...] = (
     "zero_bytes", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable",
+    "not_a_file", "symlink_loop",
 )
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
@@ -87,57 +95,86 @@ class DecodedImage:
 
 
 def read_image(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: Sequence[int] = WHITE
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: Sequence[int] = WHITE,
+    option: str = "max_pixels",
 ) -> DecodedImage:
-    """Read ``path`` as upright 8-bit RGB; raise `ImageReadError` for anything else."""
+    """Read ``path`` as upright 8-bit RGB; raise `ImageReadError` for anything else.
+
+    ``option`` is the setting that raises ``max_pixels``, named in the "too_large" message
+    (``ingest.max_pixels``, ``--max-pixels``, ...).
+    """
+    data = read_image_bytes(path, max_pixels=max_pixels, option=option)
+    return decode_image(data, max_pixels=max_pixels, background=background, name=path, option=option)
+
+
+def read_image_bytes(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, option: str = "max_pixels") -> bytes:
+    """The bytes of the image file ``path``, read whole only once its header has passed.
+
+    Checked first, from a few KB at most: a regular file (`qualiclip.files.open_regular`: no
+    FIFO, device or socket is opened), not empty, one of `SAFE_FORMATS`, and at most
+    ``max_pixels`` pixels declared. `ImageReadError` otherwise.
+    """
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageReadError("zero_bytes", "the file is empty (0 bytes)", path)
+            _open_checked(f, max_pixels, path, option)  # Pillow reads the header only (not closed: that closes f)
+            f.seek(0)
+            return f.read()
+    except FileReadError as exc:
+        raise ImageReadError(exc.reason, exc.detail, path) from None
+    except OSError as exc:  # a read error after the open
         raise ImageReadError("unreadable", f"cannot read the file: {exc.strerror or exc}", path) from None
-    return decode_image(data, max_pixels=max_pixels, background=background, name=path)
 
 
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: Sequence[int] = WHITE,
-    name: str | Path | None = None,
+    name: str | Path | None = None, option: str = "max_pixels",
 ) -> DecodedImage:
     """Decode encoded bytes; the same contract as `read_image`."""
     if not data:
         raise ImageReadError("zero_bytes", "the file is empty (0 bytes)", name)
-    im = _open_checked(data, max_pixels, name)
+    im = _open_checked(io.BytesIO(data), max_pixels, name, option)
     try:
         im.load()
         orientation = int(im.getexif().get(0x0112, 1) or 1)
         upright = ImageOps.exif_transpose(im) if orientation != 1 else im  # skip a full copy
     except Exception as exc:  # decoders raise OSError, ValueError, SyntaxError, zlib.error, ...
-        raise _decode_error(exc, data, im.format, name) from None
+        raise _decode_error(exc, data[:64], len(data), im.format, name) from None
     pixels = to_rgb(upright, background, name=name)
     return DecodedImage(pixels, im.format or "unknown", im.mode, orientation)
 
 
-def _open_checked(data: bytes, max_pixels: int, name: str | Path | None) -> Image.Image:
-    """Parse the header only and enforce ``max_pixels`` before anything is decoded."""
+def _open_checked(fp: BinaryIO, max_pixels: int, name: str | Path | None, option: str) -> Image.Image:
+    """Parse the header of the seekable file ``fp`` only; enforce ``max_pixels`` before anything is decoded."""
     Image.init()  # register every plugin once, so `formats=` can name WEBP and TIFF
     try:
         with _pil_limit_lifted():
-            im = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+            im = Image.open(fp, formats=SAFE_FORMATS)
     except UnidentifiedImageError:
-        raise _unidentified(data, name) from None
+        raise _unidentified(*_head_and_size(fp), name) from None
     except Image.DecompressionBombError as exc:  # only if another thread restored the limit
         raise ImageReadError("too_large", str(exc), name) from None
     except Exception as exc:
-        raise _decode_error(exc, data, None, name) from None
+        raise _decode_error(exc, *_head_and_size(fp), None, name) from None
     width, height = im.size
     if width * height > max_pixels:
         raise ImageReadError(
             "too_large",
             f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels} "
-            "(decompression-bomb guard) — raise ingest.max_pixels if the image is genuine",
+            f"(decompression-bomb guard) — raise {option} if the image is genuine",
             name,
         )
     if width < 1 or height < 1:
         raise ImageReadError("unreadable", f"header declares an empty size {width}x{height}", name)
     return im
+
+
+def _head_and_size(fp: BinaryIO) -> tuple[bytes, int]:
+    """The first bytes of ``fp`` (enough to sniff a format) and its length, for error messages."""
+    size = fp.seek(0, os.SEEK_END)
+    fp.seek(0)
+    return fp.read(64), size
 
 
 @contextlib.contextmanager
@@ -156,16 +193,15 @@ def _pil_limit_lifted() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _unidentified(data: bytes, name: str | Path | None) -> ImageReadError:
-    kind = _sniff(data)
+def _unidentified(head: bytes, size: int, name: str | Path | None) -> ImageReadError:
+    kind = _sniff(head)
     if kind is None:
-        head = data[:8]
         return ImageReadError(
-            "not_an_image", f"not a {'/'.join(SAFE_FORMATS)} file (starts with {head!r})", name
+            "not_an_image", f"not a {'/'.join(SAFE_FORMATS)} file (starts with {head[:8]!r})", name
         )
     return ImageReadError(
-        "truncated" if len(data) < 1024 else "unreadable",
-        f"starts like a {kind} file but its header cannot be parsed ({len(data)} bytes)",
+        "truncated" if size < 1024 else "unreadable",
+        f"starts like a {kind} file but its header cannot be parsed ({size} bytes)",
         name,
     )
 
@@ -176,19 +212,22 @@ def _sniff(data: bytes) -> str | None:
     return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
 
 
-def _decode_error(exc: Exception, data: bytes, fmt: str | None, name: str | Path | None) -> ImageReadError:
-    """Map a decoder exception to a reason; truncation is recognised by message or size."""
+def _decode_error(exc: Exception, head: bytes, size: int, fmt: str | None, name: str | Path | None) -> ImageReadError:
+    """Map a decoder exception to a reason; truncation is recognised by message or size.
+
+    ``head`` is the start of the file (at least 12 bytes when it has them), ``size`` its length.
+    """
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, EOFError) or "truncated" in str(exc).lower() or _riff_short(data):
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower() or _riff_short(head, size):
         return ImageReadError("truncated", f"the image data ends early ({text})", name)
-    return ImageReadError("unreadable", f"{fmt or _sniff(data) or 'image'} decoder failed ({text})", name)
+    return ImageReadError("unreadable", f"{fmt or _sniff(head) or 'image'} decoder failed ({text})", name)
 
 
-def _riff_short(data: bytes) -> bool:
+def _riff_short(head: bytes, size: int) -> bool:
     """WebP (RIFF) files declare their length; libwebp reports truncation vaguely."""
-    if _sniff(data) != "WEBP" or len(data) < 12:
+    if _sniff(head) != "WEBP" or size < 12:
         return False
-    return len(data) < int.from_bytes(data[4:8], "little") + 8
+    return size < int.from_bytes(head[4:8], "little") + 8
 
 
 def to_rgb(im: Image.Image, background: Sequence[int] = WHITE, *, name: str | Path | None = None) -> np.ndarray:
@@ -247,11 +286,13 @@ def pixel_hash(pixels: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class TreeScan:
-    """Files under a root, split by extension, plus directory symlinks that were not followed."""
+    """Files under a root, split by extension, plus directory symlinks that were not followed
+    and folders that could not be listed (their files are unknown, so they must be reported)."""
 
     images: list[Path]      # extension in the list; sorted by relative POSIX path
     others: list[Path]      # any other file, same order
     dir_links: list[Path]   # symlinked directories (never descended into)
+    unlisted: list[tuple[Path, str]] = field(default_factory=list)  # (folder, why), same order
 
 
 def scan_tree(root: str | Path, extensions: Sequence[str]) -> TreeScan:
@@ -259,12 +300,18 @@ def scan_tree(root: str | Path, extensions: Sequence[str]) -> TreeScan:
 
     Directory symlinks are not descended into (no cycles, no double counting); they are
     returned so the caller can report those that escape ``root``. File symlinks are listed
-    like files; check them with `resolve_inside`.
+    like files; check them with `resolve_inside`. Anything that is not a folder is listed as a
+    file (FIFOs too: `open_regular` refuses them when they are read). A folder that cannot be
+    listed (no permission) is returned in ``unlisted`` with the reason.
     """
     root = Path(root)
     wanted = {e.lower() for e in extensions}
-    images, others, dir_links = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    images, others, dir_links, unlisted = [], [], [], []
+
+    def unlistable(exc: OSError) -> None:
+        unlisted.append((Path(exc.filename), f"folder cannot be listed: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlistable):
         here = Path(dirpath)
         dir_links += [here / d for d in dirnames if (here / d).is_symlink()]
         for fname in filenames:
@@ -273,7 +320,8 @@ def scan_tree(root: str | Path, extensions: Sequence[str]) -> TreeScan:
     def order(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    return TreeScan(sorted(images, key=order), sorted(others, key=order), sorted(dir_links, key=order))
+    return TreeScan(sorted(images, key=order), sorted(others, key=order), sorted(dir_links, key=order),
+                    sorted(unlisted, key=lambda u: order(u[0])))
 
 
 def iter_image_files(root: str | Path, extensions: Sequence[str]) -> list[Path]:
@@ -282,11 +330,17 @@ def iter_image_files(root: str | Path, extensions: Sequence[str]) -> list[Path]:
 
 
 def resolve_inside(root: str | Path, path: str | Path) -> Path:
-    """The real path of ``path``; `PathOutsideRootError` if it leaves the real ``root``."""
+    """The real path of ``path``; `PathOutsideRootError` if it leaves the real ``root``,
+    `ImageReadError` (``symlink_loop``) if it is a symlink loop."""
     real_root = Path(root).resolve()
     candidate = Path(path) if Path(path).is_absolute() else Path(root) / path
-    target = candidate.resolve()
+    try:
+        target = candidate.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError("Symlink loop ..."), later ones OSError
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise
+        loop = symlink_loop(path)
+        raise ImageReadError(loop.reason, loop.detail, path) from None
     if not target.is_relative_to(real_root):
         raise PathOutsideRootError(real_root, Path(path), target)
     return target
-

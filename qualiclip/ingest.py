@@ -31,7 +31,7 @@ from qualiclip.config import ConfigError
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
     DEFAULT_MAX_PIXELS, READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash,
-    resolve_inside, scan_tree,
+    read_image_bytes, resolve_inside, scan_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,9 @@ def _folder_candidates(source: str, extensions: tuple[str, ...]) -> tuple[list[C
         except PathOutsideRootError as exc:
             rejects.append(Rejection(source, link.relative_to(root).as_posix(), "symlink_outside_root",
                                      f"directory link not followed: {exc}"))
+    rejects += [Rejection(source, folder.relative_to(root).as_posix(), "unreadable",
+                          f"{why} — the photos inside it are not ingested; fix its permissions")
+                for folder, why in scan.unlisted]
     return cands, rejects
 
 
@@ -195,8 +198,8 @@ def process_file(cand: Candidate, cfg: IngestConfig) -> Accepted | Rejection:
     path = cand.root / cand.rel
     try:
         resolve_inside(cand.root, path)
-        data = _read_bytes(path)
-        img = decode_image(data, max_pixels=cfg.max_pixels, background=cfg.background)
+        data = read_image_bytes(path, max_pixels=cfg.max_pixels, option="ingest.max_pixels")
+        img = decode_image(data, max_pixels=cfg.max_pixels, background=cfg.background, option="ingest.max_pixels")
     except PathOutsideRootError as exc:
         return Rejection(cand.source, cand.rel, "symlink_outside_root", str(exc))
     except ImageReadError as exc:
@@ -209,15 +212,6 @@ def process_file(cand: Candidate, cfg: IngestConfig) -> Accepted | Rejection:
     row = {"id": image_id, "source": cand.source, "path": cand.rel, "format": img.format, "mode": img.mode,
            "width": img.width, "height": img.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return Accepted(cand, image_id, _encode_png(img.pixels), row)
-
-
-def _read_bytes(path: Path) -> bytes:
-    if path.is_symlink() and not path.exists():
-        raise ImageReadError("unreadable", f"broken symlink to {Path(path).readlink()}")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ImageReadError("unreadable", f"cannot read the file: {exc.strerror or exc}") from None
 
 
 def _encode_png(pixels: np.ndarray) -> bytes:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -24,12 +26,20 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import QualiclipError
+from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
+# safetensors dtype names -> (torch dtype, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 class ModelLoadError(QualiclipError, RuntimeError):
@@ -77,7 +87,7 @@ class AttentionPool(nn.Module):
         x = x.flatten(2).permute(2, 0, 1)  # (HW, N, C)
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW+1, N, C)
         if self.mode == "interpolate":
-            x = x + self._resized_pos(h, w).to(x.dtype)[:, None, :]
+            x = x + resized_positional_embedding(self.positional_embedding, h, w).to(x.dtype)[:, None, :]
         out, _ = F.multi_head_attention_forward(
             query=x[:1], key=x, value=x, embed_dim_to_check=c, num_heads=self.num_heads,
             q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
@@ -89,12 +99,13 @@ class AttentionPool(nn.Module):
         )
         return out[0]  # (N, output_dim)
 
-    def _resized_pos(self, h: int, w: int) -> torch.Tensor:
-        pos = self.positional_embedding
-        side = int(round((pos.shape[0] - 1) ** 0.5))
-        grid = pos[1:].T.reshape(1, -1, side, side)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.reshape(pos.shape[1], h * w).T], dim=0)
+
+def resized_positional_embedding(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(1 + S*S, C) embedding of an S x S grid -> (1 + h*w, C): the grid resized bicubically."""
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    grid = pos[1:].T.reshape(1, -1, side, side)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.reshape(pos.shape[1], h * w).T], dim=0)
 
 
 class QualiCLIP(nn.Module):
@@ -123,22 +134,34 @@ class QualiCLIP(nn.Module):
         return self.clip.visual
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """RGB in [0,1] -> CLIP-normalised input, same shape and dtype."""
+        """RGB in [0,1] (or uint8) -> CLIP-normalised input, same shape, float dtype."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def encode(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
-        """(N, 3, H, W) in [0,1] -> L2-normalised float32 image features (N, D).
+        """(N, 3, H, W) in [0,1] (or uint8) -> L2-normalised float32 image features (N, D).
 
         ``encoder`` replaces ``self.visual`` for the forward pass; training passes its
-        DistributedDataParallel / compiled wrapper of the same module.
+        DistributedDataParallel / compiled wrapper of the same module. An encoder with
+        ``normalizes_input`` (the scoring `FastEncoder`) gets the pixels as they are.
         """
         encoder = encoder if encoder is not None else self.clip.visual
-        if min(x.shape[-2:]) < MIN_SIDE and isinstance(getattr(self.clip.visual, "attnpool", None), AttentionPool):
+        if min(x.shape[-2:]) < self.min_side:
             raise ValueError(
                 f"image of {x.shape[-2]}x{x.shape[-1]} px: a ResNet image encoder needs at least {MIN_SIDE} px "
                 "on each side (five stride-2 stages). Fix: upscale small images before scoring."
             )
-        return F.normalize(encoder(self.normalize(x)).float(), dim=-1)
+        x = x if getattr(encoder, "normalizes_input", False) else self.normalize(x)
+        return F.normalize(encoder(x).float(), dim=-1)
+
+    @property
+    def min_side(self) -> int:
+        """The shortest image side the encoder takes: `MIN_SIDE` for a ResNet (the training module
+        or the scoring `FastEncoder`, which declares its own), else 1."""
+        visual = self.clip.visual
+        resnet = isinstance(getattr(visual, "attnpool", None), AttentionPool)
+        return getattr(visual, "min_side", MIN_SIDE if resnet else 1)
 
     def similarities(self, x: torch.Tensor, encoder: nn.Module | None = None) -> torch.Tensor:
         """Raw cosine similarities to every prompt, (N, K, 2) with [..., 0] the positive prompt."""
@@ -281,7 +304,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} not found — check model.pretrained in params.yaml")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -295,6 +318,82 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ModelLoadError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     return obj
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The checked tensor table of a .safetensors file: ``{name: {dtype, shape, data_offsets}}``;
+    offsets count from ``data_start``, the first byte after the header."""
+
+    tensors: dict[str, dict]
+    data_start: int
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The tensor table of ``path``, checked before any tensor is read or allocated.
+
+    Checked: a regular file; an 8-byte little-endian header length within the file and
+    `MAX_HEADER_BYTES`; a JSON object whose entries (``__metadata__`` aside) each have a dtype
+    of `SAFETENSORS_DTYPES`, a shape of non-negative ints and data offsets that tile the data
+    section exactly, in bytes matching their shape. `ModelLoadError` naming the file otherwise.
+    """
+    path = Path(path)
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                raise _damaged(path, f"its header length {n} does not fit a file of {size} bytes")
+            raw = f.read(n)
+    except OSError as exc:  # FileReadError: not a regular file, a loop, ...; else a read error
+        raise ModelLoadError(f"{path}: {exc.detail if isinstance(exc, FileReadError) else exc}") from None
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise _damaged(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    header.pop("__metadata__", None)
+    _check_tensor_table(path, header, size - 8 - n)
+    return SafetensorsHeader(header, 8 + n)
+
+
+def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
+    end = 0
+    entries = sorted(header.items(), key=lambda kv: _offsets(path, kv[0], kv[1]))
+    for name, entry in entries:
+        start, stop = _offsets(path, name, entry)
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _damaged(path, f"tensor {name!r} has dtype {dtype!r} and shape {shape!r}")
+        if start != end or stop - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]:
+            raise _damaged(path, f"tensor {name!r}: data offsets {[start, stop]} do not match its shape or neighbours")
+        end = stop
+    if end != data_bytes:
+        raise _damaged(path, f"the tensors cover {end} of its {data_bytes} data bytes")
+
+
+def _offsets(path: Path, name: str, entry) -> tuple[int, int]:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise _damaged(path, f"tensor {name!r} has data offsets {offsets!r}")
+    return offsets[0], offsets[1]
+
+
+def _damaged(path: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{path} is not a valid safetensors file: {what} — the file is damaged or of another "
+                          "format; re-run the train stage or restore it")
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, after `read_safetensors_header` has checked it."""
+    read_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise _damaged(Path(path), f"{type(exc).__name__}: {exc}") from None
 
 
 def load_weights_file(clip: nn.Module, path: Path, name: str) -> torch.Tensor | None:

@@ -7,14 +7,21 @@ Three entry points, from the lowest level up:
   held at once), batched by equal size across the whole list, unreadable files reported per file.
 - `score_images(items, model)`: the user API; paths, arrays and tensors mixed.
 
+Every image is checked before it is scored (`image_problem`): at least the encoder's minimum
+side, and an estimated peak memory within a budget (``max_memory``, default half the memory of
+the scoring device). `score_paths` reports a failed check per file; the others raise.
+
 All of them score with an *inference copy* of the model (`inference_copy`, or `load_scorer` straight
 from a checkpoint): the image encoder alone, BatchNorm folded into the convolutions, no text
-tower. It gives the model's scores to float rounding (~1e-7) and runs faster on a CPU, with less
-memory (figures in docs/evaluation.md).
+tower; a ResNet encoder is rebuilt as a `fast_encoder.FastEncoder` (fused convolutions, pooled
+attention, normalisation folded, uint8 pixels in). It gives the model's scores to float rounding
+(< 1e-5) and runs faster, with less memory (figures in docs/evaluation.md).
 """
 from __future__ import annotations
 
 import copy
+import os
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +36,29 @@ from torch import nn
 from .checkpoint import load_checkpoint, load_image_encoder
 from .device import resolve_device
 from .errors import QualiclipError
+from .files import open_regular
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from .model import QualiCLIP
+from .fast_encoder import FastEncoder, can_build
+from .model import ModelConfig, QualiCLIP
+from .prompts import CLIP_MEAN, CLIP_STD
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # A batch holds at most this many pixels: RN50 at 1024x768 then runs one image per batch (peak RSS
-# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (benchmarks/bench_scoring.py).
+# ~1.4 GB); bigger batches gain little on a CPU and raise the peak memory (docs/evaluation.md).
 DEFAULT_MAX_BATCH_PIXELS = 800_000
+# Peak memory of scoring one image, estimated before it is scored: bytes per input pixel =
+# ACTIVATION_FACTOR x the encoder's largest activation per pixel + INPUT_BYTES_PER_PIXEL.
+# A bottleneck block holds its input, its 3x3 output, its wide 1x1 output and the shortcut at
+# once, and oneDNN's fused kernels keep reordered copies: measured (peak - input) / largest
+# activation = 1.9-3.0 with the scoring FastEncoder (tiny, small, RN50 at 4-9 MP); 4 leaves a margin.
+ACTIVATION_FACTOR = 4.0
+# The decoded uint8 image and its stacked copy (3 + 3) plus the float32 batch and its
+# normalised copy (12 + 12). Estimates vs. measured peaks: tiny 94 vs 59-61, small 126 vs 87-93,
+# RN50 286 vs 208-225 B/px (benchmarks/bench_score_memory.py; docs/evaluation.md).
+INPUT_BYTES_PER_PIXEL = 30
+DEFAULT_MEMORY_FRACTION = 0.5  # the default budget: this share of the scoring device's memory
+MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword is max_memory (bytes)
+_BYTES_PER_PIXEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per scorer, probed once
 
 
 class ScoringError(QualiclipError, ValueError):
@@ -64,13 +87,19 @@ def inference_copy(model: QualiCLIP) -> QualiCLIP:
         return model
     visual = copy.deepcopy(model.visual).eval()
     fold_batchnorm(visual)
-    scorer = QualiCLIP(_ImageTower(visual), model.prompt_features.detach().clone(), model.cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(visual, model.cfg)), model.prompt_features.detach().clone(),
+                       model.cfg)
     scorer.requires_grad_(False)
     return scorer.to(model.prompt_features.device).eval()
 
 
 def is_inference_copy(model: QualiCLIP) -> bool:
     return isinstance(model.clip, _ImageTower)
+
+
+def _scoring_encoder(visual: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A folded encoder as scoring runs it: a `FastEncoder` for a ModifiedResNet, else itself."""
+    return FastEncoder(visual, CLIP_MEAN, CLIP_STD, cfg.pos_embedding) if can_build(visual) else visual
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -117,7 +146,7 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     if encoder is None:
         return inference_copy(load_checkpoint(path))
     visual, prompts, cfg = encoder
-    scorer = QualiCLIP(_ImageTower(fold_batchnorm(visual.eval())), prompts, cfg)
+    scorer = QualiCLIP(_ImageTower(_scoring_encoder(fold_batchnorm(visual.eval()), cfg)), prompts, cfg)
     return scorer.requires_grad_(False).eval()
 
 
@@ -152,10 +181,10 @@ def plan_batches(shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int
 
 
 def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) float32 in [0, 1] from equal-size (H, W, 3) uint8 or float arrays."""
+    """(B, 3, H, W) from equal-size (H, W, 3) arrays: uint8 stays uint8 (the model converts it
+    with its normalisation), floats in [0, 1] become float32."""
     x = torch.from_numpy(np.stack(images)).to(device)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.permute(0, 3, 1, 2)
+    return (x if x.dtype == torch.uint8 else x.float()).permute(0, 3, 1, 2)
 
 
 def _check_array(image: np.ndarray, index: int) -> None:
@@ -163,6 +192,77 @@ def _check_array(image: np.ndarray, index: int) -> None:
         got = getattr(image, "shape", type(image).__name__)
         raise ScoringError(f"image {index} has shape {got}; expected (H, W, 3) RGB "
                            "(uint8, or float in [0, 1]) — convert greyscale/RGBA to RGB first")
+
+
+def scoring_device(model: QualiCLIP, device: torch.device | str | None) -> torch.device:
+    """Where ``model`` scores: ``device`` resolved (``"auto"``: CUDA when available), or None: where it is."""
+    return model.prompt_features.device if device is None else resolve_device(device)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """`DEFAULT_MEMORY_FRACTION` of the memory of ``device``: the GPU's own, or the machine's RAM."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GB
+            total = 16 << 30
+    return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+@torch.inference_mode()
+def bytes_per_pixel(scorer: QualiCLIP) -> float:
+    """Estimated peak memory of scoring one image with ``scorer``, in bytes per input pixel.
+
+    The largest activation is measured once per scorer by a forward pass on a 64x64 probe
+    (activations of a convolutional encoder grow linearly with the pixels), or at the encoder's
+    own image size when it takes no other (a ViT with a fixed positional embedding).
+    """
+    if scorer not in _BYTES_PER_PIXEL:
+        side, device = max(64, scorer.min_side), scorer.prompt_features.device
+        try:
+            largest = _largest_activation(scorer.visual, side, device)
+        except RuntimeError:  # e.g. the shape mismatch of a fixed positional embedding
+            native = getattr(scorer.visual, "image_size", None) or 224
+            side = max(native) if isinstance(native, (tuple, list)) else int(native)
+            largest = _largest_activation(scorer.visual, side, device)
+        _BYTES_PER_PIXEL[scorer] = ACTIVATION_FACTOR * largest / side**2 + INPUT_BYTES_PER_PIXEL
+    return _BYTES_PER_PIXEL[scorer]
+
+
+def _largest_activation(visual: nn.Module, side: int, device: torch.device) -> int:
+    """Bytes of the largest output of any module of ``visual`` on one ``side`` x ``side`` image."""
+    sizes: list[int] = [0]
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in visual.modules()]
+    try:
+        visual(torch.zeros(1, 3, side, side, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes)
+
+
+def image_problem(scorer: QualiCLIP, shape: tuple[int, ...], max_memory: int) -> str | None:
+    """Why ``scorer`` cannot score an image of ``shape`` (H, W, ...) — ``"reason: detail"`` — or None.
+
+    Too small for the encoder, or an estimated peak memory (`bytes_per_pixel`) above
+    ``max_memory`` bytes. Scores stay those of the whole image: nothing is tiled or resized.
+    """
+    h, w = shape[:2]
+    if min(h, w) < scorer.min_side:
+        return (f"too_small: {w}x{h} px; the image encoder needs at least {scorer.min_side} px on each side "
+                "— upscale the image first")
+    need = h * w * bytes_per_pixel(scorer)
+    if need > max_memory:
+        return (f"too_large: {w}x{h} px needs an estimated {need / 1e9:.1f} GB to score, above the memory budget "
+                f"of {max_memory / 1e9:.1f} GB — raise {MEMORY_OPTION} (max_memory=) or downscale the image")
+    return None
 
 
 @torch.inference_mode()
@@ -175,17 +275,24 @@ def score_arrays(
     precision: str = "fp32",
     progress=None,
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+    max_memory: int | None = None,
 ) -> np.ndarray:
     """Scores (N,) for (H, W, 3) RGB arrays, uint8 or float in [0, 1]; equal sizes share batches.
 
     ``device`` None keeps the model where it is; ``"auto"`` picks CUDA when available.
     ``precision`` bf16/fp16 autocasts (fp16 on GPU only). ``progress`` gets ``update(n)`` per batch.
+    An image that fails `image_problem` (``max_memory`` bytes; None: `default_memory_budget`)
+    raises `ScoringError` before anything is scored.
     """
-    device = model.prompt_features.device if device is None else resolve_device(device)
+    device = scoring_device(model, device)
     for i, im in enumerate(images):
         _check_array(im, i)
     amp = _autocast(device, precision)  # validates precision before any work
     scorer = inference_copy(model).to(device)
+    budget = max_memory or default_memory_budget(device)
+    for i, im in enumerate(images):
+        if problem := image_problem(scorer, im.shape, budget):
+            raise ScoringError(f"image {i}: {problem}")
     scores = np.empty(len(images), dtype=np.float64)
     for chunk in plan_batches([im.shape for im in images], batch_size, max_batch_pixels):
         x = _to_batch([images[i] for i in chunk], device)
@@ -218,7 +325,7 @@ def probe_size(path: Path) -> tuple[int, int] | None:
     Used only to group files into batches; `read_image` decides what is readable.
     """
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as f, Image.open(f) as im:  # never a FIFO: open() would block
             w, h = im.size
             orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception:  # noqa: BLE001 - any failure means "decode it alone and let read_image report"
@@ -231,9 +338,16 @@ def resize_short_side(image: np.ndarray, short: int | None) -> np.ndarray:
     if not short:
         return image
     h, w = image.shape[:2]
+    new_h, new_w = resized_shape(h, w, short)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if short < min(h, w) else cv2.INTER_CUBIC)
+
+
+def resized_shape(h: int, w: int, short: int | None) -> tuple[int, int]:
+    """(height, width) after `resize_short_side` (unchanged when ``short`` is None)."""
+    if not short:
+        return h, w
     s = short / min(h, w)
-    size = (round(w * s), round(h * s))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    return round(h * s), round(w * s)
 
 
 def score_paths(
@@ -246,22 +360,30 @@ def score_paths(
     max_pixels: int | None = None,
     resize_short: int | None = None,
     progress=None,
+    max_memory: int | None = None,
+    max_pixels_option: str = "max_pixels",
 ) -> list[FileScore]:
     """Score image files in input order; an unreadable file gets an ``error``, never an exception.
 
     Files are grouped by header size over the whole list, then decoded and scored one batch at a
     time, so memory holds at most ``batch_size`` decoded images whatever the number of files.
     ``resize_short`` resizes the shorter side first (the SPAQ protocol); None = full resolution.
+    A file that fails `image_problem` (too small; above ``max_memory`` bytes, None:
+    `default_memory_budget`) gets an ``error`` too. ``max_pixels_option`` is the setting named
+    in the "too_large" message of a file above ``max_pixels`` (``--max-pixels`` for the CLI).
     """
     paths = [Path(p) for p in paths]
-    scorer = inference_copy(model)
+    dev = scoring_device(model, device)
+    scorer = inference_copy(model).to(dev)
+    _autocast(dev, precision)  # a bad option fails before any file is read
+    check = _ImageCheck(scorer, max_memory or default_memory_budget(dev), resize_short, max_pixels, max_pixels_option)
     results: list[FileScore | None] = [None] * len(paths)
     for chunk in plan_batches([probe_size(p) or (0, 0, i) for i, p in enumerate(paths)], batch_size, 1 << 62):
-        decoded = _decode_chunk([paths[i] for i in chunk], max_pixels, resize_short)
+        decoded = [check.decode(paths[i]) for i in chunk]
         ok = [k for k, d in enumerate(decoded) if isinstance(d, tuple)]
         if ok:
-            scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=device,
-                                  precision=precision)
+            scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=dev,
+                                  precision=precision, max_memory=check.max_memory)
             for k, s in zip(ok, scores):
                 h, w = decoded[k][1]
                 results[chunk[k]] = FileScore(paths[chunk[k]], float(s), w, h)
@@ -273,17 +395,27 @@ def score_paths(
     return results
 
 
-def _decode_chunk(paths: list[Path], max_pixels: int | None, resize_short: int | None) -> list:
-    """Per path: ``(pixels, (h, w))`` with pixels resized if asked, or the error text."""
-    out: list = []
-    for path in paths:
+@dataclass(frozen=True)
+class _ImageCheck:
+    """Decode one file for `score_paths` and check it fits the scorer before it is resized."""
+
+    scorer: QualiCLIP
+    max_memory: int
+    resize_short: int | None
+    max_pixels: int | None
+    max_pixels_option: str
+
+    def decode(self, path: Path) -> tuple[np.ndarray, tuple[int, int]] | str:
+        """``(pixels, (h, w))`` with pixels resized if asked, or the error text ``"reason: detail"``."""
         try:
-            pixels = read_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS).pixels
+            pixels = read_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS,
+                                option=self.max_pixels_option).pixels
         except ImageReadError as exc:
-            out.append(f"{exc.reason}: {exc.detail}")
-            continue
-        out.append((resize_short_side(pixels, resize_short), pixels.shape[:2]))
-    return out
+            return f"{exc.reason}: {exc.detail}"
+        h, w = pixels.shape[:2]
+        if problem := image_problem(self.scorer, resized_shape(h, w, self.resize_short), self.max_memory):
+            return problem  # checked before the resize, which could need the memory itself
+        return resize_short_side(pixels, self.resize_short), (h, w)
 
 
 # ---------------------------------------------------------------------------------------------

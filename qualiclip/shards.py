@@ -4,7 +4,9 @@ Members of a sample ``<image id>_<variant>``: ``c{crop}.l{level}.{png|webp|npy}`
 The JSON holds the sample's provenance (source id, variant, seed, crop boxes, composition,
 levels) and a CRC-32 of every crop member, so a damaged member is detected whatever the
 encoding (raw ``npy`` has no checksum of its own). Shards are plain tar files with fixed owner,
-mode and mtime, so their bytes depend only on their content. See docs/shards.md.
+mode and mtime, so their bytes depend only on their content. The index (``index.json``) lists
+each shard's size and sha256 as recorded when it was written; `read_index` checks its form and
+`verify_shards` the files against it. See docs/shards.md.
 """
 from __future__ import annotations
 
@@ -12,20 +14,26 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from .errors import QualiclipError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 2  # bump when the bytes of a sample change for the same inputs and params
+FORMAT_VERSION = 3  # bump when the bytes of a sample change for the same inputs and params (3: impulse_noise draws, webp)
 ENCODINGS = ("png", "webp", "npy")
-PNG_COMPRESSION = 1  # ~3× faster to write than the default 3 for a few % more bytes (docs/shards.md)
+PNG_COMPRESSION = 1  # ~1.5× faster to write than the default 3 for 3 % more bytes (docs/shards.md)
+WEBP_METHOD = 0  # lossless WebP's fastest effort: 1.5 ms a 224² crop; methods 1–6 save 2–4 % for 3–10× the time
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # an index entry names a file in the shard folder, nothing else
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+CROP_MEMBER = re.compile(r"c\d{1,3}\.l\d{1,3}\.(png|webp|npy)")  # c{crop}.l{level}.{encoding}
 
 
 class ShardError(QualiclipError, RuntimeError):
@@ -49,12 +57,15 @@ def encode_crops(crops: np.ndarray, levels: list[int], encoding: str) -> dict[st
 
 def encode_image(rgb: np.ndarray, encoding: str) -> bytes:
     """One uint8 (H, W, 3) RGB image -> lossless bytes."""
+    bio = io.BytesIO()
     if encoding == "npy":
-        bio = io.BytesIO()
         np.save(bio, np.ascontiguousarray(rgb), allow_pickle=False)
         return bio.getvalue()
-    flags = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION] if encoding == "png" else [cv2.IMWRITE_WEBP_QUALITY, 101]
-    ok, buf = cv2.imencode(f".{encoding}", np.ascontiguousarray(rgb[..., ::-1]), flags)  # WebP quality > 100: lossless
+    if encoding == "webp":  # Pillow: OpenCV cannot choose the lossless effort (it uses method 4, ~30× slower)
+        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(bio, format="WEBP", lossless=True, method=WEBP_METHOD,
+                                                               quality=0)
+        return bio.getvalue()
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise ShardError(f"{encoding} encoding failed for an image of shape {rgb.shape}")
     return buf.tobytes()
@@ -110,26 +121,43 @@ def sha256_file(path: Path) -> str:
 def decode_crops(sample: dict) -> np.ndarray:
     """A raw WebDataset sample (bytes per member) -> uint8 (2, L, H, W, 3) in level order.
 
-    Raises `ShardError` when the sample is incomplete (a truncated shard), a member fails its
-    CRC, or an image does not decode.
+    Raises `ShardError` when the sample is incomplete (a truncated shard), its json is not the
+    one a shard writer writes, a member fails its CRC, or an image does not decode.
     """
     key = sample.get("__key__", "?")
     if "json" not in sample:
         raise ShardError(f"sample {key} has no json member (truncated shard?)")
-    meta = json.loads(sample["json"])
-    members = sorted(meta.get("crc32", {}), key=_crop_level)
-    if not members:
-        raise ShardError(f"sample {key} lists no crops in its json")
+    crcs = _member_crcs(sample["json"], key)
+    members = sorted(crcs, key=_crop_level)
     for m in members:
         if m not in sample:
             raise ShardError(f"sample {key} lacks member {m} (truncated shard?)")
-        if zlib.crc32(sample[m]) != meta["crc32"][m]:
+        if zlib.crc32(sample[m]) != crcs[m]:
             raise ShardError(f"sample {key}: member {m} fails its CRC-32 (corrupt shard)")
     crops = [_decode_one(sample[m], f"{key}.{m}") for m in members]
     if len({c.shape for c in crops}) != 1:
         raise ShardError(f"sample {key}: crops of different shapes")
     n_crops = 1 + max(_crop_level(m)[0] for m in members)
     return np.stack(crops).reshape(n_crops, len(members) // n_crops, *crops[0].shape)
+
+
+def _member_crcs(raw: bytes, key: str) -> dict[str, int]:
+    """The ``crc32`` table of a sample's json: crop members forming a full (crop, level) grid."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ShardError(f"sample {key}: its json member is not JSON (corrupt shard)") from None
+    crcs = meta.get("crc32") if isinstance(meta, dict) else None
+    if not isinstance(crcs, dict) or not crcs:
+        raise ShardError(f"sample {key} lists no crops in its json")
+    if not all(CROP_MEMBER.fullmatch(m) and isinstance(v, int) for m, v in crcs.items()):
+        raise ShardError(f"sample {key}: its json lists malformed crop members (corrupt shard)")
+    grid = {_crop_level(m) for m in crcs}
+    levels = sorted({lvl for _, lvl in grid})
+    n_crops = 1 + max(c for c, _ in grid)
+    if len(grid) != len(crcs) or grid != {(c, lvl) for c in range(n_crops) for lvl in levels}:
+        raise ShardError(f"sample {key}: its crops do not form a (crop, level) grid (corrupt shard)")
+    return crcs
 
 
 def _crop_level(member: str) -> tuple[int, int]:
@@ -139,7 +167,10 @@ def _crop_level(member: str) -> tuple[int, int]:
 
 def _decode_one(data: bytes, name: str) -> np.ndarray:
     if name.endswith(".npy"):
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ShardError(f"{name} does not decode ({exc})") from None
         if arr.dtype != np.uint8 or arr.ndim != 3:
             raise ShardError(f"{name}: expected uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
         return arr
@@ -150,16 +181,46 @@ def _decode_one(data: bytes, name: str) -> np.ndarray:
 
 
 def read_index(shard_dir: Path) -> dict:
-    """The shard index, or a `ShardError` that says to run the degrade stage."""
+    """The shard index, or a `ShardError` that says to run the degrade stage.
+
+    The index must be a JSON object whose ``shards`` entries each have a plain shard file
+    ``name`` (no path: it is opened inside ``shard_dir``), a ``samples`` and ``bytes`` count
+    and a ``sha256``; every listed file must exist.
+    """
     path = Path(shard_dir) / INDEX_FILE
     if not path.is_file():
         raise ShardError(f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
                          "an interrupted run leaves no index until it is rerun to completion")
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"the shard index {path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}) "
+                         "— it is damaged (truncated?); rerun the degrade stage to rewrite it") from None
+    _check_index(path, index)
     missing = [s["name"] for s in index["shards"] if not (Path(shard_dir) / s["name"]).is_file()]
     if missing:
         raise ShardError(f"{len(missing)} shards listed in {path} are missing (e.g. {missing[0]}) — rerun the degrade stage")
     return index
+
+
+def _check_index(path: Path, index) -> None:
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ShardError(f"the shard index {path} has no list of shards — it is damaged; rerun the degrade stage")
+    for k, s in enumerate(shards):
+        ok = (isinstance(s, dict) and isinstance(s.get("name"), str) and SHARD_NAME.fullmatch(s["name"])
+              and all(isinstance(s.get(n), int) and not isinstance(s.get(n), bool) and s[n] >= 0
+                      for n in ("samples", "bytes"))
+              and isinstance(s.get("sha256"), str) and SHA256_HEX.fullmatch(s["sha256"]))
+        if not ok:
+            raise ShardError(f"entry {k} of the shard index {path} is malformed ({s!r:.200}) — the index is damaged; "
+                             "rerun the degrade stage")
+
+
+def index_digest(index: dict) -> str:
+    """sha256 of the shard entries of an index (names, counts, sizes, hashes): equal digests, equal data."""
+    blob = json.dumps([[s["name"], s["samples"], s["bytes"], s["sha256"]] for s in index["shards"]])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def shard_paths(shard_dir: Path) -> list[str]:
@@ -175,11 +236,23 @@ def indexed_shards(shard_dir: Path) -> list[dict]:
     return index["shards"]
 
 
-def verify_shards(shard_dir: Path) -> list[str]:
-    """Names of indexed shards whose size or sha256 differs from the index (empty: all intact)."""
-    bad = []
-    for s in indexed_shards(shard_dir):
-        path = Path(shard_dir) / s["name"]
-        if path.stat().st_size != s["bytes"] or sha256_file(path) != s["sha256"]:
-            bad.append(s["name"])
-    return bad
+def shard_problem(path: Path, entry: dict, *, check_hash: bool = True) -> str | None:
+    """Why the shard file ``path`` is not the one ``entry`` records (size first, then sha256), or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if size != entry["bytes"]:
+        return f"is {size} bytes, recorded {entry['bytes']}"
+    if check_hash and sha256_file(path) != entry["sha256"]:
+        return "differs from its recorded sha256"
+    return None
+
+
+def verify_shards(shard_dir: Path, names: list[str] | None = None) -> list[str]:
+    """Names of indexed shards whose size or sha256 differs from the index (empty: all intact).
+
+    Sizes are checked for every shard, hashes for those in ``names`` (None: all).
+    """
+    return [s["name"] for s in indexed_shards(shard_dir)
+            if shard_problem(Path(shard_dir) / s["name"], s, check_hash=names is None or s["name"] in names)]

@@ -5,6 +5,9 @@ shards are split by node and by worker in the loader; only rank 0 writes files).
 ``checkpoint_every`` steps the train state is written atomically to ``out_dir/train_state.pt``;
 a later run with the same params resumes from it and ends with the same weights as a run that
 was never interrupted (the batch stream is re-derived: same seed, consumed batches skipped).
+Before any step the shard sizes are checked against their index (the loader checks each
+shard's sha256 when it first reads it), and the train state records the index digest it was
+trained on: a state is never resumed on other shards.
 """
 from __future__ import annotations
 
@@ -297,10 +300,11 @@ def cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
-def train_state(t: Trainer, step: int, key: str, rows: list[dict]) -> dict:
-    """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step."""
+def train_state(t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None) -> dict:
+    """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step,
+    and ``shards``, the digest of the shard index trained on (`shards.index_digest`)."""
     return {
-        "format": 1, "key": key, "step": step, "world_size": t.dist.world_size,
+        "format": 1, "key": key, "step": step, "world_size": t.dist.world_size, "shards": shards,
         "visual": cpu_tensors(t.model.visual.state_dict()),
         "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
         "rng": rng_state(), "log": rows,
@@ -308,12 +312,27 @@ def train_state(t: Trainer, step: int, key: str, rows: list[dict]) -> dict:
     }
 
 
-def restore_train_state(t: Trainer, state: dict, key: str, path: Path) -> tuple[int, list[dict]]:
-    """Load ``state`` into ``t``; returns (step reached, log rows so far)."""
+def restore_train_state(t: Trainer, state: dict, key: str, path: Path, shards: str | None = None
+                        ) -> tuple[int, list[dict]]:
+    """Load ``state`` into ``t``; returns (step reached, log rows so far).
+
+    Refused when its params key differs, or when it was trained on shards other than those of
+    the digest ``shards``. A state written before states recorded their shards is resumed
+    with a warning (it cannot tell).
+    """
     if state.get("key") != key:
         raise TrainError(
             f"train state {path} was written with other params (or another number of processes) "
             "than this run. Fix: delete it to train from step 0, or set train.resume: false."
+        )
+    if state.get("shards") is None:
+        log.warning("train state %s does not record its shards (written by an earlier version); resuming on "
+                    "the current shards — delete it if they changed since", path)
+    elif shards is not None and state["shards"] != shards:
+        raise TrainError(
+            f"train state {path} was trained on other shards (index digest {state['shards'][:12]}, now "
+            f"{shards[:12]}): resuming would mix two data sets. Fix: delete {path} to train from step 0 on the "
+            "new shards, or set train.resume: false."
         )
     t.model.visual.load_state_dict(state["visual"])
     t.opt.load_state_dict(state["optimizer"])
@@ -394,6 +413,7 @@ def run_train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
+    shards = check_shards(Path(shard_dir))
     t = build_trainer(cfg, model_cfg, dist_info)
     torch.manual_seed(cfg.seed)
     state_path = Path(out_dir) / TRAIN_STATE
@@ -401,16 +421,33 @@ def run_train(
     start, rows = 0, []
     state = load_train_state(state_path) if cfg.resume else None
     if state is not None:
-        start, rows = restore_train_state(t, state, key, state_path)
+        start, rows = restore_train_state(t, state, key, state_path, shards)
         log.info("resuming from step %d (%s)", start, state_path)
     stats = LoaderStats()
     batches = shard_batches(cfg, Path(shard_dir), dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
-    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress)
+    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress, shards)
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
+def check_shards(shard_dir: Path) -> str:
+    """Refuse shards whose size differs from the index; returns the index digest (`shards.index_digest`).
+
+    Sizes cost one ``stat`` per shard; each shard's sha256 is checked by the loader when it
+    first reads it, before any of its samples is used (`loader.expand_shards`), so the check
+    costs no extra pass over the data.
+    """
+    from .shards import ShardError, index_digest, read_index, verify_shards
+
+    index = read_index(shard_dir)
+    bad = verify_shards(shard_dir, names=[])
+    if bad:
+        raise ShardError(f"{len(bad)} shard(s) in {shard_dir} differ from the index (e.g. {bad[0]}: replaced, damaged "
+                         "or from another run) — rerun the degrade stage (`dvc repro degrade`) to rewrite them")
+    return index_digest(index)
+
+
 def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
-               state_path: Path, key: str, progress: bool) -> float:
+               state_path: Path, key: str, progress: bool, shards: str | None = None) -> float:
     """Run ``steps``, appending a log row per step; returns the seconds spent."""
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
@@ -427,7 +464,7 @@ def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[d
             window, window_steps = now, 0
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if t.dist.main:  # replicas are identical; rank 0 speaks for all
-                save_train_state(train_state(t, step + 1, key, rows), state_path)
+                save_train_state(train_state(t, step + 1, key, rows, shards), state_path)
     return time.perf_counter() - start
 
 

@@ -149,3 +149,39 @@ def bin_path(name: str) -> str:
     import sys
 
     return str(Path(sys.executable).with_name(name))
+
+
+def run_unprivileged(fn, *args) -> None:
+    """``fn(*args)`` as an unprivileged user: in a forked child running as ``nobody`` when this
+    process is root (root reads any folder, so permission tests need a plain user), else here.
+    The child's outcome is its exit status; ``fn`` writes what the test checks to files."""
+    import traceback
+
+    if os.geteuid() != 0:
+        fn(*args)
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            fn(*args)
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported through the exit status
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed (its traceback is above)"
+
+
+def world_readable_dir() -> Path:
+    """A fresh folder under /tmp that `run_unprivileged` can read and write (pytest's tmp_path
+    lies under a folder only root may enter); the caller removes it."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="qualiclip-test-", dir="/tmp"))
+    path.chmod(0o777)
+    return path

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qualiclip.checkpoint import (
-    CONFIG, TRAIN_STATE, export_official, load_checkpoint, load_train_state, read_metadata, save_checkpoint,
+    CONFIG, TRAIN_STATE, WEIGHTS, export_official, load_checkpoint, load_train_state, read_metadata, save_checkpoint,
     save_train_state,
 )
 from qualiclip.model import ModelConfig, ModelLoadError, create_model
@@ -114,3 +115,64 @@ def test_torn_train_state_is_a_clear_error(tmp_path):
     path.write_bytes(b"PK\x03\x04 torn")
     with pytest.raises(ModelLoadError, match="unreadable"):
         load_train_state(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints (issue 19): refused with one line, before anything is allocated or built
+
+
+def _random_weights(ckpt):
+    (ckpt / WEIGHTS).write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _huge_header_length(ckpt):
+    data = (ckpt / WEIGHTS).read_bytes()
+    (ckpt / WEIGHTS).write_bytes(b"\xff" * 7 + b"\x7f" + data[8:])
+
+
+def _truncated_config(ckpt):
+    text = (ckpt / CONFIG).read_text()
+    (ckpt / CONFIG).write_text(text[: len(text) // 2])
+
+
+def _huge_architecture(ckpt):
+    config = json.loads((ckpt / CONFIG).read_text())
+    config["model"]["name"] = "qualiclip-huge-rn"
+    config["open_clip_config"]["vision_cfg"]["width"] = 10**9  # an RN stem of 10^9 channels
+    (ckpt / CONFIG).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("damage", "file", "message"), [
+    (_random_weights, WEIGHTS, "not a valid safetensors file"),
+    (_huge_header_length, WEIGHTS, "header length 9223372036854775807 does not fit"),
+    (_truncated_config, CONFIG, "is not valid JSON"),
+    (_huge_architecture, CONFIG, "vision_cfg.width = 1000000000, above the limit"),
+])
+def test_damaged_checkpoints_are_refused_with_one_line(tiny, tmp_path, capsys, damage, file, message):
+    from PIL import Image
+
+    from qualiclip.pipeline.cli import main
+    from qualiclip.scoring import load_scorer
+
+    ckpt = save_checkpoint(tiny, tmp_path / "ckpt")
+    damage(ckpt)
+    for load in (load_checkpoint, load_scorer):
+        with pytest.raises(ModelLoadError, match=message) as info:
+            load(ckpt)
+        assert str(ckpt / file) in str(info.value)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    assert main(["score", str(tmp_path / "a.png"), "--model", str(ckpt), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert message.split()[0] in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_architecture_within_each_limit_but_too_many_parameters_is_refused(tiny, tmp_path):
+    ckpt = save_checkpoint(tiny, tmp_path / "ckpt")
+    config = json.loads((ckpt / CONFIG).read_text())
+    config["model"]["name"] = "qualiclip-wide-rn"
+    # a 4M x 8192 token embedding: 33 B parameters, counted on the meta device. (Built for real it
+    # is one 131 GB tensor, which fails at once rather than filling the memory piece by piece.)
+    config["open_clip_config"]["text_cfg"].update(width=8192, vocab_size=4_000_000)
+    (ckpt / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"qualiclip-wide-rn' has [\d,]+ parameters, above the limit"):
+        load_checkpoint(ckpt)

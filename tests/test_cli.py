@@ -111,3 +111,23 @@ def test_evaluate_without_held_out_images_names_the_fix(project):
     assert proc.returncode == 2, proc.stderr
     assert "no 'val' images in ingest/manifest.csv — ingest more photos or lower ingest.val_fraction" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project):
+    from qualiclip.config import build_config
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.ingest import IngestConfig, run_ingest
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    run_ingest(IngestConfig(sources=(str(project / "photos"),), min_size=64, val_fraction=0.0, workers=1),
+               project / "data/ingest", progress=False)
+    run_degrade(build_config(DegradeConfig, params["degrade"], where="degrade"), project / "data/ingest",
+                project / "data/shards", progress=False)
+    rated = make_photos(project / "rated", n=3)
+    (rated / "labels.csv").write_text("image,mos\nphoto_00.png,3.0\nphoto_01.png,4.0\n")  # photo_02.png: no label
+    params["evaluate"]["datasets"] = [{"name": "csv", "root": str(rated), "mos_range": [1, 5], "lower_is_better": False}]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = qualiclip("train", "--shards", "data/shards", "--out", "outputs/train", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "dataset 'csv'" in proc.stderr and "image without a label" in proc.stderr and "photo_02.png" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (project / "outputs/train").exists()

@@ -339,3 +339,29 @@ def test_pyiqa_fr_meta_info_with_split_file(tmp_path):
     assert [p.name for p in ds.paths()] == ["d1.png", "d2.png"] and ds.report == ()
     np.testing.assert_allclose(ds.mos(), [80.0, 45.0])
     assert [i.split for i in ds.items] == ["test", "train"]
+
+
+class _Touch:
+    """A pickled object whose loading runs code: it creates ``path`` (what an attacker's would do worse)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_split_file_is_never_unpickled_into_code(tmp_path):
+    for n in ("d1.png", "d2.png"):
+        write_image(tmp_path / "imgs" / n)
+    write_csv(tmp_path / "meta.csv", ["dist_name", "dmos"], [["d1.png", 20.0], ["d2.png", 55.0]])
+    common = dict(meta_info="meta.csv", image_dir="imgs", mos_range=(0, 100), lower_is_better=True)
+    marker = tmp_path / "code_ran"
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({1: {"train": [0], "test": [1], "x": _Touch(marker)}}, f)
+    with pytest.raises(DatasetError, match="evil.pkl is not a plain pyiqa split file.*names pathlib.*re-save it as JSON"):
+        load_dataset("pyiqa", tmp_path, split_file="evil.pkl", **common)
+    assert not marker.exists()
+    (tmp_path / "split.json").write_text('{"1": {"train": [0], "val": [], "test": [1]}}')
+    ds = load_dataset("pyiqa", tmp_path, split_file="split.json", **common)
+    assert [i.split for i in ds.items] == ["train", "test"]

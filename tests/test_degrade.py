@@ -183,3 +183,60 @@ def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, 
     assert summary == {"samples": 12, "shards": 6, "bytes": summary["bytes"], "resumed_shards": 0}
     run_degrade(CFG, ingest_dir, tmp_path / "pool", progress=False)
     assert digests(tmp_path / "flow") == digests(tmp_path / "pool")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards that no longer match what was written, and two runs into one folder (issue 19)
+
+
+def test_rerun_rewrites_a_damaged_shard_instead_of_indexing_it(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    (tmp_path / "index.json").unlink()  # an interrupted run: only those resume (a finished set is regenerated)
+    with open(tmp_path / "shard-000002.tar", "r+b") as f:  # same size, other bytes
+        f.seek(1000)
+        f.write(b"\x00damaged\x00")
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 5 and digests(tmp_path) == first
+
+
+def test_rerun_after_a_kill_rewrites_a_damaged_shard(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    (tmp_path / "index.json").unlink()  # as after a kill: shards written, no index yet
+    (tmp_path / "shard-000004.tar").write_bytes((tmp_path / "shard-000001.tar").read_bytes())  # another shard's bytes
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 5 and digests(tmp_path) == first
+
+
+def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_dir, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
+    out = tmp_path / "shards"
+    first = _cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.tar")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGSTOP)  # the first run holds the folder, frozen mid-way
+    try:
+        assert first.poll() is None, "the first run ended before the second could start"
+        with pytest.raises(DegradeError, match="another qualiclip degrade is writing to"):
+            run_degrade(build_config(DegradeConfig, {**KILL_CFG, "seed": 1}, where="degrade"), ingest_dir, out,
+                        progress=False)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    log = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, log
+    run_degrade(build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade"), ingest_dir,
+                tmp_path / "reference", progress=False)
+    assert digests(out) == digests(tmp_path / "reference")
+
+
+def test_an_interrupted_folder_from_before_shard_records_is_rewritten_not_trusted(ingest_dir, tmp_path):
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    (tmp_path / "index.json").unlink()
+    for record in tmp_path.glob("shard-*.tar.json"):  # as an earlier version left an interrupted run
+        record.unlink()
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 0 and digests(tmp_path) == first

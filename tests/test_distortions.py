@@ -113,6 +113,9 @@ def test_contract_shape_range_determinism_no_mutation(name):
         assert out.tobytes() == d.apply(image, level, twin).tobytes()  # same seed, same bytes
     assert np.array_equal(image, before)
     assert [a.tobytes() for a in arrays_of(state)] == state_bytes
+    wild = image * 1.6 - 0.3  # out of range: the output is clipped all the same
+    assert all(0.0 <= d.apply(wild, level, state).min() and d.apply(wild, level, state).max() <= 1.0
+               for level in LEVELS)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -154,6 +157,22 @@ def test_impulse_hits_are_nested_across_levels():
     assert all(np.all(lo <= hi) for lo, hi in zip(hits, hits[1:]))
 
 
+def test_impulse_hits_each_level_at_its_density_and_a_seed_pins_the_hits():
+    """The sparse draw (docs/distortions.md): hit fractions match the densities, and seed 0 gives
+    these exact images (pinned: a change to the draw must be deliberate)."""
+    import hashlib
+
+    d = get_distortion("impulse_noise")
+    image = np.full((224, 224, 3), 0.5, np.float32)
+    outs = [d.apply(image, level, d.draw(np.random.default_rng(0), 224, 224)) for level in LEVELS]
+    for out, density in zip(outs, d.levels):
+        hit = out != 0.5
+        assert abs(hit.mean() - density) < 0.15 * density + 2e-4
+        assert abs((out[hit] == 1.0).mean() - 0.5) < 0.1  # half salt, half pepper
+    digest = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
+    assert digest[:16] == "a984c25bbf43fc96"
+
+
 @pytest.mark.parametrize("name", ["mean_shift", "linear_contrast_change"])
 def test_signed_variants_draw_both_signs_and_keep_one_per_crop(name):
     d = get_distortion(name)
@@ -179,6 +198,39 @@ def test_color_blocks_of_a_level_contain_the_lower_levels():
 def test_uint8_round_trip_rounds_instead_of_truncating():
     x = np.array([254.6, 0.4, 127.5001], np.float32) / 255.0
     assert _ops.to_uint8(x).tolist() == [255, 0, 128]
+
+
+def test_to_uint8_is_the_numpy_formula_bit_for_bit():
+    """OpenCV's scale-round-saturate equals clip, *255, rint (ties to even), cast: on values
+    outside [0, 1], on exact ties and in any shape."""
+    rng = np.random.default_rng(0)
+    ties = (np.arange(256, dtype=np.float32) + 0.5) / 255.0
+    for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic()):
+        expected = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+        assert np.array_equal(_ops.to_uint8(x), expected)
+    assert np.array_equal(_ops.from_uint8(np.arange(256, dtype=np.uint8)),
+                          np.arange(256).astype(np.float32) * np.float32(1 / 255))
+
+
+def test_compression_equals_a_pillow_round_trip(crops):
+    """jpeg and jpeg2000 go through OpenCV; the pixels are those of Pillow's encoder and decoder."""
+    import io
+
+    def pillow(image, **save_args):
+        buffer = io.BytesIO()
+        Image.fromarray(_ops.to_uint8(image), "RGB").save(buffer, **save_args)
+        with Image.open(buffer) as decoded:
+            return _ops.from_uint8(np.asarray(decoded.convert("RGB")))
+
+    jpeg, j2k = get_distortion("jpeg"), get_distortion("jpeg2000")
+    for crop in crops[:4] + [synthetic(37, 53)]:
+        for level in LEVELS:
+            quality, ratio = jpeg.levels[level - 1], j2k.levels[level - 1]
+            assert np.array_equal(jpeg.apply(crop, level, None), pillow(crop, format="JPEG", quality=quality))
+            resolutions = min(8, int(np.log2(min(crop.shape[:2]))) + 1)
+            expected = pillow(crop, format="JPEG2000", quality_mode="rates", quality_layers=[float(ratio)],
+                              num_resolutions=resolutions, progression="LRCP")
+            assert np.array_equal(j2k.apply(crop, level, None), expected)
 
 
 def test_colour_conversions_agree_with_scikit_image():

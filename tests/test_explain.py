@@ -132,3 +132,34 @@ def test_explain_cli_writes_map_and_csv(kodak_dir, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 3 * 5 and {r["size"] for r in rows} == {"64"}
     assert "quality" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from qualiclip.checkpoint import save_checkpoint
+
+    return save_checkpoint(create_model(ModelConfig()), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (100_000, 10)])
+def test_images_too_small_for_the_encoder_are_one_line_errors(tiny_checkpoint, tmp_path, capsys, size):
+    from qualiclip.pipeline.cli import main
+
+    Image.new("RGB", size, "grey").save(tmp_path / "x.png")
+    rc = main(["explain", str(tmp_path / "x.png"), "--out", str(tmp_path / "map.png"), "--model", str(tiny_checkpoint),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"too_small: {size[0]}x{size[1]} px" in err and "upscale" in err
+    assert not (tmp_path / "map.png").exists()
+
+
+def test_a_patch_below_the_encoder_minimum_names_the_option(tiny_checkpoint, tmp_path, capsys):
+    from qualiclip.pipeline.cli import main
+
+    Image.new("RGB", (96, 64), "grey").save(tmp_path / "x.png")
+    args = ["explain", str(tmp_path / "x.png"), "--model", str(tiny_checkpoint), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "map.png"), "--patch", "16"]) == 2
+    assert "--patch 16 is below the 32 px" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert main([*args, "--out", str(tmp_path / "taken")]) == 2
+    assert "is a folder" in capsys.readouterr().err

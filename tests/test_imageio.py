@@ -14,7 +14,7 @@ from qualiclip.imageio import (
 )
 
 
-from imagefiles import encode, noise, png_header_only  # noqa: E402
+from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
 
 
 
@@ -161,3 +161,35 @@ def test_resolve_inside_rejects_escapes(tmp_path):
         resolve_inside(root, "link_out.png")
     with pytest.raises(PathOutsideRootError):
         resolve_inside(root, "../outside.png")
+
+
+def test_a_huge_file_of_random_bytes_is_rejected_from_its_first_bytes(tmp_path):
+    import tracemalloc
+
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:  # 512 MB: 4 KB of random bytes, the rest a hole in a sparse file
+        f.write(np.random.default_rng(0).bytes(4096))
+        f.truncate(512 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageReadError) as info:
+            read_image(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason == "not_an_image"
+    assert peak < 1 << 20, f"{peak} bytes allocated to reject it"
+
+
+def test_special_files_are_refused_without_being_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError) as info:
+        finishes_despite_fifos(lambda: read_image(tmp_path / "pipe.png"), [tmp_path / "pipe.png"])
+    assert info.value.reason == "not_a_file" and "FIFO" in info.value.detail
+    with pytest.raises(ImageReadError) as info:
+        read_image("/dev/zero")  # a device: endless zeros
+    assert info.value.reason == "not_a_file" and "character device" in info.value.detail
+    os.symlink("loop.png", tmp_path / "loop.png")
+    with pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "loop.png")
+    assert info.value.reason == "symlink_loop"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from qualiclip.ingest import (
 )
 
 # The helpers below are also in test_imageio.py; tests/ is not a package, so they are repeated.
-from imagefiles import encode, noise, png_header_only  # noqa: E402
+from conftest import run_unprivileged, world_readable_dir  # noqa: E402
+from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
 
 
 
@@ -261,3 +263,49 @@ def test_skimage_default_source(tmp_path):
     for png in (tmp_path / "out" / "images").iterdir():
         with Image.open(png) as im:
             assert im.mode == "RGB" and min(im.size) >= 224
+
+
+# ---------------------------------------------------------------------------------------------
+# Special files (issue 19): nothing hangs, nothing crashes, nothing is skipped silently
+
+
+def test_a_fifo_named_like_a_photo_is_rejected_not_opened(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "ok.png").write_bytes(encode(_img(30), "PNG"))
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    finishes_despite_fifos(lambda: run_ingest(cfg_for(root), tmp_path / "out", progress=False), [root / "pipe.jpg"])
+    rejected = {r["path"]: r for r in read_csv(tmp_path / "out" / "rejected.csv")}
+    assert rejected["pipe.jpg"]["reason"] == "not_a_file" and "FIFO" in rejected["pipe.jpg"]["detail"]
+    assert [r["path"] for r in read_csv(tmp_path / "out" / "manifest.csv")] == ["ok.png"]
+
+
+def test_symlink_loops_are_reported_per_file(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "ok.png").write_bytes(encode(_img(31), "PNG"))
+    os.symlink("self.jpg", root / "self.jpg")  # a file linked to itself
+    os.symlink("b.jpg", root / "a.jpg")  # a -> b -> a
+    os.symlink("a.jpg", root / "b.jpg")
+    run_ingest(cfg_for(root), tmp_path / "out", progress=False)
+    rejected = {r["path"]: r for r in read_csv(tmp_path / "out" / "rejected.csv")}
+    assert {p: r["reason"] for p, r in rejected.items()} == dict.fromkeys(["a.jpg", "b.jpg", "self.jpg"], "symlink_loop")
+    assert "symlink loop" in rejected["self.jpg"]["detail"]
+
+
+def test_an_unreadable_folder_is_reported_in_rejected_csv():
+    base = world_readable_dir()
+    root, locked = base / "photos", base / "photos" / "locked"
+    try:
+        locked.mkdir(parents=True)
+        root.chmod(0o755)
+        (root / "ok.png").write_bytes(encode(_img(32), "PNG"))
+        (locked / "hidden.png").write_bytes(encode(_img(33), "PNG"))
+        locked.chmod(0o000)  # its photos cannot even be listed
+        run_unprivileged(lambda: run_ingest(cfg_for(root), base / "out", progress=False))
+        rejected = {r["path"]: r for r in read_csv(base / "out" / "rejected.csv")}
+        assert rejected["locked"]["reason"] == "unreadable"
+        assert "cannot be listed" in rejected["locked"]["detail"] and "not ingested" in rejected["locked"]["detail"]
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -110,7 +111,9 @@ def test_fewer_shards_than_workers(two_shards):
     assert len(endless) == 10 and all(b.shape[0] == 4 for b in endless)
 
 
-def _damage(src: Path, dst: Path, how: str) -> None:
+def _damage(src: Path, dst: Path, how: str, *, reindex: bool = True) -> None:
+    """Copy the shards and damage shard-000001. ``reindex``: record the damaged file in the index,
+    as if it had been written that way (else the loader refuses it before reading a sample)."""
     shutil.copytree(src, dst)
     path = dst / "shard-000001.tar"
     with tarfile.open(path) as tar:
@@ -119,14 +122,25 @@ def _damage(src: Path, dst: Path, how: str) -> None:
         # mid: inside the second sample's members; boundary: right after the first sample
         end = members[-3].offset_data + 100 if how == "truncate_mid" else members[len(members) // 2].offset
         path.write_bytes(path.read_bytes()[:end])
-        return
-    member = next(m for m in members if m.name.endswith(".png"))
-    with open(path, "r+b") as f:  # garble the middle of one PNG member, tar structure intact
-        f.seek(member.offset_data + member.size // 2)
-        f.write(b"\x00garbage\xff" * 4)
+    else:
+        member = next(m for m in members if m.name.endswith(f".{CFG.encoding}"))
+        with open(path, "r+b") as f:  # garble the middle of one crop member, tar structure intact
+            f.seek(member.offset_data + member.size // 2)
+            f.write(b"\x00garbage\xff" * 4)
+    if reindex:
+        _reindex(dst)
 
 
-@pytest.mark.parametrize("how", ["png_member", "truncate_mid", "truncate_boundary"])
+def _reindex(folder: Path) -> None:
+    """Record every shard's current size and sha256 in the index (a set written corrupt)."""
+    index = json.loads((folder / "index.json").read_text())
+    for s in index["shards"]:
+        data = (folder / s["name"]).read_bytes()
+        s.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how", ["crop_member", "truncate_mid", "truncate_boundary"])
 def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, how):
     _damage(shards, tmp_path / "s", how)
     stats = LoaderStats()
@@ -147,17 +161,25 @@ def test_endless_stream_with_no_intact_sample_stops_with_the_fix(shards, tmp_pat
     shutil.copytree(shards, bad)
     for path in bad.glob("shard-*.tar"):
         with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if m.name.endswith(".png")]
-        with open(path, "r+b") as f:  # garble every PNG member: no sample survives
+            members = [m for m in tar.getmembers() if m.name.endswith(f".{CFG.encoding}")]
+        with open(path, "r+b") as f:  # garble every crop member: no sample survives
             for m in members:
                 f.seek(m.offset_data + m.size // 2)
                 f.write(b"\x00garbage\xff" * 4)
+    _reindex(bad)
     with pytest.raises(ShardError, match="no intact sample left; rerun the degrade stage"):
         next(iterate_batches(bad, 2, num_workers=0, repeat=True))
 
 
+@pytest.mark.parametrize("how", ["png_member", "truncate_mid"])
+def test_a_shard_that_differs_from_its_index_stops_the_loader(shards, tmp_path, how):
+    _damage(shards, tmp_path / "s", how, reindex=False)
+    with pytest.raises(ShardError, match=r"shard-000001.tar does not match its index entry .*: replaced, damaged.*rerun the degrade stage"):
+        list(iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=False))
+
+
 def test_pieces_cut_short_by_a_corrupt_sample_are_regrouped_into_full_batches(shards, tmp_path):
-    _damage(shards, tmp_path / "s", "png_member")
+    _damage(shards, tmp_path / "s", "crop_member")
     stats = LoaderStats()
     it = iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=True, stats=stats)
     batches = list(itertools.islice(it, 12))  # 48 samples: about four passes over the 11 intact ones

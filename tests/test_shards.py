@@ -83,3 +83,17 @@ def test_index_errors_name_the_fix_and_verify_finds_damage(tmp_path):
         f.seek(700)
         f.write(b"x")
     assert verify_shards(tmp_path) == ["shard-000000.tar"]
+
+
+def test_a_damaged_index_is_a_clear_error(tmp_path):
+    entry = write_shard(tmp_path / "shard-000000.tar", [sample()])
+    text = json.dumps({"shards": [entry]})
+    (tmp_path / "index.json").write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(ShardError, match="index.json is unreadable or not valid JSON.*rerun the degrade stage"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{**entry, "name": "../../etc/passwd"}]}))
+    with pytest.raises(ShardError, match="entry 0 .* is malformed"):  # never a path outside the folder
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps([entry]))
+    with pytest.raises(ShardError, match="no list of shards"):
+        read_index(tmp_path)

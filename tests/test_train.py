@@ -241,3 +241,64 @@ def test_sigkill_then_resume_gives_identical_weights(shards, tmp_path, ema):
     log_full = (tmp_path / "full" / "train_log.csv").read_text()
     assert log_full == (tmp_path / "resumed" / "train_log.csv").read_text() and log_full.count("\n") == 9
     assert not (tmp_path / "resumed" / TRAIN_STATE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards that changed (issue 19): refused before training, never mixed into a resumed run
+
+
+def _other_runs_shard(shards: Path, tmp_path: Path) -> None:
+    """shard-000001 replaced by the same shard of a run with another seed (4 samples, same shape)."""
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.sampling import SampleConfig
+
+    other = DegradeConfig(variants=2, samples_per_shard=4, workers=1, seed=1,
+                          sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
+    run_degrade(other, shards.parent / "ingest", tmp_path / "other", progress=False)
+    (shards / "shard-000001.tar").write_bytes((tmp_path / "other" / "shard-000001.tar").read_bytes())
+
+
+def _same_size_damage(shards: Path, tmp_path: Path) -> None:
+    """Bytes of shard-000001 overwritten in place: its size still matches the index."""
+    with open(shards / "shard-000001.tar", "r+b") as f:
+        f.seek(2000)
+        f.write(b"\x00" * 64)
+
+
+@pytest.mark.parametrize("change", [_other_runs_shard, _same_size_damage])
+def test_a_shard_that_differs_from_the_index_is_refused(tmp_path, change):
+    from qualiclip.shards import ShardError
+
+    shards = build_shards(tmp_path / "a")
+    change(shards, tmp_path)
+    with pytest.raises(ShardError, match="shard-000001.tar.*replaced, damaged or from another run.*rerun the degrade"):
+        run_train(TrainConfig(**TINY_TRAIN), ModelConfig(), shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+class StopAt(Tracker):
+    """Raise once step ``at`` is logged, as a crash would: the train state written before stays."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def log_metrics(self, metrics, step=None):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_train_state_is_not_resumed_on_other_shards(tmp_path):
+    from qualiclip.degrade import DegradeConfig, run_degrade
+    from qualiclip.sampling import SampleConfig
+
+    shards = build_shards(tmp_path)
+    cfg = TrainConfig(**{**TINY_TRAIN, "checkpoint_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, ModelConfig(), shards, tmp_path / "out", tracker=StopAt(3), progress=False)
+    assert load_train_state(tmp_path / "out" / TRAIN_STATE)["step"] == 2
+    regenerated = DegradeConfig(variants=2, samples_per_shard=4, workers=1, seed=1,
+                                sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
+    run_degrade(regenerated, tmp_path / "ingest", shards, progress=False)  # new shards, same params
+    with pytest.raises(TrainError, match=r"trained on other shards.*Fix: delete .*train_state.pt"):
+        run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()

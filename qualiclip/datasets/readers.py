@@ -1,7 +1,11 @@
-"""Label-file readers (CSV, whitespace text, MATLAB .mat, Excel .xlsx) that fail with DatasetError."""
+"""Label-file readers (CSV, whitespace text, MATLAB .mat, Excel .xlsx, pyiqa split files) that fail
+with DatasetError."""
 from __future__ import annotations
 
 import csv
+import io
+import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +90,41 @@ def to_float(value: str, where: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: score {value!r} is not a number") from None
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers and strings only. What makes a pickle run code is a
+    global (a class or function) that it names and calls; every such lookup is refused here."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference")
+
+
+def read_split_file(path: Path, index: int) -> dict[str, list[int]]:
+    """Scheme ``index`` of a pyiqa split file ``{index: {phase: [row, ...]}}`` as ``{phase: rows}``.
+
+    A ``.json`` file (keys as strings) is read as JSON; anything else as a pickle restricted to
+    plain dicts, lists and ints (`_PlainUnpickler`): a pickle naming any class or function —
+    numpy arrays included — is refused, never run.
+    """
+    data = require_file(path, "pyiqa split file").read_bytes()
+    try:
+        if path.suffix.lower() == ".json":
+            splits = json.loads(data)
+        else:
+            splits = _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - garbage raises anything (KeyError, TypeError, ...); nothing ran
+        raise DatasetError(f"{path} is not a plain pyiqa split file ({exc}); only dicts/lists of ints are read — "
+                           "re-save it as JSON: {\"1\": {\"train\": [0, ...], \"val\": [...], \"test\": [...]}}"
+                           ) from None
+    scheme = splits.get(index, splits.get(str(index))) if isinstance(splits, dict) else None
+    if scheme is None:
+        raise DatasetError(f"{path} has no split index {index}")
+    if not isinstance(scheme, dict) or not all(
+            isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+            for rows in scheme.values()):
+        raise DatasetError(f"{path}: split {index} must map each phase to a list of row numbers")
+    return {str(phase): rows for phase, rows in scheme.items()}

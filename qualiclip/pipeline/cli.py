@@ -2,9 +2,9 @@
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
 function. The modules behind each command are imported when it runs: ``score``, ``explain``,
-``promote`` and ``export-official`` pull in torch and open_clip (seconds), which ``--help``,
-``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only the
-code its DVC stage depends on (see `qualiclip.pipeline.stages`).
+``promote``, ``export-official`` and ``export-onnx`` pull in torch and open_clip (seconds), which
+``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
+the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
@@ -35,7 +35,8 @@ def model_options(args: argparse.Namespace):
     """The shared model options of ``score`` and ``explain`` as their typed value."""
     from .score_cli import ModelOptions  # torch and open_clip: see the module docstring
 
-    return ModelOptions(model=args.model, device=args.device, precision=args.precision, threads=args.threads)
+    return ModelOptions(model=args.model, device=args.device, precision=args.precision, threads=args.threads,
+                        max_memory_gb=args.max_memory_gb)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -49,7 +50,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from .explain_cli import run_explain
 
     run_explain(args.image, Path(args.out), model_options(args), patch=args.patch, stride=args.stride,
-                batch_size=args.batch_size, csv_out=Path(args.csv) if args.csv else None)
+                batch_size=args.batch_size, csv_out=Path(args.csv) if args.csv else None, max_pixels=args.max_pixels)
 
 
 def cmd_distortions(args: argparse.Namespace) -> None:
@@ -82,6 +83,14 @@ def cmd_export_official(args: argparse.Namespace) -> None:
     print(f"wrote {out} (official QualiCLIP format)")
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ..onnx_export import export_onnx
+    from ..scoring import load_scorer
+
+    out = export_onnx(load_scorer(Path(args.model)), Path(args.out))
+    print(f"wrote {out} (uint8 (N, H, W, 3) RGB in, score out; docs/evaluation.md)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -101,7 +110,7 @@ def add_stage_parsers(sub) -> None:
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
-    """Options shared by ``score`` and ``explain``: which model, where, how precise."""
+    """Options shared by ``score`` and ``explain``: which model, where, how precise, how large."""
     sp.add_argument("--model", default=None,
                     help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, "
                          "runs:/ID/model); default: the checkpoint dvc.yaml's evaluate stage evaluates")
@@ -109,6 +118,10 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                     help="bf16/fp16 autocast: faster on GPU (fp16 GPU only); scores differ by ~1e-3")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    sp.add_argument("--max-memory-gb", type=float, default=None,
+                    help="memory budget for scoring one image, estimated before it is scored; larger images are "
+                         "refused, never tiled (default: half the memory of the scoring device)")
 
 
 def add_score_parser(sub) -> None:
@@ -120,7 +133,6 @@ def add_score_parser(sub) -> None:
     add_model_args(sp)
     sp.add_argument("--batch-size", type=int, default=8,
                     help="images of equal size scored together (capped at 0.8 MP per batch to bound memory)")
-    sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.set_defaults(fn=cmd_score)
 
@@ -160,6 +172,11 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_export_official)
+
+    sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
+    sp.add_argument("--model", required=True, help="checkpoint folder or official .pth")
+    sp.add_argument("--out", required=True, help="output .onnx file")
+    sp.set_defaults(fn=cmd_export_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """``qualiclip score``: score files, folders (recursive) or list files; write CSV or JSON.
 
-Unreadable files are reported on stderr and kept in the output with an ``error`` and no score,
-so the output has one row per input file, in input order.
+Files that cannot be scored (unreadable, FIFOs, too small, above the memory budget) are
+reported on stderr and kept in the output with an ``error`` and no score, so the output has one
+row per input file, in input order, plus one per folder that could not be listed.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..imageio import DEFAULT_MAX_PIXELS, iter_image_files
+from ..files import FileReadError, read_regular
+from ..imageio import DEFAULT_MAX_PIXELS, scan_tree
 from ..ingest import IngestConfig
 from ..model import QualiCLIP
 from ..scoring import ScoringError, load_scorer, score_paths
@@ -23,6 +25,7 @@ from .paths import stage_paths
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+MAX_LIST_BYTES = 1 << 30  # a list file of 1 GB names ~10 million images; anything larger is not a list
 
 
 @dataclass(frozen=True)
@@ -33,30 +36,58 @@ class ModelOptions:
     device: str = "auto"
     precision: str = "fp32"
     threads: int = 0          # CPU threads for torch; 0: torch's default
+    max_memory_gb: float | None = None  # budget for scoring one image; None: half the device's memory
+
+    @property
+    def max_memory(self) -> int | None:
+        """``max_memory_gb`` in bytes (None: the library's default budget)."""
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ScoringError(f"--max-memory-gb must be > 0, got {self.max_memory_gb}")
+        return int(self.max_memory_gb * 1e9) if self.max_memory_gb else None
 
 
-def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> list[Path]:
+def check_out_file(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot become a file, before any work: an existing folder,
+    or a path under a file."""
+    if out.is_dir():
+        raise ScoringError(f"{flag} {out} is a folder — name a file in it, e.g. {out / ('scores' + (out.suffix or '.csv'))}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ScoringError(f"{flag} {out}: {parent} is a file, not a folder — choose another {flag}")
+
+
+def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand folders recursively and list files; keep order, drop duplicates.
 
-    A path that does not exist is kept: it is reported as unreadable in the output.
+    A path that does not exist is kept: it is reported as unreadable in the output. Also
+    returns ``(folder, why)`` for every folder that could not be listed.
     """
     out: list[Path] = []
+    unlisted: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(iter_image_files(p, extensions))
+            scan = scan_tree(p, extensions)
+            out.extend(scan.images)
+            unlisted.extend(scan.unlisted)
         elif p.suffix.lower() in LIST_SUFFIXES:
             out.extend(read_list_file(p))
         else:
             out.append(p)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out)), unlisted
 
 
 def read_list_file(path: Path) -> list[Path]:
-    """Paths in a list file, one per line; blank lines and ``#`` comments skipped."""
-    if not path.is_file():
-        raise ScoringError(f"list file {path} not found")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    """Paths in a list file, one per line; blank lines and ``#`` comments skipped.
+
+    Bytes that are not UTF-8 are kept as the file system keeps them (surrogate escapes), so a
+    listed file with such a name is still found.
+    """
+    try:
+        text = read_regular(path, max_bytes=MAX_LIST_BYTES).decode("utf-8", errors="surrogateescape")
+    except FileReadError as exc:
+        raise ScoringError(f"list file {path}: {exc.detail}") from None
+    lines = [line.strip() for line in text.splitlines()]
     entries = [Path(line) for line in lines if line and not line.startswith("#")]
     return [e if e.is_absolute() else path.parent / e for e in entries]
 
@@ -89,31 +120,40 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ScoringError(f"--out must end in .csv or .json, got {out.name}")
+    check_out_file(out)
     extensions = IngestConfig().extensions
-    paths = collect_paths(inputs, extensions)
-    if not paths:
+    paths, unlisted = collect_paths(inputs, extensions)
+    if not paths and not unlisted:
         raise ScoringError(f"no images found in {inputs} (extensions {', '.join(extensions)})")
     scorer = open_scorer(opts)
     with tqdm(total=len(paths), desc="score", unit="img", disable=None if progress else True) as bar:
         results = score_paths(paths, scorer, batch_size=batch_size, device=opts.device, precision=opts.precision,
-                              max_pixels=max_pixels, progress=bar)
+                              max_pixels=max_pixels, progress=bar, max_memory=opts.max_memory,
+                              max_pixels_option="--max-pixels")
     rows = [{"path": str(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
              "width": r.width, "height": r.height, "error": r.error} for r in results]
+    rows += [{"path": str(folder), "score": None, "width": None, "height": None,
+              "error": f"unreadable: {why} (its images are not scored)"} for folder, why in unlisted]
     for r in rows:
         if r["error"]:
-            print(f"unreadable {r['path']}: {r['error']}", file=sys.stderr)
+            print(f"not scored {r['path']}: {r['error']}", file=sys.stderr)
     write_rows(out, rows)
     bad = sum(1 for r in rows if r["error"])
-    print(f"scored {len(rows) - bad} images -> {out}" + (f" ({bad} unreadable, listed with an error)" if bad else ""))
+    print(f"scored {len(rows) - bad} images -> {out}" + (f" ({bad} not scored, listed with an error)" if bad else ""))
     return rows
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(rows, indent=1))
-        return
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
+    """CSV or JSON by suffix. A file name that is not valid UTF-8 keeps its undecodable bytes as
+    ``\\udcXX`` escapes, in CSV as in JSON (where they decode back to the same name)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(rows, indent=1))
+            return
+        with open(out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            w.writeheader()
+            w.writerows(rows)
+    except OSError as exc:
+        raise ScoringError(f"cannot write --out {out}: {exc.strerror or exc} — choose another --out") from None

@@ -4,7 +4,7 @@ The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage 
 Each builds its typed configs from params.yaml, runs the library stage inside a tracker run,
 and logs params, metrics and pictures. Each stage imports the library modules it runs inside
 its own function, for two reasons: a stage process then loads exactly the code that dvc.yaml
-lists as that stage's dependencies (tests/test_stage_deps.py compares the two), so a changed
+lists as that stage's dependencies (tests/test_pipeline_dvc.py compares the two), so a changed
 distortion reruns degrade but not ingest; and ingest and degrade (and their spawned shard
 workers) do not pay seconds for torch and open_clip.
 """
@@ -80,7 +80,8 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..model import ModelConfig  # see the module docstring
+    from ..evaluate import EvaluateConfig, check_datasets  # see the module docstring
+    from ..model import ModelConfig
     from ..plots import plot_loss_curves
     from ..shards import INDEX_FILE, read_index
     from ..train import TrainConfig, run_train
@@ -89,6 +90,8 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     cfg = build_config(TrainConfig, params.get("train"), where="train")
     model_cfg = build_config(ModelConfig, params.get("model"), where="model")
     read_index(Path(shards))  # fails with the fix ("run the degrade stage first") before any work
+    # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
+    check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
     tracker, tcfg = _tracker(params, params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
     if not main_process:

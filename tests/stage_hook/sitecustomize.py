@@ -1,4 +1,4 @@
-"""Test hook (put on PYTHONPATH by tests/test_stage_deps.py): in a process that DVC runs as a stage
+"""Test hook (put on PYTHONPATH by tests/test_pipeline_dvc.py): in a process that DVC runs as a stage
 (``DVC_STAGE`` set) and ``QUALICLIP_STAGE_LOG`` names a folder, append to ``<folder>/<stage>.txt``,
 at exit, the files under ``./qualiclip`` that the process imported (its modules) or opened as data
 (files other than Python source: e.g. the model configs). Source files merely opened, not

@@ -1,0 +1,198 @@
+"""Fuzzing every reader of untrusted bytes: whatever the bytes, a result or the reader's own error.
+
+Inputs are valid files (images of each format, a shard, its index, a checkpoint's weights and
+config, a pyiqa split file) with random bytes overwritten, cut or inserted, plus plain random
+bytes. No input may hang, crash with another exception, or run code. Bounded for CI:
+`derandomize` makes the examples the same on every run and `max_examples`/`deadline` keep the
+whole file to a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from imagefiles import encode, noise
+from qualiclip.checkpoint import read_config
+from qualiclip.datasets import DatasetError
+from qualiclip.datasets.readers import read_split_file
+from qualiclip.imageio import ImageReadError, decode_image, read_image
+from qualiclip.loader import decode_sample, expand_shards
+from qualiclip.model import ModelLoadError, read_safetensors_header
+from qualiclip.shards import ShardError, encode_crops, read_index, sample_json, write_shard
+
+# QUALICLIP_FUZZ_EXAMPLES=20000 fuzzes deeper, with new random examples each run (not for CI)
+EXAMPLES = int(os.environ.get("QUALICLIP_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=2000, derandomize="QUALICLIP_FUZZ_EXAMPLES" not in os.environ,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+MAX_PIXELS = 1 << 20  # a mutated header may declare anything; the guard must hold
+
+
+@st.composite
+def mutated(draw, seeds: list[bytes]) -> bytes:
+    """One of ``seeds`` with up to 6 random byte overwrites, cuts and insertions, or random bytes."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=2048))
+    data = bytearray(draw(st.sampled_from(seeds)))
+    for _ in range(draw(st.integers(1, 6))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(("set", "set", "cut", "insert")))
+        if op == "set":
+            data[i] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[i:]
+        else:
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+    return bytes(data)
+
+
+def _images() -> list[bytes]:
+    rgb = Image.fromarray(noise(0, 16, 12))
+    return [encode(rgb, "PNG"), encode(rgb, "JPEG"), encode(rgb, "WEBP", lossless=True), encode(rgb, "TIFF"),
+            encode(rgb, "BMP"), encode(rgb.convert("P"), "GIF"), encode(rgb.convert("RGBA"), "PNG"),
+            encode(Image.fromarray(noise(1, 16, 12, 1).astype(np.uint16) * 257), "PNG")]
+
+
+IMAGES = _images()
+
+
+@FUZZ
+@given(mutated(IMAGES))
+def test_decoding_image_bytes_gives_rgb_or_an_image_read_error(data):
+    try:
+        img = decode_image(data, max_pixels=MAX_PIXELS)
+    except ImageReadError as exc:
+        assert exc.reason in ("zero_bytes", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable")
+        return
+    assert img.pixels.dtype == np.uint8 and img.pixels.ndim == 3 and img.pixels.shape[2] == 3
+    assert img.width * img.height <= MAX_PIXELS
+
+
+def read_file(tmp_path_factory, name: str, data: bytes, read, error: type[Exception]):
+    """``read(path)`` of a fresh file ``name`` holding ``data``, or None when it raises ``error``."""
+    path = tmp_path_factory.mktemp("fuzz") / name
+    path.write_bytes(data)
+    try:
+        return read(path)
+    except error:
+        return None
+
+
+@FUZZ
+@given(mutated(IMAGES))
+def test_reading_an_image_file_gives_rgb_or_an_image_read_error(tmp_path_factory, data):
+    img = read_file(tmp_path_factory, "x.jpg", data, lambda p: read_image(p, max_pixels=MAX_PIXELS), ImageReadError)
+    assert img is None or img.pixels.ndim == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards and their index
+
+
+def _shard_bytes() -> tuple[bytes, bytes]:
+    """A shard of two samples (PNG and npy crops, 2 crops x 2 levels) and its index."""
+    crops = np.stack([np.stack([noise(10 * c + lv, 8, 8) for lv in range(2)]) for c in range(2)])
+    samples = []
+    for k, encoding in enumerate(("png", "npy")):
+        members = encode_crops(crops, [1, 2], encoding)
+        samples.append({"__key__": f"img_{k:04d}", "json": sample_json({"source_id": "img"}, members), **members})
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = write_shard(Path(tmp) / "shard-000000.tar", samples)
+        shard = (Path(tmp) / "shard-000000.tar").read_bytes()
+    return shard, json.dumps({"shards": [entry], "total_samples": 2}).encode()
+
+
+SHARD, INDEX = _shard_bytes()
+
+
+@FUZZ
+@given(mutated([SHARD]))
+def test_the_loader_turns_any_shard_bytes_into_samples_or_error_markers(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("shard") / "shard-000000.tar"
+    path.write_bytes(data)
+    for raw in expand_shards(iter([{"url": str(path), "samples": 2}])):
+        out = decode_sample(raw)
+        assert ("crops" in out) != ("error" in out)
+        if "crops" in out:
+            assert out["crops"].dtype == np.uint8 and out["crops"].ndim == 5
+
+
+@FUZZ
+@given(mutated([INDEX, json.dumps({"shards": []}).encode()]))
+def test_reading_an_index_gives_a_checked_index_or_a_shard_error(tmp_path_factory, data):
+    def read(path: Path) -> tuple[Path, dict]:
+        (path.parent / "shard-000000.tar").write_bytes(SHARD)
+        return path.parent, read_index(path.parent)
+
+    if (got := read_file(tmp_path_factory, "index.json", data, read, ShardError)) is not None:
+        folder, index = got
+        assert all((folder / s["name"]).resolve().parent == folder.resolve() for s in index["shards"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and split files
+
+
+def _checkpoint_seeds() -> tuple[bytes, bytes]:
+    import torch
+    from safetensors.torch import save
+
+    weights = save({"clip.visual.w": torch.ones(2, 3), "prompt_features": torch.zeros(2, 4, dtype=torch.float16)})
+    config = json.dumps({"model": {"name": "qualiclip-tiny-rn", "pretrained": None, "logit_scale": 100.0},
+                         "open_clip_config": {"embed_dim": 64, "vision_cfg": {"width": 16, "layers": [1, 1, 1, 1]}}})
+    return weights, config.encode()
+
+
+WEIGHTS, CONFIG = _checkpoint_seeds()
+
+
+@FUZZ
+@given(mutated([WEIGHTS]))
+def test_a_safetensors_header_is_checked_or_refused(tmp_path_factory, data):
+    header = read_file(tmp_path_factory, "model.safetensors", data, read_safetensors_header, ModelLoadError)
+    for entry in header.tensors.values() if header else ():  # offsets a reader may trust: inside the file
+        assert header.data_start + entry["data_offsets"][1] <= len(data)
+
+
+@FUZZ
+@given(mutated([CONFIG]))
+def test_a_checkpoint_config_is_read_or_refused(tmp_path_factory, data):
+    got = read_file(tmp_path_factory, "config.json", data, lambda p: read_config(p.parent), ModelLoadError)
+    assert got is None or (isinstance(got[0].name, str) and (got[1] is None or isinstance(got[1], dict)))
+
+
+SPLIT = pickle.dumps({1: {"train": [0, 2], "val": [], "test": [1]}})
+
+
+@FUZZ
+@given(mutated([SPLIT, pickle.dumps({1: {"train": list(range(5))}}, protocol=0)]))
+def test_a_split_file_is_read_as_plain_data_or_refused(tmp_path_factory, data):
+    scheme = read_file(tmp_path_factory, "split.pkl", data, lambda p: read_split_file(p, 1), DatasetError)
+    assert scheme is None or all(isinstance(r, int) for rows in scheme.values() for r in rows)
+
+
+def test_seed_files_are_valid(tmp_path):
+    """The fuzzers start from valid files, so mutations reach deep into each reader."""
+    for data in IMAGES:
+        assert decode_image(data).pixels.shape == (12, 16, 3)
+    (tmp_path / "shard-000000.tar").write_bytes(SHARD)
+    (tmp_path / "index.json").write_bytes(INDEX)
+    assert read_index(tmp_path)["shards"][0]["samples"] == 2
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert len(tar.getnames()) == 2 * (1 + 4)
+    (tmp_path / "model.safetensors").write_bytes(WEIGHTS)
+    assert set(read_safetensors_header(tmp_path / "model.safetensors").tensors) == {"clip.visual.w", "prompt_features"}
+    (tmp_path / "config.json").write_bytes(CONFIG)
+    assert read_config(tmp_path)[0].name == "qualiclip-tiny-rn"
+    (tmp_path / "split.pkl").write_bytes(SPLIT)
+    assert read_split_file(tmp_path / "split.pkl", 1) == {"train": [0, 2], "val": [], "test": [1]}
