@@ -1,9 +1,4 @@
-"""Pictures for humans: score-vs-level scatter and per-distortion SRCC bars.
-
-The two plots that need the distortion registry import it when they draw: the train stage
-draws its loss curves with this module, and its DVC dependencies (the code it imports) must not
-include the distortions, or a refactor there would retrain a model on unchanged shards.
-"""
+"""Pictures for humans: score-vs-level scatter and per-distortion SRCC bars."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +8,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from .distortions import LEVELS, get_distortion
 from .metrics import correlations, logistic_fit
 
 
@@ -38,8 +34,6 @@ def pyplot():
 
 def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     """Predicted quality per distortion level, one colour per group, with the level means."""
-    from .distortions import LEVELS, get_distortion  # see the module docstring
-
     plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -61,8 +55,6 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     """Horizontal bars of SRCC (score vs -level) per distortion type, grouped by distortion group;
     the zero-shot baseline's SRCC as a black tick and the mean within-photo SRCC as a hollow
     circle on each bar when given."""
-    from .distortions import get_distortion  # see the module docstring
-
     plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(srcc, key=lambda n: (get_distortion(n).group, n))
