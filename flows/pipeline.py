@@ -119,7 +119,7 @@ def run_logged(cmd: list[str], cwd: str, log) -> tuple[int, list[tuple[int, str]
             tail = (tail + [(level, line)])[-40:]
         return proc.wait(), tail
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -135,12 +135,14 @@ def _next_line(lines: queue.Queue) -> str | None:
     return ""
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL it if
+    it lingers ``grace`` seconds; no-op when it has ended."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -121,7 +121,7 @@ def make_dvc_project(root: Path, params: dict, env: dict | None = None, *, decla
     shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     if declare_sources:
-        pipeline["stages"]["ingest"]["deps"] += [s for s in params["ingest"]["sources"] if s != "skimage"]
+        pipeline["stages"]["ingest"].setdefault("deps", []).extend(s for s in params["ingest"]["sources"] if s != "skimage")
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\n")

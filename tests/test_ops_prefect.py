@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from conftest import add_training_photo, make_dvc_project
+from flows.pipeline import stop_process_group
 from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,19 +85,6 @@ def start(cmd: list[str], log: Path, env: dict, cwd: Path = ROOT) -> subprocess.
     """Start ``cmd`` in its own session (its children die with it), output to ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group of ``proc`` (its PID), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def http(url: str, payload: dict | None = None, timeout: float = 60) -> dict:
@@ -226,7 +213,7 @@ def server(tmp_path_factory):
         wait_until(lambda: http(f"{api}/health") is True, "prefect server", proc, tmp / "server.log")
         yield {"tmp": tmp, "api": api, "env": env}
     finally:
-        stop(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +232,7 @@ def loop(server):
         loop["seconds"] = time.monotonic() - t0
         yield loop
     finally:
-        stop(serve)
+        stop_process_group(serve)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +256,7 @@ def mlflow_urls(loop):
         yield urls
     finally:
         for proc in procs:
-            stop(proc)
+            stop_process_group(proc)
 
 
 # ---------------------------------------------------------------------------------------------
