@@ -11,9 +11,11 @@ Output bytes depend only on the manifest, the config and the seed: each sample h
 random stream seeded by (seed, image id, variant), and each shard is written by one job.
 Shards appear atomically; an interrupted run resumes where it stopped and ends byte-identical.
 Each shard's index entry (size, sha256) is recorded beside it when it is written
-(``shard-NNNNNN.tar.json``); a rerun keeps a shard only if the file still matches its record and
-rewrites it otherwise. A run holds the output folder's lock (`degrade_lock`): a second run into
-the same folder fails at once instead of wiping the first one's shards.
+(``shard-NNNNNN.tar.json``); a resumed run keeps a shard only if the file still matches its
+record and rewrites it otherwise. A finished set (``index.json`` present) is never resumed: a run
+on it starts afresh, so a forced run (``dvc repro --force degrade``) or a code change regenerates
+every shard. A run holds the output folder's lock (`degrade_lock`): a second run into the same
+folder fails at once instead of wiping the first one's shards.
 """
 from __future__ import annotations
 
@@ -22,19 +24,19 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
-from annotated_types import Ge
 from tqdm import tqdm
 
-from .config import Seed, check_fields, config_fields
+from .config import config_fields
 from .errors import QualiclipError
 from .ingest import check_crop, images_dir, load_image, read_manifest
-from .sampling import SampleConfig, make_sample
+from .sampling import make_sample
+from .schema import DegradeConfig
 from .shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -55,23 +57,6 @@ _OWN_FILES = ("shard-*.tar", f"shard-*.tar{RECORD_SUFFIX}", "shard-*.tmp", INDEX
 
 class DegradeError(QualiclipError, RuntimeError):
     """The degrade stage cannot run; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class DegradeConfig:
-    """The ``degrade`` section of params.yaml (see docs/shards.md); how one sample is drawn sits
-    in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
-
-    seed: Seed = 0
-    variants: Annotated[int, Ge(1)] = 24  # samples per pristine image
-    samples_per_shard: Annotated[int, Ge(1)] = 32
-    workers: Annotated[int, Ge(1)] = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "webp"  # shards.ENCODINGS (a test keeps them equal)
-    split: Literal["train", "val"] = "train"  # which ingest split to degrade
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-    def __post_init__(self) -> None:
-        check_fields(self, "degrade")
 
 
 @dataclass(frozen=True)
@@ -119,7 +104,8 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
 
 
 def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path) -> DegradePlan:
-    """Plan the shards and prepare ``out_dir``: keep complete shards of the same plan, wipe the rest.
+    """Plan the shards and prepare ``out_dir``: keep the shards of an interrupted run of the same
+    plan, wipe anything else (another plan, or a finished set: see `_prepare_out_dir`).
 
     Raises `DegradeError` for an empty split or an ``out_dir`` holding files that are not shards
     (it is never wiped then), `ConfigError` for a crop larger than an image (unknown distortions
@@ -176,7 +162,10 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
 
 
 def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: Path, *, progress: bool = True) -> DegradeResult:
-    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes."""
+    """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` with ``cfg.workers`` processes.
+
+    ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes).
+    """
     with degrade_lock(out_dir):
         plan = plan_degrade(cfg, ingest_dir, out_dir)
         entries = _run_jobs(plan, progress)
@@ -221,35 +210,29 @@ def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
 
 
 def _prepare_out_dir(out_dir: Path, plan_hash: str, n_shards: int) -> None:
-    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files."""
+    """Resume an interrupted run of the same plan; wipe anything else; refuse a folder of other files.
+
+    Interrupted means: plan.json names this plan and index.json, written last, is absent. A
+    finished set is wiped although its plan matches, because the stage only runs on one when
+    something the plan does not see has changed: the code (a DVC dependency) or nothing at all
+    (``dvc repro --force``), and either way the user asked for new shards.
+    """
     plan_path = out_dir / PLAN_FILE
-    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash
+    finished = (out_dir / INDEX_FILE).is_file()
+    same = plan_path.is_file() and _read_json(plan_path).get("plan") == plan_hash and not finished
     if out_dir.exists() and not same:
         _check_only_shard_files(out_dir)
         for own in out_dir.iterdir():
             if own.name != LOCK_FILE:  # held by this run
                 own.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if same:
-        _records_from_index(out_dir, plan_hash)
-    for stale in [*out_dir.glob("*.tmp"), out_dir / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # the index reappears only when the set is complete
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink(missing_ok=True)  # an orphaned worker of a killed run may still remove its own
     for extra in [*out_dir.glob("shard-*.tar"), *out_dir.glob(f"shard-*.tar{RECORD_SUFFIX}")]:
         if not SHARD_NAME.fullmatch(extra.name.removesuffix(RECORD_SUFFIX)) or int(extra.name[6:12]) >= n_shards:
             extra.unlink()
     if not same:
         _write_atomic(plan_path, json.dumps({"plan": plan_hash}))
-
-
-def _records_from_index(out_dir: Path, plan_hash: str) -> None:
-    """Migration: shards written before records existed get theirs from a complete run's index."""
-    index = _read_json(out_dir / INDEX_FILE)
-    if index.get("plan") != plan_hash or not isinstance(index.get("shards"), list):
-        return
-    for entry in index["shards"]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and SHARD_NAME.fullmatch(name) and not _record_path(out_dir, name).exists():
-            _write_atomic(_record_path(out_dir, name), json.dumps(entry, sort_keys=True))
 
 
 def _record_path(out_dir: Path, name: str) -> Path:
@@ -302,7 +285,7 @@ def _write_atomic(path: Path, text: str, *, unique: bool = False) -> None:
 
 def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
     args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
-    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
+    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=None if progress else True)
     results = []
     if plan.cfg.workers <= 1 or len(args) <= 1:
         for a in args:

@@ -23,24 +23,22 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
-from annotated_types import Ge
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm import tqdm
 
-from .config import Seed, check_fields
 from .datasets import IQADataset, load_dataset
-from .device import DeviceName, resolve_device
-from .distortions import LEVELS, DistortionName, get_distortion, list_distortions, to_uint8
+from .device import resolve_device
+from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
 from .errors import QualiclipError
 from .ingest import MANIFEST_FILE, check_crop, images_dir, load_image, read_manifest
 from .metrics import correlations
-from .model import ModelConfig, QualiCLIP, create_clip, encode_prompts
+from .model import QualiCLIP, create_clip, encode_prompts
 from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
 from .prompts import BASELINE_PAIRS
 from .sampling import ensure_size
+from .schema import EvaluateConfig, ModelConfig
 from .scoring import inference_copy, score_arrays, score_paths
 
 RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
@@ -49,25 +47,6 @@ PER_TYPE_KEYS = ("per_distortion", "per_distortion_within")  # synthetic_metrics
 
 class EvaluateError(QualiclipError, ValueError):
     """An evaluation that cannot run as configured; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The ``evaluate`` section of params.yaml."""
-
-    seed: Seed = 0
-    split: Literal["train", "val"] = "val"
-    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked before any is read)
-    distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
-    batch_size: Annotated[int, Ge(1)] = 32
-    device: DeviceName = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # scoring.PRECISIONS; fp16 on GPU only (docs/evaluation.md)
-    baseline: bool = True  # also score the backbone before fine-tuning, zero-shot
-    # real IQA sets: {name: clive, root: /path, [label: ...], [on_missing: exclude], ...loader options}
-    datasets: tuple[dict, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_fields(self, "evaluate")
 
 
 @dataclass(frozen=True)
@@ -140,7 +119,7 @@ def _nan0(v: float) -> float:
 
 
 def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
-    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img") as bar:
+    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img", disable=None) as bar:
         return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                             progress=bar)
 
@@ -180,7 +159,7 @@ def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
 
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
-    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img") as bar:
+    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img", disable=None) as bar:
         results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]

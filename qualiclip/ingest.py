@@ -272,7 +272,7 @@ def _collect(cands: list[Candidate], cfg: IngestConfig, images_dir: Path, progre
     rejects: list[Rejection] = []
     first: dict[str, Candidate] = {}
     results = ordered_map(lambda c: process_file(c, cfg), cands, cfg.workers)
-    for res in tqdm(results, total=len(cands), desc="ingest", unit="img", disable=not progress):
+    for res in tqdm(results, total=len(cands), desc="ingest", unit="img", disable=None if progress else True):
         if isinstance(res, Rejection):
             rejects.append(res)
         elif res.id in first:
@@ -318,7 +318,8 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
 
     Raises `IngestError` for a missing source folder, an ``out_dir`` that overlaps a source or
     holds something other than a previous ingest output, and when no image is usable (the
-    reports are still written, so ``rejected.csv`` says why).
+    reports are still written, so ``rejected.csv`` says why). ``progress``: a progress bar on
+    stderr when it is a terminal (none in logs and pipes).
     """
     out_dir = Path(out_dir)
     cands, rejects = list_candidates(cfg)

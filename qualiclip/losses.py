@@ -5,27 +5,9 @@ degraded), prompt pair, side (0 = positive prompt, 1 = negative prompt).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
-
 import torch
-from annotated_types import Ge
 
-from .config import check_fields
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The loss margins and weights (params.yaml ``train:``, flat)."""
-
-    margin_rank: Annotated[float, Ge(0)] = 0.05
-    margin_cons: Annotated[float, Ge(0)] = 0.0
-    lambda_cons: Annotated[float, Ge(0)] = 1.0
-    lambda_pos: Annotated[float, Ge(0)] = 1.0
-    lambda_neg: Annotated[float, Ge(0)] = 1.0
-
-    def __post_init__(self) -> None:
-        check_fields(self, "train")
+from .schema import LossWeights as LossWeights  # declared with the params schema
 
 
 def _level_pairs(levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

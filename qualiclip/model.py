@@ -16,24 +16,22 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterator, Literal
+from typing import Iterator
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
-from annotated_types import Gt, MinLen
 import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import Seed, check_fields
 from .errors import QualiclipError
 from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
+from .schema import TINY_MODEL, ModelConfig as ModelConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
 # A score is a mean of softmax probabilities of the positive prompt (score_from_similarities):
@@ -50,25 +48,6 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSO
 
 class ModelLoadError(QualiclipError, RuntimeError):
     """Weights or architecture that cannot be loaded; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which backbone to build and how to score with it (``model:`` in params.yaml).
-
-    ``pretrained``: ``None`` (random init, seeded), an open_clip tag such as ``openai``
-    (the paper: ``name: RN50, pretrained: openai``), or a local ``.pt``/``.pth``/``.safetensors``
-    file holding an open_clip state dict or an official QualiCLIP checkpoint.
-    """
-
-    name: Annotated[str, MinLen(1)] = TINY_MODEL
-    pretrained: str | None = None
-    pos_embedding: Literal["drop", "interpolate"] = "drop"
-    logit_scale: Annotated[float, Gt(0)] = 100.0
-    seed: Seed = 0
-
-    def __post_init__(self) -> None:
-        check_fields(self, "model")
 
 
 def register_model_configs() -> None:

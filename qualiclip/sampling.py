@@ -2,33 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
 
 import cv2
 import numpy as np
-from annotated_types import Ge, Interval
 
-from .config import check_fields
-from .distortions import GROUPS, LEVELS, DistortionName, get_distortion, to_uint8
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How one training sample is drawn; every field lives in params.yaml ``degrade:``."""
-
-    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked by degrade)
-    min_overlap: Annotated[float, Interval(ge=0, le=1)] = 0.5
-    max_distortions: Annotated[int, Ge(1)] = 1
-    include_pristine: bool = False
-    distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
-
-    def __post_init__(self) -> None:
-        check_fields(self, "degrade")
-
-    @property
-    def max_shift(self) -> int:
-        """Largest per-axis offset of the second crop, ``crop·(1 − min_overlap)``."""
-        return int(self.crop * (1.0 - self.min_overlap))
+from .distortions import GROUPS, LEVELS, get_distortion, to_uint8
+from .schema import SampleConfig as SampleConfig  # declared with the params schema
 
 
 @dataclass

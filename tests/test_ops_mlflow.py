@@ -40,8 +40,10 @@ def _project_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "promotion: {}\n") -> str:
-    """Register a version of ``name`` and leave the files of its train + evaluate stages."""
+def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "promotion: {}\n",
+                       baseline: float | None = -0.5) -> str:
+    """Register a version of ``name`` and leave the files of its train + evaluate stages; its
+    evaluation scored the zero-shot baseline at ``baseline`` (None: evaluate.baseline was off)."""
     project, client = store
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -54,6 +56,8 @@ def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = Tr
         (ckpt.parent / VERSION_FILE).write_text(json.dumps({"name": name, "version": str(mv.version)}))
     (project / "outputs/eval").mkdir(parents=True, exist_ok=True)
     metrics = {"synthetic": {"srcc": srcc, "plcc": 0.5, "per_distortion": {"jpeg": 0.1}}, "n_synthetic": 10}
+    if baseline is not None:
+        metrics["baseline"] = {"synthetic": {"srcc": baseline, "plcc": baseline}}
     (project / "outputs/eval/metrics.json").write_text(json.dumps(metrics))
     (project / "params.yaml").write_text(f"tracking: {{registered_model: {name}}}\n{promotion}")
     return str(mv.version)
@@ -98,11 +102,42 @@ def test_rerun_of_the_champion_is_a_no_op(store):
 
 
 def test_lower_is_better_metric_and_min_improvement_from_params(store):
-    cfg = "promotion: {metric: synthetic.plcc, higher_is_better: false, min_improvement: 0.1}\n"
-    train_and_evaluate(store, "lower", 0.4, promotion=cfg)
+    cfg = "promotion: {metric: synthetic.plcc, higher_is_better: false, min_improvement: 0.1, min_value: 0.9}\n"
+    train_and_evaluate(store, "lower", 0.4, promotion=cfg, baseline=0.6)  # plcc 0.5 < baseline 0.6 < ceiling 0.9
     assert promote_project(store[0]).promoted
     assert is_better(0.3, 0.5, PromotionConfig(higher_is_better=False, min_improvement=0.1))
     assert not is_better(0.45, 0.5, PromotionConfig(higher_is_better=False, min_improvement=0.1))
+
+
+def test_first_version_worse_than_its_zero_shot_baseline_is_refused(store):
+    """The issue's first run: SRCC -0.048 against the untrained baseline's 0.030 became champion."""
+    v1 = train_and_evaluate(store, "gate", -0.048, baseline=0.030)
+    d = promote_project(store[0])
+    assert not d.promoted and champion(store, "gate") is None
+    assert d.outcome == "refused" and d.baseline_value == 0.030
+    assert "not better than the zero-shot baseline (synthetic.srcc 0.0300)" in d.reason
+    tags = store[1].get_model_version("gate", v1).tags
+    assert tags["promotion.outcome"] == "refused" and tags["promotion"] == d.reason
+    v2 = train_and_evaluate(store, "gate", 0.031, baseline=0.030)
+    assert promote_project(store[0]).promoted and champion(store, "gate") == v2
+
+
+def test_floor_is_a_gate_even_above_the_baseline_and_the_champion(store):
+    train_and_evaluate(store, "floor", -0.2, baseline=-0.4, promotion="promotion: {min_value: -0.1}\n")
+    d = promote_project(store[0])
+    assert not d.promoted and "beyond the floor promotion.min_value = -0.1" in d.reason
+    assert champion(store, "floor") is None
+    train_and_evaluate(store, "floor", -0.05, baseline=-0.4, promotion="promotion: {min_value: -0.1}\n")
+    assert promote_project(store[0]).promoted
+
+
+def test_without_a_baseline_nothing_is_promoted_and_the_reason_names_the_fix(store, caplog):
+    train_and_evaluate(store, "nobase", 0.9, baseline=None)
+    with caplog.at_level("WARNING", logger="qualiclip.pipeline.promotion"):
+        d = promote_project(store[0])
+    assert not d.promoted and d.outcome == "refused" and champion(store, "nobase") is None
+    assert "no zero-shot baseline to beat (baseline.synthetic.srcc) — set evaluate.baseline: true" in d.reason
+    assert d.reason in caplog.text
 
 
 def test_version_found_by_tags_without_the_version_file(store):

@@ -8,7 +8,8 @@
     lineage        what each stage consumes, as dataset references with digests
     tracking_mlflow, serving   the MLflow tracker and the pyfunc model it logs (import mlflow)
     pyfunc_model   the model code MLflow logs and runs to load the served model
-    promotion      move the registry's champion alias to a better model
+    promotion      the quality gate; move the registry's champion alias to a better model
+    report         the markdown report of a retraining run
     score_cli, explain_cli     ``qualiclip score`` / ``qualiclip explain``
 
 The library below never imports this package (an import-linter contract in pyproject.toml,

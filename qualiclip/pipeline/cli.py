@@ -1,9 +1,10 @@
 """The ``qualiclip`` command line: the pipeline stages (as DVC calls them) and user tools.
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
-function. The modules behind ``score``, ``explain``, ``promote``, ``export-official`` and
-``export-onnx`` are imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
-``ingest``, ``degrade`` and ``distortions`` do not need.
+function. The modules behind each command are imported when it runs: ``score``, ``explain``,
+``promote``, ``export-official`` and ``export-onnx`` pull in torch and open_clip (seconds), which
+``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
+the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
@@ -12,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-import skimage.data
-
 from .. import __version__
-from ..distortions import GROUPS, save_contact_sheet
 from ..errors import QualiclipError
 from ..imageio import DEFAULT_MAX_PIXELS
 from . import stages
@@ -56,6 +55,10 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_distortions(args: argparse.Namespace) -> None:
+    import skimage.data
+
+    from ..distortions import GROUPS, save_contact_sheet
+
     if args.list or not args.grid:
         for group, names in GROUPS.items():
             for name in names:
@@ -203,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # our bars switch off by themselves (tqdm disable=None); MLflow's do not
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args.fn(args)
     except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback

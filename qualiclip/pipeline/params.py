@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from annotated_types import Ge, MinLen
+from annotated_types import Ge, Gt, MinLen
 
 from ..config import build_sections, check_fields, load_params
+from ..ingest import IngestConfig
+from ..schema import DegradeConfig, EvaluateConfig, ModelConfig, TrainConfig
 from .tracking import TrackingConfig
 
 
@@ -36,6 +38,7 @@ class ScheduleConfig:
     timezone: Annotated[str, MinLen(1)] = "UTC"
     deployment: Annotated[str, MinLen(1)] = "scheduled-retraining"
     lock_timeout: Annotated[float, Ge(0)] = 3600.0  # seconds a second trigger waits for the workspace
+    timeout: Annotated[float, Gt(0)] = 43200.0      # seconds all stages of one run may take together
 
     def __post_init__(self) -> None:
         check_fields(self, "schedule")
@@ -48,6 +51,7 @@ class PromotionConfig:
     metric: Annotated[str, MinLen(1)] = "synthetic.srcc"  # dotted key into outputs/eval/metrics.json
     higher_is_better: bool = True
     min_improvement: float = 0.0    # the new value must beat the champion's by more than this
+    min_value: float | None = 0.0   # the floor (a ceiling when lower is better); None: none
     alias: Annotated[str, MinLen(1)] = "champion"
 
     def __post_init__(self) -> None:
@@ -55,17 +59,7 @@ class PromotionConfig:
 
 
 def sections() -> dict[str, type]:
-    """Every section a params file may hold, and the config it builds.
-
-    The stage configs are imported when a command runs, not with this module: train, evaluate
-    and model import torch, which ``qualiclip --help`` must not wait for.
-    """
-    from ..degrade import DegradeConfig
-    from ..evaluate import EvaluateConfig
-    from ..ingest import IngestConfig
-    from ..model import ModelConfig
-    from ..train import TrainConfig
-
+    """Every section a params file may hold, and the config it builds."""
     return {"model": ModelConfig, "tracking": TrackingConfig, "ingest": IngestConfig, "degrade": DegradeConfig,
             "train": TrainConfig, "evaluate": EvaluateConfig, "schedule": ScheduleConfig, "promotion": PromotionConfig}
 

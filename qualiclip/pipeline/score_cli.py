@@ -148,7 +148,7 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
     if not paths and not unlisted:
         raise ScoringError(f"no images found in {inputs} (extensions {', '.join(extensions)})")
     scorer, model = open_scorer(opts)
-    with tqdm(total=len(paths), desc="score", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(paths), desc="score", unit="img", disable=None if progress else True) as bar:
         results = score_paths(paths, scorer, batch_size=batch_size, device=opts.device, precision=opts.precision,
                               max_pixels=max_pixels, progress=bar, max_memory=opts.max_memory,
                               max_pixels_option="--max-pixels")

@@ -6,9 +6,11 @@ on its params or inputs is a failed run too), then reads params.yaml whole
 (`params.read_params`: every section checked, the sections it reads required, before any
 work), records the datasets it consumes
 (`qualiclip.pipeline.lineage`), runs the library stage, and logs params, metrics and pictures.
-The train and evaluate stages import the torch-based library modules when they run: ingest and
-degrade (and their spawned shard workers) do not need torch and open_clip, which take seconds
-to import.
+Each stage imports the library modules it runs inside its own function, for two reasons: a
+stage process then loads exactly the code that dvc.yaml lists as that stage's dependencies
+(tests/test_pipeline_dvc.py compares the two), so a changed distortion reruns degrade but not
+ingest; and ingest and degrade (and their spawned shard workers) do not pay seconds for torch
+and open_clip.
 """
 from __future__ import annotations
 
@@ -18,13 +20,9 @@ import tempfile
 from pathlib import Path
 
 from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import run_degrade
-from ..distortions import save_contact_sheet
-from ..ingest import images_dir, load_image, read_manifest, run_ingest
-from ..plots import plot_loss_curves
 from ..tracking import DatasetRef, Tracker
-from .lineage import iqa_input, manifest_input, shard_input
 from .params import read_params
+from .paths import check_sources_are_deps
 from .tracking import TrackingConfig, get_tracker, read_version_file, write_version_file
 
 
@@ -36,9 +34,13 @@ def _tracker(params_file: str) -> tuple[Tracker, TrackingConfig]:
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
+    from ..ingest import SKIMAGE_SOURCE, run_ingest  # see the module docstring
+
     tracker, _ = _tracker(params_file)
     with tracker.run("ingest"):
         cfg = read_params(params_file, "ingest", "tracking")["ingest"]
+        if os.environ.get("DVC_STAGE"):  # under dvc repro, which sets it: DVC must see the photos change
+            check_sources_are_deps([s for s in cfg.sources if s != SKIMAGE_SOURCE], _dvc_stage_name())
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
@@ -49,7 +51,15 @@ def stage_ingest(params_file: str, out: str) -> dict:
     return summary
 
 
+def _dvc_stage_name() -> str:
+    """The running stage's name in dvc.yaml (DVC_STAGE is ``name`` or ``path/dvc.yaml:name``)."""
+    return os.environ["DVC_STAGE"].rsplit(":", 1)[-1]
+
+
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
+    from ..degrade import run_degrade  # see the module docstring
+    from .lineage import manifest_input
+
     tracker, _ = _tracker(params_file)
     with tracker.run("degrade"):
         cfg = read_params(params_file, "degrade", "tracking")["degrade"]
@@ -66,6 +76,9 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
 
 def _contact_sheet_for(ingest_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
+    from ..distortions import save_contact_sheet
+    from ..ingest import images_dir, load_image, read_manifest
+
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
     save_contact_sheet(load_image(images_dir(ingest_dir), first), out)
@@ -73,8 +86,10 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..evaluate import check_datasets  # torch: see the module docstring
+    from ..evaluate import check_datasets  # see the module docstring
+    from ..plots import plot_loss_curves
     from ..train import run_train
+    from .lineage import shard_input
 
     tracker, tcfg = _tracker(params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
@@ -111,8 +126,9 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
-    from ..checkpoint import load_checkpoint, read_metadata  # torch: see the module docstring
+    from ..checkpoint import load_checkpoint, read_metadata  # see the module docstring
     from ..evaluate import check_datasets, run_evaluate
+    from .lineage import iqa_input, manifest_input
 
     tracker, _ = _tracker(params_file)
     with tracker.run("evaluate"):

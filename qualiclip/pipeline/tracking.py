@@ -16,7 +16,7 @@ from annotated_types import MinLen
 from ..config import check_fields
 from ..errors import QualiclipError
 from ..tracking import Tracker
-from .execution import PIPELINE_ENV, current_execution  # noqa: F401 - PIPELINE_ENV: the flows set it
+from .execution import current_execution
 
 VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id", "model_id"}
 
