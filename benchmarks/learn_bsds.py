@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from qualiclip.config import build_config, params_hash
-from qualiclip.degrade import DegradeConfig
-from qualiclip.evaluate import EvaluateConfig, check_datasets
-from qualiclip.ingest import IngestConfig
+from qualiclip.config import params_hash
+from qualiclip.errors import QualiclipError
+from qualiclip.evaluate import check_datasets
+from qualiclip.pipeline.params import read_params
 from qualiclip.pipeline import stages
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -62,13 +62,11 @@ def cpu_seconds() -> float:
                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def data_dirs(work: Path, train_params: dict, eval_params: dict) -> tuple[Path, Path, Path]:
+def data_dirs(work: Path, train_cfgs: dict, eval_cfgs: dict) -> tuple[Path, Path, Path]:
     """BSDS500 ingest, Kodak ingest and shard folders, each named by the hash of the settings that
     make it, so runs of other training settings share them. An ingest is reused once finished
     (its summary.json is written last, atomically); degrade resumes a folder of its own plan."""
-    bsds = build_config(IngestConfig, train_params["ingest"], where="ingest")
-    kodak = build_config(IngestConfig, eval_params["ingest"], where="ingest")
-    degrade = build_config(DegradeConfig, train_params["degrade"], where="degrade")
+    bsds, kodak, degrade = train_cfgs["ingest"], eval_cfgs["ingest"], train_cfgs["degrade"]
     return (work / f"ingest-{params_hash(bsds)}", work / f"ingest-{params_hash(kodak)}",
             work / f"shards-{params_hash(bsds, degrade)}")
 
@@ -112,8 +110,11 @@ def main() -> None:
         eval_p.write_text(yaml.safe_dump(eval_params))
     else:
         train_params, eval_params = yaml.safe_load(train_p.read_text()), yaml.safe_load(eval_p.read_text())
-    bsds, kodak, shards = data_dirs(work, train_params, eval_params)
-    check_datasets(build_config(EvaluateConfig, eval_params["evaluate"], where="evaluate"))  # before hours of work
+    # both params files checked whole, as each stage will, and the datasets, before hours of work
+    train_cfgs = read_params(train_p, "ingest", "degrade", "train", "model", "evaluate", "tracking")
+    eval_cfgs = read_params(eval_p, "ingest", "evaluate", "tracking")
+    bsds, kodak, shards = data_dirs(work, train_cfgs, eval_cfgs)
+    check_datasets(eval_cfgs["evaluate"])
     data_steps = [  # (label, folder whose summary.json means done, stage)
         ("ingest bsds500", bsds, lambda: stages.stage_ingest(str(train_p), str(bsds))),
         ("ingest kodak", kodak, lambda: stages.stage_ingest(str(eval_p), str(kodak))),
@@ -158,4 +159,7 @@ def table(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QualiclipError as exc:  # a bad --set value or params file: one line, as the CLI prints it
+        raise SystemExit(f"learn_bsds: error: {exc}") from None

@@ -26,7 +26,6 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-from qualiclip.config import build_config, load_params
 from qualiclip.degrade import (
     DegradeConfig,
     DegradePlan,
@@ -38,6 +37,7 @@ from qualiclip.degrade import (
     plan_degrade,
     write_one_shard,
 )
+from qualiclip.pipeline.params import read_params
 from qualiclip.pipeline.paths import stage_paths
 
 # cache_policy=NONE: the library resumes from the shards on disk; hashing a plan of millions of
@@ -67,7 +67,7 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
     ``ingest`` and ``out`` default to the degrade stage's paths in dvc.yaml.
     """
-    cfg = build_config(DegradeConfig, load_params(params_file).get("degrade"), where="degrade")
+    cfg = read_params(params_file, "degrade")["degrade"]  # the whole file checked before any task
     paths = stage_paths()
     ingest, out = ingest or paths.ingest, out or paths.shards
     with degrade_lock(out):  # one run per output folder (or bucket prefix), held here while the tasks run anywhere

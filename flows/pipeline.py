@@ -1,25 +1,49 @@
-"""The whole pipeline as a Prefect flow: ``dvc repro``, so dvc.yaml stays the one DAG.
+"""The DVC pipeline as a Prefect flow: one task per stage, in ``dvc dag`` order; DVC decides.
 
-Stages whose inputs did not change are skipped by DVC. The flow-run id becomes the pipeline id
-that groups the stage runs in MLflow.
+    order     `dvc dag --dot`                         (dvc.yaml stays the one definition of the DAG)
+    each      `dvc status <stage>` ── nothing changed ─▶ task state Skipped (type COMPLETED)
+                        └─ stale, or force ─▶ `dvc repro --single-item <stage>`
+
+So the Prefect UI shows each stage's state, duration and log. A stage's output lines reach the
+task's log at their own level (ERROR, WARNING, else INFO) without colour codes; its progress
+bars are off, since its output is a pipe, not a terminal. A failing stage fails its task with
+the stage's own exit code and last error lines (`StageFailed`), and no later stage runs. The
+flow-run id becomes the pipeline id that groups the stage runs in MLflow.
 """
 from __future__ import annotations
 
+import contextlib
+import graphlib
 import json
+import logging
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from qualiclip.pipeline.paths import stage_paths
-from qualiclip.pipeline.tracking import PIPELINE_ENV
+from qualiclip.pipeline.execution import PIPELINE_ENV
+
+SKIPPED = "Skipped"  # the name of a stage task's state when DVC found nothing to do
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+ERROR_LINE = re.compile(r"^(ERROR|CRITICAL)\b|^[\w.-]+(?: [\w-]+)?: error:|^Traceback \(most recent call last\)"
+                        r"|^[\w.]*(Error|Exception)\b")
+WARNING_LINE = re.compile(r"^WARNING\b|^\S+:\d+: \w*Warning: ")
+EXIT_CODE = re.compile(r"exited with (-?\d+)")  # DVC's words for the stage command's exit status
 
 
 class StageFailed(RuntimeError):
-    """``dvc repro`` failed; the message carries the failing stage's last output lines."""
+    """A stage's command failed; the message carries its exit code and last error lines."""
 
 
 def _dvc() -> str:
@@ -27,26 +51,148 @@ def _dvc() -> str:
     return str(exe) if exe.exists() else "dvc"
 
 
-@task(name="dvc-repro")
-def dvc_repro(project_dir: str, targets: list[str] | None = None, force: bool = False) -> None:
-    """Run ``dvc repro`` in ``project_dir``, streaming its output into the Prefect logs."""
-    log = get_run_logger()
-    env = {**os.environ, PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")), "PYTHONUNBUFFERED": "1"}
+def _env() -> dict[str, str]:
+    """The stages' environment: the pipeline id for MLflow, this interpreter's bin first on PATH."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, ""))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [_dvc(), "repro", *(["--force"] if force else []), *(targets or [])]
-    log.info("running %s in %s", " ".join(cmd), project_dir)
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "\r" not in line:
-            log.info(line)
-        tail = (tail + [line])[-40:]
-    if proc.wait() != 0:
-        raise StageFailed(f"dvc repro failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return env
 
 
-@task(name="read-metrics")
+def dvc_query(project_dir: str, *args: str) -> str:
+    """The stdout of a read-only dvc command (``dag``, ``status``); `StageFailed` if it fails."""
+    proc = subprocess.run([_dvc(), *args], cwd=project_dir, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"dvc {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def stage_order(project_dir: str) -> list[str]:
+    """The project's stages, upstream first, as ``dvc dag`` draws them."""
+    dot = dvc_query(project_dir, "dag", "--dot")
+    needs: dict[str, set[str]] = {name: set() for name in re.findall(r'^"([^"]+)";$', dot, re.M)}
+    for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
+        needs[downstream].add(upstream)
+    return list(graphlib.TopologicalSorter(needs).static_order())
+
+
+def stage_changes(project_dir: str, stage: str) -> list:
+    """What ``dvc status`` finds changed for ``stage`` alone ([] when it is up to date)."""
+    status = json.loads(dvc_query(project_dir, "status", "--json", stage) or "{}")
+    return [change for changes in status.values() for change in changes]
+
+
+def line_level(line: str, previous: int) -> int:
+    """The log level of one output line; indented lines (traceback frames, a warning's source
+    line) continue the line before them."""
+    if line[:1].isspace():
+        return previous
+    if ERROR_LINE.search(line):
+        return logging.ERROR
+    return logging.WARNING if WARNING_LINE.search(line) else logging.INFO
+
+
+def clean(raw: str) -> str:
+    """One output line without colour codes or a progress bar's redrawn prefix."""
+    return ANSI.sub("", raw.rstrip("\n").rsplit("\r", 1)[-1]).rstrip()
+
+
+def run_logged(cmd: list[str], cwd: str, log) -> tuple[int, list[tuple[int, str]]]:
+    """Run ``cmd``, each output line to ``log`` at its level; (exit code, the last 40 lines).
+
+    Lines are read on a helper thread, so a timeout or cancellation raised in this thread takes
+    effect at once even while the command is silent; the command's process group is then
+    stopped, never left running behind the flow.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="backslashreplace", start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    tail: list[tuple[int, str]] = []
+    level = logging.INFO
+    try:
+        while (raw := _next_line(lines)) is not None:
+            if raw == "" or not (line := clean(raw)):
+                continue
+            level = line_level(line, level)
+            log.log(level, "%s", line)
+            tail = (tail + [(level, line)])[-40:]
+        return proc.wait(), tail
+    finally:
+        stop_process_group(proc)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)  # the end
+
+
+def _next_line(lines: queue.Queue) -> str | None:
+    """The next output line, None at its end, "" after a second of silence (to stay interruptible)."""
+    with contextlib.suppress(queue.Empty):
+        return lines.get(timeout=1.0)
+    return ""
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL it if
+    it lingers ``grace`` seconds; no-op when it has ended."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def failure_message(stage: str, dvc_code: int, tail: list[tuple[int, str]]) -> str:
+    """The stage's own exit code (DVC itself exits 255) and its last error lines (or last lines)."""
+    codes = [int(m.group(1)) for _, line in tail if (m := EXIT_CODE.search(line))]
+    errors = [line for level, line in tail if level >= logging.ERROR][-10:] or [line for _, line in tail][-10:]
+    code = f"exit code {codes[-1]}" if codes else f"dvc exit code {dvc_code}"
+    return f"stage '{stage}' failed with {code}:\n" + "\n".join(errors)
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE)
+def dvc_stage(project_dir: str, stage: str, force: bool = False):
+    """Reproduce one stage if DVC finds it stale (always when ``force``); Skipped otherwise."""
+    log = get_run_logger()
+    if not force:
+        changes = stage_changes(project_dir, stage)
+        if not changes:
+            return Completed(name=SKIPPED, message=f"{stage}: dependencies, params and outputs unchanged",
+                             data={"stage": stage, "ran": False})
+        log.info("%s is stale: %s", stage, json.dumps(changes))
+    cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
+    log.info("running %s in %s", " ".join(cmd[1:]), project_dir)
+    code, tail = run_logged(cmd, project_dir, log)
+    if code != 0:
+        raise StageFailed(failure_message(stage, code, tail))
+    return {"stage": stage, "ran": True}
+
+
+def reproduce(project_dir: str, force: bool = False, timeout: float | None = None) -> dict[str, str]:
+    """Run every stage as a `dvc_stage` task, upstream first; ``{stage: state name}``.
+
+    ``timeout``: seconds for all stages together; the stage running when it ends is stopped and
+    its task ends TimedOut. The first stage that does not complete raises its error here.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    states: dict[str, str] = {}
+    for stage in stage_order(project_dir):
+        left = None if deadline is None else max(1.0, deadline - time.monotonic())
+        state = dvc_stage.with_options(timeout_seconds=left)(project_dir, stage, force, return_state=True)
+        states[stage] = state.name
+        if not state.is_completed():
+            state.result()  # raises the stage's StageFailed, or the TimeoutError of a timed-out stage
+    return states
+
+
+@task(name="read-metrics", task_run_name="read-metrics", cache_policy=NONE)
 def read_metrics(project_dir: str) -> dict:
     """The evaluate stage's metrics (the file dvc.yaml names), or {} when there are none yet."""
     path = Path(project_dir) / stage_paths(project_dir).metrics
@@ -66,8 +212,7 @@ def _network_error(task, task_run, state) -> bool:
 def dvc_push(project_dir: str) -> None:
     """Upload every output ``dvc.lock`` records to the default DVC remote (``dvc remote add -d``), so
     another clone gets them with ``dvc pull`` instead of recomputing them."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([_dvc(), "push"], cwd=project_dir, env=env, capture_output=True, text=True)
+    proc = subprocess.run([_dvc(), "push"], cwd=project_dir, env=_env(), capture_output=True, text=True)
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         raise PushFailed(f"dvc push failed (exit {proc.returncode}) in {project_dir}:\n{output[-3000:]}")
@@ -75,9 +220,9 @@ def dvc_push(project_dir: str) -> None:
 
 
 @flow(name="qualiclip-pipeline", log_prints=True)
-def pipeline_flow(project_dir: str = ".", targets: list[str] | None = None, force: bool = False) -> dict:
-    """Reproduce the DVC pipeline and return the evaluation metrics."""
-    dvc_repro(project_dir, targets, force)
+def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
+    """Reproduce the DVC pipeline, one task per stage, and return the evaluation metrics."""
+    reproduce(project_dir, force)
     return read_metrics(project_dir)
 
 

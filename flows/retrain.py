@@ -1,50 +1,48 @@
-"""Scheduled retraining: ``dvc repro`` (unchanged stages skipped) → champion promotion → ``dvc push``
-(when ``schedule.push`` is true).
+"""Scheduled retraining: one task per DVC stage (unchanged ones Skipped) → champion promotion →
+a markdown report (a Prefect artifact) → ``dvc push`` (when ``schedule.push`` is true).
 
 One command creates the deployment ``qualiclip-retrain/scheduled-retraining`` with the cron
 schedule of ``params.yaml`` (``schedule.cron``) and runs it on demand too::
 
     python -m flows.retrain serve  --project .          # serve it from this process (embedded default)
     python -m flows.retrain deploy --project . --pool qualiclip   # or: a work pool + `prefect worker start`
+    python -m flows.retrain alert --webhook-url URL     # a notification on every failed run (an automation)
     prefect deployment run 'qualiclip-retrain/scheduled-retraining' --watch
 
 A workspace lock (``<project>/.qualiclip.lock``) serialises runs: a second trigger waits up to
-``schedule.lock_timeout`` seconds, then fails with a message naming the lock.
+``schedule.lock_timeout`` seconds, then fails with a message naming the lock. The stages of one
+run may take ``schedule.timeout`` seconds together; the stage then running is stopped.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
-from flows.pipeline import dvc_push, pipeline_flow
-from qualiclip.config import build_config, load_params
-from qualiclip.pipeline.promotion import PromotionError, promote_project
+from flows.pipeline import dvc_push, read_metrics, reproduce
+from qualiclip.pipeline.params import ScheduleConfig, read_params
+from qualiclip.pipeline.promotion import Decision, PromotionError, promote_project
+from qualiclip.pipeline.report import run_report
 
 FLOW_NAME = "qualiclip-retrain"
 LOCK_FILE = ".qualiclip.lock"
+REPORT_KEY = "qualiclip-retrain-report"  # the artifact key: its versions are the runs' reports
+ALERT_BLOCK = "qualiclip-retrain-alerts"  # the notification block `alert` saves
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `flows.retrain` imports from
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The ``schedule`` section of params.yaml."""
-
-    cron: str = "0 3 * * *"                 # every day at 03:00
-    timezone: str = "UTC"
-    deployment: str = "scheduled-retraining"
-    lock_timeout: float = 3600.0            # seconds a second trigger waits for the workspace
-    push: bool = False                      # dvc push the outputs to the default remote after a run
 
 
 class WorkspaceBusy(RuntimeError):
@@ -52,8 +50,7 @@ class WorkspaceBusy(RuntimeError):
 
 
 def schedule_config(project_dir: str | Path, params_file: str = "params.yaml") -> ScheduleConfig:
-    params = load_params(Path(project_dir) / params_file)
-    return build_config(ScheduleConfig, params.get("schedule"), where="schedule")
+    return read_params(Path(project_dir) / params_file, "schedule")["schedule"]
 
 
 @contextlib.contextmanager
@@ -78,21 +75,31 @@ def _transient(task, task_run, state) -> bool:
     return not isinstance(exc, (PromotionError, ValueError, FileNotFoundError))
 
 
-@task(name="promote", retries=2, retry_delay_seconds=15, retry_condition_fn=_transient)
-def promote(project_dir: str, params_file: str) -> dict:
-    """Tag the new version with its evaluation; move the champion alias only if it is better."""
+@task(name="promote", task_run_name="promote", retries=2, retry_delay_seconds=15, retry_condition_fn=_transient,
+      cache_policy=NONE)
+def promote(project_dir: str, params_file: str) -> Decision:
+    """Tag the new version with its evaluation; move the champion alias only if it passes the gate
+    and beats the champion (`qualiclip.pipeline.promotion`)."""
     decision = promote_project(project_dir, params_file)
-    get_run_logger().info(decision.reason)
-    return decision.as_dict()
+    get_run_logger().log(logging.WARNING if decision.outcome == "refused" else logging.INFO, decision.reason)
+    return decision
+
+
+@task(name="report", task_run_name="report", cache_policy=NONE)
+def report(decision: Decision, metrics: dict, stages: dict[str, str]) -> str:
+    """Publish the run's report as a markdown artifact; returns the markdown."""
+    markdown = run_report(decision, metrics, stages)
+    create_markdown_artifact(markdown, key=REPORT_KEY, description=f"{FLOW_NAME}: {decision.reason}")
+    return markdown
 
 
 @flow(name=FLOW_NAME, log_prints=True)
 def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
-    """Reproduce the pipeline under the workspace lock, promote, and with ``schedule.push`` push the
-    outputs to the default DVC remote; returns the metrics and the promotion decision.
+    """Reproduce the pipeline under the workspace lock, promote, report, and with ``schedule.push``
+    push the outputs to the default DVC remote; returns the stage states, the metrics and the decision.
 
-    A failing stage raises `StageFailed` (its output tail in the message), failing this run.
-    ``dvc repro`` is not retried: a stage failure is deterministic until someone fixes it.
+    A failing stage fails its task with its exit code and last error lines (`StageFailed`), and
+    this run. Stages are not retried: a stage failure is deterministic until someone fixes it.
     """
     project_dir = str(Path(project_dir).resolve())
     cfg = schedule_config(project_dir, params_file)
@@ -100,11 +107,13 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
     log.info("waiting up to %.0f s for the workspace lock", cfg.lock_timeout)
     with workspace_lock(project_dir, cfg.lock_timeout) as lock:
         log.info("holding %s", lock)
-        metrics = pipeline_flow(project_dir, force=force)
+        stages = reproduce(project_dir, force, timeout=cfg.timeout)
+        metrics = read_metrics(project_dir)
         decision = promote(project_dir, params_file)
+        report(decision, metrics, stages)
         if cfg.push:  # other machines `dvc pull` this run's outputs (docs/scale.md)
             dvc_push(project_dir)
-    return {"metrics": metrics, "promotion": decision}
+    return {"stages": stages, "metrics": metrics, "promotion": decision.as_dict()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +159,59 @@ def _ensure_pool(pool: str) -> None:
             print(f"created process work pool '{pool}' — start a worker: prefect worker start --pool {pool}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Failure notification: `python -m flows.retrain alert --webhook-url URL`
+
+
+def failure_automation(block_document_id: str) -> Automation:
+    """An automation that sends a notification through the block each time a run of this flow
+    fails, crashes or times out (docs/operations.md shows the same as YAML)."""
+    return Automation(
+        name=f"{FLOW_NAME} failed",
+        description="Notify when a scheduled or manual retraining run does not complete",
+        trigger=EventTrigger(
+            posture=Posture.Reactive, threshold=1, within=0,
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
+        ),
+        actions=[SendNotification(
+            block_document_id=block_document_id,
+            subject=f"{FLOW_NAME} run {{{{ flow_run.name }}}} {{{{ flow_run.state.name }}}}",
+            body="Flow run {{ flow_run.name }} ({{ flow_run.id }}) of " + FLOW_NAME
+                 + " ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+        )],
+    )
+
+
+def create_failure_alert(webhook_url: str) -> Automation:
+    """Save a webhook notification block (JSON ``{"text": subject + body}``, the Slack/Teams/
+    Mattermost incoming-webhook shape) and the automation that uses it; replaces earlier ones."""
+    block = CustomWebhookNotificationBlock(name=ALERT_BLOCK, url=webhook_url,
+                                           json_data={"text": "{{subject}}\n{{body}}"})
+    block_id = block.save(ALERT_BLOCK, overwrite=True)
+    automation = failure_automation(str(block_id))
+    with contextlib.suppress(ValueError):  # none yet
+        Automation.read(name=automation.name).delete()
+    automation.create()
+    return automation
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["serve", "deploy", "run"])
+    p.add_argument("command", choices=["serve", "deploy", "run", "alert"])
     p.add_argument("--project", default=".", help="the DVC project to retrain (default: .)")
     p.add_argument("--params", default="params.yaml", help="params file inside the project")
     p.add_argument("--pool", default="qualiclip", help="work pool for deploy (default: qualiclip)")
     p.add_argument("--force", action="store_true", help="run: rerun every stage (dvc repro --force)")
+    p.add_argument("--webhook-url", help="alert: where failed runs are announced (JSON {\"text\": ...})")
     args = p.parse_args(argv)
-    if args.command == "serve":
+    if args.command == "alert":
+        if not args.webhook_url:
+            p.error("alert needs --webhook-url URL")
+        print(f"created automation '{create_failure_alert(args.webhook_url).name}' → {args.webhook_url}")
+    elif args.command == "serve":
         serve(args.project, args.params)
     elif args.command == "deploy":
         deploy(args.project, args.pool, args.params)

@@ -35,7 +35,7 @@ from .config import ConfigError, build_config
 from .files import FileReadError, read_regular
 from .model import (
     SAFETENSORS_DTYPES, ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, load_safetensors,
-    read_safetensors_header, register_model_configs,
+    read_safetensors_header, register_model_configs, weights_loaded_next,
 )
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
@@ -111,7 +111,8 @@ def _load_folder(path: Path) -> QualiCLIP:
         raise ModelLoadError(f"{path} is not a qualiclip checkpoint (needs {CONFIG} and {WEIGHTS})")
     cfg, arch = read_config(path)
     _ensure_architecture(cfg.name, arch, path / CONFIG)
-    clip = open_clip.create_model(cfg.name, pretrained=None)
+    with weights_loaded_next():
+        clip = open_clip.create_model(cfg.name, pretrained=None)
     state = load_safetensors(path / WEIGHTS)
     if "prompt_features" not in state:
         raise ModelLoadError(f"{path / WEIGHTS} holds no prompt_features — it is not a qualiclip checkpoint; "
@@ -137,9 +138,9 @@ def read_config(path: Path) -> tuple[ModelConfig, dict | None]:
                              "re-run the train stage")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where=f"{file} model")
+        cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where="model")
     except ConfigError as exc:
-        raise ModelLoadError(f"{exc} — the checkpoint is damaged; re-run the train stage") from None
+        raise ModelLoadError(f"{file}: {exc} — the checkpoint is damaged; re-run the train stage") from None
     arch = config.get("open_clip_config")
     if arch is not None and not isinstance(arch, dict):
         raise ModelLoadError(f"{file}: open_clip_config must be a mapping, got {type(arch).__name__}")
@@ -230,7 +231,7 @@ def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, Model
     cfg = read_config(path)[0]
     if cfg.name not in open_clip.list_models():
         return None
-    with torch.device("meta"):  # shapes only: no memory for either tower
+    with torch.device("meta"), weights_loaded_next():  # shapes only: no memory for either tower
         visual = open_clip.create_model(cfg.name, pretrained=None, device="meta").visual
     state, prompts = _read_image_tower(path / WEIGHTS)
     check_state_dict(visual, state, source=str(path), name=cfg.name)

@@ -11,10 +11,12 @@ Output bytes depend only on the manifest, the config and the seed: each sample h
 random stream seeded by (seed, image id, variant), and each shard is written by one job.
 Shards appear atomically; an interrupted run resumes where it stopped and ends byte-identical.
 Each shard's index entry (size, sha256) is recorded beside it when it is written
-(``shard-NNNNNN.tar.json``); a rerun keeps a shard only if the file still matches its record and
-rewrites it otherwise. A run holds the output folder's lock (`degrade_lock`): a second run into
-the same folder fails at once instead of wiping the first one's shards. The output folder may be
-a bucket prefix (``s3://bucket/prefix``): every file operation goes through `store.Store`.
+(``shard-NNNNNN.tar.json``); a resumed run keeps a shard only if the file still matches its
+record and rewrites it otherwise. A finished set (``index.json`` present) is never resumed: a run
+on it starts afresh, so a forced run (``dvc repro --force degrade``) or a code change regenerates
+every shard. A run holds the output folder's lock (`degrade_lock`): a second run into the same
+folder fails at once instead of wiping the first one's shards. The output folder may be a bucket
+prefix (``s3://bucket/prefix``): every file operation goes through `store.Store`.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -34,10 +36,10 @@ from tqdm import tqdm
 
 from .config import config_fields
 from .errors import QualiclipError
-from .ingest import images_dir, load_image, read_manifest
-from .sampling import SampleConfig, make_sample, validate_distortion_names
+from .ingest import check_crop, images_dir, load_image, read_manifest
+from .sampling import make_sample
+from .schema import DegradeConfig
 from .shards import (
-    ENCODINGS,
     FORMAT_VERSION,
     INDEX_FILE,
     SHARD_NAME,
@@ -60,30 +62,6 @@ _OWN_FILES = ("shard-*.tar", f"shard-*.tar{RECORD_SUFFIX}", "shard-*.tmp", INDEX
 
 class DegradeError(QualiclipError, RuntimeError):
     """The degrade stage cannot run; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class DegradeConfig:
-    """The ``degrade`` section of params.yaml (see docs/shards.md); how one sample is drawn sits
-    in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
-
-    seed: int = 0
-    variants: int = 24  # samples per pristine image
-    samples_per_shard: int = 32
-    workers: int = 2  # processes; the output bytes do not depend on it
-    encoding: Literal["png", "webp", "npy"] = "webp"
-    split: str = "train"  # which ingest split to degrade
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-    def __post_init__(self) -> None:
-        values = config_fields(self)
-        for key in ("variants", "samples_per_shard", "workers", "crop", "max_distortions"):
-            if values[key] < 1:
-                raise DegradeError(f"degrade.{key} must be an integer >= 1, got {values[key]!r} — fix params.yaml")
-        if not 0.0 <= self.sample.min_overlap <= 1.0:
-            raise DegradeError(f"degrade.min_overlap must be in [0, 1], got {self.sample.min_overlap!r} — fix params.yaml")
-        if self.encoding not in ENCODINGS:
-            raise DegradeError(f"degrade.encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
 
 
 @dataclass(frozen=True)
@@ -132,16 +110,18 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
 
 def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike) -> DegradePlan:
     """Plan the shards and prepare ``out_dir`` (a folder, or a bucket prefix ``s3://bucket/prefix``):
-    keep complete shards of the same plan, wipe the rest.
+    keep the shards of an interrupted run of the same plan, wipe anything else (another plan, or a
+    finished set: see `_prepare_out_dir`).
 
-    Raises `DegradeError` for an unknown distortion, an empty split, or an ``out_dir`` holding
-    files that are not shards (it is never wiped then).
+    Raises `DegradeError` for an empty split or an ``out_dir`` holding files that are not shards
+    (it is never wiped then), `ConfigError` for a crop larger than an image (unknown distortions
+    were refused when ``cfg`` was built).
     """
-    validate_distortion_names(cfg.sample.distortions)
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
                            "add pristine photos and rerun ingest, or set degrade.split")
+    check_crop(ingest_dir, rows, cfg.sample.crop, "degrade.crop")
     shards = plan_jobs([r["id"] for r in rows], cfg)
     store = open_store(out_dir)
     plan_hash = _plan_hash(cfg, rows)
@@ -195,7 +175,10 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
 def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike, *, progress: bool = True
                 ) -> DegradeResult:
     """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` (a folder or an ``s3://``
-    prefix) with ``cfg.workers`` processes."""
+    prefix) with ``cfg.workers`` processes.
+
+    ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes).
+    """
     with degrade_lock(out_dir):
         plan = plan_degrade(cfg, ingest_dir, out_dir)
         entries = _run_jobs(plan, progress)
@@ -251,20 +234,24 @@ def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
 
 
 def _prepare_out_dir(store: Store, plan_hash: str, n_shards: int) -> dict[str, int | None]:
-    """Resume a folder of the same plan; wipe one of another plan; refuse a folder of other files.
-    Returns what the folder then holds (name -> size)."""
+    """Resume an interrupted run of the same plan; wipe anything else; refuse a folder of other files.
+    Returns what the folder then holds (name -> size).
+
+    Interrupted means: plan.json names this plan and index.json, written last, is absent. A
+    finished set is wiped although its plan matches, because the stage only runs on one when
+    something the plan does not see has changed: the code (a DVC dependency) or nothing at all
+    (``dvc repro --force``), and either way the user asked for new shards.
+    """
     files = store.entries()
-    same = PLAN_FILE in files and _read_json(store, PLAN_FILE).get("plan") == plan_hash
+    finished = INDEX_FILE in files
+    same = PLAN_FILE in files and _read_json(store, PLAN_FILE).get("plan") == plan_hash and not finished
     if files and not same:
         _check_only_shard_files(store, files)
         store.delete([n for n in files if n != LOCK_FILE])  # the lock is held by this run
         files = {}
     store.mkdir()
-    if same:
-        _records_from_index(store, plan_hash, files)
-        files = store.entries()
-    # temporary files, the index (it reappears only when the set is complete) and shards past the plan
-    stale = [n for n in files if n.endswith(".tmp") or n == INDEX_FILE or _beyond_plan(n, n_shards)]
+    # temporary files (an orphaned worker of a killed run may still remove its own) and shards past the plan
+    stale = [n for n in files if n.endswith(".tmp") or _beyond_plan(n, n_shards)]
     store.delete(stale)
     if not same:
         _write_json(store, PLAN_FILE, {"plan": plan_hash})
@@ -276,17 +263,6 @@ def _beyond_plan(name: str, n_shards: int) -> bool:
     if not (fnmatch.fnmatchcase(name, "shard-*.tar") or fnmatch.fnmatchcase(name, f"shard-*.tar{RECORD_SUFFIX}")):
         return False
     return not SHARD_NAME.fullmatch(name.removesuffix(RECORD_SUFFIX)) or int(name[6:12]) >= n_shards
-
-
-def _records_from_index(store: Store, plan_hash: str, files: dict) -> None:
-    """Migration: shards written before records existed get theirs from a complete run's index."""
-    index = _read_json(store, INDEX_FILE)
-    if index.get("plan") != plan_hash or not isinstance(index.get("shards"), list):
-        return
-    for entry in index["shards"]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and SHARD_NAME.fullmatch(name) and _record_name(name) not in files:
-            _write_json(store, _record_name(name), entry)
 
 
 def _record_name(name: str) -> str:
@@ -332,7 +308,7 @@ def _write_json(store: Store, name: str, value: dict) -> None:
 
 def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
     args = [(job, plan.cfg, plan.images_dir, plan.out_dir) for job in plan.pending]
-    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=not progress)
+    bar = tqdm(total=len(args), desc="degrade shards", unit="shard", disable=None if progress else True)
     results = []
     if plan.cfg.workers <= 1 or len(args) <= 1:
         for a in args:

@@ -1,4 +1,4 @@
-"""Device names as params.yaml and the command line write them: the one place "auto" is resolved."""
+"""The one place "auto" is resolved to a device (the names params.yaml may use: `qualiclip.schema.DeviceName`)."""
 from __future__ import annotations
 
 import torch

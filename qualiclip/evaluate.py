@@ -10,9 +10,10 @@ Baseline: the same backbone before fine-tuning (the model config stored in the c
 scored zero-shot with the CLIP-IQA pair 'Good photo.'/'Bad photo.', on the same images — so
 every run shows what training added.
 
-Outputs (``out_dir``): ``metrics.json`` (``synthetic``, one block per dataset and official test
-split, ``baseline`` with the same blocks), ``synthetic_scores.csv``, ``per_distortion.csv``,
-``scores_<dataset>.csv`` and ``plots/*.png``. See docs/evaluation.md.
+Outputs (``out_dir``): ``metrics.json``, the headline metrics (``synthetic``, one block per
+dataset and official test split, ``baseline`` with the same blocks), ``per_distortion.csv`` (the
+per-type table, kept out of metrics.json so that ``dvc metrics show`` stays readable),
+``synthetic_scores.csv``, ``scores_<dataset>.csv`` and ``plots/*.png``. See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -31,33 +32,21 @@ from .datasets import IQADataset, load_dataset
 from .device import resolve_device
 from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
 from .errors import QualiclipError
-from .ingest import MANIFEST_FILE, images_dir, load_image, read_manifest
+from .ingest import MANIFEST_FILE, check_crop, images_dir, load_image, read_manifest
 from .metrics import correlations
-from .model import ModelConfig, QualiCLIP, create_clip, encode_prompts
+from .model import QualiCLIP, create_clip, encode_prompts
 from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion, plot_synthetic_scatter
 from .prompts import BASELINE_PAIRS
 from .sampling import ensure_size
+from .schema import EvaluateConfig, ModelConfig
 from .scoring import inference_copy, score_arrays, score_paths
 
 RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
+PER_TYPE_KEYS = ("per_distortion", "per_distortion_within")  # synthetic_metrics' per-type blocks
 
 
 class EvaluateError(QualiclipError, ValueError):
     """An evaluation that cannot run as configured; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    seed: int = 0
-    split: str = "val"
-    crop: int = 224
-    distortions: tuple[str, ...] = ()  # empty: every registered type
-    batch_size: int = 32
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only); see docs/evaluation.md
-    baseline: bool = True  # also score the backbone before fine-tuning, zero-shot
-    # real IQA sets: {name: clive, root: /path, [label: ...], [on_missing: exclude], ...loader options}
-    datasets: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +63,7 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
     if not rows:
         raise EvaluateError(f"no '{cfg.split}' images in {ingest_dir}/{MANIFEST_FILE} — ingest more photos "
                             "or lower ingest.val_fraction")
+    check_crop(ingest_dir, rows, cfg.crop, "evaluate.crop")
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
     for r in rows:
@@ -129,7 +119,7 @@ def _nan0(v: float) -> float:
 
 
 def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
-    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img") as bar:
+    with tqdm(total=len(s.images), desc=f"score {desc}", unit="img", disable=None) as bar:
         return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                             progress=bar)
 
@@ -169,7 +159,7 @@ def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
 
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
-    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img") as bar:
+    with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img", disable=None) as bar:
         results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                               resize_short=ds.resize_short_side, progress=bar)
     bad = [r for r in results if r.error]
@@ -202,10 +192,11 @@ def check_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
     return loaded
 
 
-def evaluate_datasets(model: QualiCLIP, cfg: EvaluateConfig, device, baseline: QualiCLIP | None = None) -> list[DatasetRun]:
-    """Score each configured real dataset with the model (and the baseline, if given)."""
+def evaluate_datasets(model: QualiCLIP, datasets: list[tuple[str, IQADataset]], cfg: EvaluateConfig, device,
+                      baseline: QualiCLIP | None = None) -> list[DatasetRun]:
+    """Score each checked real dataset (`check_datasets`) with the model (and the baseline, if given)."""
     runs = []
-    for label, ds in check_datasets(cfg):
+    for label, ds in datasets:
         scores = score_dataset(model, label, ds, cfg, device, "model")
         base = score_dataset(baseline, label, ds, cfg, device, "baseline") if baseline is not None else None
         runs.append(DatasetRun(label, ds, scores, base))
@@ -223,7 +214,27 @@ def baseline_model(model_cfg: ModelConfig) -> QualiCLIP:
     return QualiCLIP(clip, encode_prompts(clip, model_cfg.name, BASELINE_PAIRS), model_cfg)
 
 
-def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSet) -> None:
+def per_distortion_table(model: dict, baseline: dict | None) -> list[dict]:
+    """One row per distortion type: the model's pooled and within-photo SRCC, and the baseline's.
+
+    ``model``/``baseline``: `synthetic_metrics` results (with their per-type blocks).
+    """
+    rows = []
+    for name, srcc in model["per_distortion"].items():
+        row = {"distortion": name, "srcc": srcc, "srcc_within": model["per_distortion_within"][name]}
+        if baseline is not None:
+            row |= {"baseline_srcc": baseline["per_distortion"][name],
+                    "baseline_srcc_within": baseline["per_distortion_within"][name]}
+        rows.append(row)
+    return rows
+
+
+def headline(synthetic: dict) -> dict:
+    """A `synthetic_metrics` result without its per-type blocks: what metrics.json holds."""
+    return {k: v for k, v in synthetic.items() if k not in PER_TYPE_KEYS}
+
+
+def write_outputs(out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     with open(out_dir / "synthetic_scores.csv", "w", newline="") as f:
@@ -231,10 +242,9 @@ def write_outputs(out_dir: Path, metrics: dict, scores: np.ndarray, s: Synthetic
         w.writerow(["image_id", "distortion", "level", "score"])
         w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist()))  # unrounded: see model.score_from_similarities
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["distortion", "srcc", "srcc_within"])
-        within = metrics["synthetic"]["per_distortion_within"]
-        w.writerows((k, round(v, 6), round(within[k], 6)) for k, v in metrics["synthetic"]["per_distortion"].items())
+        w = csv.DictWriter(f, fieldnames=list(per_distortion[0]))
+        w.writeheader()
+        w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_distortion)
 
 
 def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
@@ -249,12 +259,16 @@ def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
     return out
 
 
-def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSet, runs: list[DatasetRun],
-                baseline_per_type: dict | None) -> None:
+def write_plots(out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet,
+                runs: list[DatasetRun]) -> None:
     plots = out_dir / "plots"
     plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
-    plot_per_distortion(metrics["synthetic"]["per_distortion"], plots / "per_distortion.png", baseline=baseline_per_type,
-                        within=metrics["synthetic"]["per_distortion_within"])
+
+    def column(key: str) -> dict[str, float] | None:
+        return {r["distortion"]: r[key] for r in per_distortion} if key in per_distortion[0] else None
+
+    plot_per_distortion(column("srcc"), plots / "per_distortion.png", baseline=column("baseline_srcc"),
+                        within=column("srcc_within"))
     for run in runs:
         plot_mos_scatter(run.scores, run.dataset.mos(), plots / f"scatter_{run.label}.png",
                          title=f"{run.label} (n={len(run.scores)})", mos_range=run.dataset.mos_range)
@@ -262,31 +276,43 @@ def write_plots(out_dir: Path, metrics: dict, scores: np.ndarray, s: SyntheticSe
         plot_model_vs_baseline(metrics, plots / "model_vs_baseline.png")
 
 
-def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, ingest_dir: Path, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class Evaluation:
+    """What `run_evaluate` measured: the headline metrics (metrics.json) and the per-type table
+    (per_distortion.csv)."""
+
+    metrics: dict
+    per_distortion: list[dict]
+
+
+def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, ingest_dir: Path, out_dir: Path,
+                 datasets: list[tuple[str, IQADataset]] | None = None) -> Evaluation:
     """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots.
 
-    The baseline is built from ``model.cfg``, the config the checkpoint carries.
+    The baseline is built from ``model.cfg``, the config the checkpoint carries. ``datasets``:
+    the `check_datasets` of ``cfg`` when the caller has loaded them already (None: load them here).
     """
     device = resolve_device(cfg.device)
+    datasets = check_datasets(cfg) if datasets is None else datasets
     s = build_synthetic_set(ingest_dir, cfg)
     model = inference_copy(model)
     scores = score_synthetic(model, s, cfg, device)
-    metrics: dict = {"synthetic": synthetic_metrics(scores, s), "n_synthetic": len(s.images)}
+    synthetic = synthetic_metrics(scores, s)
+    metrics: dict = {"synthetic": headline(synthetic), "n_synthetic": len(s.images)}
     baseline = inference_copy(baseline_model(model.cfg)) if cfg.baseline else None
-    base_per_type = None
+    base = None
     if baseline is not None:
         base = synthetic_metrics(score_synthetic(baseline, s, cfg, device, "synthetic (baseline)"), s)
-        base_per_type = base.pop("per_distortion")
-        base.pop("per_distortion_within")
-        metrics["baseline"] = {"synthetic": base}
-    runs = evaluate_datasets(model, cfg, device, baseline)
+        metrics["baseline"] = {"synthetic": headline(base)}
+    runs = evaluate_datasets(model, datasets, cfg, device, baseline)
     for run in runs:
         metrics.update(dataset_blocks(run.label, run.dataset, run.scores))
         if run.baseline is not None:
             metrics["baseline"].update(dataset_blocks(run.label, run.dataset, run.baseline))
+    per_distortion = per_distortion_table(synthetic, base)
     out_dir = Path(out_dir)
-    write_outputs(out_dir, metrics, scores, s)
+    write_outputs(out_dir, metrics, per_distortion, scores, s)
     for run in runs:
         write_dataset_scores(out_dir, run)
-    write_plots(out_dir, metrics, scores, s, runs, base_per_type)
-    return metrics
+    write_plots(out_dir, metrics, per_distortion, scores, s, runs)
+    return Evaluation(metrics, per_distortion)

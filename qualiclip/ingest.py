@@ -19,15 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Annotated, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import cv2
 import numpy as np
 import skimage.data
+from annotated_types import Ge, Interval, Len, MinLen, Predicate, doc
 from PIL import Image
 from tqdm import tqdm
 
-from qualiclip.config import ConfigError
+from qualiclip.config import ConfigError, check_fields
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
     DEFAULT_MAX_PIXELS, READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash,
@@ -68,33 +69,29 @@ class IngestError(QualiclipError, RuntimeError):
     """The stage cannot produce any usable image, or its sources/output are unusable."""
 
 
+def _is_extension(name: str) -> bool:
+    return len(name) > 1 and name.startswith(".")
+
+
+Extension = Annotated[str, Predicate(_is_extension), doc("an extension with a leading dot, e.g. '.jpg'")]
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """The ``ingest`` section of params.yaml."""
 
-    sources: tuple[str, ...] = (SKIMAGE_SOURCE,)  # folders (recursive) or "skimage"
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
-    min_size: int = 224           # shorter side, pixels
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
-    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited over this
-    val_fraction: float = 0.25
-    workers: int = 2              # decode threads; outputs do not depend on it
+    # folders (recursive) or "skimage"
+    sources: Annotated[tuple[Annotated[str, MinLen(1)], ...], MinLen(1)] = (SKIMAGE_SOURCE,)
+    extensions: Annotated[tuple[Extension, ...], MinLen(1)] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+    min_size: Annotated[int, Ge(1)] = 224           # shorter side, pixels
+    max_pixels: Annotated[int, Ge(1)] = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
+    # alpha is composited over this
+    background: Annotated[tuple[Annotated[int, Interval(ge=0, le=255)], ...], Len(3, 3)] = (255, 255, 255)
+    val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.25
+    workers: Annotated[int, Ge(1)] = 2              # decode threads; outputs do not depend on it
 
     def __post_init__(self) -> None:
-        _require(len(self.sources) > 0, "sources", self.sources, "at least one folder or 'skimage'")
-        _require(all(e.startswith(".") for e in self.extensions), "extensions", self.extensions,
-                 "extensions with a leading dot, e.g. '.jpg'")
-        _require(self.min_size >= 1, "min_size", self.min_size, "an integer >= 1")
-        _require(self.max_pixels >= 1, "max_pixels", self.max_pixels, "an integer >= 1")
-        _require(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
-                 "background", self.background, "three integers in 0..255, e.g. [255, 255, 255]")
-        _require(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in [0, 1)")
-        _require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
-
-
-def _require(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"ingest.{key} = {value!r} is invalid: expected {expected}")
+        check_fields(self, "ingest")
 
 
 @dataclass(frozen=True)
@@ -275,7 +272,7 @@ def _collect(cands: list[Candidate], cfg: IngestConfig, images_dir: Path, progre
     rejects: list[Rejection] = []
     first: dict[str, Candidate] = {}
     results = ordered_map(lambda c: process_file(c, cfg), cands, cfg.workers)
-    for res in tqdm(results, total=len(cands), desc="ingest", unit="img", disable=not progress):
+    for res in tqdm(results, total=len(cands), desc="ingest", unit="img", disable=None if progress else True):
         if isinstance(res, Rejection):
             rejects.append(res)
         elif res.id in first:
@@ -321,7 +318,8 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
 
     Raises `IngestError` for a missing source folder, an ``out_dir`` that overlaps a source or
     holds something other than a previous ingest output, and when no image is usable (the
-    reports are still written, so ``rejected.csv`` says why).
+    reports are still written, so ``rejected.csv`` says why). ``progress``: a progress bar on
+    stderr when it is a terminal (none in logs and pipes).
     """
     out_dir = Path(out_dir)
     cands, rejects = list_candidates(cfg)
@@ -390,6 +388,25 @@ def read_manifest(ingest_dir: Path, split: str | None = None) -> list[dict]:
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
     return sorted(rows, key=lambda r: r["id"])
+
+
+def check_crop(ingest_dir: Path, rows: list[dict], crop: int, key: str) -> None:
+    """Refuse a ``crop`` larger than the shorter side of an image of ``rows`` (manifest rows of
+    ``ingest_dir``), from the manifest's sizes, before any image is read: such a crop would
+    upscale photos into made-up pixels and, far too large, take minutes and gigabytes (``key``
+    is the params key that set it, named in the `ConfigError`)."""
+    manifest = Path(ingest_dir) / MANIFEST_FILE
+    try:
+        sides = sorted((min(int(r["width"]), int(r["height"])), r["id"]) for r in rows)
+    except (KeyError, TypeError, ValueError):
+        raise IngestError(f"{manifest} lacks the image sizes (width, height) — rerun the ingest stage") from None
+    if sides and crop > sides[0][0]:
+        side, image_id = sides[0]
+        n = sum(s < crop for s, _ in sides)
+        raise ConfigError(
+            f"{key} is {crop} px, larger than the shorter side of {n} of the {len(rows)} images in {manifest} "
+            f"(smallest: {side} px, {image_id}) — set {key} to at most {side}, or raise ingest.min_size "
+            f"to {crop} to leave the smaller photos out")
 
 
 def images_dir(ingest_dir: Path) -> str:

@@ -5,18 +5,9 @@ degraded), prompt pair, side (0 = positive prompt, 1 = negative prompt).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class LossWeights:
-    margin_rank: float = 0.05
-    margin_cons: float = 0.0
-    lambda_cons: float = 1.0
-    lambda_pos: float = 1.0
-    lambda_neg: float = 1.0
+from .schema import LossWeights as LossWeights  # declared with the params schema
 
 
 def _level_pairs(levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

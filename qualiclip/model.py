@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import logging
 import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -28,11 +29,14 @@ from torch import nn
 from .errors import QualiclipError
 from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
+from .schema import TINY_MODEL, ModelConfig as ModelConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-TINY_MODEL = "qualiclip-tiny-rn"
 PAPER_MODEL = ("RN50", "openai")
 MIN_SIDE = 32  # ModifiedResNet downsamples by 32; smaller inputs pool to an empty map
+# A score is a mean of softmax probabilities of the positive prompt (score_from_similarities):
+SCORE_RANGE = (0.0, 1.0)
+HIGHER_IS_BETTER = True
 # safetensors dtype names -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
@@ -44,22 +48,6 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSO
 
 class ModelLoadError(QualiclipError, RuntimeError):
     """Weights or architecture that cannot be loaded; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which backbone to build and how to score with it (``model:`` in params.yaml).
-
-    ``pretrained``: ``None`` (random init, seeded), an open_clip tag such as ``openai``
-    (the paper: ``name: RN50, pretrained: openai``), or a local ``.pt``/``.pth``/``.safetensors``
-    file holding an open_clip state dict or an official QualiCLIP checkpoint.
-    """
-
-    name: str = TINY_MODEL
-    pretrained: str | None = None
-    pos_embedding: Literal["drop", "interpolate"] = "drop"
-    logit_scale: float = 100.0
-    seed: int = 0
 
 
 def register_model_configs() -> None:
@@ -230,7 +218,8 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
         return open_clip.create_model(cfg.name, pretrained=None), None
     if _looks_like_path(pretrained):
         torch.manual_seed(cfg.seed)
-        clip = open_clip.create_model(cfg.name, pretrained=None)
+        with weights_loaded_next():
+            clip = open_clip.create_model(cfg.name, pretrained=None)
         prompts = load_weights_file(clip, Path(pretrained), cfg.name)
         return clip, prompts
     return _create_from_tag(cfg.name, pretrained), None
@@ -258,6 +247,27 @@ def _create_from_tag(name: str, tag: str) -> nn.Module:
                 "(an open_clip state dict, or the official QualiCLIP checkpoint), or run once with internet "
                 "so the weights are cached."
             ) from exc
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def weights_loaded_next() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... Model initialized randomly" inside the block.
+
+    open_clip says so of every model built without a pretrained tag; where stored weights are
+    loaded into the model right after, the warning is false. open_clip logs it with
+    ``logging.warning``, i.e. on the root logger, so the filter sits there while the block runs.
+    """
+    quiet = _RandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """ONNX export of a scorer: image encoder and prompt head as one graph, any height and width.
 
 The graph takes what an image decoder gives and returns scores, so a deployment needs only
-numpy and onnxruntime (docs/evaluation.md, "Deploying without torch"):
+numpy and onnxruntime (docs/evaluation.md, "ONNX: scoring without torch"):
 
 * input ``image``: uint8 (N, H, W, 3) RGB, H and W free (each at least 32 for a ResNet);
 * output ``score``: float64 (N,) in [0, 1], higher is better;

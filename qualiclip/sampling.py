@@ -7,22 +7,7 @@ import cv2
 import numpy as np
 
 from .distortions import GROUPS, LEVELS, get_distortion, to_uint8
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How one training sample is drawn; every field lives in params.yaml ``degrade:``."""
-
-    crop: int = 224
-    min_overlap: float = 0.5
-    max_distortions: int = 1
-    include_pristine: bool = False
-    distortions: tuple[str, ...] = ()  # empty: every registered type
-
-    @property
-    def max_shift(self) -> int:
-        """Largest per-axis offset of the second crop, ``crop·(1 − min_overlap)``."""
-        return int(self.crop * (1.0 - self.min_overlap))
+from .schema import SampleConfig as SampleConfig  # declared with the params schema
 
 
 @dataclass
@@ -98,9 +83,3 @@ def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator,
             x = d.apply(x, level, state)
         out.append(x)
     return to_uint8(np.stack(out))
-
-
-def validate_distortion_names(names: tuple[str, ...]) -> None:
-    """Raise the registry's close-match error for the first unknown name."""
-    for name in names:
-        get_distortion(name)

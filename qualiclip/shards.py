@@ -220,6 +220,18 @@ def index_digest(index: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def data_version(shard_dir: str | os.PathLike) -> str:
+    """The version of the training data in ``shard_dir`` (a folder or a bucket prefix): the first
+    12 hex digits of its `index_digest` (every shard's name, sample count, size and sha256).
+
+    Equal versions mean byte-identical training data. This is the one meaning of
+    ``data_version`` (checkpoint metadata, MLflow run and registry tags, the train run's dataset
+    input; the train state's ``shards`` is the whole digest); DVC's own hash of the folder is
+    recorded apart as ``dvc_shards_md5`` (docs/operations.md).
+    """
+    return index_digest(read_index(shard_dir))[:12]
+
+
 def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
     """Locations of every indexed shard, in index order: paths on disk, URLs in a bucket (`store.open_file`)."""
     store = open_store(shard_dir)

@@ -20,9 +20,9 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ from .config import config_fields
 from .device import resolve_device
 from .errors import QualiclipError
 from .loader import LoaderStats, iterate_batches
-from .losses import LossWeights, qualiclip_loss
-from .model import ModelConfig, QualiCLIP, create_model
+from .losses import qualiclip_loss
+from .model import QualiCLIP, create_model
+from .schema import ModelConfig, TrainConfig
 from .shards import shard_paths
 from .tracking import Tracker
 
@@ -49,39 +50,6 @@ class TrainError(QualiclipError, RuntimeError):
     """The train stage cannot run or resume; the message names the fix."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The ``train`` section of params.yaml (the loss margins and weights sit in it, flat)."""
-
-    seed: int = 0
-    steps: int = 300
-    batch_size: int = 4  # samples per step and process; each is 2 crops × 5 levels
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
-    bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
-    shuffle_buffer: int = 64
-    num_workers: int = 1
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    log_every: int = 10
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
-    compile: bool = False  # torch.compile the image encoder
-    checkpoint_every: int = 50  # steps between resumable train states; 0: none
-    resume: bool = True  # continue from out_dir/train_state.pt when one exists
-    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
-    ema: float = 0.0  # decay of an exponential moving average of the encoder, saved as the model; 0: off
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ema < 1.0:
-            raise TrainError(f"train.ema must be in [0, 1), got {self.ema!r} — fix params.yaml (0: off; e.g. 0.999)")
-
-
-# Fields that change neither the weights nor the batch stream: a train state may be resumed across them.
 RESUME_IGNORES = frozenset({"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend"})
 
 
@@ -407,7 +375,9 @@ def run_train(
 ) -> TrainResult:
     """Train to ``cfg.steps`` (resuming from ``out_dir/train_state.pt`` if allowed) and write
     ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun). ``shard_dir``
-    is a folder or a bucket prefix (``s3://bucket/shards``), streamed by the loader."""
+    is a folder or a bucket prefix (``s3://bucket/shards``), streamed by the loader.
+
+    ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes)."""
     tracker = tracker or Tracker()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -451,7 +421,7 @@ def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[d
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
     window_steps = 0
-    for step in tqdm(steps, desc="train", unit="step", disable=not (progress and t.dist.main)):
+    for step in tqdm(steps, desc="train", unit="step", disable=None if progress and t.dist.main else True):
         batch = next(batches)
         row = {"step": step + 1, **optimize(t, batch, cfg)}
         rows.append(row)

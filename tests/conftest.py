@@ -3,9 +3,13 @@ servers on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 # fixtures: real servers on 127.0.0.1 (tests/servers.py)
 from servers import dask_cluster, s3_bucket, s3_server  # noqa: F401
@@ -131,8 +135,10 @@ def tiny_params(sources: list[str], **overrides) -> dict:
         "ingest": {"sources": sources, "min_size": 64, "val_fraction": 0.34, "workers": 1},
         "degrade": {"variants": 2, "samples_per_shard": 4, "workers": 1, "crop": 64,
                     "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"]},
-        "train": {"steps": 3, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, "log_every": 1},
+        "train": {"steps": 3, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, "log_every": 1,
+                  "threads": 1},  # see one_thread: 30x faster on a busy 2-core machine
         "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True, "batch_size": 16},
+        "promotion": {},
     }
     for key, value in overrides.items():
         section, _, name = key.partition("__")
@@ -154,11 +160,59 @@ CLEAN_ENV = {
 }
 
 
+def make_dvc_project(root: Path, params: dict, env: dict | None = None, *, declare_sources: bool = True) -> Path:
+    """A git + DVC project laid out like a clone of this repository: its dvc.yaml and .dvcignore,
+    a copy of the ``qualiclip`` package (the code the stages run, from the project folder, and
+    depend on), ``params`` as params.yaml, and, with ``declare_sources``, each ingest source
+    folder added to the ingest stage's deps as README tells a user to."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "qualiclip", root / "qualiclip", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    if declare_sources:
+        pipeline["stages"]["ingest"].setdefault("deps", []).extend(s for s in params["ingest"]["sources"] if s != "skimage")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\n")
+    for cmd in (["git", "init", "-q"], [bin_path("dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+def add_training_photo(folder: Path, val_fraction: float) -> Path:
+    """Write one new photo into ``folder`` whose content hash puts it in the train split, so
+    that every stage's inputs change (a held-out photo would leave the shards as they are)."""
+    from qualiclip.imageio import pixel_hash, read_image
+    from qualiclip.ingest import split_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(100, 200):
+            path = next(make_photos(Path(tmp) / str(seed), n=1, seed=seed).iterdir())
+            if split_of(pixel_hash(read_image(path).pixels)[:16], val_fraction) == "train":
+                return Path(shutil.copy(path, folder / f"added-{seed}.png"))
+    raise AssertionError("no candidate photo fell in the train split")
+
+
 def bin_path(name: str) -> str:
     """A console script installed beside the running interpreter (qualiclip, dvc, prefect, mlflow)."""
     import sys
 
     return str(Path(sys.executable).with_name(name))
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str):
+    """Run ``cmd`` as a user would in a project: the quiet environment, this virtualenv first on
+    PATH, no tracking store or pipeline id inherited from the test process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "QUALICLIP_PIPELINE"))}
+    env.update(CLEAN_ENV, **extra_env)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 def run_unprivileged(fn, *args) -> None:

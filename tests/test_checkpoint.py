@@ -34,6 +34,25 @@ def test_folder_round_trip_keeps_scores_and_metadata(tiny, tmp_path):
     assert not list(tmp_path.glob(".ckpt*"))  # no temporary folder left behind
 
 
+def test_loading_a_checkpoint_says_nothing_about_random_weights(tiny, tmp_path, caplog):
+    """open_clip warns "Model initialized randomly" for the empty model the stored weights fill next:
+    silenced there (both readers, and a weights file as ``pretrained``), kept for a real random init."""
+    from safetensors.torch import save_file
+
+    from qualiclip.checkpoint import load_image_encoder
+
+    out = save_checkpoint(tiny, tmp_path / "ckpt")
+    save_file({k: v.contiguous() for k, v in tiny.clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    with caplog.at_level("WARNING"):
+        load_checkpoint(out)
+        load_image_encoder(out)
+        create_model(ModelConfig(pretrained=str(tmp_path / "clip.safetensors")))
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level("WARNING"):
+        create_model(ModelConfig(seed=4))
+    assert "initialized randomly" in caplog.text
+
+
 def test_folder_of_another_architecture_is_a_clear_error(tiny, tmp_path):
     out = save_checkpoint(tiny, tmp_path / "ckpt")
     config = json.loads((out / CONFIG).read_text())

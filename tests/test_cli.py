@@ -113,7 +113,33 @@ def test_evaluate_without_held_out_images_names_the_fix(project):
     assert "Traceback" not in proc.stderr
 
 
-def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project):
+def test_version_prints_the_package_version(capsys):
+    from qualiclip import __version__
+    from qualiclip.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"qualiclip {__version__}\n"
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    ("score", ["--device DEVICE", "(default: auto)", "(default: 8)", "(default: 89478485)"]),
+    ("train", ["(default: params.yaml)"]),
+    ("explain", ["(default: 224)", "(default: 112)"]),
+    ("distortions", ["(default: 0)"]),
+])
+def test_help_shows_the_defaults(command, shown, capsys):
+    from qualiclip.pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(s in text for s in shown), text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def with_shards(project: Path) -> dict:
+    """Ingest and degrade the project's photos (data/ingest, data/shards); its params as a dict."""
     from qualiclip.config import build_config
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.ingest import IngestConfig, run_ingest
@@ -123,6 +149,11 @@ def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project)
                project / "data/ingest", progress=False)
     run_degrade(build_config(DegradeConfig, params["degrade"], where="degrade"), project / "data/ingest",
                 project / "data/shards", progress=False)
+    return params
+
+
+def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project):
+    params = with_shards(project)
     rated = make_photos(project / "rated", n=3)
     (rated / "labels.csv").write_text("image,mos\nphoto_00.png,3.0\nphoto_01.png,4.0\n")  # photo_02.png: no label
     params["evaluate"]["datasets"] = [{"name": "csv", "root": str(rated), "mos_range": [1, 5], "lower_is_better": False}]
@@ -131,3 +162,91 @@ def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project)
     assert proc.returncode == 2, proc.stderr
     assert "dataset 'csv'" in proc.stderr and "image without a label" in proc.stderr and "photo_02.png" in proc.stderr
     assert "Traceback" not in proc.stderr and not (project / "outputs/train").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 19: a bad params file fails every stage before any work, as one line
+
+
+def _mutate(text: str, case: str) -> str:
+    """The project's params.yaml (tiny_params, safe_dump layout) broken one way."""
+    params = yaml.safe_load(text)
+    edits = {
+        "misspelt section": lambda p: p.update(trian=p.pop("train")),
+        "missing section": lambda p: p.pop("ingest"),
+        "section as a list": lambda p: p.update(ingest=["min_size", 64]),
+        "steps 0": lambda p: p["train"].update(steps=0),
+        "negative steps": lambda p: p["train"].update(steps=-3),
+        "negative warmup": lambda p: p["train"].update(warmup_steps=-1),
+        "negative checkpoint_every": lambda p: p["train"].update(checkpoint_every=-1),
+        "batch_size 0": lambda p: p["train"].update(batch_size=0),
+        "negative lr": lambda p: p["train"].update(lr=-0.01),
+        "num_workers -1": lambda p: p["train"].update(num_workers=-1),
+        "device banana": lambda p: p["train"].update(device="banana"),
+        "evaluate typo": lambda p: p["evaluate"].update(distortions=["gausian_blur"]),
+    }
+    if case == "empty file":
+        return ""
+    if case == "duplicate key":
+        return text.replace("train:\n", "train:\n  steps: 100\n", 1)
+    if case == "yaml syntax":
+        return text.replace("train:\n", "train:\n  steps: [3\n", 1)
+    edits[case](params)
+    return yaml.safe_dump(params)
+
+
+BAD_PARAMS = {
+    "misspelt section": "unknown section 'trian' — did you mean 'train'?",
+    "missing section": "params.yaml has no 'ingest:' section — add it ('ingest: {}' takes every default)",
+    "empty file": "params.yaml is empty",
+    "duplicate key": "key 'steps' is written twice in one mapping",
+    "section as a list": "params section 'ingest' must be a mapping of keys",
+    "yaml syntax": "params.yaml, line",
+    "steps 0": "train.steps must be an integer >= 1, got 0",
+    "negative steps": "train.steps must be an integer >= 1, got -3",
+    "negative warmup": "train.warmup_steps must be an integer >= 0, got -1",
+    "negative checkpoint_every": "train.checkpoint_every must be an integer >= 0, got -1",
+    "batch_size 0": "train.batch_size must be an integer >= 1, got 0",
+    "negative lr": "train.lr must be a number > 0, got -0.01",
+    "num_workers -1": "train.num_workers must be an integer >= 0, got -1",
+    "device banana": "train.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'",
+    "evaluate typo": "evaluate.distortions[0]: unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_a_bad_params_file_fails_the_first_stage_before_any_work(project, monkeypatch, case):
+    """The ingest stage reads only ``ingest:``, yet a broken ``train:`` or ``evaluate:`` fails it at
+    once, with the one user-error class, one line naming the file and key: nothing is written."""
+    from qualiclip.errors import QualiclipError
+    from qualiclip.pipeline import stages
+
+    params = project / "params.yaml"
+    params.write_text(_mutate(params.read_text(), case))
+    monkeypatch.chdir(project)
+    with pytest.raises(QualiclipError) as info:
+        stages.stage_ingest("params.yaml", "data/ingest")
+    message = str(info.value)
+    assert BAD_PARAMS[case] in message and message.startswith("params.yaml") and "\n" not in message
+    assert not (project / "data").exists()
+
+
+@pytest.mark.parametrize("case", ["yaml syntax", "section as a list", "device banana"])
+def test_a_bad_params_file_is_one_line_without_traceback(project, case):
+    params = project / "params.yaml"
+    params.write_text(_mutate(params.read_text(), case))
+    proc = qualiclip("ingest", "--params", "params.yaml", "--out", "data/ingest", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("qualiclip ingest: error: params.yaml") and proc.stderr.count("\n") == 1
+    assert BAD_PARAMS[case] in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_fails_before_training_when_evaluate_is_misconfigured(project):
+    """evaluate: runs after an hour of training; its bad value must stop `train` at its start."""
+    params = with_shards(project)
+    params["evaluate"]["batch_size"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = qualiclip("train", "--shards", "data/shards", "--out", "outputs/train", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "qualiclip train: error: params.yaml: evaluate.batch_size must be an integer >= 1, got 0\n"
+    assert not (project / "outputs/train").exists()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import degrade_cli, kill_midway_then_rerun
-from qualiclip.config import build_config
+from qualiclip.config import ConfigError, build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
 from qualiclip.ingest import IngestError
 from qualiclip.sampling import SampleConfig
@@ -76,16 +76,27 @@ def test_sample_holds_2xL_crops_and_its_provenance(ingest_dir, tmp_path):
 def test_plan_change_wipes_stale_shards_and_same_plan_resumes(ingest_dir, tmp_path):
     run_degrade(CFG, ingest_dir, tmp_path, progress=False)
     first = digests(tmp_path)
-    again = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path, progress=False)
-    assert again.resumed_shards == 6 and digests(tmp_path) == first  # workers is not part of the plan
+    (tmp_path / "index.json").unlink()  # an interrupted run: the index is written last
     (tmp_path / "shard-000003.tar").unlink()
-    redo = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
-    assert redo.resumed_shards == 5 and digests(tmp_path) == first
+    redo = run_degrade(replace(CFG, workers=2), ingest_dir, tmp_path, progress=False)
+    assert redo.resumed_shards == 5 and digests(tmp_path) == first  # workers is not part of the plan
     fewer = run_degrade(replace(CFG, variants=2, seed=1), ingest_dir, tmp_path, progress=False)
     assert (fewer.shards, fewer.resumed_shards) == (4, 0)
     now = digests(tmp_path)
     assert sorted(n for n in now if n.endswith(".tar")) == [f"shard-{k:06d}.tar" for k in range(4)]
     assert all(now[n] != first[n] for n in now if n.endswith(".tar"))
+
+
+def test_a_finished_set_is_regenerated_not_resumed(ingest_dir, tmp_path):
+    """What `dvc repro --force degrade` and a changed distortion module do: the stage runs on a
+    finished set whose plan is unchanged, and every shard is written anew."""
+    run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    first = digests(tmp_path)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
+    again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
+    assert again.resumed_shards == 0 and again.shards == 6
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in tmp_path.glob("shard-*.tar"))
+    assert digests(tmp_path) == first  # same code, same bytes
 
 
 def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
@@ -96,7 +107,7 @@ def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
 
 
 def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
-    with pytest.raises(DegradeError, match="workers must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="degrade.workers must be an integer >= 1, got 0"):
         DegradeConfig(workers=0)
     with pytest.raises(IngestError, match="run the ingest stage first"):
         run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
@@ -104,6 +115,17 @@ def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
         run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)
     with pytest.raises(Exception, match="gaussian_blur"):  # the registry's did-you-mean
         run_degrade(replace(CFG, sample=SampleConfig(distortions=("gausian_blur",))), ingest_dir, tmp_path / "out", progress=False)
+
+
+def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, tmp_path):
+    """degrade.crop: 100000 crashed (an upscale to 10^10 pixels); any crop above an image's shorter
+    side is refused from the manifest's sizes before any shard is planned or written."""
+    for crop in (73, 100_000):  # the photos are 72 x 96
+        cfg = replace(CFG, sample=replace(CFG.sample, crop=crop))
+        with pytest.raises(ConfigError, match=rf"degrade.crop is {crop} px, larger than the shorter side of 4 of the 4 "
+                                              r"images .* \(smallest: 72 px, .*\) — set degrade.crop to at most 72"):
+            run_degrade(cfg, ingest_dir, tmp_path / "out", progress=False)
+        assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # its lock file only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +195,7 @@ def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_p
 def test_rerun_rewrites_a_damaged_shard_instead_of_indexing_it(ingest_dir, tmp_path):
     run_degrade(CFG, ingest_dir, tmp_path, progress=False)
     first = digests(tmp_path)
+    (tmp_path / "index.json").unlink()  # an interrupted run: only those resume (a finished set is regenerated)
     with open(tmp_path / "shard-000002.tar", "r+b") as f:  # same size, other bytes
         f.seek(1000)
         f.write(b"\x00damaged\x00")
@@ -212,10 +235,11 @@ def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_
     assert digests(out) == digests(tmp_path / "reference")
 
 
-def test_a_folder_from_before_shard_records_resumes_from_its_index(ingest_dir, tmp_path):
+def test_an_interrupted_folder_from_before_shard_records_is_rewritten_not_trusted(ingest_dir, tmp_path):
     run_degrade(CFG, ingest_dir, tmp_path, progress=False)
     first = digests(tmp_path)
-    for record in tmp_path.glob("shard-*.tar.json"):  # as an earlier version left the folder
+    (tmp_path / "index.json").unlink()
+    for record in tmp_path.glob("shard-*.tar.json"):  # as an earlier version left an interrupted run
         record.unlink()
     again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
-    assert again.resumed_shards == 6 and digests(tmp_path) == first
+    assert again.resumed_shards == 0 and digests(tmp_path) == first

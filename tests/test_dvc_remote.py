@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import CLEAN_ENV, ROOT, bin_path, make_photos, tiny_params
+from conftest import CLEAN_ENV, ROOT, bin_path, make_dvc_project, make_photos, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +26,13 @@ def test_retrain_pushes_and_a_fresh_clone_pulls_an_up_to_date_pipeline(tmp_path,
     env.update(CLEAN_ENV, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     dvc = bin_path("dvc")
-    project = tmp_path / "project"
-    project.mkdir()
     photos = make_photos(tmp_path / "photos", n=6)
-    (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     params = tiny_params([str(photos)])
     params["schedule"] = {"push": True}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    (project / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmlruns/\n.qualiclip.lock\n")
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"],
-                [dvc, "remote", "add", "-d", "storage", f"{s3_bucket}/dvc"],
+    project = make_dvc_project(tmp_path / "project", params, env)
+    with open(project / ".gitignore", "a") as f:
+        f.write("mlruns/\n.qualiclip.lock\n")
+    for cmd in ([dvc, "remote", "add", "-d", "storage", f"{s3_bucket}/dvc"],
                 [dvc, "remote", "modify", "storage", "endpointurl", s3_server.endpoint],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run(cmd, project, env)

@@ -1,13 +1,15 @@
 """Fuzzing every reader of untrusted bytes: whatever the bytes, a result or the reader's own error.
 
 Inputs are valid files (images of each format, a shard, its index, a checkpoint's weights and
-config, a pyiqa split file) with random bytes overwritten, cut or inserted, plus plain random
-bytes. No input may hang, crash with another exception, or run code. Bounded for CI:
+config, a pyiqa split file, params.yaml) with random bytes overwritten, cut or inserted, plus
+plain random bytes; params files are also edited as YAML (any value at any key). No input may hang, crash with another exception, or run code. Bounded for CI:
 `derandomize` makes the examples the same on every run and `max_examples`/`deadline` keep the
 whole file to a few seconds.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -16,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -181,6 +184,69 @@ def test_a_split_file_is_read_as_plain_data_or_refused(tmp_path_factory, data):
     assert scheme is None or all(isinstance(r, int) for rows in scheme.values() for r in rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# Params files (issue 19): whatever the file holds, its configs or one line naming the file
+
+
+PARAMS = (Path(__file__).resolve().parents[1] / "params.yaml").read_bytes()
+PARAMS_DICT = yaml.safe_load(PARAMS)
+PARAMS_ALIAS = b"train: {steps: &n 3, log_every: *n}\nmodel: &m {seed: 1}\n"  # anchors, an alias of one value
+SCALARS = (st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats()
+           | st.sampled_from(["auto", "cuda:1", "banana", "jpeg", "", "train", "val", "fp16"]) | st.text(max_size=12))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=10)
+
+
+@st.composite
+def edited_params(draw) -> bytes:
+    """The shipped params.yaml with up to 5 edits: a value set (mostly of a known key), a key or a
+    section dropped, renamed or added, or a whole section replaced by any YAML value."""
+    params = copy.deepcopy(PARAMS_DICT)
+    for _ in range(draw(st.integers(1, 5))):
+        name = draw(st.sampled_from([*params, "trian", "extra"]))
+        section = params.get(name)
+        op = draw(st.sampled_from(("set", "set", "set", "drop", "rename", "section")))
+        if op == "section" or not isinstance(section, dict):
+            params[name] = draw(VALUES)
+        elif op == "drop" and section:
+            section.pop(draw(st.sampled_from(list(section))))
+        elif op == "rename":
+            params[draw(st.text(min_size=1, max_size=8))] = params.pop(name)
+        else:
+            key = draw(st.sampled_from(list(section)) | st.text(max_size=8)) if section else draw(st.text(max_size=8))
+            section[key] = draw(VALUES)
+    return yaml.safe_dump(params, allow_unicode=draw(st.booleans())).encode()
+
+
+def read_params_or_refuse(tmp_path_factory, data: bytes) -> dict | None:
+    """The configs of a params file holding ``data``, or None when it is refused by a `ConfigError`
+    of one line that names the file; any other exception fails the test."""
+    from qualiclip.config import ConfigError
+    from qualiclip.pipeline.params import read_params
+
+    path = tmp_path_factory.getbasetemp() / "fuzz-params.yaml"  # one file, rewritten: no folder per example
+    path.write_bytes(data)
+    try:
+        return read_params(path)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+        return None
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)  # each example parses YAML twice (~10 ms in pure Python)
+@given(edited_params())
+def test_an_edited_params_file_gives_configs_or_one_line(tmp_path_factory, data):
+    configs = read_params_or_refuse(tmp_path_factory, data)
+    assert configs is None or all(dataclasses.is_dataclass(c) for c in configs.values())
+
+
+@FUZZ
+@given(mutated([PARAMS, PARAMS_ALIAS]))
+def test_params_file_bytes_give_configs_or_one_line(tmp_path_factory, data):
+    configs = read_params_or_refuse(tmp_path_factory, data)
+    assert configs is None or all(dataclasses.is_dataclass(c) for c in configs.values())
+
+
 def test_seed_files_are_valid(tmp_path):
     """The fuzzers start from valid files, so mutations reach deep into each reader."""
     for data in IMAGES:
@@ -196,3 +262,9 @@ def test_seed_files_are_valid(tmp_path):
     assert read_config(tmp_path)[0].name == "qualiclip-tiny-rn"
     (tmp_path / "split.pkl").write_bytes(SPLIT)
     assert read_split_file(tmp_path / "split.pkl", 1) == {"train": [0, 2], "val": [], "test": [1]}
+    from qualiclip.pipeline.params import read_params, sections
+
+    (tmp_path / "params.yaml").write_bytes(PARAMS)
+    assert set(read_params(tmp_path / "params.yaml")) == set(sections())
+    (tmp_path / "params.yaml").write_bytes(PARAMS_ALIAS)
+    assert read_params(tmp_path / "params.yaml")["model"].seed == 1

@@ -16,7 +16,7 @@ pytest.importorskip("mlflow")
 from qualiclip.config import ConfigError  # noqa: E402
 from qualiclip.errors import QualiclipError  # noqa: E402
 from qualiclip.pipeline.promotion import (  # noqa: E402
-    VERSION_FILE, PromotionConfig, PromotionError, dvc_data_version, is_better, metric_value, promote_project,
+    VERSION_FILE, PromotionConfig, PromotionError, dvc_shards_md5, is_better, metric_value, promote_project,
 )
 
 
@@ -40,8 +40,10 @@ def _project_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "") -> str:
-    """Register a version of ``name`` and leave the files of its train + evaluate stages."""
+def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "promotion: {}\n",
+                       baseline: float | None = -0.5) -> str:
+    """Register a version of ``name`` and leave the files of its train + evaluate stages; its
+    evaluation scored the zero-shot baseline at ``baseline`` (None: evaluate.baseline was off)."""
     project, client = store
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -54,6 +56,8 @@ def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = Tr
         (ckpt.parent / VERSION_FILE).write_text(json.dumps({"name": name, "version": str(mv.version)}))
     (project / "outputs/eval").mkdir(parents=True, exist_ok=True)
     metrics = {"synthetic": {"srcc": srcc, "plcc": 0.5, "per_distortion": {"jpeg": 0.1}}, "n_synthetic": 10}
+    if baseline is not None:
+        metrics["baseline"] = {"synthetic": {"srcc": baseline, "plcc": baseline}}
     (project / "outputs/eval/metrics.json").write_text(json.dumps(metrics))
     (project / "params.yaml").write_text(f"tracking: {{registered_model: {name}}}\n{promotion}")
     return str(mv.version)
@@ -72,7 +76,8 @@ def test_first_version_becomes_champion_and_carries_its_metrics_as_tags(store):
     tags = store[1].get_model_version("first", v1).tags
     assert float(tags["eval.synthetic.srcc"]) == 0.40
     assert float(tags["eval.synthetic.per_distortion.jpeg"]) == 0.1
-    assert tags["params_hash"] == "p0.4" and tags["data_version"] == "idx"  # no dvc.lock: the shard index hash
+    assert tags["params_hash"] == "p0.4" and tags["data_version"] == "idx"  # the checkpoint's shard index hash
+    assert "dvc_shards_md5" not in tags  # no dvc.lock
 
 
 def test_better_version_takes_the_alias_worse_and_equal_ones_do_not(store):
@@ -97,11 +102,42 @@ def test_rerun_of_the_champion_is_a_no_op(store):
 
 
 def test_lower_is_better_metric_and_min_improvement_from_params(store):
-    cfg = "promotion: {metric: synthetic.plcc, higher_is_better: false, min_improvement: 0.1}\n"
-    train_and_evaluate(store, "lower", 0.4, promotion=cfg)
+    cfg = "promotion: {metric: synthetic.plcc, higher_is_better: false, min_improvement: 0.1, min_value: 0.9}\n"
+    train_and_evaluate(store, "lower", 0.4, promotion=cfg, baseline=0.6)  # plcc 0.5 < baseline 0.6 < ceiling 0.9
     assert promote_project(store[0]).promoted
     assert is_better(0.3, 0.5, PromotionConfig(higher_is_better=False, min_improvement=0.1))
     assert not is_better(0.45, 0.5, PromotionConfig(higher_is_better=False, min_improvement=0.1))
+
+
+def test_first_version_worse_than_its_zero_shot_baseline_is_refused(store):
+    """The issue's first run: SRCC -0.048 against the untrained baseline's 0.030 became champion."""
+    v1 = train_and_evaluate(store, "gate", -0.048, baseline=0.030)
+    d = promote_project(store[0])
+    assert not d.promoted and champion(store, "gate") is None
+    assert d.outcome == "refused" and d.baseline_value == 0.030
+    assert "not better than the zero-shot baseline (synthetic.srcc 0.0300)" in d.reason
+    tags = store[1].get_model_version("gate", v1).tags
+    assert tags["promotion.outcome"] == "refused" and tags["promotion"] == d.reason
+    v2 = train_and_evaluate(store, "gate", 0.031, baseline=0.030)
+    assert promote_project(store[0]).promoted and champion(store, "gate") == v2
+
+
+def test_floor_is_a_gate_even_above_the_baseline_and_the_champion(store):
+    train_and_evaluate(store, "floor", -0.2, baseline=-0.4, promotion="promotion: {min_value: -0.1}\n")
+    d = promote_project(store[0])
+    assert not d.promoted and "beyond the floor promotion.min_value = -0.1" in d.reason
+    assert champion(store, "floor") is None
+    train_and_evaluate(store, "floor", -0.05, baseline=-0.4, promotion="promotion: {min_value: -0.1}\n")
+    assert promote_project(store[0]).promoted
+
+
+def test_without_a_baseline_nothing_is_promoted_and_the_reason_names_the_fix(store, caplog):
+    train_and_evaluate(store, "nobase", 0.9, baseline=None)
+    with caplog.at_level("WARNING", logger="qualiclip.pipeline.promotion"):
+        d = promote_project(store[0])
+    assert not d.promoted and d.outcome == "refused" and champion(store, "nobase") is None
+    assert "no zero-shot baseline to beat (baseline.synthetic.srcc) — set evaluate.baseline: true" in d.reason
+    assert d.reason in caplog.text
 
 
 def test_version_found_by_tags_without_the_version_file(store):
@@ -122,10 +158,13 @@ def test_clear_errors(store, tmp_path):
     (tmp_path / "params.yaml").write_text("promotion: {metrc: x}\n")
     with pytest.raises(ConfigError, match="did you mean 'metric'"):
         promote_project(tmp_path)
-    (tmp_path / "params.yaml").write_text("tracking: {backend: none}\n")
+    (tmp_path / "params.yaml").write_text("tracking: {backend: none}\npromotion: {}\n")
     with pytest.raises(PromotionError, match="backend is 'none'"):
         promote_project(tmp_path)
-    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "params.yaml").write_text("tracking: {}\n")
+    with pytest.raises(ConfigError, match="has no 'promotion:' section"):
+        promote_project(tmp_path)
+    (tmp_path / "params.yaml").write_text("tracking: {}\npromotion: {}\n")
     with pytest.raises(PromotionError, match="run the evaluate stage first"):
         promote_project(tmp_path)
     (tmp_path / "dvc.yaml").unlink()
@@ -133,8 +172,8 @@ def test_clear_errors(store, tmp_path):
         promote_project(tmp_path)
 
 
-def test_data_version_is_the_dvc_lock_hash_of_the_shards(tmp_path):
-    assert dvc_data_version(tmp_path, "data/shards") is None
+def test_dvc_shards_md5_is_the_dvc_lock_hash_of_the_shards(tmp_path):
+    assert dvc_shards_md5(tmp_path, "data/shards") is None
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: data/shards\n      md5: abc123.dir\n")
-    assert dvc_data_version(tmp_path, "data/shards") == "abc123"
+    assert dvc_shards_md5(tmp_path, "data/shards") == "abc123"

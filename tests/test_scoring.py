@@ -170,7 +170,10 @@ def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images
                "--batch-size", "3", "--device", "cpu", "--no-progress"])
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
-    assert list(rows[0]) == ["path", "score", "width", "height", "error"]
+    assert list(rows[0]) == ["path", "score", "width", "height", "error",
+                             "model", "model_version", "score_min", "score_max", "higher_is_better"]
+    assert {(r["model"], r["score_min"], r["score_max"], r["higher_is_better"]) for r in rows} == {
+        (str(checkpoint.resolve()), "0.0", "1.0", "True")}
     assert len(rows) == 4 + 1 + 1 + 1 + 1  # 4 good + corrupt in the folder, single, listed + missing
     bad = {r["path"].rsplit("/", 1)[-1]: r for r in rows if r["error"]}
     assert set(bad) == {"corrupt.jpg", "missing.png"} and all(r["score"] == "" for r in bad.values())
@@ -183,8 +186,11 @@ def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images
 
     out_json = tmp_path / "scores.json"
     assert main(["score", str(single), "--model", str(checkpoint), "--out", str(out_json), "--no-progress"]) == 0
-    assert json.loads(out_json.read_text())[0]["score"] == pytest.approx(float(next(
+    scored = json.loads(out_json.read_text())
+    assert scored["scores"][0]["score"] == pytest.approx(float(next(
         r["score"] for r in rows if r["path"] == str(single))), abs=3e-6)
+    assert (scored["model"], scored["score_min"], scored["score_max"], scored["higher_is_better"]) == (
+        str(checkpoint.resolve()), 0.0, 1.0, True)
 
 
 def model_from(checkpoint):

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from qualiclip.pipeline.tracking import PIPELINE_ENV, get_tracker, pipeline_id
+from qualiclip.pipeline.execution import DVC_ROOT_ENV, PIPELINE_ENV, Execution, current_execution
+from qualiclip.pipeline.tracking import get_tracker
 from qualiclip.tracking import Tracker
 
 BLOCK_ORCHESTRATION = """
@@ -54,16 +55,13 @@ def test_flatten_nests_with_dots_and_stringifies_lists():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": 1, "a.c.d": None, "e": "[1, 2]"}
 
 
-def test_pipeline_id_from_env_else_params_hash(tmp_path, monkeypatch):
-    params = tmp_path / "params.yaml"
-    params.write_text("train: {steps: 1}\n")
-    monkeypatch.delenv(PIPELINE_ENV, raising=False)
-    first = pipeline_id(params)
-    assert first.startswith("params-") and first == pipeline_id(params)
-    params.write_text("train: {steps: 2}\n")
-    assert pipeline_id(params) != first
+def test_execution_from_env_else_none_outside_dvc(monkeypatch):
+    """The flows name the execution; a stage run by hand (no DVC_ROOT) belongs to none."""
+    monkeypatch.delenv(DVC_ROOT_ENV, raising=False)
     monkeypatch.setenv(PIPELINE_ENV, "flow-run-1")
-    assert pipeline_id(params) == "flow-run-1"
+    assert current_execution() == Execution("flow-run-1")
+    monkeypatch.delenv(PIPELINE_ENV)
+    assert current_execution() is None
 
 
 def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
@@ -73,7 +71,7 @@ def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowTracker(experiment="qualiclip", pipeline="p1")
+    tracker = MlflowTracker(experiment="qualiclip", execution=Execution("p1"))
     try:
         location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
         assert location == (tmp_path / "mlartifacts").as_uri()
@@ -87,3 +85,35 @@ def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
 
         mlflow.set_tracking_uri(None)  # set_tracking_uri exported the URI; keep other tests clean
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_a_registry_uri_that_names_nothing_is_a_one_line_hint(tmp_path, monkeypatch, capsys):
+    """``models:/qualiclip@champion`` before any promotion: exit 2 and one line that says what to run."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from qualiclip.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+
+    def score(model: str) -> str:
+        assert main(["score", "a.png", "--model", model, "--out", "s.csv", "--no-progress"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if " INFO mlflow" not in line]  # store set-up
+        assert len(lines) == 1 and lines[0].startswith("qualiclip score: error: models:/qualiclip")
+        return lines[0]
+
+    assert "no MLflow store at" in score("models:/qualiclip@champion")
+    assert not (tmp_path / "mlflow.db").exists()  # not created by looking
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_registered_models()  # creates the store's tables
+    assert "no registered model 'qualiclip'" in score("models:/qualiclip@champion")
+    client.create_registered_model("qualiclip")
+    client.create_model_version("qualiclip", source=str(tmp_path))
+    err = score("models:/qualiclip@champion")
+    assert "no version of 'qualiclip' has the alias 'champion'" in err and "qualiclip promote" in err
+    assert "not found" in score("models:/qualiclip/7")

@@ -5,14 +5,13 @@ the project's monotone variants marked). ``docs/distortions.md`` explains every 
 """
 from __future__ import annotations
 
-import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import QualiclipError
+from ..schema import DISTORTION_NAMES, unknown_name
 from . import _ops, blur, brightness, color, compression, noise, sharpness, spatial
 
 N_LEVELS = 5  # the degradation model's intensity levels: the one home of this number
@@ -22,11 +21,6 @@ ApplyFn = Callable[[np.ndarray, Any, Any], np.ndarray]
 DrawFn = Callable[[np.random.Generator, int, int], Any]
 
 
-class UnknownDistortionError(QualiclipError, KeyError, ValueError):
-    """A distortion or group name that is not in the registry."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -120,16 +114,12 @@ _REGISTRY: dict[str, Distortion] = {
     name: Distortion(name, group, tuple(levels), apply, draw, name in _IN_RANGE)
     for name, group, levels, apply, draw in _TABLE
 }
+if tuple(_REGISTRY) != DISTORTION_NAMES:  # the params schema checks names against its own copy
+    raise ImportError(f"qualiclip.schema.DISTORTION_NAMES differs from the registry's table: {tuple(_REGISTRY)}")
 
 GROUPS: dict[str, tuple[str, ...]] = {
     g: tuple(d.name for d in _REGISTRY.values() if d.group == g) for g in GROUP_ORDER
 }
-
-
-def _unknown(kind: str, name: str, choices: list[str]) -> UnknownDistortionError:
-    close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
-    return UnknownDistortionError(f"unknown {kind} '{name}'{hint}")
 
 
 def list_distortions(group: str | None = None) -> list[str]:
@@ -137,7 +127,7 @@ def list_distortions(group: str | None = None) -> list[str]:
     if group is None:
         return [name for names in GROUPS.values() for name in names]
     if group not in GROUPS:
-        raise _unknown("distortion group", group, list(GROUPS))
+        raise unknown_name("distortion group", group, list(GROUPS))
     return list(GROUPS[group])
 
 
@@ -146,4 +136,4 @@ def get_distortion(name: str) -> Distortion:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise _unknown("distortion", name, list(_REGISTRY)) from None
+        raise unknown_name("distortion", name, list(_REGISTRY)) from None

@@ -1,9 +1,10 @@
 """The ``qualiclip`` command line: the pipeline stages (as DVC calls them) and user tools.
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
-function. The modules behind ``score``, ``explain``, ``promote``, ``export-official`` and
-``export-onnx`` are imported when those commands run: they pull in torch and open_clip (seconds), which ``--help``,
-``ingest``, ``degrade`` and ``distortions`` do not need.
+function. The modules behind each command are imported when it runs: ``score``, ``explain``,
+``promote``, ``export-official`` and ``export-onnx`` pull in torch and open_clip (seconds), which
+``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
+the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
@@ -12,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-import skimage.data
-
-from ..distortions import GROUPS, save_contact_sheet
+from .. import __version__
 from ..errors import QualiclipError
 from ..imageio import DEFAULT_MAX_PIXELS
 from . import stages
@@ -55,6 +55,10 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_distortions(args: argparse.Namespace) -> None:
+    import skimage.data
+
+    from ..distortions import GROUPS, save_contact_sheet
+
     if args.list or not args.grid:
         for group, names in GROUPS.items():
             for name in names:
@@ -92,10 +96,19 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 # The parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default; not for switches and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_stage_parsers(sub) -> None:
     def stage(name, *paths):
         sp = sub.add_parser(name, help=f"the {name} stage (as dvc.yaml runs it)")
-        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("--params", default="params.yaml", help="the parameters file")
         for flag, help_ in paths:
             sp.add_argument(flag, required=True, help=help_)
         sp.set_defaults(fn=cmd_stage)
@@ -141,7 +154,7 @@ def add_explain_parser(sub) -> None:
     add_model_args(sp)
     sp.add_argument("--patch", type=int, default=224, help="window side in pixels (224: CLIP's training size)")
     sp.add_argument("--stride", type=int, default=112, help="window step in pixels (smaller: finer map, slower)")
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--batch-size", type=int, default=8, help="windows scored together")
     sp.add_argument("--csv", help="also write the patch scores (y, x, size, score) to this CSV")
     sp.set_defaults(fn=cmd_explain)
 
@@ -152,7 +165,7 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--grid", metavar="OUT.png", help="write a contact sheet (rows = types, columns = levels)")
     sp.add_argument("--image", help="source image for --grid (default: scikit-image's astronaut)")
     sp.add_argument("--types", nargs="*", help="only these types")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random parts of each distortion")
     sp.set_defaults(fn=cmd_distortions)
 
     sp = sub.add_parser("promote", help="tag the new model version with its evaluation; move the champion alias if better")
@@ -166,8 +179,8 @@ def add_tool_parsers(sub) -> None:
     sp.set_defaults(fn=cmd_promote)
 
     sp = sub.add_parser("export-official", help="write a checkpoint in the official QualiCLIP .pth format")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--model", required=True, help="checkpoint folder")
+    sp.add_argument("--out", required=True, help="the .pth file to write")
     sp.set_defaults(fn=cmd_export_official)
 
     sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
@@ -177,19 +190,24 @@ def add_tool_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qualiclip", description=__doc__.split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = argparse.ArgumentParser(prog="qualiclip", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"qualiclip {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
     add_stage_parsers(sub)
     add_score_parser(sub)
     add_explain_parser(sub)
     add_tool_parsers(sub)
+    for command in sub.choices.values():  # one formatter for every command, set where they are all known
+        command.formatter_class = HelpFormatter
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # our bars switch off by themselves (tqdm disable=None); MLflow's do not
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args.fn(args)
     except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback

@@ -15,7 +15,7 @@ def run_explain(image_path: str | Path, out: Path, opts: ModelOptions, *, patch:
         if path:
             check_out_file(Path(path), flag)
     image = read_image(image_path, max_pixels=max_pixels, option="--max-pixels").pixels
-    qmap = quality_map(open_scorer(opts), image, patch=patch, stride=stride, batch_size=batch_size,
+    qmap = quality_map(open_scorer(opts)[0], image, patch=patch, stride=stride, batch_size=batch_size,
                        device=opts.device, precision=opts.precision, max_memory=opts.max_memory)
     out = render_quality_map(qmap, image, Path(out), stride=stride, name=Path(image_path).name)
     if csv_out:

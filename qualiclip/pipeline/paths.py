@@ -54,6 +54,30 @@ def stage_paths(project_dir: str | Path = ".") -> StagePaths:
     return StagePaths(ingest, shards, train, checkpoint, evaluate, str(metrics[0]))
 
 
+def stage_deps(project_dir: str | Path, stage: str) -> list[str]:
+    """The ``deps`` of ``stage`` in the project's dvc.yaml, as written there."""
+    dvc_file = Path(project_dir) / DVC_FILE
+    deps = _stage(_read_stages(dvc_file), stage, dvc_file).get("deps") or []
+    return [str(next(iter(d)) if isinstance(d, dict) else d) for d in deps]
+
+
+def check_sources_are_deps(sources: list[str], stage: str, project_dir: str | Path = ".") -> None:
+    """Fail unless every source folder is, or lies inside, a dependency of ``stage`` in dvc.yaml.
+
+    DVC reruns a stage only when a declared dependency changes: a source folder that is not one
+    would be read once and its new photos never seen. ``sources`` are folders relative to
+    ``project_dir`` (or absolute); pass only real folders (not the special source ``skimage``).
+    """
+    project = Path(project_dir).resolve()
+    deps = [(project / d).resolve() for d in stage_deps(project, stage)]
+    for source in sources:
+        folder = (project / source).resolve()
+        if not any(folder == d or folder.is_relative_to(d) for d in deps):
+            raise StagePathError(f"ingest.sources lists {source!r}, but the '{stage}' stage in {project / DVC_FILE} "
+                                 f"does not depend on it, so new photos there would never rerun the pipeline — "
+                                 f"add '- {source}' to that stage's deps")
+
+
 def _read_stages(dvc_file: Path) -> dict:
     if not dvc_file.is_file():
         raise StagePathError(f"no {DVC_FILE} at {dvc_file} — run from the project folder (or pass --project), "

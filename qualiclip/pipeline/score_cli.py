@@ -2,7 +2,10 @@
 
 Files that cannot be scored (unreadable, FIFOs, too small, above the memory budget) are
 reported on stderr and kept in the output with an ``error`` and no score, so the output has one
-row per input file, in input order, plus one per folder that could not be listed.
+row per input file, in input order, plus one per folder that could not be listed. The output
+says what the scores are: the model (URI or checkpoint path) and its registered version, the
+score range and its direction (pyiqa's convention: ``higher_is_better``) — as columns of every
+CSV row, and as keys beside the ``scores`` list in JSON.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ from tqdm import tqdm
 from ..files import FileReadError, read_regular
 from ..imageio import DEFAULT_MAX_PIXELS, scan_tree
 from ..ingest import IngestConfig
-from ..model import QualiCLIP
+from ..model import HIGHER_IS_BETTER, SCORE_RANGE, QualiCLIP
 from ..scoring import ScoringError, load_scorer, score_paths
 from .paths import stage_paths
+from .tracking import read_version_file
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")
@@ -92,26 +96,44 @@ def read_list_file(path: Path) -> list[Path]:
     return [e if e.is_absolute() else path.parent / e for e in entries]
 
 
-def resolve_model_path(spec: str | None) -> Path:
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The checkpoint to load for a ``--model`` value, and what to call it in the output."""
+
+    checkpoint: Path
+    uri: str                    # the MLflow URI as given, or the checkpoint's absolute path
+    version: str | None = None  # its registered version, when known
+
+    def describe(self) -> dict:
+        """What the scores are: the model, its version, the score range and direction."""
+        return {"model": self.uri, "model_version": self.version or "", "score_min": SCORE_RANGE[0],
+                "score_max": SCORE_RANGE[1], "higher_is_better": HIGHER_IS_BETTER}
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
     """The local checkpoint for a path or an MLflow model URI (downloaded to MLflow's cache).
 
-    ``None`` is the checkpoint that dvc.yaml's evaluate stage evaluates, in the current folder.
+    ``None`` is the checkpoint that dvc.yaml's evaluate stage evaluates, in the current folder;
+    its version is the one the train stage registered (``registered_model.json`` beside it).
     """
     spec = spec if spec is not None else stage_paths().checkpoint
     if spec.startswith(MLFLOW_SCHEMES):
-        import mlflow.artifacts  # optional (the `pipeline` extra): only for a registry or run URI
+        from .tracking_mlflow import download_model  # optional (the `pipeline` extra): only for a registry or run URI
 
-        return Path(mlflow.artifacts.download_artifacts(spec)) / "artifacts" / "checkpoint"
-    if not Path(spec).exists():
+        local, version = download_model(spec)
+        return ResolvedModel(local / "artifacts" / "checkpoint", spec, version)
+    path = Path(spec)
+    if not path.exists():
         raise ScoringError(f"model {spec} not found — train first (`dvc repro`) or pass --model CHECKPOINT")
-    return Path(spec)
+    return ResolvedModel(path, str(path.resolve()), read_version_file(path).get("version"))
 
 
-def open_scorer(opts: ModelOptions) -> QualiCLIP:
+def open_scorer(opts: ModelOptions) -> tuple[QualiCLIP, ResolvedModel]:
     """The scoring-only model of ``opts.model`` (image encoder only), with ``opts.threads`` applied."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    return load_scorer(resolve_model_path(opts.model))
+    model = resolve_model(opts.model)
+    return load_scorer(model.checkpoint), model
 
 
 def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: int = 8,
@@ -125,8 +147,8 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
     paths, unlisted = collect_paths(inputs, extensions)
     if not paths and not unlisted:
         raise ScoringError(f"no images found in {inputs} (extensions {', '.join(extensions)})")
-    scorer = open_scorer(opts)
-    with tqdm(total=len(paths), desc="score", unit="img", disable=not progress) as bar:
+    scorer, model = open_scorer(opts)
+    with tqdm(total=len(paths), desc="score", unit="img", disable=None if progress else True) as bar:
         results = score_paths(paths, scorer, batch_size=batch_size, device=opts.device, precision=opts.precision,
                               max_pixels=max_pixels, progress=bar, max_memory=opts.max_memory,
                               max_pixels_option="--max-pixels")
@@ -137,23 +159,24 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
     for r in rows:
         if r["error"]:
             print(f"not scored {r['path']}: {r['error']}", file=sys.stderr)
-    write_rows(out, rows)
+    write_rows(out, rows, model.describe())
     bad = sum(1 for r in rows if r["error"])
     print(f"scored {len(rows) - bad} images -> {out}" + (f" ({bad} not scored, listed with an error)" if bad else ""))
     return rows
 
 
-def write_rows(out: Path, rows: list[dict]) -> None:
-    """CSV or JSON by suffix. A file name that is not valid UTF-8 keeps its undecodable bytes as
-    ``\\udcXX`` escapes, in CSV as in JSON (where they decode back to the same name)."""
+def write_rows(out: Path, rows: list[dict], about: dict) -> None:
+    """``rows`` to CSV (``about``'s keys as columns of every row) or JSON (``about`` + ``scores``),
+    by suffix. A file name that is not valid UTF-8 keeps its undecodable bytes as ``\\udcXX``
+    escapes, in CSV as in JSON (where they decode back to the same name)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".json":
-            out.write_text(json.dumps(rows, indent=1))
+            out.write_text(json.dumps({**about, "scores": rows}, indent=1))
             return
         with open(out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-            w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            w = csv.DictWriter(f, fieldnames=[*COLUMNS, *about])
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({**r, **about} for r in rows)
     except OSError as exc:
         raise ScoringError(f"cannot write --out {out}: {exc.strerror or exc} — choose another --out") from None

@@ -1,50 +1,113 @@
 """A pyfunc model so ``mlflow models serve -m models:/qualiclip@champion`` answers with scores.
 
-Input: a DataFrame (or JSON ``dataframe_records``) with a column ``image`` (base64-encoded image
-bytes) or ``path`` (a file readable by the server). Output: one ``score`` per row.
+Input: a DataFrame (JSON ``dataframe_records``/``dataframe_split``) with a column ``image``
+(base64-encoded image bytes) or ``path`` (a file the server can read). Output: per row a
+``score`` in [0, 1] (higher is better) and an ``error``, empty when the row was scored. A row
+that cannot be scored (not base64, not an image, no such file, over the decompression-bomb
+limit) gets its reason and no score, and the other rows are still scored; a request with
+neither column is refused with an error that names them.
+
+Logged as *models from code*: MLflow stores `pyfunc_model.py` (which only builds
+`QualiCLIPPyfunc`) with the checkpoint and this package, so nothing is pickled. The model
+carries a signature (the columns above) and an input example (one small photo).
 """
 from __future__ import annotations
 
 import base64
+import binascii
+import io
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
+import skimage.data
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
 
-from ..checkpoint import load_checkpoint
-from ..imageio import decode_image, read_image
-from ..scoring import inference_copy, score_arrays
+from ..imageio import ImageReadError, decode_image
+from ..scoring import load_scorer, score_arrays, score_paths
 
 # The qualiclip package folder: logged with the model, so the server imports this module from it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_COLUMNS = {"image": "base64-encoded image bytes", "path": "a file the server can read"}
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS]),
+    outputs=Schema([ColSpec("double", "score", required=False), ColSpec("string", "error", required=False)]),
+)
 
 
 class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        # the scoring copy (folded BatchNorm, no text tower) once, not on every request
-        self.model = inference_copy(load_checkpoint(context.artifacts["checkpoint"]))
+        # the scoring copy (image encoder only, folded BatchNorm) once, not on every request
+        self.model = load_scorer(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
-        if "image" in model_input.columns:
-            images = [decode_image(base64.b64decode(b)).pixels for b in model_input["image"]]
-        elif "path" in model_input.columns:
-            images = [read_image(Path(p)).pixels for p in model_input["path"]]
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """One ``score`` (None where the row failed) and ``error`` per input row, in input order."""
+        column = input_column(model_input)
+        values = list(model_input[column])
+        if column == "path":
+            results = [(r.score, r.error or None) for r in score_paths([str(v) for v in values], self.model)]
         else:
-            raise ValueError("input needs a column 'image' (base64 bytes) or 'path'")
-        return pd.DataFrame({"score": score_arrays(self.model, images)})
+            results = self._score_encoded(values)
+        scores, errors = zip(*results) if results else ((), ())
+        # object columns: a missing value stays None, which the server writes as JSON null (NaN is not JSON)
+        return pd.DataFrame({"score": pd.Series(scores, dtype=object), "error": pd.Series(errors, dtype=object)})
+
+    def _score_encoded(self, values: list) -> list[tuple[float | None, str | None]]:
+        decoded = [_decode_row(i, v) for i, v in enumerate(values)]
+        ok = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        scores = dict(zip(ok, score_arrays(self.model, [decoded[i] for i in ok]).tolist())) if ok else {}
+        return [(scores[i], None) if i in scores else (None, decoded[i]) for i in range(len(values))]
+
+
+def input_column(frame: pd.DataFrame) -> str:
+    """``image`` or ``path``: the one of the two the request has; a clear refusal otherwise."""
+    have = [c for c in INPUT_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    if len(have) != 1:
+        wanted = " or ".join(f"'{c}' ({what})" for c, what in INPUT_COLUMNS.items())
+        raise MlflowException.invalid_parameter_value(
+            f"qualiclip needs one input column, {wanted}; the request has {'both' if have else 'neither'}")
+    return have[0]
+
+
+def _decode_row(index: int, value) -> np.ndarray | str:
+    """The RGB pixels of one base64 image, or why the row cannot be scored."""
+    if not isinstance(value, str) or not value:
+        return f"row {index}: no image (expected a base64 string)"
+    try:
+        return decode_image(base64.b64decode(value, validate=True)).pixels
+    except (binascii.Error, ValueError):
+        return f"row {index}: not base64"
+    except ImageReadError as exc:
+        return f"row {index}: {exc.reason}: {exc.detail}"
+
+
+def input_example() -> pd.DataFrame:
+    """One request row as a client sends it: a 96x96 crop of scikit-image's astronaut, PNG, base64."""
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[40:232:2, 160:352:2]).save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
 
 
 def requirements() -> list[str]:
-    names = ["torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "opencv-python-headless", "pandas"]
+    names = ["torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "opencv-python-headless",
+             "pandas", "scikit-image"]
     return [f"{n}=={version(n)}" for n in names]
 
 
 def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
+    """Log ``checkpoint_dir`` as the pyfunc model of the active run; returns MLflow's ``ModelInfo``."""
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=QualiCLIPPyfunc(),
+        python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(checkpoint_dir)},
+        signature=SIGNATURE,
+        input_example=input_example(),
         pip_requirements=requirements(),
         code_paths=[str(PACKAGE_DIR)],
         registered_model_name=registered_model_name,

@@ -1,40 +1,46 @@
 """The pipeline stages as plain functions: params file + paths in, result out.
 
 The CLI (what dvc.yaml calls) and the Prefect flows both call these, so a stage has one body.
-Each builds its typed configs from params.yaml, runs the library stage inside a tracker run,
-and logs params, metrics and pictures. The train and evaluate stages import the torch-based
-library modules when they run: ingest and degrade (and their spawned shard workers) do not
-need torch and open_clip, which take seconds to import.
+Each opens its tracker run first, from the ``tracking:`` section alone (so that a stage failing
+on its params or inputs is a failed run too), then reads params.yaml whole
+(`params.read_params`: every section checked, the sections it reads required, before any
+work), records the datasets it consumes
+(`qualiclip.pipeline.lineage`), runs the library stage, and logs params, metrics and pictures.
+Each stage imports the library modules it runs inside its own function, for two reasons: a
+stage process then loads exactly the code that dvc.yaml lists as that stage's dependencies
+(tests/test_pipeline_dvc.py compares the two), so a changed distortion reruns degrade but not
+ingest; and ingest and degrade (and their spawned shard workers) do not pay seconds for torch
+and open_clip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from ..config import build_config, config_dict, load_params, params_hash
-from ..degrade import DegradeConfig, run_degrade
-from ..distortions import save_contact_sheet
-from ..ingest import IngestConfig, images_dir, load_image, read_manifest, run_ingest
-from ..plots import plot_loss_curves
-from ..shards import INDEX_FILE, read_index
-from ..store import open_store
-from ..tracking import Tracker
-from .tracking import TrackingConfig, get_tracker, write_version_file
+from ..tracking import DatasetRef, Tracker
+from .params import read_params
+from .paths import check_sources_are_deps
+from .tracking import TrackingConfig, get_tracker, read_version_file, write_version_file
 
 
-def _tracker(params: dict, params_file: str) -> tuple[Tracker, TrackingConfig]:
-    t = build_config(TrackingConfig, params.get("tracking"), where="tracking")
-    return get_tracker(t.backend, experiment=t.experiment, params_file=Path(params_file)), t
+def _tracker(params_file: str) -> tuple[Tracker, TrackingConfig]:
+    """The stage's tracker, built from the ``tracking:`` section alone: an error in any other
+    section is then logged as a failed run (the whole file is checked inside the run)."""
+    t = build_config(TrackingConfig, load_params(params_file).get("tracking"), where="tracking")
+    return get_tracker(t.backend, experiment=t.experiment), t
 
 
 def stage_ingest(params_file: str, out: str) -> dict:
-    params = load_params(params_file)
-    cfg = build_config(IngestConfig, params.get("ingest"), where="ingest")
-    tracker, _ = _tracker(params, params_file)
+    from ..ingest import SKIMAGE_SOURCE, run_ingest  # see the module docstring
+
+    tracker, _ = _tracker(params_file)
     with tracker.run("ingest"):
+        cfg = read_params(params_file, "ingest", "tracking")["ingest"]
+        if os.environ.get("DVC_STAGE"):  # under dvc repro, which sets it: DVC must see the photos change
+            check_sources_are_deps([s for s in cfg.sources if s != SKIMAGE_SOURCE], _dvc_stage_name())
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
@@ -45,11 +51,19 @@ def stage_ingest(params_file: str, out: str) -> dict:
     return summary
 
 
+def _dvc_stage_name() -> str:
+    """The running stage's name in dvc.yaml (DVC_STAGE is ``name`` or ``path/dvc.yaml:name``)."""
+    return os.environ["DVC_STAGE"].rsplit(":", 1)[-1]
+
+
 def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
-    params = load_params(params_file)
-    cfg = build_config(DegradeConfig, params.get("degrade"), where="degrade")
-    tracker, _ = _tracker(params, params_file)
+    from ..degrade import run_degrade  # see the module docstring
+    from .lineage import manifest_input
+
+    tracker, _ = _tracker(params_file)
     with tracker.run("degrade"):
+        cfg = read_params(params_file, "degrade", "tracking")["degrade"]
+        tracker.log_input(manifest_input(Path(ingest), cfg.split), "training")
         tracker.log_params({"degrade": config_dict(cfg)})
         result = run_degrade(cfg, Path(ingest), out)  # out: a folder or an s3:// prefix
         tracker.log_metrics({"degrade.shards": result.shards, "degrade.samples": result.samples,
@@ -62,6 +76,9 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
 
 def _contact_sheet_for(ingest_dir: Path) -> Path:
     """A contact sheet of every type × level on the first training image, for the MLflow run."""
+    from ..distortions import save_contact_sheet
+    from ..ingest import images_dir, load_image, read_manifest
+
     first = read_manifest(ingest_dir, "train")[0]["id"]
     out = Path(tempfile.mkdtemp()) / "distortions_contact_sheet.png"
     save_contact_sheet(load_image(images_dir(ingest_dir), first), out)
@@ -69,58 +86,92 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..evaluate import EvaluateConfig, check_datasets  # torch: see the module docstring
-    from ..model import ModelConfig
-    from ..train import TrainConfig, run_train
+    from ..evaluate import check_datasets  # see the module docstring
+    from ..plots import plot_loss_curves
+    from ..train import run_train
+    from .lineage import shard_input
 
-    params = load_params(params_file)
-    cfg = build_config(TrainConfig, params.get("train"), where="train")
-    model_cfg = build_config(ModelConfig, params.get("model"), where="model")
-    read_index(shards)  # fails with the fix ("run the degrade stage first") before any work
-    # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
-    check_datasets(build_config(EvaluateConfig, params.get("evaluate"), where="evaluate"))
-    tracker, tcfg = _tracker(params, params_file)
+    tracker, tcfg = _tracker(params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
     if not main_process:
         tracker = Tracker()
-    phash = params_hash(model_cfg, cfg)
-    data_version = hashlib.sha256(open_store(shards).read_bytes(INDEX_FILE)).hexdigest()[:12]
-    meta = {"params_hash": phash, "data_version": data_version, "model": config_dict(model_cfg), "train": config_dict(cfg)}
-    version = None
-    with tracker.run("train", tags={"qualiclip.params_hash": phash, "qualiclip.data_version": data_version}):
+    logged = None
+    with tracker.run("train"):
+        params = read_params(params_file, "train", "model", "evaluate", "tracking")
+        cfg, model_cfg = params["train"], params["model"]
+        data = shard_input(shards)  # a folder or an s3:// prefix; fails with the fix ("run the degrade stage first")
+        # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
+        check_datasets(params["evaluate"])
+        phash = params_hash(model_cfg, cfg)
+        provenance = {"params_hash": phash, "data_version": data.digest}
+        tracker.set_tags({f"qualiclip.{k}": v for k, v in provenance.items()})
+        tracker.log_input(data, "training")
         tracker.log_params({"model": config_dict(model_cfg), "train": config_dict(cfg)})
+        meta = {**provenance, "model": config_dict(model_cfg), "train": config_dict(cfg)}
         result = run_train(cfg, model_cfg, shards, Path(out), tracker=tracker, metadata=meta)
         tracker.log_figure(plot_loss_curves(Path(out) / "train_log.csv", Path(out) / "loss_curves.png"))
         if tracker.enabled:
-            version = tracker.log_model(
+            logged = tracker.log_model(
                 result.checkpoint, register_as=tcfg.registered_model,
-                description=f"params hash {phash}; data version {data_version}; {result.steps} steps",
-                tags={"params_hash": phash, "data_version": data_version, "pipeline_id": getattr(tracker, "pipeline", "")},
+                description=f"params hash {phash}; data version {data.digest}; {result.steps} steps",
+                tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
-            print(f"train: registered {tcfg.registered_model} version {version}")
+            print(f"train: registered {tcfg.registered_model} version {logged.version}")
     if main_process:
-        write_version_file(Path(out), tcfg.registered_model, version, getattr(tracker, "run_id", None))
+        write_version_file(Path(out), tcfg.registered_model, logged and logged.version,
+                           getattr(tracker, "run_id", None), logged and logged.model_id)
     print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
-    return {"checkpoint": str(result.checkpoint), "final": result.final, "model_version": version, "params_hash": phash}
+    return {"checkpoint": str(result.checkpoint), "final": result.final,
+            "model_version": logged and logged.version, "params_hash": phash}
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
-    from ..checkpoint import load_checkpoint  # torch: see the module docstring
-    from ..evaluate import EvaluateConfig, run_evaluate
+    from ..checkpoint import load_checkpoint, read_metadata  # see the module docstring
+    from ..evaluate import check_datasets, run_evaluate
+    from .lineage import iqa_input, manifest_input
 
-    params = load_params(params_file)
-    cfg = build_config(EvaluateConfig, params.get("evaluate"), where="evaluate")
-    tracker, _ = _tracker(params, params_file)
+    tracker, _ = _tracker(params_file)
     with tracker.run("evaluate"):
-        tracker.log_params({"evaluate": config_dict(cfg)})
-        metrics = run_evaluate(cfg, load_checkpoint(model), Path(ingest), Path(out))
-        tracker.log_metrics(metrics)
+        cfg = read_params(params_file, "evaluate", "tracking")["evaluate"]
+        checkpoint = load_checkpoint(model)
+        tracker.log_params({"evaluate": config_dict(cfg), "model": config_dict(checkpoint.cfg)})
+        meta = read_metadata(Path(model)) if Path(model).is_dir() else {}
+        tracker.set_tags({f"qualiclip.{k}": str(meta[k]) for k in ("params_hash", "data_version") if k in meta})
+        model_id = read_version_file(Path(model)).get("model_id")
+        model_id = model_id if model_id and tracker.link_model(model_id) else None
+        datasets = check_datasets(cfg)
+        inputs = {"synthetic": manifest_input(Path(ingest), cfg.split)}
+        inputs |= {label: iqa_input(label, ds) for label, ds in datasets}
+        for ref in inputs.values():
+            tracker.log_input(ref, "evaluation")
+        result = run_evaluate(cfg, checkpoint, Path(ingest), Path(out), datasets)
+        log_evaluation(tracker, result.metrics, inputs, model_id)
+        tracker.log_table(result.per_distortion, "per_distortion.json")
         for png in sorted((Path(out) / "plots").glob("*.png")):
             tracker.log_figure(png)
-    syn = metrics["synthetic"]
+    syn = result.metrics["synthetic"]
     print(f"evaluate: synthetic SRCC {syn['srcc']:.3f} PLCC {syn['plcc']:.3f} KRCC {syn['krcc']:.3f} "
           f"(within image×type {syn['srcc_within']:.3f})")
-    return metrics
+    return result.metrics
+
+
+def log_evaluation(tracker: Tracker, metrics: dict, inputs: dict[str, DatasetRef], model_id: str | None) -> None:
+    """The headline metrics, each block against the dataset it was measured on.
+
+    The trained model's blocks are also logged against the model (``model_id``: they show on its
+    page in MLflow); the baseline's blocks (``baseline.*``) belong to the run only.
+    """
+    def dataset(block: str) -> DatasetRef:  # "synthetic", "n_synthetic", "<label>", "<label>_test"
+        if block in ("synthetic", "n_synthetic"):
+            return inputs["synthetic"]
+        return inputs.get(block) or inputs[block.removesuffix("_test")]
+
+    for block, values in metrics.items():
+        if block == "baseline":
+            for name, base in values.items():
+                tracker.log_metrics({"baseline": {name: base}}, dataset=dataset(name))
+        else:
+            tracker.log_metrics({block: values}, model_id=model_id, dataset=dataset(block))
 
 
 def _numbers(d: dict) -> dict:

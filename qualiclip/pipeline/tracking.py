@@ -1,25 +1,24 @@
-"""Which tracker a stage logs to, what ties the runs of one pipeline execution together, and
-what the train stage registered.
+"""Which tracker a stage logs to, and what the train stage logged and registered.
 
 The library logs through `qualiclip.tracking.Tracker`, a no-op by default. Here the stages get
-the MLflow tracker when params.yaml's ``tracking`` section and the installed packages allow it.
-Runs of one pipeline execution share the tag ``qualiclip.pipeline_id`` and hang under one parent
-run, so they can be found together in the MLflow UI.
+the MLflow tracker when params.yaml's ``tracking`` section and the installed packages allow it,
+told which pipeline execution the stage belongs to (`qualiclip.pipeline.execution`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import MinLen
+
+from ..config import check_fields
 from ..errors import QualiclipError
 from ..tracking import Tracker
+from .execution import current_execution
 
-PIPELINE_ENV = "QUALICLIP_PIPELINE_ID"
-VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id"}
+VERSION_FILE = "registered_model.json"  # beside the checkpoint folder: {"name", "version", "run_id", "model_id"}
 
 
 class TrackingError(QualiclipError, RuntimeError):
@@ -31,24 +30,14 @@ class TrackingConfig:
     """The ``tracking`` section of params.yaml."""
 
     backend: Literal["auto", "mlflow", "none"] = "auto"
-    experiment: str = "qualiclip"
-    registered_model: str = "qualiclip"
+    experiment: Annotated[str, MinLen(1)] = "qualiclip"
+    registered_model: Annotated[str, MinLen(1)] = "qualiclip"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tracking")
 
 
-def pipeline_id(params_file: Path | None = None) -> str:
-    """The id shared by the stage runs of one pipeline execution.
-
-    Set by the caller through ``QUALICLIP_PIPELINE_ID`` (the Prefect flows set their flow-run
-    id); otherwise a hash of params.yaml, so ``dvc repro`` groups the runs of one configuration.
-    """
-    if os.environ.get(PIPELINE_ENV):
-        return os.environ[PIPELINE_ENV]
-    if params_file and Path(params_file).is_file():
-        return "params-" + hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:12]
-    return "adhoc"
-
-
-def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip", params_file: Path | None = None) -> Tracker:
+def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip") -> Tracker:
     """``auto``: MLflow when it is installed, else no-op. ``mlflow`` requires it; ``none`` disables."""
     if kind == "none":
         return Tracker()
@@ -59,14 +48,29 @@ def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip", params_fil
             raise TrackingError("tracking.backend is 'mlflow' but mlflow is not installed — pip install "
                                 "'qualiclip[pipeline]', or set tracking.backend: auto in params.yaml") from None
         return Tracker()
-    return MlflowTracker(experiment=experiment, pipeline=pipeline_id(params_file))
+    return MlflowTracker(experiment=experiment, execution=current_execution())
 
 
-def write_version_file(train_out: Path, name: str, version: str | None, run_id: str | None = None) -> Path:
-    """What the train stage registered, beside its checkpoint (``version`` None: nothing registered).
+def write_version_file(train_out: Path, name: str, version: str | None, run_id: str | None = None,
+                       model_id: str | None = None) -> Path:
+    """What the train stage logged and registered, beside its checkpoint (``version`` None:
+    nothing registered; ``model_id``: the tracker's id of the logged model).
 
     Always written, so a DVC ``outs`` entry for it exists whether or not tracking is on.
     """
     path = Path(train_out) / VERSION_FILE
-    path.write_text(json.dumps({"name": name, "version": version, "run_id": run_id}, indent=2) + "\n")
+    info = {"name": name, "version": version, "run_id": run_id, "model_id": model_id}
+    path.write_text(json.dumps(info, indent=2) + "\n")
     return path
+
+
+def read_version_file(checkpoint: Path) -> dict:
+    """The `write_version_file` record beside ``checkpoint`` (a folder or file), or {} if there is none."""
+    path = Path(checkpoint).parent / VERSION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
