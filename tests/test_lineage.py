@@ -36,7 +36,7 @@ def project(tmp_path_factory) -> dict:
         {"name": "csv", "root": "rated", "mos_range": [1, 5], "lower_is_better": False, "label": "rated"}])
     root = make_dvc_project(base / "project", params)
     photos = make_photos(root / "photos", n=4)
-    rated = make_photos(root / "rated", n=5, seed=1)  # the 4-parameter logistic fit needs at least 4 images
+    rated = make_photos(root / "rated", n=5, seed=1)
     (rated / "labels.csv").write_text("image,mos\n" + "".join(f"photo_{i:02d}.png,{m}\n" for i, m in enumerate([2, 4.5, 3, 1.5, 4])))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\nrated/\n")
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
