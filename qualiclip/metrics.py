@@ -20,6 +20,7 @@ import numpy as np
 from scipy import optimize, stats
 
 MIN_POINTS = 3
+LOGISTIC_PARAMS = 4  # b1..b4 of logistic4
 CORRELATION_KEYS = ("srcc", "krcc", "plcc", "plcc_logistic")
 
 
@@ -65,12 +66,16 @@ def logistic_fit(pred, target) -> tuple[np.ndarray, Callable[[np.ndarray], np.nd
     """Fit `logistic4` mapping ``pred`` onto ``target``; return ``(params, curve)``.
 
     ``params`` is ``[b1, b2, b3, b4]`` and ``curve(x)`` evaluates the fitted logistic, e.g. to draw
-    it over a scatter plot. If the fit does not converge, or yields a non-finite or constant
-    mapping, a `LogisticFitWarning` is issued, ``params`` is all NaN and ``curve`` is the linear
+    it over a scatter plot. With fewer than 4 points, or if the fit does not converge or yields a
+    non-finite or constant mapping, a `LogisticFitWarning` is issued, ``params`` is all NaN and ``curve`` is the linear
     least-squares map of ``pred`` onto ``target`` (so ``plcc_logistic`` falls back to ``|plcc|``).
     Same input contract as `correlations`.
     """
     x, y = _as_pair(pred, target)
+    if x.size < LOGISTIC_PARAMS:  # curve_fit cannot fit 4 parameters to fewer points
+        warnings.warn(f"logistic fit needs at least {LOGISTIC_PARAMS} points, got {x.size}; using a linear map instead",
+                      LogisticFitWarning, stacklevel=2)
+        return np.full(LOGISTIC_PARAMS, np.nan), _linear_curve(x, y)
     # Fit on standardised scores: model outputs often span a narrow band (0.40-0.45), and
     # MINPACK's finite-difference step is relative to each parameter, so a centre that starts
     # at ~1e-16 instead of exactly 0 would never move.

@@ -36,7 +36,7 @@ def project(tmp_path_factory) -> dict:
         {"name": "csv", "root": "rated", "mos_range": [1, 5], "lower_is_better": False, "label": "rated"}])
     root = make_dvc_project(base / "project", params)
     photos = make_photos(root / "photos", n=4)
-    rated = make_photos(root / "rated", n=5, seed=1)  # the 4-parameter logistic fit needs at least 4 images
+    rated = make_photos(root / "rated", n=5, seed=1)
     (rated / "labels.csv").write_text("image,mos\n" + "".join(f"photo_{i:02d}.png,{m}\n" for i, m in enumerate([2, 4.5, 3, 1.5, 4])))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\nrated/\n")
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
@@ -211,7 +211,7 @@ def served(project):
     return mlflow.pyfunc.load_model(project["client"].get_model_version_download_uri("qualiclip", "1"))
 
 
-def test_the_served_model_scores_good_rows_and_names_what_is_wrong_with_bad_ones(project, served):
+def test_the_served_model_scores_good_rows_and_names_what_is_wrong_with_bad_ones(project, served, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     from qualiclip.scoring import score_images
@@ -225,8 +225,14 @@ def test_the_served_model_scores_good_rows_and_names_what_is_wrong_with_bad_ones
     np.testing.assert_allclose([answer.score[0], answer.score[3]], expected, atol=1e-5)
     assert answer.error[0] is None and answer.score[1] is None and answer.score[2] is None
     assert answer.error[1] == "row 1: not base64" and answer.error[2].startswith("row 2: not_an_image")
-    by_path = model.predict(pd.DataFrame({"path": [str(photos[0]), str(photos[0].with_name("gone.png"))]}))
-    assert by_path.score[0] == pytest.approx(expected[0], abs=1e-5) and "unreadable" in by_path.error[1]
+    with pytest.raises(MlflowException, match="the 'path' column is off on this server.*QUALICLIP_SERVE_ROOT"):
+        model.predict(pd.DataFrame({"path": [str(photos[0])]}))  # no root: the server reads no files
+    monkeypatch.setenv("QUALICLIP_SERVE_ROOT", str(photos[0].parent))
+    by_path = model.predict(pd.DataFrame({"path": [str(photos[0]), photos[1].name, "gone.png", "../params.yaml",
+                                                   "/etc/passwd"]}))
+    assert list(by_path.score[:2]) == pytest.approx(expected, abs=1e-5) and "unreadable" in by_path.error[2]
+    assert by_path.error[3] == "row 3: '../params.yaml' is outside QUALICLIP_SERVE_ROOT" and by_path.score[3] is None
+    assert by_path.error[4] == "row 4: '/etc/passwd' is outside QUALICLIP_SERVE_ROOT"
     for bad in (pd.DataFrame({"img": images}), pd.DataFrame({"image": images, "path": [str(p) for p in photos]})):
         with pytest.raises(MlflowException, match=r"needs one input column, 'image' .* or 'path'"):
             model.predict(bad)

@@ -100,6 +100,14 @@ def test_failed_fit_falls_back_to_a_linear_map(monkeypatch):
     assert out["plcc_logistic"] == pytest.approx(abs(out["plcc"]))
 
 
+def test_three_points_get_every_correlation_with_a_linear_map():
+    # the 4-parameter logistic cannot be fitted to 3 points (scipy raised TypeError, evaluate crashed)
+    with pytest.warns(LogisticFitWarning, match="at least 4 points"):
+        out = correlations([0.1, 0.5, 0.3], [1.0, 3.0, 2.5])
+    assert out["srcc"] == pytest.approx(1.0)
+    assert out["plcc_logistic"] == pytest.approx(abs(out["plcc"]))
+
+
 def test_no_warnings_on_ordinary_data():
     rng = np.random.default_rng(2)
     x = rng.uniform(size=100)

@@ -243,10 +243,11 @@ def mlflow_urls(loop):
     tmp, project = loop["tmp"], loop["project"]
     store = f"sqlite:///{project / 'mlflow.db'}"
     env = clean_env(tmp, MLFLOW_TRACKING_URI=store)
+    serve_env = {**env, "QUALICLIP_SERVE_ROOT": str(loop["photos"][0].parent)}  # the `path` column's folder
     model_port, server_port = free_port(), free_port()
     procs = [
         start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/qualiclip@champion", "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(model_port)], tmp / "models-serve.log", env, cwd=project),
+               "-h", "127.0.0.1", "-p", str(model_port)], tmp / "models-serve.log", serve_env, cwd=project),
         start([str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--artifacts-destination",
                str(project / "mlartifacts"), "--host", "127.0.0.1", "--port", str(server_port)],
               tmp / "mlflow-server.log", env, cwd=project),

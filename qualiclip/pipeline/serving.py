@@ -1,10 +1,12 @@
 """A pyfunc model so ``mlflow models serve -m models:/qualiclip@champion`` answers with scores.
 
 Input: a DataFrame (JSON ``dataframe_records``/``dataframe_split``) with a column ``image``
-(base64-encoded image bytes) or ``path`` (a file the server can read). Output: per row a
+(base64-encoded image bytes) or ``path`` (a file under the folder the server's
+``QUALICLIP_SERVE_ROOT`` names, relative to it; without that variable the column is refused,
+so a client cannot make the server read its files). Output: per row a
 ``score`` in [0, 1] (higher is better) and an ``error``, empty when the row was scored. A row
-that cannot be scored (not base64, not an image, no such file, over the decompression-bomb
-limit) gets its reason and no score, and the other rows are still scored; a request with
+that cannot be scored (not base64, not an image, no such file, a path outside the root, over
+the decompression-bomb limit) gets its reason and no score, and the other rows are still scored; a request with
 neither column is refused with an error that names them.
 
 Logged as *models from code*: MLflow stores `pyfunc_model.py` (which only builds
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from importlib.metadata import version
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from ..scoring import load_scorer, score_arrays, score_paths
 # The qualiclip package folder: logged with the model, so the server imports this module from it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_COLUMNS = {"image": "base64-encoded image bytes", "path": "a file the server can read"}
+SERVE_ROOT_ENV = "QUALICLIP_SERVE_ROOT"  # the folder whose files the `path` column may name
+INPUT_COLUMNS = {"image": "base64-encoded image bytes", "path": f"a file under the server's {SERVE_ROOT_ENV}"}
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS]),
     outputs=Schema([ColSpec("double", "score", required=False), ColSpec("string", "error", required=False)]),
@@ -51,12 +55,19 @@ class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
         column = input_column(model_input)
         values = list(model_input[column])
         if column == "path":
-            results = [(r.score, r.error or None) for r in score_paths([str(v) for v in values], self.model)]
+            results = self._score_files(values)
         else:
             results = self._score_encoded(values)
         scores, errors = zip(*results) if results else ((), ())
         # object columns: a missing value stays None, which the server writes as JSON null (NaN is not JSON)
         return pd.DataFrame({"score": pd.Series(scores, dtype=object), "error": pd.Series(errors, dtype=object)})
+
+    def _score_files(self, values: list) -> list[tuple[float | None, str | None]]:
+        resolved = resolve_paths(values)
+        ok = [i for i, r in enumerate(resolved) if isinstance(r, Path)]
+        scored = dict(zip(ok, score_paths([str(resolved[i]) for i in ok], self.model))) if ok else {}
+        return [(scored[i].score, scored[i].error or None) if i in scored else (None, resolved[i])
+                for i in range(len(values))]
 
     def _score_encoded(self, values: list) -> list[tuple[float | None, str | None]]:
         decoded = [_decode_row(i, v) for i, v in enumerate(values)]
@@ -73,6 +84,27 @@ def input_column(frame: pd.DataFrame) -> str:
         raise MlflowException.invalid_parameter_value(
             f"qualiclip needs one input column, {wanted}; the request has {'both' if have else 'neither'}")
     return have[0]
+
+
+def resolve_paths(values: list) -> list[Path | str]:
+    """Each ``path`` row as a file under ``$QUALICLIP_SERVE_ROOT`` (symlinks resolved), or why not.
+
+    The request is refused as a whole when the variable is unset: the server then reads no files.
+    """
+    root = os.environ.get(SERVE_ROOT_ENV)
+    if not root:
+        raise MlflowException.invalid_parameter_value(
+            f"the 'path' column is off on this server: send 'image' (base64), or start the server with "
+            f"{SERVE_ROOT_ENV}=<folder> to score files under that folder")
+    base = Path(root).resolve()
+    out: list[Path | str] = []
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or not value:
+            out.append(f"row {index}: no path")
+            continue
+        target = (base / value).resolve()
+        out.append(target if target.is_relative_to(base) else f"row {index}: {value!r} is outside {SERVE_ROOT_ENV}")
+    return out
 
 
 def _decode_row(index: int, value) -> np.ndarray | str:
