@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 # fixtures: real servers on 127.0.0.1 (tests/servers.py)
-from servers import dask_cluster, s3_bucket, s3_server  # noqa: F401
+from servers import dask_cluster, mlflow_server, postgres, s3_bucket, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
