@@ -62,6 +62,11 @@ def test_runs_models_and_the_champion_live_on_the_server(project, mlflow_server,
     assert decision["tracking_uri"] == mlflow_server.url
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()  # nothing local
 
+    elsewhere = run([bin_path("qualiclip"), "promote"], project, check=False,
+                    MLFLOW_TRACKING_URI=f"sqlite:///{project.parent / 'other.db'}")  # not the store train used
+    assert elsewhere.returncode == 2 and "Traceback" not in elsewhere.stderr, elsewhere.stderr
+    assert f"holds no version {registered['version']} of 'qualiclip'" in elsewhere.stderr, elsewhere.stderr
+
     dsn = mlflow_server.dsn
     stages = query(dsn, "SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
                         "WHERE t.key = 'qualiclip.stage'")

@@ -152,12 +152,13 @@ def version_tags(meta: dict, shards_md5: str | None, metrics: dict) -> dict[str,
 
 
 def find_version(client, name: str, checkpoint: Path) -> str:
-    """The registered version of ``checkpoint``: its version file, else matching version tags."""
+    """The registered version of ``checkpoint``: its version file (a version this registry must hold),
+    else matching version tags."""
     vfile = Path(checkpoint).parent / VERSION_FILE
     if vfile.is_file():
         info = json.loads(vfile.read_text())
         if info.get("name") == name and info.get("version"):
-            return str(info["version"])
+            return _in_store(client, name, str(info["version"]))
     meta = read_metadata(Path(checkpoint))
     if not meta:
         raise PromotionError(f"no checkpoint metadata at {checkpoint} — run the train stage first")
@@ -170,6 +171,22 @@ def find_version(client, name: str, checkpoint: Path) -> str:
                              f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
                              f"Rerun `dvc repro --force train` with MLflow tracking on")
     return str(max(int(mv.version) for mv in matches))  # the newest of equal configs
+
+
+def _in_store(client, name: str, version: str) -> str:
+    """``version`` if the client's registry holds it; else the one-line fix (the train stage
+    registered it in another store: another MLFLOW_TRACKING_URI, or the project's mlflow.db)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise PromotionError(f"this tracking store (MLFLOW_TRACKING_URI, else the project's mlflow.db) holds no version "
+                             f"{version} of '{name}', which the train stage registered — point MLFLOW_TRACKING_URI at "
+                             "the store it used, or rerun `dvc repro --force train`") from None
+    return version
 
 
 def current_champion(client, name: str, cfg: PromotionConfig) -> tuple[str | None, dict[str, float]]:
