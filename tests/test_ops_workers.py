@@ -24,7 +24,7 @@ import pytest
 
 from conftest import make_dvc_project, make_photos, tiny_params, world_readable_dir
 from flows.pipeline import stop_process_group
-from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, free_port, http, prefect, start, \
+from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, free_port, http, prefect, run_flow, start, \
     task_states, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -204,3 +204,22 @@ def test_the_server_keeps_its_state_in_postgresql(worked):
         assert cur.fetchone()[0] == len(PROJECTS)
         cur.execute("SELECT name, \"limit\" FROM concurrency_limit_v2 WHERE name = %s", (GPU_LIMIT,))
         assert cur.fetchone() is not None
+
+
+@pytest.mark.slow
+def test_a_missing_limit_is_an_error_not_an_unguarded_training(server):
+    state = run_flow(server["env"], """
+        from prefect import flow
+        from flows import gpu_slot
+
+        @flow(log_prints=True)
+        def guarded():
+            with gpu_slot.held("qualiclip-gpu-nowhere", timeout=30):
+                print("training without a slot")
+
+        state = guarded(return_state=True)
+    """, ROOT)
+    assert state["type"] == "FAILED"
+    messages = [e["message"] for e in flow_logs(server["api"], state["flow_run_id"])]
+    assert not any("training without a slot" in m for m in messages)
+    assert any("qualiclip-gpu-nowhere" in m and "ConcurrencySlotAcquisitionError" in m for m in messages), messages
