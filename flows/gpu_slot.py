@@ -11,7 +11,7 @@ frees itself when the lease ends (``LEASE_SECONDS``).
 
 The limit is created with 1 slot when absent (`ensure_limit`: on ``deploy``/``serve`` and by the
 flow before it asks for a slot), never changed when present, so an operator's
-``prefect gcl update <name> --limit 2`` (two GPUs) or ``prefect gcl disable <name>`` stays.
+``prefect gcl update <name> --limit 2`` (two trainings fit) or ``prefect gcl disable <name>`` stays.
 Slots are taken with ``strict=True``: a limit that vanished between the two is an error naming
 it, never a silently unguarded training.
 """

@@ -95,10 +95,9 @@ def mlflow_train_interval(project: Path) -> tuple[float, float]:
     """Start and end (s) of the train stage's MLflow run in the project's store: the training itself."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{project / 'mlflow.db'}"
-    runs = MlflowClient(tracking_uri=uri).search_runs(
-        [MlflowClient(tracking_uri=uri).get_experiment_by_name("qualiclip").experiment_id],
-        filter_string="tags.`qualiclip.stage` = 'train'")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("qualiclip").experiment_id],
+                              filter_string="tags.`qualiclip.stage` = 'train'")
     assert len(runs) == 1, f"{project}: {len(runs)} train runs"
     return runs[0].info.start_time / 1000, runs[0].info.end_time / 1000
 
