@@ -39,6 +39,9 @@ class ScheduleConfig:
     deployment: Annotated[str, MinLen(1)] = "scheduled-retraining"
     lock_timeout: Annotated[float, Ge(0)] = 3600.0  # seconds a second trigger waits for the workspace
     timeout: Annotated[float, Gt(0)] = 43200.0      # seconds all stages of one run may take together
+    # the Prefect global concurrency limit the train stage holds a slot of: one training per GPU
+    # host at a time ({host}: this machine's name; flows/gpu_slot.py creates it with 1 slot)
+    gpu_limit: Annotated[str, MinLen(1)] = "qualiclip-gpu-{host}"
 
     def __post_init__(self) -> None:
         check_fields(self, "schedule")
