@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,8 @@ from prefect.schedules import Cron
 
 from flows import gpu_slot
 from flows.pipeline import read_metrics, reproduce
+from qualiclip.config import ConfigError
+from qualiclip.errors import QualiclipError
 from qualiclip.pipeline.params import ScheduleConfig, read_params
 from qualiclip.pipeline.promotion import Decision, PromotionError, promote_project
 from qualiclip.pipeline.report import run_report
@@ -126,8 +129,13 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
 # Deployment: `python -m flows.retrain serve|deploy|run`
 
 
-def _schedule(cfg: ScheduleConfig) -> Cron:
-    return Cron(cfg.cron, timezone=cfg.timezone)
+def _schedule(cfg: ScheduleConfig, params_file: str) -> Cron:
+    """The deployment's schedule; `ConfigError` naming the key for a cron string Prefect refuses."""
+    try:
+        return Cron(cfg.cron, timezone=cfg.timezone)
+    except ValueError:
+        raise ConfigError(f"{params_file}: schedule.cron {cfg.cron!r} is no cron expression — five fields, "
+                          "minute hour day month weekday, e.g. '0 3 * * *' (every day at 03:00)") from None
 
 
 def _importable_here() -> None:
@@ -139,10 +147,11 @@ def _importable_here() -> None:
 def serve(project_dir: str, params_file: str = "params.yaml") -> None:
     """Create the scheduled deployment and execute its runs from this process until stopped."""
     cfg = schedule_config(project_dir, params_file)
+    schedule = _schedule(cfg, params_file)
     _ensure_gpu_limit(cfg)
     params = {"project_dir": str(Path(project_dir).resolve()), "params_file": params_file}
     _importable_here()
-    retrain_flow.serve(name=cfg.deployment, schedules=[_schedule(cfg)], parameters=params,
+    retrain_flow.serve(name=cfg.deployment, schedules=[schedule], parameters=params,
                        description="dvc repro, then promote the new model if it beats the champion")
 
 
@@ -150,10 +159,11 @@ def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> Non
     """Create the deployment on work pool ``pool`` (a ``process`` pool is created if absent) and
     this host's GPU concurrency limit (if absent); the workers of the pool run it."""
     cfg = schedule_config(project_dir, params_file)
+    schedule = _schedule(cfg, params_file)
     _ensure_pool(pool)
     _ensure_gpu_limit(cfg)
     retrain_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/retrain.py:retrain_flow").deploy(
-        name=cfg.deployment, work_pool_name=pool, schedules=[_schedule(cfg)],
+        name=cfg.deployment, work_pool_name=pool, schedules=[schedule],
         parameters={"project_dir": str(Path(project_dir).resolve()), "params_file": params_file},
         job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}}, ignore_warnings=True,
     )
@@ -224,6 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="run: rerun every stage (dvc repro --force)")
     p.add_argument("--webhook-url", help="alert: where failed runs are announced (JSON {\"text\": ...})")
     args = p.parse_args(argv)
+    try:
+        _run_command(p, args)
+    except QualiclipError as exc:  # a user error: one line, no traceback
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_command(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "alert":
         if not args.webhook_url:
             p.error("alert needs --webhook-url URL")
