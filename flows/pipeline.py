@@ -31,6 +31,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows import gpu_slot
 from qualiclip.pipeline.paths import stage_paths
 from qualiclip.pipeline.execution import PIPELINE_ENV
 
@@ -158,8 +159,13 @@ def failure_message(stage: str, dvc_code: int, tail: list[tuple[int, str]]) -> s
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE)
-def dvc_stage(project_dir: str, stage: str, force: bool = False):
-    """Reproduce one stage if DVC finds it stale (always when ``force``); Skipped otherwise."""
+def dvc_stage(project_dir: str, stage: str, force: bool = False, slot: str | None = None,
+              slot_timeout: float | None = None):
+    """Reproduce one stage if DVC finds it stale (always when ``force``); Skipped otherwise.
+
+    ``slot``: a global concurrency limit the stage holds a slot of while it runs (not when
+    skipped), waiting up to ``slot_timeout`` s for it (`flows.gpu_slot.held`).
+    """
     log = get_run_logger()
     if not force:
         changes = stage_changes(project_dir, stage)
@@ -168,24 +174,29 @@ def dvc_stage(project_dir: str, stage: str, force: bool = False):
                              data={"stage": stage, "ran": False})
         log.info("%s is stale: %s", stage, json.dumps(changes))
     cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
-    log.info("running %s in %s", " ".join(cmd[1:]), project_dir)
-    code, tail = run_logged(cmd, project_dir, log)
+    with gpu_slot.held(slot, slot_timeout) if slot else contextlib.nullcontext():
+        log.info("running %s in %s", " ".join(cmd[1:]), project_dir)
+        code, tail = run_logged(cmd, project_dir, log)
     if code != 0:
         raise StageFailed(failure_message(stage, code, tail))
     return {"stage": stage, "ran": True}
 
 
-def reproduce(project_dir: str, force: bool = False, timeout: float | None = None) -> dict[str, str]:
+def reproduce(project_dir: str, force: bool = False, timeout: float | None = None,
+              slots: dict[str, str] | None = None) -> dict[str, str]:
     """Run every stage as a `dvc_stage` task, upstream first; ``{stage: state name}``.
 
-    ``timeout``: seconds for all stages together; the stage running when it ends is stopped and
-    its task ends TimedOut. The first stage that does not complete raises its error here.
+    ``timeout``: seconds for all stages together (a wait for a slot included); the stage running
+    when it ends is stopped and its task ends TimedOut. ``slots``: stage → the global concurrency
+    limit it holds a slot of while it runs. The first stage that does not complete raises its
+    error here.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
     for stage in stage_order(project_dir):
         left = None if deadline is None else max(1.0, deadline - time.monotonic())
-        state = dvc_stage.with_options(timeout_seconds=left)(project_dir, stage, force, return_state=True)
+        slot = (slots or {}).get(stage)
+        state = dvc_stage.with_options(timeout_seconds=left)(project_dir, stage, force, slot, left, return_state=True)
         states[stage] = state.name
         if not state.is_completed():
             state.result()  # raises the stage's StageFailed, or the TimeoutError of a timed-out stage

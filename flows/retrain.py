@@ -11,7 +11,10 @@ schedule of ``params.yaml`` (``schedule.cron``) and runs it on demand too::
 
 A workspace lock (``<project>/.qualiclip.lock``) serialises runs: a second trigger waits up to
 ``schedule.lock_timeout`` seconds, then fails with a message naming the lock. The stages of one
-run may take ``schedule.timeout`` seconds together; the stage then running is stopped.
+run may take ``schedule.timeout`` seconds together; the stage then running is stopped. A stale
+train stage holds a slot of the Prefect global concurrency limit ``schedule.gpu_limit``
+(``qualiclip-gpu-<hostname>``, 1 slot), so runs of any project on one GPU host train one at a
+time while their other stages overlap (`flows.gpu_slot`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +37,10 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
+from flows import gpu_slot
 from flows.pipeline import dvc_push, read_metrics, reproduce
+from qualiclip.config import ConfigError
+from qualiclip.errors import QualiclipError
 from qualiclip.pipeline.params import ScheduleConfig, read_params
 from qualiclip.pipeline.promotion import Decision, PromotionError, promote_project
 from qualiclip.pipeline.report import run_report
@@ -43,6 +50,7 @@ LOCK_FILE = ".qualiclip.lock"
 REPORT_KEY = "qualiclip-retrain-report"  # the artifact key: its versions are the runs' reports
 ALERT_BLOCK = "qualiclip-retrain-alerts"  # the notification block `alert` saves
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `flows.retrain` imports from
+GPU_STAGE = "train"  # the stage that holds the GPU for long; evaluate's short scoring takes no slot
 
 
 class WorkspaceBusy(RuntimeError):
@@ -104,10 +112,13 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
     project_dir = str(Path(project_dir).resolve())
     cfg = schedule_config(project_dir, params_file)
     log = get_run_logger()
+    gpu_limit = gpu_slot.limit_name(cfg.gpu_limit)  # the host that runs this flow trains
+    if gpu_slot.ensure_limit(gpu_limit):
+        log.info("created the global concurrency limit '%s' (%d slot)", gpu_limit, gpu_slot.SLOTS)
     log.info("waiting up to %.0f s for the workspace lock", cfg.lock_timeout)
     with workspace_lock(project_dir, cfg.lock_timeout) as lock:
         log.info("holding %s", lock)
-        stages = reproduce(project_dir, force, timeout=cfg.timeout)
+        stages = reproduce(project_dir, force, timeout=cfg.timeout, slots={GPU_STAGE: gpu_limit})
         metrics = read_metrics(project_dir)
         decision = promote(project_dir, params_file)
         report(decision, metrics, stages)
@@ -120,8 +131,13 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
 # Deployment: `python -m flows.retrain serve|deploy|run`
 
 
-def _schedule(cfg: ScheduleConfig) -> Cron:
-    return Cron(cfg.cron, timezone=cfg.timezone)
+def _schedule(cfg: ScheduleConfig, params_file: str) -> Cron:
+    """The deployment's schedule; `ConfigError` naming the key for a cron string Prefect refuses."""
+    try:
+        return Cron(cfg.cron, timezone=cfg.timezone)
+    except ValueError:
+        raise ConfigError(f"{params_file}: schedule.cron {cfg.cron!r} is no cron expression — five fields, "
+                          "minute hour day month weekday, e.g. '0 3 * * *' (every day at 03:00)") from None
 
 
 def _importable_here() -> None:
@@ -133,21 +149,34 @@ def _importable_here() -> None:
 def serve(project_dir: str, params_file: str = "params.yaml") -> None:
     """Create the scheduled deployment and execute its runs from this process until stopped."""
     cfg = schedule_config(project_dir, params_file)
+    schedule = _schedule(cfg, params_file)
+    _ensure_gpu_limit(cfg)
     params = {"project_dir": str(Path(project_dir).resolve()), "params_file": params_file}
     _importable_here()
-    retrain_flow.serve(name=cfg.deployment, schedules=[_schedule(cfg)], parameters=params,
+    retrain_flow.serve(name=cfg.deployment, schedules=[schedule], parameters=params,
                        description="dvc repro, then promote the new model if it beats the champion")
 
 
 def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> None:
-    """Create the deployment on work pool ``pool`` (a ``process`` pool is created if absent)."""
+    """Create the deployment on work pool ``pool`` (a ``process`` pool is created if absent) and
+    this host's GPU concurrency limit (if absent); the workers of the pool run it."""
     cfg = schedule_config(project_dir, params_file)
+    schedule = _schedule(cfg, params_file)
     _ensure_pool(pool)
+    _ensure_gpu_limit(cfg)
     retrain_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/retrain.py:retrain_flow").deploy(
-        name=cfg.deployment, work_pool_name=pool, schedules=[_schedule(cfg)],
+        name=cfg.deployment, work_pool_name=pool, schedules=[schedule],
         parameters={"project_dir": str(Path(project_dir).resolve()), "params_file": params_file},
         job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}}, ignore_warnings=True,
     )
+
+
+def _ensure_gpu_limit(cfg: ScheduleConfig) -> None:
+    """This host's limit, made at deployment so `prefect gcl ls` shows it before the first run.
+    A worker on another host creates its own when its first run starts."""
+    name = gpu_slot.limit_name(cfg.gpu_limit)
+    created = gpu_slot.ensure_limit(name)
+    print(f"{'created' if created else 'found'} global concurrency limit '{name}' — one training at a time on this host")
 
 
 def _ensure_pool(pool: str) -> None:
@@ -207,6 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="run: rerun every stage (dvc repro --force)")
     p.add_argument("--webhook-url", help="alert: where failed runs are announced (JSON {\"text\": ...})")
     args = p.parse_args(argv)
+    try:
+        _run_command(p, args)
+    except QualiclipError as exc:  # a user error: one line, no traceback
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_command(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "alert":
         if not args.webhook_url:
             p.error("alert needs --webhook-url URL")

@@ -155,17 +155,31 @@ def test_whole_file_is_checked_unknown_and_missing_sections_named(tmp_path):
     ("ingest", {"background": [0, 0, 256]}, "ingest.background[2] must be an integer in [0, 255], got 256"),
     ("ingest", {"background": [0, 0]}, "ingest.background must have exactly 3 items, got (0, 0)"),
     ("model", {"seed": -1}, "model.seed must be an integer in [0, 4294967295], got -1"),
+    ("schedule", {"timezone": "Europe"}, "schedule.timezone must be an IANA time zone, e.g. UTC or Europe/Rome, got 'Europe'"),
 ])
 def test_values_outside_their_declared_range_are_refused(section, values, message):
     from qualiclip.degrade import DegradeConfig
     from qualiclip.evaluate import EvaluateConfig
     from qualiclip.ingest import IngestConfig
     from qualiclip.model import ModelConfig
+    from qualiclip.pipeline.params import ScheduleConfig
 
     configs = {"train": TrainConfig, "degrade": DegradeConfig, "evaluate": EvaluateConfig, "ingest": IngestConfig,
-               "model": ModelConfig}
+               "model": ModelConfig, "schedule": ScheduleConfig}
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         build_config(configs[section], values, where=section)
+
+
+@pytest.mark.parametrize("command", ["serve", "deploy"])
+def test_a_bad_cron_string_stops_the_deployment_with_one_line_before_any_server_call(tmp_path, capsys, command):
+    from flows.retrain import main
+
+    (tmp_path / "params.yaml").write_text("schedule:\n  cron: '61 * * * *'\n")
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--project", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "schedule.cron '61 * * * *' is no cron expression" in err and "e.g. '0 3 * * *'" in err
 
 
 def test_configs_built_in_python_are_checked_too():

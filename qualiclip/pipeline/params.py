@@ -18,11 +18,12 @@ module cannot import theirs.
 """
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from annotated_types import Ge, Gt, MinLen
+from annotated_types import Ge, Gt, MinLen, Predicate, doc
 
 from ..config import build_sections, check_fields, load_params
 from ..ingest import IngestConfig
@@ -30,16 +31,28 @@ from ..schema import DegradeConfig, EvaluateConfig, ModelConfig, TrainConfig
 from .tracking import TrackingConfig
 
 
+def is_timezone(name: object) -> bool:
+    """Whether ``name`` is a time zone this machine's zoneinfo database knows (``UTC``, ``Europe/Rome``)."""
+    try:
+        zoneinfo.ZoneInfo(str(name))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder such as "Europe"
+        return False
+    return isinstance(name, str)
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """The ``schedule`` section of params.yaml: the Prefect deployment of flows/retrain.py."""
 
     cron: Annotated[str, MinLen(1)] = "0 3 * * *"                 # every day at 03:00
-    timezone: Annotated[str, MinLen(1)] = "UTC"
+    timezone: Annotated[str, Predicate(is_timezone), doc("an IANA time zone, e.g. UTC or Europe/Rome")] = "UTC"
     deployment: Annotated[str, MinLen(1)] = "scheduled-retraining"
     lock_timeout: Annotated[float, Ge(0)] = 3600.0  # seconds a second trigger waits for the workspace
     timeout: Annotated[float, Gt(0)] = 43200.0      # seconds all stages of one run may take together
     push: bool = False                              # dvc push the outputs to the default remote after a run
+    # the Prefect global concurrency limit the train stage holds a slot of: one training per GPU
+    # host at a time ({host}: this machine's name; flows/gpu_slot.py creates it with 1 slot)
+    gpu_limit: Annotated[str, MinLen(1)] = "qualiclip-gpu-{host}"
 
     def __post_init__(self) -> None:
         check_fields(self, "schedule")
