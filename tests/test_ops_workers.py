@@ -1,8 +1,8 @@
 """The retraining deployment on a process work pool, run by ``prefect worker start``, against a
 Prefect server on PostgreSQL on 127.0.0.1; and the GPU host's global concurrency limit.
 
-One module-scoped PostgreSQL 15 cluster (a temp dir, as the ``postgres`` user when the tests run
-as root: initdb refuses root) backs one ``prefect server start`` (the team setup of
+A database of the session's PostgreSQL 15 cluster (tests/servers.py: a temp dir, as the
+``postgres`` user when the tests run as root: initdb refuses root) backs one ``prefect server start`` (the team setup of
 docs/operations.md). Two tiny projects are deployed with ``python -m flows.retrain deploy`` onto
 one process pool, both triggered at once, and one ``prefect worker start --run-once --limit 2``
 runs both runs side by side: their train stages must not overlap (one slot of the host's
@@ -13,73 +13,45 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from conftest import make_dvc_project, make_photos, tiny_params, world_readable_dir
+from conftest import make_dvc_project, make_photos, tiny_params
 from flows.pipeline import stop_process_group
+from servers import new_database
 from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, free_port, http, prefect, run_flow, start, \
     task_states, wait_until
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 POOL = "gpu-hosts"
 PROJECTS = ("a", "b")
 GPU_LIMIT = f"qualiclip-gpu-{socket.gethostname()}"  # params.yaml's default schedule.gpu_limit on this host
 
 
 # ---------------------------------------------------------------------------------------------
-# PostgreSQL (a throwaway cluster) and the Prefect server on it
-
-
-def pg(cmd: str, *args: str) -> subprocess.CompletedProcess:
-    """A PostgreSQL 15 program, as the ``postgres`` user when this process is root."""
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    return subprocess.run([*as_user, str(PG_BIN / cmd), *args], capture_output=True, text=True, timeout=120,
-                          check=True)
-
-
-@contextlib.contextmanager
-def postgres_database(name: str) -> Iterator[str]:
-    """A fresh cluster on 127.0.0.1 (trust auth for user ``qc``) with database ``name``; yields
-    its SQLAlchemy URL for asyncpg. The cluster and its folder are gone afterwards."""
-    assert (PG_BIN / "initdb").exists(), f"PostgreSQL 15 is not installed at {PG_BIN} (apt-get install postgresql-15)"
-    folder = world_readable_dir()  # the postgres user must reach it
-    data, port = folder / "data", free_port()
-    try:
-        pg("initdb", "-D", str(data), "-U", "qc", "--auth=trust")
-        pg("pg_ctl", "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "-l", str(folder / "pg.log"),
-           "start", "-w")
-        try:
-            pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "qc", name)
-            yield f"postgresql+asyncpg://qc@127.0.0.1:{port}/{name}"
-        finally:
-            pg("pg_ctl", "-D", str(data), "stop", "-m", "fast", "-w")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+# The Prefect server on PostgreSQL (the cluster: tests/servers.py)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``prefect server start`` on 127.0.0.1 with its database on PostgreSQL."""
+def server(tmp_path_factory, postgres):
+    """``prefect server start`` on 127.0.0.1 with its database on PostgreSQL (its own database in
+    the session's cluster, `servers.postgres`), through asyncpg."""
     tmp = tmp_path_factory.mktemp("workers")
-    with postgres_database("prefect") as url:
-        port = free_port()
-        api = f"http://127.0.0.1:{port}/api"
-        env = clean_env(tmp, PREFECT_API_URL=api)
-        proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     tmp / "server.log", {**env, "PREFECT_API_DATABASE_CONNECTION_URL": url})
-        try:
-            wait_until(lambda: http(f"{api}/health") is True, "prefect server on PostgreSQL", proc,
-                       tmp / "server.log", timeout=240)
-            yield {"tmp": tmp, "api": api, "env": env, "database": url}
-        finally:
-            stop_process_group(proc)
+    url = new_database(postgres, "prefect").replace("postgresql://", "postgresql+asyncpg://", 1)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = clean_env(tmp, PREFECT_API_URL=api)
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 tmp / "server.log", {**env, "PREFECT_API_DATABASE_CONNECTION_URL": url})
+    try:
+        wait_until(lambda: http(f"{api}/health") is True, "prefect server on PostgreSQL", proc,
+                   tmp / "server.log", timeout=240)
+        yield {"tmp": tmp, "api": api, "env": env, "database": url}
+    finally:
+        stop_process_group(proc)
 
 
 # ---------------------------------------------------------------------------------------------
