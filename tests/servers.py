@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -222,15 +223,32 @@ def start_logged(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
-    """Poll ``url`` until it answers 200; fail with ``log``'s tail if ``proc`` exits or time runs
-    out (an MLflow server's first start migrates its database: tens of seconds on 2 cores)."""
+    """Poll ``url`` until it answers 200 (an MLflow server's first start migrates its database:
+    tens of seconds on 2 cores); fail with ``log``'s tail if ``proc`` exits or time runs out."""
+    wait_until(lambda: answers(url), what, proc, log, timeout)
+
+
+def wait_until(ok, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``ok()`` until true; fail with the process log if it exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError, ValueError):  # OSError: also urllib's URLError
+            if ok():
+                return
         time.sleep(1)
     pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status == 200
+
+
+def http(url: str, payload: dict | None = None, timeout: float = 60) -> dict:
+    """GET ``url``, or POST ``payload`` as JSON; the JSON answer."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"{}")

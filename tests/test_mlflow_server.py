@@ -11,7 +11,6 @@ import base64
 import contextlib
 import json
 import os
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +20,7 @@ import pytest
 
 from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
 from flows.pipeline import stop_process_group
-from servers import free_port, start_logged, wait_http
+from servers import free_port, http, start_logged, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +82,8 @@ def test_runs_models_and_the_champion_live_on_the_server(project, mlflow_server,
 
     photos = sorted((project / "photos").iterdir())[:3]
     with serving_champion(project.parent, mlflow_server.url) as url:
-        rows = post(url + "/invocations", {"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()}
-                                                                 for p in photos]})["predictions"]
+        rows = http(url + "/invocations", {"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()}
+                                                                 for p in photos]}, timeout=120)["predictions"]
     from qualiclip.scoring import score_images
 
     np.testing.assert_allclose([r["score"] for r in rows], score_images(photos, project / ARTIFACTS), atol=1e-5)
@@ -107,9 +106,3 @@ def serving_champion(tmp: Path, tracking_uri: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
-
-
-def post(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())

@@ -11,11 +11,9 @@ session and shut down by its PID in a ``finally``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +31,7 @@ import yaml
 from conftest import add_training_photo, make_dvc_project
 from flows.pipeline import stop_process_group
 from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
+from servers import answers, free_port, http, start_logged, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,46 +76,13 @@ def make_photos(folder: Path, n: int = 5) -> list[Path]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(cmd: list[str], log: Path, env: dict, cwd: Path = ROOT) -> subprocess.Popen:
-    """Start ``cmd`` in its own session (its children die with it), output to ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def http(url: str, payload: dict | None = None, timeout: float = 60) -> dict:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
-def wait_until(ok, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """Poll ``ok()`` until true; fail with the process log if it exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
-            if ok():
-                return
-        time.sleep(1)
-    pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    return start_logged(cmd, log, env, cwd)
 
 
 def prefect(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def answers(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.status == 200
 
 
 def clean_env(tmp: Path, **extra: str) -> dict:

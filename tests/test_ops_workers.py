@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,9 +21,8 @@ import pytest
 
 from conftest import make_dvc_project, make_photos, tiny_params
 from flows.pipeline import stop_process_group
-from servers import new_database
-from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, free_port, http, prefect, run_flow, start, \
-    task_states, wait_until
+from servers import free_port, http, new_database, wait_until
+from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, prefect, run_flow, start, task_states
 
 POOL = "gpu-hosts"
 PROJECTS = ("a", "b")
