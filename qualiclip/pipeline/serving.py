@@ -31,7 +31,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from ..imageio import ImageReadError, decode_image
+from ..imageio import ImageReadError, PathOutsideRootError, decode_image, resolve_inside
 from ..scoring import load_scorer, score_arrays, score_paths
 
 # The qualiclip package folder: logged with the model, so the server imports this module from it.
@@ -96,14 +96,17 @@ def resolve_paths(values: list) -> list[Path | str]:
         raise MlflowException.invalid_parameter_value(
             f"the 'path' column is off on this server: send 'image' (base64), or start the server with "
             f"{SERVE_ROOT_ENV}=<folder> to score files under that folder")
-    base = Path(root).resolve()
     out: list[Path | str] = []
     for index, value in enumerate(values):
         if not isinstance(value, str) or not value:
             out.append(f"row {index}: no path")
             continue
-        target = (base / value).resolve()
-        out.append(target if target.is_relative_to(base) else f"row {index}: {value!r} is outside {SERVE_ROOT_ENV}")
+        try:
+            out.append(resolve_inside(root, value))
+        except PathOutsideRootError:
+            out.append(f"row {index}: {value!r} is outside {SERVE_ROOT_ENV}")
+        except ImageReadError as exc:  # a symlink loop
+            out.append(f"row {index}: {exc.reason}: {exc.detail}")
     return out
 
 
