@@ -13,7 +13,10 @@ of random bytes named ``.jpg`` costs one small read).
 
 `iter_image_files` / `scan_tree` list candidate files in a deterministic order (and the
 folders that cannot be listed) and `resolve_inside` rejects paths and symlinks that escape
-their root.
+their root. `check_path_text` is the one check of a string that becomes a path (a list file's
+line, a served request's ``path``, a params value): no NUL byte, nothing the file system
+cannot encode, no longer than the system allows; it raises `BadPathError`, which callers turn
+into an error of that one item (``reason`` ``bad_name``).
 """
 from __future__ import annotations
 
@@ -38,13 +41,17 @@ from .files import FileReadError, open_regular, symlink_loop
 # PSD, is "not_an_image" whatever its extension.
 SAFE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, made explicit
+MAX_PIXELS_LIMIT = 1 << 31  # the highest max_pixels a user may set: such an image decodes to 6.4 GB of RGB
 WHITE = (255, 255, 255)
 
 # Every reason `read_image` can give; ingestion adds its own on top.
 READ_REASONS: tuple[str, ...] = (
     "zero_bytes", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable",
-    "not_a_file", "symlink_loop",
+    "not_a_file", "symlink_loop", "bad_name",
 )
+# POSIX limits of a path and of one of its components, in bytes (Linux: 4096 and 255)
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF8", "GIF"),
@@ -63,6 +70,14 @@ class ImageReadError(QualiclipError):
         self.reason, self.detail, self.path = reason, detail, path
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{reason} — {detail}")
+
+
+class BadPathError(ImageReadError, ValueError):
+    """A string that cannot name a file (reason ``bad_name``): a NUL byte, an unencodable
+    character, or too long. An `ImageReadError`, so every per-file error path reports it."""
+
+    def __init__(self, detail: str, path: str | Path):
+        super().__init__("bad_name", detail, shown_path(path))
 
 
 class PathOutsideRootError(QualiclipError, ValueError):
@@ -114,6 +129,7 @@ def read_image_bytes(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
     FIFO, device or socket is opened), not empty, one of `SAFE_FORMATS`, and at most
     ``max_pixels`` pixels declared. `ImageReadError` otherwise.
     """
+    check_path_text(path)
     try:
         with open_regular(path) as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -329,9 +345,62 @@ def iter_image_files(root: str | Path, extensions: Sequence[str]) -> list[Path]:
     return scan_tree(root, extensions).images
 
 
+def check_path_text(path: str | os.PathLike | bytes) -> str:
+    """``path`` as a string the file system can take; `BadPathError` (``bad_name``) otherwise.
+
+    The one check of a string that becomes a path, before any use: no NUL byte (the OS cuts the
+    name there; Python refuses it with a ValueError), only characters the file system encoding
+    can hold (the surrogate escapes of undecodable bytes are fine: they give those bytes back; a
+    lone surrogate from JSON is not), at most `MAX_PATH_BYTES` in all and `MAX_NAME_BYTES` per
+    component.
+    """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise BadPathError(f"a path must be text, got {type(path).__name__}", repr(path))
+    text = os.fsdecode(path)
+    if "\0" in text:
+        raise BadPathError(f"the name holds a NUL byte at character {text.index(chr(0))} — no file can have "
+                           "that name (a list file is one path per line, not NUL-separated)", text)
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        bad = next(c for c in text if not _encodable(c))
+        raise BadPathError(f"the name holds {_char_name(bad)}, which no file name can encode — "
+                           "fix the name", text) from None
+    if len(raw) > MAX_PATH_BYTES:
+        raise BadPathError(f"the path is {len(raw)} bytes, longer than the {MAX_PATH_BYTES} a path may be", text)
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > MAX_NAME_BYTES:
+        raise BadPathError(f"a component of the path is {len(longest)} bytes, longer than the {MAX_NAME_BYTES} "
+                           "a file name may be", text)
+    return text
+
+
+def _encodable(char: str) -> bool:
+    try:
+        os.fsencode(char)
+    except UnicodeError:
+        return False
+    return True
+
+
+def _char_name(char: str) -> str:
+    return f"U+{ord(char):04X} (a lone surrogate)" if 0xD800 <= ord(char) <= 0xDFFF else f"{char!r} (U+{ord(char):04X})"
+
+
+def shown_path(path: object) -> str:
+    """A path as a message or an output row shows it: NUL and other control bytes escaped, so one
+    bad name cannot cut or garble a line."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or 0xDC80 <= ord(c) <= 0xDCFF else ascii(c)[1:-1] for c in text)
+
+
 def resolve_inside(root: str | Path, path: str | Path) -> Path:
     """The real path of ``path``; `PathOutsideRootError` if it leaves the real ``root``,
-    `ImageReadError` (``symlink_loop``) if it is a symlink loop."""
+    `BadPathError` if it is no valid name (`check_path_text`), `ImageReadError`
+    (``symlink_loop``) if it is a symlink loop."""
+    check_path_text(path)
     real_root = Path(root).resolve()
     candidate = Path(path) if Path(path).is_absolute() else Path(root) / path
     try:

@@ -307,3 +307,87 @@ def test_the_memory_estimate_covers_the_measured_peak():
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.5 * r["estimated"] < r["measured"] <= r["estimated"], r  # covered, and not wildly above
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs, round 3 (issue 26): a bad name is one bad row; every number has a checked range
+
+
+def test_a_list_entry_with_a_nul_byte_is_one_error_row_and_the_others_are_scored(checkpoint, images, tmp_path, capsys):
+    Image.fromarray(images[0]).save(tmp_path / "good.png")
+    Image.fromarray(images[1]).save(tmp_path / "after.png")
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"good.png\nbad\x00name.png\nafter.png\n")  # e.g. `find -print0` output in a list
+    out = tmp_path / "s.csv"
+    too_long = tmp_path / ("y" * 300 + ".png")  # an argument the OS refuses (ENAMETOOLONG), not an OSError
+    assert score_cli(checkpoint, listed, too_long, "--out", out) == 0
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["good.png", "bad\\x00name.png", "after.png", too_long.name]
+    assert rows[1]["error"].startswith("bad_name: the name holds a NUL byte") and rows[1]["score"] == ""
+    assert rows[3]["error"].startswith("bad_name: a component of the path is 304 bytes") and rows[3]["score"] == ""
+    assert all(0 <= float(r["score"]) <= 1 for r in (rows[0], rows[2]))
+    assert "\x00" not in capsys.readouterr().err  # the name is shown escaped, never cut
+
+
+@pytest.mark.parametrize("name, detail", [
+    ("bad\x00name.png", "NUL byte"),
+    ("lone\ud800surrogate.png", "U+D800 (a lone surrogate)"),
+    ("x" * 300 + ".png", "longer than the 255 a file name may be"),
+    ("a/" * 2100 + "b.png", "longer than the 4096 a path may be"),
+])
+def test_score_paths_reports_a_name_no_file_can_have_per_file(model, images, tmp_path, name, detail):
+    Image.fromarray(images[0]).save(tmp_path / "good.png")
+    got = score_paths([tmp_path / "good.png", name], model)
+    assert got[0].error == "" and got[1].score is None
+    assert got[1].error.startswith("bad_name") and detail in got[1].error
+
+
+def test_a_served_path_row_with_a_nul_byte_fails_that_row_only(checkpoint, images, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from qualiclip.pipeline.serving import QualiCLIPPyfunc
+    from qualiclip.scoring import load_scorer
+
+    Image.fromarray(images[0]).save(tmp_path / "good.png")
+    served = QualiCLIPPyfunc()
+    served.model = load_scorer(checkpoint)
+    monkeypatch.setenv("QUALICLIP_SERVE_ROOT", str(tmp_path))
+    rows = ["good.png", "bad\x00name.png", "y" * 300, "lone\ud800.png", "good.png"]  # JSON can carry each of them
+    answer = served.predict(None, pd.DataFrame({"path": pd.Series(rows, dtype=object)}))
+    assert answer.error[0] is None and answer.error[4] is None and 0 <= answer.score[0] <= 1
+    assert answer.score[1] is None and answer.error[1].startswith("row 1: bad_name: the name holds a NUL byte")
+    assert answer.score[2] is None and answer.error[2].startswith("row 2: bad_name: a component of the path is 300")
+    assert answer.score[3] is None and answer.error[3].startswith("row 3: bad_name: the name holds U+D800")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "1e-10", "-1", "1e400", "lots"])
+def test_a_max_memory_gb_outside_its_range_is_a_usage_error(checkpoint, images, tmp_path, capsys, value):
+    from qualiclip.pipeline.cli import main
+
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    for command in (["score", str(tmp_path / "a.png"), "--out", str(tmp_path / "s.csv")],
+                    ["explain", str(tmp_path / "a.png"), "--out", str(tmp_path / "map.png")]):
+        with pytest.raises(SystemExit) as stop:
+            main([*command, "--model", str(checkpoint), f"--max-memory-gb={value}"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --max-memory-gb" in err and "Traceback" not in err and not (tmp_path / "s.csv").exists()
+
+
+def test_a_memory_budget_is_checked_against_the_device_never_replaced_by_the_default(model, images):
+    from qualiclip.scoring import MIN_MEMORY_BUDGET, device_memory, image_problem, inference_copy
+
+    for budget in (0, 0.5, MIN_MEMORY_BUDGET - 1, float("nan"), device_memory(torch.device("cpu")) + 1):
+        with pytest.raises(ScoringError, match="--max-memory-gb .* is outside 0.001 GB to"):
+            score_arrays(model, images[:1], max_memory=budget)
+    problem = image_problem(inference_copy(model), (4000, 4000, 3), MIN_MEMORY_BUDGET)
+    assert "above the memory budget of 0.001 GB" in problem and "0.0 GB" not in problem
+
+
+def test_model_options_refuse_a_budget_outside_the_range_before_any_model_loads():
+    from qualiclip.pipeline.score_cli import ModelOptions
+
+    for gb in (float("nan"), float("inf"), 0.0, 1e-12, -2.0):
+        with pytest.raises(ScoringError, match="--max-memory-gb must be a number from 0.001"):
+            ModelOptions(max_memory_gb=gb)
+    assert ModelOptions(max_memory_gb=0.001).max_memory == 1_000_000

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from ..files import FileReadError, read_regular
-from ..imageio import DEFAULT_MAX_PIXELS, scan_tree
+from ..imageio import DEFAULT_MAX_PIXELS, BadPathError, check_path_text, scan_tree, shown_path
 from ..ingest import IngestConfig
 from ..model import HIGHER_IS_BETTER, SCORE_RANGE, QualiCLIP
-from ..scoring import ScoringError, load_scorer, score_paths
+from ..scoring import MIN_MEMORY_BUDGET, ScoringError, load_scorer, score_paths
 from .paths import stage_paths
 from .tracking import read_version_file
 
@@ -30,6 +30,7 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 MAX_LIST_BYTES = 1 << 30  # a list file of 1 GB names ~10 million images; anything larger is not a list
+MAX_MEMORY_GB = 1e6  # a fixed ceiling for --max-memory-gb (1 PB); the device's own memory is the real one
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,25 @@ class ModelOptions:
     threads: int = 0          # CPU threads for torch; 0: torch's default
     max_memory_gb: float | None = None  # budget for scoring one image; None: half the device's memory
 
+    def __post_init__(self) -> None:  # before the model is loaded; the device's own bound is checked at use
+        gb = self.max_memory_gb
+        if gb is not None and not (isinstance(gb, (int, float)) and MIN_MEMORY_BUDGET / 1e9 <= gb <= MAX_MEMORY_GB):
+            raise ScoringError(f"--max-memory-gb must be a number from {MIN_MEMORY_BUDGET / 1e9:g} to at most the "
+                               f"memory of the scoring device, got {gb!r} — leave it out for half the device's memory")
+
     @property
     def max_memory(self) -> int | None:
         """``max_memory_gb`` in bytes (None: the library's default budget)."""
-        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise ScoringError(f"--max-memory-gb must be > 0, got {self.max_memory_gb}")
-        return int(self.max_memory_gb * 1e9) if self.max_memory_gb else None
+        return None if self.max_memory_gb is None else int(self.max_memory_gb * 1e9)
 
 
 def check_out_file(out: Path, flag: str = "--out") -> None:
-    """Refuse an output path that cannot become a file, before any work: an existing folder,
-    or a path under a file."""
+    """Refuse an output path that cannot become a file, before any work: a name no file can have
+    (`check_path_text`), an existing folder, or a path under a file."""
+    try:
+        check_path_text(out)
+    except BadPathError as exc:
+        raise ScoringError(f"{flag} {exc.path}: {exc.detail}") from None
     if out.is_dir():
         raise ScoringError(f"{flag} {out} is a folder — name a file in it, e.g. {out / ('scores' + (out.suffix or '.csv'))}")
     parent = next((p for p in out.parents if p.exists()), None)
@@ -70,7 +79,9 @@ def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> tuple[list[
     unlisted: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if not _is_path_text(p):  # kept: `read_image` reports it as that one file's bad_name
+            out.append(p)
+        elif p.is_dir():
             scan = scan_tree(p, extensions)
             out.extend(scan.images)
             unlisted.extend(scan.unlisted)
@@ -79,6 +90,14 @@ def collect_paths(inputs: list[str], extensions: tuple[str, ...]) -> tuple[list[
         else:
             out.append(p)
     return list(dict.fromkeys(out)), unlisted
+
+
+def _is_path_text(path: Path) -> bool:
+    try:
+        check_path_text(path)
+    except BadPathError:
+        return False
+    return True
 
 
 def read_list_file(path: Path) -> list[Path]:
@@ -152,9 +171,9 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
         results = score_paths(paths, scorer, batch_size=batch_size, device=opts.device, precision=opts.precision,
                               max_pixels=max_pixels, progress=bar, max_memory=opts.max_memory,
                               max_pixels_option="--max-pixels")
-    rows = [{"path": str(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
+    rows = [{"path": shown_path(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
              "width": r.width, "height": r.height, "error": r.error} for r in results]
-    rows += [{"path": str(folder), "score": None, "width": None, "height": None,
+    rows += [{"path": shown_path(folder), "score": None, "width": None, "height": None,
               "error": f"unreadable: {why} (its images are not scored)"} for folder, why in unlisted]
     for r in rows:
         if r["error"]:
