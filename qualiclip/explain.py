@@ -21,7 +21,7 @@ from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from .errors import QualiclipError
 from .plots import pyplot
-from .scoring import default_memory_budget, image_problem, inference_copy, score_arrays, scoring_device
+from .scoring import image_problem, inference_copy, memory_budget, score_arrays, scoring_device
 
 
 class ExplainError(QualiclipError, ValueError):
@@ -74,7 +74,7 @@ def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112
         raise ExplainError(f"--patch must be >= 16 and --stride >= 1, got patch {patch}, stride {stride}")
     h, w = image.shape[:2]
     scorer = inference_copy(model).to(scoring_device(model, device))
-    budget = max_memory or default_memory_budget(scorer.prompt_features.device)
+    budget = memory_budget(max_memory, scorer.prompt_features.device)
     if problem := image_problem(scorer, image.shape, budget):
         raise ExplainError(f"cannot explain this image: {problem}")
     patch = min(patch, h, w)

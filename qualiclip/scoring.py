@@ -58,6 +58,8 @@ ACTIVATION_FACTOR = 4.0
 INPUT_BYTES_PER_PIXEL = 30
 DEFAULT_MEMORY_FRACTION = 0.5  # the default budget: this share of the scoring device's memory
 MEMORY_OPTION = "--max-memory-gb"  # named in the refusal; the library's keyword is max_memory (bytes)
+# the smallest budget a user may set: 1 MB (0.001 GB); a smaller one would refuse every image
+MIN_MEMORY_BUDGET = 1_000_000
 _BYTES_PER_PIXEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per scorer, probed once
 
 
@@ -199,16 +201,43 @@ def scoring_device(model: QualiCLIP, device: torch.device | str | None) -> torch
     return model.prompt_features.device if device is None else resolve_device(device)
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """`DEFAULT_MEMORY_FRACTION` of the memory of ``device``: the GPU's own, or the machine's RAM."""
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's own, or the machine's RAM."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GB
-            total = 16 << 30
-    return int(total * DEFAULT_MEMORY_FRACTION)
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GB
+        return 16 << 30
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """`DEFAULT_MEMORY_FRACTION` of the memory of ``device`` (`device_memory`)."""
+    return int(device_memory(device) * DEFAULT_MEMORY_FRACTION)
+
+
+def memory_budget(max_memory: int | None, device: torch.device) -> int:
+    """The budget in bytes for scoring one image: ``max_memory`` checked, or None: the default.
+
+    The range is `MIN_MEMORY_BUDGET` up to the memory ``device`` has (`device_memory`): a budget
+    the device cannot hold would let an image through that then fails mid-run. A value outside
+    it (NaN included) is a `ScoringError`, never silently the default.
+    """
+    if max_memory is None:
+        return default_memory_budget(device)
+    have = device_memory(device)
+    number = isinstance(max_memory, (int, float))
+    if not number or not MIN_MEMORY_BUDGET <= max_memory <= have:  # NaN fails the comparison too
+        shown = gigabytes(max_memory) if number else repr(max_memory)
+        raise ScoringError(f"{MEMORY_OPTION} {shown} is outside {gigabytes(MIN_MEMORY_BUDGET)} to {gigabytes(have)} "
+                           f"(the memory of {device}) — choose a budget in that range, or leave it out for half "
+                           "the device's memory")
+    return int(max_memory)
+
+
+def gigabytes(n_bytes: float) -> str:
+    """Bytes as GB with three significant digits: a small budget is not shown as 0.0 GB."""
+    return f"{n_bytes / 1e9:.3g} GB"
 
 
 @torch.inference_mode()
@@ -260,8 +289,8 @@ def image_problem(scorer: QualiCLIP, shape: tuple[int, ...], max_memory: int) ->
                 "— upscale the image first")
     need = h * w * bytes_per_pixel(scorer)
     if need > max_memory:
-        return (f"too_large: {w}x{h} px needs an estimated {need / 1e9:.1f} GB to score, above the memory budget "
-                f"of {max_memory / 1e9:.1f} GB — raise {MEMORY_OPTION} (max_memory=) or downscale the image")
+        return (f"too_large: {w}x{h} px needs an estimated {gigabytes(need)} to score, above the memory budget "
+                f"of {gigabytes(max_memory)} — raise {MEMORY_OPTION} (max_memory=) or downscale the image")
     return None
 
 
@@ -289,7 +318,7 @@ def score_arrays(
         _check_array(im, i)
     amp = _autocast(device, precision)  # validates precision before any work
     scorer = inference_copy(model).to(device)
-    budget = max_memory or default_memory_budget(device)
+    budget = memory_budget(max_memory, device)
     for i, im in enumerate(images):
         if problem := image_problem(scorer, im.shape, budget):
             raise ScoringError(f"image {i}: {problem}")
@@ -376,7 +405,7 @@ def score_paths(
     dev = scoring_device(model, device)
     scorer = inference_copy(model).to(dev)
     _autocast(dev, precision)  # a bad option fails before any file is read
-    check = _ImageCheck(scorer, max_memory or default_memory_budget(dev), resize_short, max_pixels, max_pixels_option)
+    check = _ImageCheck(scorer, memory_budget(max_memory, dev), resize_short, max_pixels, max_pixels_option)
     results: list[FileScore | None] = [None] * len(paths)
     for chunk in plan_batches([probe_size(p) or (0, 0, i) for i, p in enumerate(paths)], batch_size, 1 << 62):
         decoded = [check.decode(paths[i]) for i in chunk]
