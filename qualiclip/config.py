@@ -30,6 +30,7 @@ import math
 import reprlib
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping, TypeVar
 
@@ -325,7 +326,21 @@ def _one_line(text: str | None) -> str:
 
 def _did_you_mean(name: Any, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(name), list(valid), n=1)
-    return f" — did you mean '{close[0]}'?" if close else ""
+    return f"{lookalike_note(name, close[0])} — did you mean '{close[0]}'?" if close else ""
+
+
+def lookalike_note(name: Any, close: str) -> str:
+    """Which characters of ``name`` are not what they seem, when it looks like ``close`` but is not
+    it: a Cyrillic 'а' in 'trаin', a zero-width space, a non-breaking space. Empty otherwise, or
+    when ``name`` is plain ASCII (its repr then shows the difference)."""
+    if not isinstance(name, str) or name.isascii() or name == close:
+        return ""
+    odd = [f"{c!r} at position {i + 1} is {_char_name(c)}" for i, c in enumerate(name) if not c.isascii()]
+    return f" ({'; '.join(odd[:3])}{'; ...' if len(odd) > 3 else ''}, not ASCII)"
+
+
+def _char_name(char: str) -> str:
+    return f"U+{ord(char):04X} {unicodedata.name(char, 'an unnamed character')}"
 
 
 def config_fields(cfg: Any) -> dict[str, Any]:

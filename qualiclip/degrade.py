@@ -26,6 +26,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -52,6 +53,8 @@ from .shards import (
 from .store import Store, open_store
 
 PLAN_FILE = "plan.json"
+# memory of one planned sample: its (image id, variant) tuple and the list slots that hold it twice (measured ~110 B)
+PLAN_BYTES_PER_SAMPLE = 128
 LOCK_FILE = ".degrade.lock"  # held for a whole run; stays (empty) in the folder
 RECORD_SUFFIX = ".json"  # shard-000000.tar.json: the shard's index entry, written right after the shard
 LOCK_DIR_ENV = "QUALICLIP_LOCK_DIR"  # where the locks of bucket outputs live (default ~/.cache/qualiclip/locks)
@@ -104,6 +107,26 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
     return tuple(ShardJob(k, tuple(jobs[s:s + n])) for k, s in enumerate(range(0, len(jobs), n)))
 
 
+def check_plan_fits(n_images: int, cfg: DegradeConfig, memory: int | None = None) -> None:
+    """Refuse ``degrade.variants`` whose plan (one entry per sample, held in memory) cannot fit in
+    half of ``memory`` bytes (default: this machine's RAM), before the plan is built: the upper
+    bound of ``variants`` depends on the number of images, so the schema's fixed one is not enough."""
+    memory = memory if memory is not None else _machine_memory()
+    most = max(0, memory // 2 // (PLAN_BYTES_PER_SAMPLE * n_images))
+    if cfg.variants > most:
+        raise DegradeError(
+            f"degrade.variants {cfg.variants} plans {n_images * cfg.variants:,} samples for {n_images} images: the plan "
+            f"alone would need ~{n_images * cfg.variants * PLAN_BYTES_PER_SAMPLE / 1e9:.3g} GB, more than half this "
+            f"machine's {memory / 1e9:.3g} GB of memory — set degrade.variants to at most {most}")
+
+
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GB
+        return 16 << 30
+
+
 # ---------------------------------------------------------------------------------------------
 # The three pieces
 
@@ -122,6 +145,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
         raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
                            "add pristine photos and rerun ingest, or set degrade.split")
     check_crop(ingest_dir, rows, cfg.sample.crop, "degrade.crop")
+    check_plan_fits(len(rows), cfg)
     shards = plan_jobs([r["id"] for r in rows], cfg)
     store = open_store(out_dir)
     plan_hash = _plan_hash(cfg, rows)
@@ -316,7 +340,7 @@ def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
             bar.update()
     else:
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive fork
-        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=limit_threads) as pool:
+        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=_pool_worker) as pool:
             for r in pool.imap_unordered(_shard_job, args):
                 results.append(r)
                 bar.update()
@@ -327,6 +351,13 @@ def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
 def limit_threads() -> None:
     """OpenCV on one thread: shard jobs run one per core (a pool or cluster worker); nested threads oversubscribe."""
     cv2.setNumThreads(1)
+
+
+def _pool_worker() -> None:
+    """A pool worker leaves Ctrl-C to the parent, which stops the pool: the terminal's SIGINT reaches
+    every process of the group, and each worker would print its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_threads()
 
 
 def _shard_job(args: tuple) -> dict:

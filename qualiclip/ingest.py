@@ -24,16 +24,17 @@ from typing import Annotated, Callable, Iterable, Iterator, NamedTuple, TypeVar
 import cv2
 import numpy as np
 import skimage.data
-from annotated_types import Ge, Interval, Len, MinLen, Predicate, doc
+from annotated_types import Interval, Len, MinLen, Predicate, doc
 from PIL import Image
 from tqdm import tqdm
 
 from qualiclip.config import ConfigError, check_fields
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
-    DEFAULT_MAX_PIXELS, READ_REASONS, ImageReadError, PathOutsideRootError, decode_image, pixel_hash,
-    read_image_bytes, resolve_inside, scan_tree,
+    DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, READ_REASONS, ImageReadError, PathOutsideRootError, check_path_text,
+    decode_image, pixel_hash, read_image_bytes, resolve_inside, scan_tree,
 )
+from qualiclip.schema import MAX_SIDE, MAX_WORKERS
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,14 @@ class IngestConfig:
     """The ``ingest`` section of params.yaml."""
 
     # folders (recursive) or "skimage"
-    sources: Annotated[tuple[Annotated[str, MinLen(1)], ...], MinLen(1)] = (SKIMAGE_SOURCE,)
+    sources: Annotated[tuple[Annotated[str, MinLen(1), Predicate(check_path_text)], ...], MinLen(1)] = (SKIMAGE_SOURCE,)
     extensions: Annotated[tuple[Extension, ...], MinLen(1)] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
-    min_size: Annotated[int, Ge(1)] = 224           # shorter side, pixels
-    max_pixels: Annotated[int, Ge(1)] = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
+    min_size: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # shorter side, pixels
+    max_pixels: Annotated[int, Interval(ge=1, le=MAX_PIXELS_LIMIT)] = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     # alpha is composited over this
     background: Annotated[tuple[Annotated[int, Interval(ge=0, le=255)], ...], Len(3, 3)] = (255, 255, 255)
     val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.25
-    workers: Annotated[int, Ge(1)] = 2              # decode threads; outputs do not depend on it
+    workers: Annotated[int, Interval(ge=1, le=MAX_WORKERS)] = 2  # decode threads; outputs do not depend on it
 
     def __post_init__(self) -> None:
         check_fields(self, "ingest")

@@ -19,12 +19,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from annotated_types import Ge, Gt, Interval, MinLen, Predicate, doc
+from annotated_types import Interval, MinLen, Predicate, doc
 
-from .config import Seed, check_fields
+from .config import Seed, check_fields, lookalike_note
 from .errors import QualiclipError
 
 TINY_MODEL = "qualiclip-tiny-rn"  # the project's from-scratch test and demo backbone (model_configs/)
+
+# Fixed upper bounds of the counts (docs/params.md lists every range). Each is far above any real
+# run and far below what breaks a machine; where the data or the machine sets a tighter bound, the
+# stage checks it before any work: degrade.variants (the plan must fit in memory), train.batch_size
+# (at most the training set), the crops (at most an image's shorter side).
+MAX_SIDE = 16384           # crop sides, pixels
+MAX_VARIANTS = 1_000_000   # samples per pristine image
+MAX_SHARD_SAMPLES = 10_000  # samples per shard (a shard is rendered in memory: ~1.5 MB per sample at crop 224)
+MAX_WORKERS = 256          # processes or loader workers
+MAX_THREADS = 1024         # torch CPU threads
+MAX_STEPS = 10**9          # optimisation steps (and step counts: warmup, logging, checkpoints)
+MAX_BATCH = 65_536         # samples or images per batch
+MAX_SHUFFLE = 10_000       # samples in the shuffle buffer (held in memory)
+MAX_WEIGHT = 1000           # loss weights
 
 # The 24 distortion types in the registry's table order (distortions/registry.py holds their groups,
 # levels and code, and checks at import that its names are these).
@@ -49,7 +63,7 @@ class UnknownDistortionError(QualiclipError, KeyError, ValueError):
 def unknown_name(kind: str, name: object, choices: list[str]) -> UnknownDistortionError:
     """The error for an unknown ``kind`` (distortion, distortion group), with the closest choice."""
     close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
+    hint = f"{lookalike_note(name, close[0])} — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
     return UnknownDistortionError(f"unknown {kind} {name!r}{hint}")
 
 
@@ -87,7 +101,7 @@ class ModelConfig:
     name: Annotated[str, MinLen(1)] = TINY_MODEL
     pretrained: str | None = None
     pos_embedding: Literal["drop", "interpolate"] = "drop"
-    logit_scale: Annotated[float, Gt(0)] = 100.0
+    logit_scale: Annotated[float, Interval(gt=0, le=1000)] = 100.0  # CLIP caps its own at 100
     seed: Seed = 0
 
     def __post_init__(self) -> None:
@@ -98,9 +112,9 @@ class ModelConfig:
 class SampleConfig:
     """How one training sample is drawn; every field lives in params.yaml ``degrade:``."""
 
-    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked by degrade)
+    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # at most the shorter side of every image (checked by degrade)
     min_overlap: Annotated[float, Interval(ge=0, le=1)] = 0.5
-    max_distortions: Annotated[int, Ge(1)] = 1
+    max_distortions: Annotated[int, Interval(ge=1, le=len(DISTORTION_NAMES))] = 1  # more than the groups: all groups
     include_pristine: bool = False
     distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
 
@@ -119,9 +133,9 @@ class DegradeConfig:
     in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
 
     seed: Seed = 0
-    variants: Annotated[int, Ge(1)] = 24  # samples per pristine image
-    samples_per_shard: Annotated[int, Ge(1)] = 32
-    workers: Annotated[int, Ge(1)] = 2  # processes; the output bytes do not depend on it
+    variants: Annotated[int, Interval(ge=1, le=MAX_VARIANTS)] = 24  # samples per pristine image; the plan must fit in memory (checked by degrade)
+    samples_per_shard: Annotated[int, Interval(ge=1, le=MAX_SHARD_SAMPLES)] = 32  # a shard is rendered in memory
+    workers: Annotated[int, Interval(ge=1, le=MAX_WORKERS)] = 2  # processes; the output bytes do not depend on it
     encoding: Literal["png", "webp", "npy"] = "webp"  # shards.ENCODINGS (a test keeps them equal)
     split: Literal["train", "val"] = "train"  # which ingest split to degrade
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -134,11 +148,11 @@ class DegradeConfig:
 class LossWeights:
     """The loss margins and weights (params.yaml ``train:``, flat)."""
 
-    margin_rank: Annotated[float, Ge(0)] = 0.05
-    margin_cons: Annotated[float, Ge(0)] = 0.0
-    lambda_cons: Annotated[float, Ge(0)] = 1.0
-    lambda_pos: Annotated[float, Ge(0)] = 1.0
-    lambda_neg: Annotated[float, Ge(0)] = 1.0
+    margin_rank: Annotated[float, Interval(ge=0, le=2)] = 0.05  # cosines differ by at most 2: a wider margin is never met
+    margin_cons: Annotated[float, Interval(ge=0, le=2)] = 0.0
+    lambda_cons: Annotated[float, Interval(ge=0, le=MAX_WEIGHT)] = 1.0
+    lambda_pos: Annotated[float, Interval(ge=0, le=MAX_WEIGHT)] = 1.0
+    lambda_neg: Annotated[float, Interval(ge=0, le=MAX_WEIGHT)] = 1.0
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
@@ -149,24 +163,24 @@ class TrainConfig:
     """The ``train`` section of params.yaml (the loss margins and weights sit in it, flat)."""
 
     seed: Seed = 0
-    steps: Annotated[int, Ge(1)] = 300
-    batch_size: Annotated[int, Ge(1)] = 4  # samples per step and process; each is 2 crops × 5 levels
-    lr: Annotated[float, Gt(0)] = 1e-3
-    weight_decay: Annotated[float, Ge(0)] = 0.0
-    warmup_steps: Annotated[int, Ge(0)] = 10
+    steps: Annotated[int, Interval(ge=1, le=MAX_STEPS)] = 300
+    batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = 4  # samples per step and process (each 2 crops × 5 levels); at most the training set (checked by train)
+    lr: Annotated[float, Interval(gt=0, le=10)] = 1e-3
+    weight_decay: Annotated[float, Interval(ge=0, le=10)] = 0.0
+    warmup_steps: Annotated[int, Interval(ge=0, le=MAX_STEPS)] = 10
     schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
+    grad_clip: Annotated[float, Interval(ge=0, le=1e6)] = 1.0  # max gradient norm; 0 disables
     loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
     bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
-    shuffle_buffer: Annotated[int, Ge(0)] = 64  # 0: no shuffling
-    num_workers: Annotated[int, Ge(0)] = 1  # 0: load in the training process
+    shuffle_buffer: Annotated[int, Interval(ge=0, le=MAX_SHUFFLE)] = 64  # samples held in memory (~1.5 MB each at crop 224); 0: no shuffling
+    num_workers: Annotated[int, Interval(ge=0, le=MAX_WORKERS)] = 1  # 0: load in the training process
     device: DeviceName = "auto"
-    threads: Annotated[int, Ge(0)] = 0  # torch CPU threads; 0 keeps torch's default
-    log_every: Annotated[int, Ge(1)] = 10
+    threads: Annotated[int, Interval(ge=0, le=MAX_THREADS)] = 0  # torch CPU threads; 0 keeps torch's default
+    log_every: Annotated[int, Interval(ge=1, le=MAX_STEPS)] = 10
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA; on CPU measured neutral)
     compile: bool = False  # torch.compile the image encoder
-    checkpoint_every: Annotated[int, Ge(0)] = 50  # steps between resumable train states; 0: none
+    checkpoint_every: Annotated[int, Interval(ge=0, le=MAX_STEPS)] = 50  # steps between resumable train states; 0: none
     resume: bool = True  # continue from out_dir/train_state.pt when one exists
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun; auto: nccl on CUDA
     # decay of an exponential moving average of the encoder, saved as the model; 0: off
@@ -182,9 +196,9 @@ class EvaluateConfig:
 
     seed: Seed = 0
     split: Literal["train", "val"] = "val"
-    crop: Annotated[int, Ge(1)] = 224  # at most the shorter side of every image (checked before any is read)
+    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # at most the shorter side of every image (checked before any is read)
     distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
-    batch_size: Annotated[int, Ge(1)] = 32
+    batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = 32
     device: DeviceName = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # scoring.PRECISIONS; fp16 on GPU only (docs/evaluation.md)
     baseline: bool = True  # also score the backbone before fine-tuning, zero-shot

@@ -382,7 +382,7 @@ def run_train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
-    shards = check_shards(shard_dir)
+    shards = check_shards(shard_dir, cfg.batch_size)
     t = build_trainer(cfg, model_cfg, dist_info)
     torch.manual_seed(cfg.seed)
     state_path = Path(out_dir) / TRAIN_STATE
@@ -398,8 +398,10 @@ def run_train(
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
-def check_shards(shard_dir: str | os.PathLike) -> str:
-    """Refuse shards whose size differs from the index; returns the index digest (`shards.index_digest`).
+def check_shards(shard_dir: str | os.PathLike, batch_size: int | None = None) -> str:
+    """Refuse shards whose size differs from the index, and a ``batch_size`` larger than the whole
+    set (its upper bound: such a batch repeats samples and can outgrow memory); returns the index
+    digest (`shards.index_digest`).
 
     Sizes cost one listing of the folder or bucket prefix; each shard's sha256 is checked by the loader when it
     first reads it, before any of its samples is used (`loader.expand_shards`), so the check
@@ -408,6 +410,10 @@ def check_shards(shard_dir: str | os.PathLike) -> str:
     from .shards import ShardError, index_digest, read_index, verify_shards
 
     index = read_index(shard_dir)
+    if batch_size is not None and batch_size > index["total_samples"]:
+        raise TrainError(f"train.batch_size {batch_size} is larger than the {index['total_samples']} samples in "
+                         f"{shard_dir} — set train.batch_size to at most {index['total_samples']}, or degrade more "
+                         "images or variants")
     bad = verify_shards(shard_dir, names=[])
     if bad:
         raise ShardError(f"{len(bad)} shard(s) in {shard_dir} differ from the index (e.g. {bad[0]}: replaced, damaged "

@@ -135,22 +135,22 @@ def test_whole_file_is_checked_unknown_and_missing_sections_named(tmp_path):
 
 
 @pytest.mark.parametrize(("section", "values", "message"), [
-    ("train", {"steps": 0}, "train.steps must be an integer >= 1, got 0"),
-    ("train", {"steps": -5}, "train.steps must be an integer >= 1, got -5"),
-    ("train", {"warmup_steps": -1}, "train.warmup_steps must be an integer >= 0, got -1"),
-    ("train", {"checkpoint_every": -1}, "train.checkpoint_every must be an integer >= 0, got -1"),
-    ("train", {"batch_size": 0}, "train.batch_size must be an integer >= 1, got 0"),
-    ("train", {"lr": -0.001}, "train.lr must be a number > 0, got -0.001"),
+    ("train", {"steps": 0}, "train.steps must be an integer in [1, 1000000000], got 0"),
+    ("train", {"steps": -5}, "train.steps must be an integer in [1, 1000000000], got -5"),
+    ("train", {"warmup_steps": -1}, "train.warmup_steps must be an integer in [0, 1000000000], got -1"),
+    ("train", {"checkpoint_every": -1}, "train.checkpoint_every must be an integer in [0, 1000000000], got -1"),
+    ("train", {"batch_size": 0}, "train.batch_size must be an integer in [1, 65536], got 0"),
+    ("train", {"lr": -0.001}, "train.lr must be a number in (0, 10], got -0.001"),
     ("train", {"lr": float("nan")}, "train.lr must be a finite number, got nan"),
-    ("train", {"num_workers": -1}, "train.num_workers must be an integer >= 0, got -1"),
-    ("train", {"log_every": 0}, "train.log_every must be an integer >= 1, got 0"),
+    ("train", {"num_workers": -1}, "train.num_workers must be an integer in [0, 256], got -1"),
+    ("train", {"log_every": 0}, "train.log_every must be an integer in [1, 1000000000], got 0"),
     ("train", {"device": "banana"}, "train.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
-    ("train", {"lambda_neg": -1}, "train.lambda_neg must be a number >= 0, got -1.0"),
+    ("train", {"lambda_neg": -1}, "train.lambda_neg must be a number in [0, 1000], got -1.0"),
     ("train", {"precision": "fp64"}, "train.precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp64'"),
-    ("degrade", {"crop": 0}, "degrade.crop must be an integer >= 1, got 0"),
+    ("degrade", {"crop": 0}, "degrade.crop must be an integer in [1, 16384], got 0"),
     ("degrade", {"distortions": ["jpeg", "gausian_blur"]},
      "degrade.distortions[1]: unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?"),
-    ("evaluate", {"batch_size": 0}, "evaluate.batch_size must be an integer >= 1, got 0"),
+    ("evaluate", {"batch_size": 0}, "evaluate.batch_size must be an integer in [1, 65536], got 0"),
     ("evaluate", {"device": "cuda:x"}, "evaluate.device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
     ("ingest", {"background": [0, 0, 256]}, "ingest.background[2] must be an integer in [0, 255], got 256"),
     ("ingest", {"background": [0, 0]}, "ingest.background must have exactly 3 items, got (0, 0)"),
@@ -186,7 +186,7 @@ def test_configs_built_in_python_are_checked_too():
     """The ranges sit on the dataclasses: a benchmark or a library user gets the same errors."""
     from qualiclip.evaluate import EvaluateConfig
 
-    with pytest.raises(ConfigError, match=r"train.steps must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"train.steps must be an integer in \[1, 1000000000\], got 0"):
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match=r"evaluate.precision must be one of 'fp32', 'bf16', 'fp16', got 'fp64'"):
         EvaluateConfig(precision="fp64")
@@ -229,3 +229,66 @@ def test_encoding_choices_are_the_shard_encodings():
     from qualiclip.shards import ENCODINGS
 
     assert typing.get_args(typing.get_type_hints(DegradeConfig)["encoding"]) == ENCODINGS
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile params, round 3 (issue 26): look-alike names, upper bounds, path strings
+
+
+def test_a_look_alike_name_says_which_character_is_not_what_it_seems(tmp_path):
+    from qualiclip.pipeline.params import read_params
+    from qualiclip.schema import SampleConfig
+
+    shipped = (ROOT / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match="unknown section 'tr\u0430in' \\('\u0430' at position 3 is U\\+0430 CYRILLIC "
+                                          "SMALL LETTER A, not ASCII\\) — did you mean 'train'\\?"):
+        read_params(write(tmp_path, shipped.replace("\ntrain:", "\ntr\u0430in:")))
+    with pytest.raises(ConfigError, match=r"unknown key 'steps\\u200b' .*U\+200B ZERO WIDTH SPACE.* did you mean 'steps'"):
+        build_config(TrainConfig, {"steps\u200b": 3}, where="train")
+    with pytest.raises(ConfigError, match="unknown distortion 'jp\u0435g' .*U\\+0435 CYRILLIC SMALL LETTER IE.*'jpeg'"):
+        build_config(SampleConfig, {"distortions": ["jp\u0435g"]}, where="degrade")
+    with pytest.raises(ConfigError, match=r"unknown key 'stpes' in params section 'train' — did you mean"):
+        build_config(TrainConfig, {"stpes": 3}, where="train")  # plain ASCII: no note, the repr shows it
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("degrade", "variants", 10**12), ("degrade", "samples_per_shard", 10**9), ("degrade", "workers", 10**6),
+    ("degrade", "crop", 10**7), ("degrade", "max_distortions", 25),
+    ("train", "batch_size", 10**9), ("train", "steps", 10**12), ("train", "shuffle_buffer", 10**9),
+    ("train", "num_workers", 10**4), ("train", "threads", 10**5), ("train", "lr", 1e9), ("train", "margin_rank", 2.5),
+    ("train", "lambda_pos", 1e9), ("train", "grad_clip", 1e300), ("train", "checkpoint_every", 10**12),
+    ("evaluate", "batch_size", 10**9), ("evaluate", "crop", 10**7), ("model", "logit_scale", 1e9),
+    ("ingest", "max_pixels", 10**15), ("ingest", "workers", 10**6), ("ingest", "min_size", 10**7),
+    ("schedule", "timeout", 1e12), ("schedule", "lock_timeout", 1e12),
+])
+def test_every_count_and_number_has_an_upper_bound(section, key, value):
+    from qualiclip.pipeline.params import sections
+
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key} must be (an integer|a number) in [[(].*, .*[\])], got "):
+        build_config(sections()[section], {key: value}, where=section)
+
+
+def test_every_number_a_params_file_holds_is_bounded_above():
+    """No numeric field is left with a lower bound only: a new one must declare its ceiling too."""
+    import annotated_types as at
+
+    from qualiclip.pipeline.params import PromotionConfig, sections
+
+    for name, cls in sections().items():
+        if cls is PromotionConfig:  # thresholds on a metric of any scale, compared, never allocated
+            continue
+        for config in (cls, *(h for h in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(h))):
+            for field, hint in typing.get_type_hints(config, include_extras=True).items():
+                annotated = typing.get_origin(hint) is typing.Annotated
+                if (typing.get_args(hint)[0] if annotated else hint) not in (int, float):
+                    continue
+                metadata = typing.get_args(hint)[1:] if annotated else ()
+                flat = [m for g in metadata for m in (g if isinstance(g, at.GroupedMetadata) else [g])]
+                assert any(isinstance(m, (at.Le, at.Lt)) for m in flat), f"{name}.{field} has no upper bound"
+
+
+def test_an_ingest_source_that_cannot_be_a_path_is_one_line():
+    from qualiclip.ingest import IngestConfig
+
+    with pytest.raises(ConfigError, match=r"^ingest.sources\[1\]: .*bad_name — the name holds a NUL byte"):
+        build_config(IngestConfig, {"sources": ["photos", "ph\x00tos"]}, where="ingest")

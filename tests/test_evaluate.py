@@ -158,7 +158,7 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_is_read(ingest_dir)
     from qualiclip.evaluate import EvaluateConfig, build_synthetic_set
 
     assert len(build_synthetic_set(ingest_dir, EvaluateConfig(crop=240, distortions=("jpeg",))).images) == 5
-    for crop in (241, 100_000):
+    for crop in (241, 16_384):  # 16384: the largest crop the schema allows
         with pytest.raises(ConfigError, match=rf"evaluate.crop is {crop} px, larger than the shorter side of 1 of the 1 "
                                               r"images in .*manifest.csv \(smallest: 240 px, ab12\) — set evaluate.crop "
                                               rf"to at most 240, or raise ingest.min_size to {crop}"):

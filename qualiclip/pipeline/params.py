@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from annotated_types import Ge, Gt, MinLen, Predicate, doc
+from annotated_types import Interval, MinLen, Predicate, doc
 
 from ..config import build_sections, check_fields, load_params
 from ..ingest import IngestConfig
 from ..schema import DegradeConfig, EvaluateConfig, ModelConfig, TrainConfig
 from .tracking import TrackingConfig
+
+MAX_SECONDS = 30 * 24 * 3600.0  # schedule timeouts: at most 30 days (a daily schedule's run ends long before)
 
 
 def is_timezone(name: object) -> bool:
@@ -47,8 +49,8 @@ class ScheduleConfig:
     cron: Annotated[str, MinLen(1)] = "0 3 * * *"                 # every day at 03:00
     timezone: Annotated[str, Predicate(is_timezone), doc("an IANA time zone, e.g. UTC or Europe/Rome")] = "UTC"
     deployment: Annotated[str, MinLen(1)] = "scheduled-retraining"
-    lock_timeout: Annotated[float, Ge(0)] = 3600.0  # seconds a second trigger waits for the workspace
-    timeout: Annotated[float, Gt(0)] = 43200.0      # seconds all stages of one run may take together
+    lock_timeout: Annotated[float, Interval(ge=0, le=MAX_SECONDS)] = 3600.0  # seconds a second trigger waits for the workspace
+    timeout: Annotated[float, Interval(gt=0, le=MAX_SECONDS)] = 43200.0  # seconds all stages of one run may take together
     push: bool = False                              # dvc push the outputs to the default remote after a run
     # the Prefect global concurrency limit the train stage holds a slot of: one training per GPU
     # host at a time ({host}: this machine's name; flows/gpu_slot.py creates it with 1 slot)
