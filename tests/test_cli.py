@@ -202,13 +202,13 @@ BAD_PARAMS = {
     "duplicate key": "key 'steps' is written twice in one mapping",
     "section as a list": "params section 'ingest' must be a mapping of keys",
     "yaml syntax": "params.yaml, line",
-    "steps 0": "train.steps must be an integer >= 1, got 0",
-    "negative steps": "train.steps must be an integer >= 1, got -3",
-    "negative warmup": "train.warmup_steps must be an integer >= 0, got -1",
-    "negative checkpoint_every": "train.checkpoint_every must be an integer >= 0, got -1",
-    "batch_size 0": "train.batch_size must be an integer >= 1, got 0",
-    "negative lr": "train.lr must be a number > 0, got -0.01",
-    "num_workers -1": "train.num_workers must be an integer >= 0, got -1",
+    "steps 0": "train.steps must be an integer in [1, 1000000000], got 0",
+    "negative steps": "train.steps must be an integer in [1, 1000000000], got -3",
+    "negative warmup": "train.warmup_steps must be an integer in [0, 1000000000], got -1",
+    "negative checkpoint_every": "train.checkpoint_every must be an integer in [0, 1000000000], got -1",
+    "batch_size 0": "train.batch_size must be an integer in [1, 65536], got 0",
+    "negative lr": "train.lr must be a number in (0, 10], got -0.01",
+    "num_workers -1": "train.num_workers must be an integer in [0, 256], got -1",
     "device banana": "train.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'",
     "evaluate typo": "evaluate.distortions[0]: unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?",
 }
@@ -248,5 +248,70 @@ def test_train_fails_before_training_when_evaluate_is_misconfigured(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     proc = qualiclip("train", "--shards", "data/shards", "--out", "outputs/train", cwd=project)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == "qualiclip train: error: params.yaml: evaluate.batch_size must be an integer >= 1, got 0\n"
+    assert proc.stderr == "qualiclip train: error: params.yaml: evaluate.batch_size must be an integer in [1, 65536], got 0\n"
     assert not (project / "outputs/train").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A clean stop (issue 26): Ctrl-C or SIGTERM in any command is one line and exit 130 / 143
+
+
+@pytest.mark.parametrize(("command", "args", "how"), [
+    ("ingest", ["--out", "o"], "nothing is kept: rerun the same command to start it again"),
+    ("evaluate", ["--model", "m", "--ingest", "i", "--out", "o"], "nothing is kept: rerun the same command to start it again"),
+    ("train", ["--shards", "s", "--out", "o"], "no train state was saved yet (every train.checkpoint_every steps): "
+                                                 "a rerun starts at step 0"),
+])
+@pytest.mark.parametrize(("signum", "code", "name"), [("SIGINT", 130, "Ctrl-C (SIGINT)"), ("SIGTERM", 143, "SIGTERM")])
+def test_a_signal_during_a_stage_is_one_line_and_its_exit_code(tmp_path, monkeypatch, capsys, command, args, how,
+                                                               signum, code, name):
+    import signal
+
+    from qualiclip.pipeline import cli, stages
+
+    def interrupted(*_, **__):
+        os.kill(os.getpid(), getattr(signal, signum))  # a real signal, delivered to the running stage
+        raise AssertionError("the signal did not stop the stage")
+
+    monkeypatch.setattr(stages, f"stage_{command}", interrupted)
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert cli.main([command, *args]) == code
+    assert capsys.readouterr().err == f"qualiclip {command}: stopped by {name}; {how}\n"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers given back
+
+
+def test_ctrl_c_while_scoring_names_the_output_it_did_not_write(tmp_path, monkeypatch, capsys):
+    from qualiclip.pipeline import cli, score_cli
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_cli, "run_score", interrupted)
+    assert cli.main(["score", "a.png", "--out", str(tmp_path / "s.csv")]) == 130
+    assert capsys.readouterr().err == (f"qualiclip score: stopped by Ctrl-C (SIGINT); no {tmp_path / 's.csv'} was "
+                                       "written: rerun the same command\n")
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--batch-size", "0"), ("--batch-size", "1000000000"), ("--batch-size", "nan"), ("--threads", "-1"),
+    ("--threads", "100000"), ("--max-pixels", "0"), ("--max-pixels", "1e30"), ("--max-memory-gb", "inf"),
+])
+def test_numeric_score_options_outside_their_range_are_usage_errors(tmp_path, capsys, option, value):
+    from qualiclip.pipeline import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["score", "a.png", "--out", str(tmp_path / "s.csv"), option, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {option}: " in err and "Traceback" not in err
+
+
+def test_a_path_option_no_file_can_have_is_one_line_not_an_os_error(tmp_path, capsys):
+    from qualiclip.pipeline import cli
+
+    long_name = str(tmp_path / ("x" * 300 + ".csv"))
+    assert cli.main(["ingest", "--params", long_name, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qualiclip ingest: error: the params path ") and "longer than the 255 a file name may be" in err
+    assert cli.main(["score", "a.png", "--out", long_name]) == 2
+    assert "the out path" in capsys.readouterr().err

@@ -107,7 +107,7 @@ def test_out_dir_with_foreign_files_is_refused_not_wiped(ingest_dir, tmp_path):
 
 
 def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
-    with pytest.raises(ConfigError, match="degrade.workers must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"degrade.workers must be an integer in \[1, 256\], got 0"):
         DegradeConfig(workers=0)
     with pytest.raises(IngestError, match="run the ingest stage first"):
         run_degrade(CFG, tmp_path / "nowhere", tmp_path / "out", progress=False)
@@ -120,7 +120,7 @@ def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
 def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, tmp_path):
     """degrade.crop: 100000 crashed (an upscale to 10^10 pixels); any crop above an image's shorter
     side is refused from the manifest's sizes before any shard is planned or written."""
-    for crop in (73, 100_000):  # the photos are 72 x 96
+    for crop in (73, 16_384):  # the photos are 72 x 96; 16384 is the largest crop the schema allows
         cfg = replace(CFG, sample=replace(CFG.sample, crop=crop))
         with pytest.raises(ConfigError, match=rf"degrade.crop is {crop} px, larger than the shorter side of 4 of the 4 "
                                               r"images .* \(smallest: 72 px, .*\) — set degrade.crop to at most 72"):
@@ -243,3 +243,60 @@ def test_an_interrupted_folder_from_before_shard_records_is_rewritten_not_truste
         record.unlink()
     again = run_degrade(CFG, ingest_dir, tmp_path, progress=False)
     assert again.resumed_shards == 0 and digests(tmp_path) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# Upper bounds (issue 26): variants whose plan cannot fit in memory are refused before the plan
+
+
+def test_variants_whose_plan_cannot_fit_in_memory_are_refused_at_once(ingest_dir, tmp_path):
+    from qualiclip.degrade import PLAN_BYTES_PER_SAMPLE, check_plan_fits
+
+    cfg = replace(CFG, variants=900_000)  # within the schema's fixed bound; 4 images x 900k samples
+    started = time.monotonic()
+    with pytest.raises(DegradeError, match=r"degrade.variants 900000 plans 3,600,000 samples for 4 images: the plan "
+                                           r"alone would need ~0.461 GB, more than half this machine's 0.5 GB .* at most 488281$"):
+        check_plan_fits(4, cfg, memory=500_000_000)
+    assert time.monotonic() - started < 1
+    check_plan_fits(4, replace(CFG, variants=488281), memory=500_000_000)
+    assert 488281 * 4 * PLAN_BYTES_PER_SAMPLE <= 250_000_000 < 488282 * 4 * PLAN_BYTES_PER_SAMPLE
+    with pytest.raises(ConfigError, match=r"degrade.variants must be an integer in \[1, 1000000\], got 1000000000000"):
+        build_config(DegradeConfig, {"variants": 10**12}, where="degrade")
+
+
+def test_run_degrade_checks_the_plan_against_this_machines_memory(ingest_dir, tmp_path, monkeypatch):
+    import qualiclip.degrade as degrade
+
+    monkeypatch.setattr(degrade, "_machine_memory", lambda: 3_000)  # a machine of 3 kB: 4 x 3 samples do not fit
+    with pytest.raises(DegradeError, match="degrade.variants 3 plans 12 samples .* set degrade.variants to at most 2$"):
+        run_degrade(CFG, ingest_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("shard-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM (issue 26): a clean stop, one line, the shards kept for the rerun
+
+
+@pytest.mark.parametrize(("signum", "group", "code", "name"), [
+    (signal.SIGINT, True, 130, "Ctrl-C (SIGINT)"),  # the terminal signals the whole group, pool workers too
+    (signal.SIGTERM, False, 143, "SIGTERM"),       # `kill PID`: the command alone; it stops its workers
+])
+def test_a_signal_stops_degrade_cleanly_and_the_rerun_finishes_the_set(ingest_dir, tmp_path, signum, group, code, name):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
+    out = tmp_path / "shards"
+    proc = degrade_cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"qualiclip degrade: stopped by {name}; the shards written so far are kept in {out}: rerun the same command "
+        "to write the rest (the finished set is the same, byte for byte)")
+    assert not (out / "index.json").exists()
+    rerun = degrade_cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0 and "resumed)" in log and " 0 resumed" not in log, log

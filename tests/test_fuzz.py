@@ -27,9 +27,10 @@ from imagefiles import encode, noise
 from qualiclip.checkpoint import read_config
 from qualiclip.datasets import DatasetError
 from qualiclip.datasets.readers import read_split_file
-from qualiclip.imageio import ImageReadError, decode_image, read_image
+from qualiclip.imageio import READ_REASONS, ImageReadError, decode_image, read_image
 from qualiclip.loader import decode_sample, expand_shards
 from qualiclip.model import ModelLoadError, read_safetensors_header
+from qualiclip.pipeline.serving import SERVE_ROOT_ENV, resolve_paths  # mlflow: seconds, imported before the deadline counts
 from qualiclip.shards import ShardError, encode_crops, read_index, sample_json, write_shard
 
 # QUALICLIP_FUZZ_EXAMPLES=20000 fuzzes deeper, with new random examples each run (not for CI)
@@ -268,3 +269,73 @@ def test_seed_files_are_valid(tmp_path):
     assert set(read_params(tmp_path / "params.yaml")) == set(sections())
     (tmp_path / "params.yaml").write_bytes(PARAMS_ALIAS)
     assert read_params(tmp_path / "params.yaml")["model"].seed == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings that become paths and numbers a user types (issue 26): a per-item error, or a usage
+# error naming the option; never an exception from deeper down
+
+
+LIST_SEED = b"# photos\ngood.png\nsub/x.jpg\n\n/abs/y.webp\nbad\x00name.png\ncaf\xe9.png\n" + b"z" * 300 + b".png\n"
+
+
+@FUZZ
+@given(mutated([LIST_SEED]))
+def test_every_list_file_entry_is_read_or_gets_its_own_image_read_error(tmp_path_factory, data):
+    from qualiclip.pipeline.score_cli import read_list_file
+
+    folder = tmp_path_factory.getbasetemp() / "fuzz-list"
+    folder.mkdir(exist_ok=True)
+    (folder / "good.png").write_bytes(IMAGES[0])
+    (folder / "list.txt").write_bytes(data)
+    for entry in read_list_file(folder / "list.txt"):
+        try:
+            assert read_image(entry, max_pixels=MAX_PIXELS).pixels.ndim == 3
+        except ImageReadError as exc:
+            assert exc.reason in READ_REASONS
+
+
+ROW_VALUES = (st.text(max_size=40) | st.sampled_from(["good.png", "../x", "/etc/passwd", "a\x00b", "\ud800", "\udcff" * 300])
+              | st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")) | st.none()
+              | st.integers() | st.floats())
+
+
+@FUZZ
+@given(st.lists(ROW_VALUES, max_size=6))
+def test_each_served_path_row_resolves_inside_the_root_or_gets_its_own_error(tmp_path_factory, rows):
+    from unittest import mock
+
+    root = tmp_path_factory.getbasetemp() / "fuzz-serve"
+    root.mkdir(exist_ok=True)
+    with mock.patch.dict(os.environ, {SERVE_ROOT_ENV: str(root)}):
+        resolved = resolve_paths(rows)
+    assert len(resolved) == len(rows)
+    for index, r in enumerate(resolved):
+        assert r.is_relative_to(root.resolve()) if isinstance(r, Path) else r.startswith(f"row {index}: ")
+
+
+NUMBER_TEXT = (st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0x10", "1_000", " 3 ", "", "1e-12", "9" * 40])
+               | st.integers().map(str) | st.floats().map(str) | st.text(max_size=8))
+
+
+@FUZZ
+@given(st.sampled_from(["--batch-size", "--threads", "--max-pixels", "--max-memory-gb"]), NUMBER_TEXT)
+def test_a_numeric_score_option_is_in_its_range_or_a_usage_error(option, text):
+    import contextlib
+    import io
+    import math
+
+    from qualiclip.pipeline.cli import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(["score", "a.png", "--out", "s.csv", f"{option}={text}"])
+    except SystemExit as exc:
+        assert exc.code == 2 and f"argument {option}: " in err.getvalue() and "Traceback" not in err.getvalue()
+        return
+    value = getattr(args, option.lstrip("-").replace("-", "_"))
+    ranges = {"--batch-size": (1, 65_536), "--threads": (0, 1024), "--max-pixels": (1, 1 << 31),
+              "--max-memory-gb": (0.001, 1e6)}
+    low, high = ranges[option]
+    assert math.isfinite(value) and low <= value <= high

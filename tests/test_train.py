@@ -303,3 +303,40 @@ def test_a_train_state_is_not_resumed_on_other_shards(tmp_path):
     with pytest.raises(TrainError, match=r"trained on other shards.*Fix: delete .*train_state.pt"):
         run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_step(shards, tmp_path):
+    cfg = TrainConfig(**{**TINY_TRAIN, "batch_size": 9})  # the shards hold 8 samples
+    with pytest.raises(TrainError, match=r"^train.batch_size 9 is larger than the 8 samples in .* at most 8, or degrade"):
+        run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"train.batch_size must be an integer in \[1, 65536\], got 1000000000"):
+        TrainConfig(batch_size=10**9)
+
+
+def test_ctrl_c_stops_training_with_one_line_saying_where_it_resumes(shards, tmp_path):
+    """The terminal's Ctrl-C (SIGINT to the whole process group): exit 130, one line, no traceback."""
+    import time
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {}, "evaluate": {}, "tracking": {"backend": "none"},
+                                      "train": {**TINY_TRAIN, "steps": 100_000, "checkpoint_every": 2,
+                                                "num_workers": 1}}))  # the default: a loader worker gets SIGINT too
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("qualiclip")), "train", "--params", str(params), "--shards", str(shards),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / TRAIN_STATE).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    kept = load_train_state(out / TRAIN_STATE)["step"]
+    assert stderr.strip().splitlines()[-1] == (
+        f"qualiclip train: stopped by Ctrl-C (SIGINT); the train state of step {kept} is kept in {out / TRAIN_STATE}: "
+        f"rerun the same command to resume from step {kept} (the steps after it are redone, with the same result)")

@@ -13,14 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .. import __version__
 from ..errors import QualiclipError
-from ..imageio import DEFAULT_MAX_PIXELS
+from ..imageio import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, BadPathError, check_path_text
+from ..schema import MAX_BATCH, MAX_SIDE, MAX_THREADS
 from . import stages
+
+# Exit status of a command stopped by a signal: the shell's 128 + the signal's number (SIGINT 130, SIGTERM 143)
+EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -96,6 +103,22 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 # The parser
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse ``type`` for a number of ``kind`` (int or float) from ``low`` to ``high``, both
+    included: anything else (NaN, inf, 1e400, text) is argparse's one-line usage error, exit 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g} to {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default; not for switches and options without one."""
 
@@ -127,11 +150,14 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                     help="bf16/fp16 autocast: faster on GPU (fp16 GPU only); scores differ by ~1e-3")
-    sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
-    sp.add_argument("--max-memory-gb", type=float, default=None,
+    sp.add_argument("--threads", type=bounded(int, 0, MAX_THREADS), default=0,
+                    help=f"CPU threads for torch, 0 to {MAX_THREADS} (0: torch's default)")
+    sp.add_argument("--max-pixels", type=bounded(int, 1, MAX_PIXELS_LIMIT), default=DEFAULT_MAX_PIXELS,
+                    help=f"decompression-bomb guard, 1 to {MAX_PIXELS_LIMIT}")
+    sp.add_argument("--max-memory-gb", type=bounded(float, 0.001, 1e6), default=None,
                     help="memory budget for scoring one image, estimated before it is scored; larger images are "
-                         "refused, never tiled (default: half the memory of the scoring device)")
+                         "refused, never tiled; from 0.001 to the memory of the scoring device "
+                         "(default: half the memory of the scoring device)")
 
 
 def add_score_parser(sub) -> None:
@@ -141,8 +167,9 @@ def add_score_parser(sub) -> None:
                          "relative paths taken from the list file's folder, '#' comments)")
     sp.add_argument("--out", required=True, help="scores.csv or scores.json")
     add_model_args(sp)
-    sp.add_argument("--batch-size", type=int, default=8,
-                    help="images of equal size scored together (capped at 0.8 MP per batch to bound memory)")
+    sp.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=8,
+                    help=f"images of equal size scored together, 1 to {MAX_BATCH} (capped at 0.8 MP per batch to "
+                         "bound memory)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.set_defaults(fn=cmd_score)
 
@@ -152,9 +179,12 @@ def add_explain_parser(sub) -> None:
     sp.add_argument("image", help="the image to explain")
     sp.add_argument("--out", required=True, help="the heat map, e.g. map.png")
     add_model_args(sp)
-    sp.add_argument("--patch", type=int, default=224, help="window side in pixels (224: CLIP's training size)")
-    sp.add_argument("--stride", type=int, default=112, help="window step in pixels (smaller: finer map, slower)")
-    sp.add_argument("--batch-size", type=int, default=8, help="windows scored together")
+    sp.add_argument("--patch", type=bounded(int, 16, MAX_SIDE), default=224,
+                    help=f"window side in pixels, 16 to {MAX_SIDE} (224: CLIP's training size)")
+    sp.add_argument("--stride", type=bounded(int, 1, MAX_SIDE), default=112,
+                    help=f"window step in pixels, 1 to {MAX_SIDE} (smaller: finer map, slower)")
+    sp.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=8,
+                    help=f"windows scored together, 1 to {MAX_BATCH}")
     sp.add_argument("--csv", help="also write the patch scores (y, x, size, score) to this CSV")
     sp.set_defaults(fn=cmd_explain)
 
@@ -165,7 +195,8 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--grid", metavar="OUT.png", help="write a contact sheet (rows = types, columns = levels)")
     sp.add_argument("--image", help="source image for --grid (default: scikit-image's astronaut)")
     sp.add_argument("--types", nargs="*", help="only these types")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the random parts of each distortion")
+    sp.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
+                    help="seed of the random parts of each distortion, 0 to 2^32-1")
     sp.set_defaults(fn=cmd_distortions)
 
     sp = sub.add_parser("promote", help="tag the new model version with its evaluation; move the champion alias if better")
@@ -203,17 +234,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# A clean stop on Ctrl-C (SIGINT) and SIGTERM
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt: context managers
+    close (MLflow marks the run KILLED, the degrade lock is released) on the way out."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped()
+
+
+def stop_line(args: argparse.Namespace, signum: int) -> str:
+    """One line: which signal stopped the command, what it keeps, and how a rerun resumes."""
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+    out = getattr(args, "out", None)
+    if args.command == "train":
+        how = _train_resumes(Path(out))
+    elif args.command == "degrade":
+        how = (f"the shards written so far are kept in {out}: rerun the same command to write the rest "
+               "(the finished set is the same, byte for byte)")
+    elif args.command in ("ingest", "evaluate"):
+        how = "nothing is kept: rerun the same command to start it again"
+    elif args.command in ("score", "explain"):
+        how = f"no {out} was written: rerun the same command"
+    else:
+        how = "rerun the same command"
+    return f"qualiclip {args.command}: stopped by {name}; {how}"
+
+
+def _train_resumes(out: Path) -> str:
+    """Where a rerun of train resumes: the step of the train state in ``out``, or step 0."""
+    from ..checkpoint import TRAIN_STATE, load_train_state  # torch: only once train has run
+
+    try:
+        state = load_train_state(out / TRAIN_STATE)
+    except QualiclipError:  # unreadable: the rerun says so, with its fix
+        state = None
+    if not state:
+        return "no train state was saved yet (every train.checkpoint_every steps): a rerun starts at step 0"
+    step = int(state["step"])
+    return (f"the train state of step {step} is kept in {out / TRAIN_STATE}: rerun the same command to resume "
+            f"from step {step} (the steps after it are redone, with the same result)")
+
+
+# The options that name one path of the command (not the images `score` reads: each of those is its own item)
+PATH_ARGS = ("params", "out", "ingest", "shards", "model", "csv", "image", "grid", "project", "metrics")
+
+
+def check_path_args(args: argparse.Namespace) -> None:
+    """Each path option checked before any work (`imageio.check_path_text`): a name the file system
+    cannot take (too long, say) is then one line naming the option, not an OSError from deep inside."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" not in value and ":/" not in value[:12]:  # s3://, models:/ are not paths
+            try:
+                check_path_text(value)
+            except BadPathError as exc:
+                raise QualiclipError(f"the {name} path {exc.path}: {exc.detail}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():  # our bars switch off by themselves (tqdm disable=None); MLflow's do not
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    handlers = _catch_stops()
     try:
+        check_path_args(args)
         args.fn(args)
     except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: a stop asked for, not a crash
+        if handlers:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(stop_line(args, signum), file=sys.stderr)
+        return EXIT_STOPPED[signum]
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _catch_stops() -> dict:
+    """SIGTERM raises `Stopped` from now on (Ctrl-C raises KeyboardInterrupt anyway); returns the
+    handlers to restore. Only the main thread may set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped)}
 
 
 if __name__ == "__main__":
