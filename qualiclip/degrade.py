@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -340,7 +341,9 @@ def _run_jobs(plan: DegradePlan, progress: bool) -> list[dict]:
             bar.update()
     else:
         # spawn, not fork: the parent may hold torch/OpenMP threads that do not survive fork
-        with mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=_pool_worker) as pool:
+        with _workers_ignore_sigint():
+            pool = mp.get_context("spawn").Pool(min(plan.cfg.workers, len(args)), initializer=_pool_worker)
+        with pool:
             for r in pool.imap_unordered(_shard_job, args):
                 results.append(r)
                 bar.update()
@@ -353,9 +356,25 @@ def limit_threads() -> None:
     cv2.setNumThreads(1)
 
 
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start pool workers with SIGINT ignored from birth: a worker still importing when Ctrl-C comes
+    (before `_pool_worker` runs) would print a traceback. The ignored disposition survives exec,
+    and Python then installs no KeyboardInterrupt handler; the parent's own is restored at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _pool_worker() -> None:
     """A pool worker leaves Ctrl-C to the parent, which stops the pool: the terminal's SIGINT reaches
-    every process of the group, and each worker would print its own KeyboardInterrupt traceback."""
+    every process of the group, and each worker would print its own KeyboardInterrupt traceback
+    (also set here for a worker the pool starts later, to replace one that died)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads()
 
