@@ -275,10 +275,14 @@ def test_a_signal_during_a_stage_is_one_line_and_its_exit_code(tmp_path, monkeyp
 
     monkeypatch.setattr(stages, f"stage_{command}", interrupted)
     monkeypatch.chdir(tmp_path)
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    assert cli.main([command, *args]) == code
-    assert capsys.readouterr().err == f"qualiclip {command}: stopped by {name}; {how}\n"
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers given back
+    session = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        assert cli.main([command, *args]) == code
+        assert capsys.readouterr().err == f"qualiclip {command}: stopped by {name}; {how}\n"
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers given back
+    finally:
+        signal.signal(signal.SIGINT, session)
 
 
 def test_ctrl_c_while_scoring_names_the_output_it_did_not_write(tmp_path, monkeypatch, capsys):

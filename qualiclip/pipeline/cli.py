@@ -6,6 +6,10 @@ function. The modules behind each command are imported when it runs: ``score``, 
 ``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
 the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
+Exit status: 0 done; 2 a user error (`QualiclipError`, one line naming the fix) or a usage error
+(every numeric option has a range: `bounded`); 130 after Ctrl-C and 143 after SIGTERM, each a
+clean stop with one line saying what is kept and how a rerun resumes (`stop_line`), no traceback.
+
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
 from __future__ import annotations

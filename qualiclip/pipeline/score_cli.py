@@ -1,7 +1,7 @@
 """``qualiclip score``: score files, folders (recursive) or list files; write CSV or JSON.
 
-Files that cannot be scored (unreadable, FIFOs, too small, above the memory budget) are
-reported on stderr and kept in the output with an ``error`` and no score, so the output has one
+Files that cannot be scored (unreadable, FIFOs, too small, above the memory budget, a name no
+file can have: `imageio.check_path_text`) are reported on stderr and kept in the output with an ``error`` and no score, so the output has one
 row per input file, in input order, plus one per folder that could not be listed. The output
 says what the scores are: the model (URI or checkpoint path) and its registered version, the
 score range and its direction (pyiqa's convention: ``higher_is_better``) — as columns of every
