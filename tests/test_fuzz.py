@@ -2,7 +2,9 @@
 
 Inputs are valid files (images of each format, a shard, its index, a checkpoint's weights and
 config, a pyiqa split file, params.yaml) with random bytes overwritten, cut or inserted, plus
-plain random bytes; params files are also edited as YAML (any value at any key). No input may hang, crash with another exception, or run code. Bounded for CI:
+plain random bytes; params files are also edited as YAML (any value at any key). Strings that
+become paths (a `qualiclip score` list file, the ``path`` rows of a served request) and the text of
+numeric CLI options are fuzzed too. No input may hang, crash with another exception, or run code. Bounded for CI:
 `derandomize` makes the examples the same on every run and `max_examples`/`deadline` keep the
 whole file to a few seconds.
 """
