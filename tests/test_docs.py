@@ -1,6 +1,6 @@
 """The docs point only at files and sections that exist.
 
-Checked: every relative link and ``#anchor`` in README.md and docs/*.md, and every pointer written
+Checked: every relative link and ``#anchor`` in README.md, CONTRIBUTING.md and docs/*.md, and every pointer written
 as text — ``docs/<name>.md`` or ``docs/<name>.md, "Section title"`` — there and in the code's
 docstrings and messages (a section title is the start of a heading of that page).
 """
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 SOURCES = sorted([*(ROOT / "qualiclip").rglob("*.py"), *(ROOT / "flows").glob("*.py")])
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # [text](target); images (![..](..)) are not pointers
 MENTION = re.compile(r'\b(docs/[\w.-]+\.md)`?(?:,\s*"([^"]+)")?')
