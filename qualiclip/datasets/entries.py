@@ -1,9 +1,9 @@
 """The ``evaluate.datasets`` entries of params.yaml, read and checked beside the readers they name.
 
 Here, not in the evaluation code, so that a stage can check the entries before its work without
-loading the evaluation and scoring code: the train stage fails in seconds on a broken entry instead
-of after training, and an edit to the scoring code does not make DVC retrain (dvc.yaml's deps are
-the code a stage loads).
+loading the evaluation code: the train stage fails in seconds on a broken entry instead of after
+training, and an edit to the evaluation code does not make DVC retrain (dvc.yaml's deps are the
+code a stage loads).
 """
 from __future__ import annotations
 
