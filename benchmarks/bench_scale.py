@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from bench_shards import DEFAULT_IMAGES, _cpu_seconds
+from timing import cpu_everywhere, cpu_seconds, load
+from bench_shards import DEFAULT_IMAGES
 from qualiclip.degrade import (
     DegradeConfig,
     degrade_lock,
@@ -52,10 +53,6 @@ H100_CROPS_PER_S = 4437  # RN50, compile, batch 32, fed by the loader: measured 
 CROPS_PER_SAMPLE = 2 * N_LEVELS  # two overlapping crops × the levels
 
 
-def load() -> str:
-    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-
-
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != ".degrade.lock"}
 
@@ -67,9 +64,9 @@ def digests(folder: Path) -> dict[str, str]:
 def bench_degrade(ingest: Path, root: Path, cfg: DegradeConfig) -> tuple[float, float, Path]:
     """(CPU s per sample, bytes per sample, the shard folder) of one in-process `run_degrade`."""
     out = root / "degrade"
-    cpu = _cpu_seconds()
+    cpu = cpu_seconds()
     result = run_degrade(cfg, ingest, out, progress=False)
-    cpu = (_cpu_seconds() - cpu) / result.samples
+    cpu = (cpu_seconds() - cpu) / result.samples
     size = result.bytes / result.samples
     print(f"degrade: {result.samples} samples, {cpu * 1000:.0f} CPU ms/sample, {size / 1024:.0f} KiB/sample "
           f"({cfg.sample.crop} px, {cfg.encoding}, {result.shards} shards; {load()})")
@@ -116,21 +113,6 @@ def degrade_on_dask(client, cfg: DegradeConfig, ingest: Path, out: Path) -> None
         futures = client.map(write_one_shard, plan.pending, cfg=cfg, images_dir=plan.images_dir, out_dir=plan.out_dir,
                              pure=False)
         finalize_degrade(plan, client.gather(futures))
-
-
-def cpu_everywhere() -> float:
-    """CPU seconds of this process, its reaped children and every live descendant (pool and Dask
-    workers, the Prefect server): a run's cost whichever process did the work."""
-    import psutil
-
-    live = 0.0
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            t = proc.cpu_times()
-            live += t.user + t.system
-        except psutil.Error:  # ended meanwhile: reaped, its time is in RUSAGE_CHILDREN
-            pass
-    return _cpu_seconds() + live
 
 
 def idle_cpu_rate(seconds: float = 10.0) -> float:
@@ -214,7 +196,7 @@ def bench_loader(shards: Path, reps: int, workers: int, batch: int = 4) -> dict[
             fs.put_file(str(p), f"bench/shards/{p.name}")
         places = {"local disk": shards, "S3 server": "s3://bench/shards"}
         rates: dict[str, list[float]] = {name: [] for name in places}
-        for name, where in places.items():  # warm-up: page cache, first imports, the server's first requests
+        for where in places.values():  # warm-up: page cache, first imports, the server's first requests
             one_pass(where, workers, batch)
         for rep in range(reps):
             for name, where in places.items():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from timing import cpu_seconds, load
 from qualiclip import shards as S
 from qualiclip.sampling import SampleConfig, make_sample
 
@@ -109,20 +109,13 @@ def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dic
     rates = {}
     for workers in (1, 2):
         cfg = DegradeConfig(variants=variants, samples_per_shard=4, workers=workers, encoding=encoding)
-        t, cpu = time.perf_counter(), _cpu_seconds()
+        t, cpu = time.perf_counter(), cpu_seconds()
         out = root / f"shards-{workers}-{encoding}"
         r = run_degrade(cfg, root / "ingest", out, progress=False)
         size = json.loads((out / S.INDEX_FILE).read_text())["total_bytes"]
-        rates[workers] = (r.samples / (time.perf_counter() - t), (_cpu_seconds() - cpu) * 1000 / r.samples,
+        rates[workers] = (r.samples / (time.perf_counter() - t), (cpu_seconds() - cpu) * 1000 / r.samples,
                           size / r.samples)
     return rates
-
-
-def _cpu_seconds() -> float:
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def bench_train_step(reps: int = 5) -> float:
@@ -222,7 +215,7 @@ def main() -> None:
     p.add_argument("--only", choices=["codecs", "degrade", "train"], help="run one part")
     args = p.parse_args()
     cv2.setNumThreads(1)
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"at start: {load()}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "codecs"):
             report_codecs(render_samples(args.images, args.samples), Path(tmp))

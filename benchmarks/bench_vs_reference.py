@@ -47,6 +47,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from timing import load
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
 ENV = {"DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -353,7 +355,7 @@ def summarise_distortions(calls: dict, samples: dict) -> dict:
         by_type = {t: statistics.mean(c for (names, _), c in zip(one["specs"], one[side]) if names == [t]) for t in weights}
         sample_rows[1][side] = sum(weights[t] * by_type[t] for t in weights)  # s/sample at our type mix
         sample_rows[4][side] = statistics.mean(samples[4][side])
-    return {"per_call": {f"{n}:{l}": v for (n, l), v in med.items()}, "per_type_crop_s": cost,
+    return {"per_call": {f"{n}:{level}": v for (n, level), v in med.items()}, "per_type_crop_s": cost,
             "ratio_weighted_by_our_mix": weighted, "ratio_uniform": uniform, "samples_cpu_s": sample_rows}
 
 
@@ -390,7 +392,7 @@ def main() -> None:
 
         return sides.main(json.loads(args.worker))
     missing = available_references(args)
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"at start: {load()}")
     out: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     if args.only in (None, "scoring"):
         args.sides = [s for s in args.sides if s not in missing]
@@ -404,7 +406,7 @@ def main() -> None:
     if args.only in (None, "distortions") and "arniqa" not in missing:
         out["distortions"] = run_distortions(args)
         print_distortions(out["distortions"])
-    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print(f"at end: {load()}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
 

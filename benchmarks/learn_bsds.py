@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 from pathlib import Path
 
 import yaml
 from filelock import FileLock
 
+from timing import timed_with_children
 from qualiclip.config import params_hash
 from qualiclip.errors import QualiclipError
-from qualiclip.evaluate import check_datasets
+from qualiclip.datasets import check_datasets
 from qualiclip.pipeline.params import read_params
 from qualiclip.pipeline import stages
 
@@ -55,11 +54,6 @@ def override(p: dict, assignment: str) -> None:
     for part in path:
         node = node.setdefault(part, {})
     node[last] = yaml.safe_load(value)
-
-
-def cpu_seconds() -> float:
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def data_dirs(work: Path, train_cfgs: dict, eval_cfgs: dict) -> tuple[Path, Path, Path]:
@@ -123,9 +117,7 @@ def main() -> None:
     timings = dict(previous["seconds"]) if previous is not None else {}
 
     def timed(label, fn):
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        out = fn()
-        timings[label] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+        timings[label], out = timed_with_children(fn)
         return out
 
     if previous is None:

@@ -13,13 +13,14 @@ onnxruntime), ``pyiqa`` (pyiqa 0.1.16's ``qualiclip`` metric), and the distortio
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENCV_FOR_THREADS_NUM")
+from timing import single_thread, timed
+
 CROP = 224
 # our distortion name -> ARNIQA's (its utils/utils_data.py); levels are compared by index 1..5
 ARNIQA_NAMES = {
@@ -32,18 +33,6 @@ ARNIQA_NAMES = {
     "color_block": "colorblock", "high_sharpen": "highsharpen", "linear_contrast_change": "lincontrchange",
     "non_linear_contrast_change": "nonlincontrchange",
 }
-
-
-def single_thread() -> None:
-    """One thread everywhere, before torch/numpy/OpenCV start their pools."""
-    for var in THREAD_VARS:
-        os.environ[var] = "1"
-    import cv2
-    import torch
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
 
 
 def vm_mib(field: str) -> float:
@@ -63,15 +52,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def timed(fn, sync=None) -> tuple[float, float, object]:
-    """(CPU s, wall s, result) of one call."""
-    c, w = time.process_time(), time.perf_counter()
-    out = fn()
-    if sync is not None:
-        sync()
-    return time.process_time() - c, time.perf_counter() - w, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,13 +91,11 @@ def load_ours(spec: dict, images):
 
 def _scorer_before(checkpoint):
     """The scorer as it was before the fast encoder: BatchNorm folded into open_clip's own modules."""
-    from qualiclip import scoring
     from qualiclip.checkpoint import load_checkpoint
-    from qualiclip.model import QualiCLIP
+    from qualiclip.scoring import encoder_scorer, fold_batchnorm
 
     model = load_checkpoint(checkpoint)
-    visual = scoring.fold_batchnorm(model.visual.eval())
-    return QualiCLIP(scoring._ImageTower(visual), model.prompt_features, model.cfg).requires_grad_(False).eval()
+    return encoder_scorer(fold_batchnorm(model.visual.eval()), model.prompt_features, model.cfg, fast=False)
 
 
 def load_onnx(spec: dict, images):
@@ -363,7 +341,7 @@ def distortion_worker(spec: dict) -> None:
             return {"draw": [d for d, _ in times], "apply": [a for _, a in times]}
         cpu = []
         for names, pair in cmd["samples"]:
-            c, _, _ = timed(lambda: side.sample(names, pair))
+            c, _, _ = timed(functools.partial(side.sample, names, pair))
             cpu.append(c)
         return {"cpu": cpu}
     serve(handle, ready={"crops": len(crops)}, done=dict)

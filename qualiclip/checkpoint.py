@@ -1,4 +1,4 @@
-"""Checkpoints that carry what is needed to use them (STYLE.md §6).
+"""Checkpoints that carry what is needed to use them.
 
 A checkpoint is a folder: ``model.safetensors`` (the whole CLIP, text tower included, plus the
 prompt features), ``config.json`` (model config, open_clip architecture, preprocessing, prompts)
@@ -213,7 +213,7 @@ def _declared(arch: dict, key: str, source: Path) -> float:
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
                for v in items):
         raise ModelLoadError(f"{source}: {key} must be a number or a list of numbers, got {value!r}")
-    return sum(v for v in items if v is not None)
+    return sum(v for v in items if v is not None)  # type: ignore[misc]  # numbers, checked above
 
 
 def load_image_encoder(path: str | Path) -> tuple[nn.Module, torch.Tensor, ModelConfig] | None:

@@ -124,7 +124,7 @@ def build_sections(params: Mapping[str, Any], sections: Mapping[str, type], *, f
         if name not in sections:
             raise ConfigError(f"{file}: unknown section {_short(name)}{_did_you_mean(name, sections)} "
                               f"(sections: {', '.join(sections)})")
-    configs = {}
+    configs: dict[str, Any] = {}
     for name, section in params.items():
         try:
             configs[name] = build_config(sections[name], section, where=name)
@@ -178,7 +178,7 @@ def section_keys(cls: type) -> list[str]:
 def _build(cls: type[T], section: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # T: a config dataclass
         hint = hints[f.name]
         if _embedded(hint):
             inner = {k: section[k] for k in section_keys(hint) if k in section}
@@ -237,7 +237,7 @@ def check_fields(cfg: Any, section: str) -> None:
     registry's did-you-mean), which is raised again with the key in front. Embedded configs
     check themselves when they are built. Called by each config's ``__post_init__``."""
     for f in dataclasses.fields(cfg):
-        hint = _hints(type(cfg))[f.name]
+        hint = _hints(type(cfg))[f.name]  # type: ignore[arg-type]  # a class is hashable
         if not _embedded(hint):
             _check(getattr(cfg, f.name), hint, f"{section}.{f.name}")
 
@@ -300,6 +300,7 @@ def _describe_bounds(bounds: list) -> str:
         return f"in {left}, {right}"
     if lo is not None:
         return f"> {lo.gt}" if isinstance(lo, at.Gt) else f">= {lo.ge}"
+    assert hi is not None, bounds  # called with at least one bound
     return f"< {hi.lt}" if isinstance(hi, at.Lt) else f"<= {hi.le}"
 
 
@@ -317,7 +318,8 @@ def _short(value: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {list: "a list", dict: "a mapping", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+    names: dict[type, str] = {list: "a list", dict: "a mapping", str: "a string"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _one_line(text: str | None) -> str:

@@ -5,7 +5,7 @@ distortion type at every level. The predicted quality should fall as the level r
 correlations are computed against ``-level`` (higher means better on both sides).
 
 Real datasets (``evaluate.datasets``): each is read by `qualiclip.datasets.load_dataset`, scored
-at full resolution (or its declared resize rule), and compared with its MOS (METHOD.md §5).
+at full resolution (or its declared resize rule), and compared with its MOS (docs/method.md, "The evaluation protocol").
 Baseline: the same backbone before fine-tuning (the model config stored in the checkpoint),
 scored zero-shot with the CLIP-IQA pair 'Good photo.'/'Bad photo.', on the same images — so
 every run shows what training added.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm import tqdm
 
-from .datasets import IQADataset, load_dataset
+from .datasets import IQADataset, check_datasets
 from .device import resolve_device
 from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
 from .errors import QualiclipError
@@ -41,7 +40,6 @@ from .sampling import ensure_size
 from .schema import EvaluateConfig, ModelConfig
 from .scoring import inference_copy, score_arrays, score_paths
 
-RESERVED_KEYS = ("synthetic", "baseline", "n_synthetic")
 PER_TYPE_KEYS = ("per_distortion", "per_distortion_within")  # synthetic_metrics' per-type blocks
 
 
@@ -138,25 +136,6 @@ class DatasetRun:
     baseline: np.ndarray | None = None  # (N,) the zero-shot backbone
 
 
-def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
-    """(label, dataset) from ``{name, root, [label], **loader options}`` (one ``evaluate.datasets`` entry)."""
-    if not isinstance(spec, dict):
-        raise EvaluateError(f"evaluate.datasets entry {spec!r} is not a mapping — write e.g. "
-                            "{name: clive, root: /data/ChallengeDB_release}")
-    spec = dict(spec)
-    missing = [k for k in ("name", "root") if k not in spec]
-    if missing:
-        raise EvaluateError(f"evaluate.datasets entry {spec} lacks {missing} — write e.g. "
-                            "{name: clive, root: /data/ChallengeDB_release}")
-    label = spec.pop("label", None)
-    ds = load_dataset(spec.pop("name"), spec.pop("root"), **spec)
-    label = str(label or ds.name)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in RESERVED_KEYS:
-        raise EvaluateError(f"dataset label {label!r} cannot name a metrics block and a file — use letters, "
-                            f"digits, '_', '.', '-', and none of {RESERVED_KEYS} (set `label:` in the entry)")
-    return label, ds
-
-
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
     with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img", disable=None) as bar:
@@ -176,20 +155,6 @@ def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, 
         idx = np.array([item.split == "test" for item in ds.items])
         blocks[f"{label}_test"] = {**correlations(scores[idx], ds.mos()[idx]), "n": int(idx.sum())}
     return blocks
-
-
-def check_datasets(cfg: EvaluateConfig) -> list[tuple[str, IQADataset]]:
-    """Read and check every ``evaluate.datasets`` entry: its root, label file and layout, every
-    label against its image and every image in a rated folder against a label, and distinct
-    labels. Cheap (image headers parsed, no pixel decoded), so stages run it before their work: the train
-    stage fails in seconds, not after training. `EvaluateError`/`DatasetError` name the entry."""
-    loaded: list[tuple[str, IQADataset]] = []
-    for spec in cfg.datasets:
-        label, ds = load_dataset_spec(spec)
-        if any(seen == label for seen, _ in loaded):
-            raise EvaluateError(f"two evaluate.datasets entries are called '{label}' — give one a `label:`")
-        loaded.append((label, ds))
-    return loaded
 
 
 def evaluate_datasets(model: QualiCLIP, datasets: list[tuple[str, IQADataset]], cfg: EvaluateConfig, device,
@@ -242,9 +207,9 @@ def write_outputs(out_dir: Path, metrics: dict, per_distortion: list[dict], scor
         w.writerow(["image_id", "distortion", "level", "score"])
         w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist()))  # unrounded: see model.score_from_similarities
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(per_distortion[0]))
-        w.writeheader()
-        w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_distortion)
+        dw = csv.DictWriter(f, fieldnames=list(per_distortion[0]))
+        dw.writeheader()
+        dw.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_distortion)
 
 
 def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
@@ -267,7 +232,7 @@ def write_plots(out_dir: Path, metrics: dict, per_distortion: list[dict], scores
     def column(key: str) -> dict[str, float] | None:
         return {r["distortion"]: r[key] for r in per_distortion} if key in per_distortion[0] else None
 
-    plot_per_distortion(column("srcc"), plots / "per_distortion.png", baseline=column("baseline_srcc"),
+    plot_per_distortion(column("srcc") or {}, plots / "per_distortion.png", baseline=column("baseline_srcc"),
                         within=column("srcc_within"))
     for run in runs:
         plot_mos_scatter(run.scores, run.dataset.mos(), plots / f"scatter_{run.label}.png",

@@ -20,7 +20,7 @@ from matplotlib.patches import Rectangle
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from .errors import QualiclipError
-from .plots import pyplot
+from .figures import pyplot
 from .scoring import image_problem, inference_copy, memory_budget, score_arrays, scoring_device
 
 

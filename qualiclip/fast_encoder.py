@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import MIN_SIDE, resized_positional_embedding
+from .model import MIN_SIDE, OpenClipModule, resized_positional_embedding
 
 
 def can_build(visual: nn.Module) -> bool:
@@ -63,7 +63,7 @@ class FusedConv(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, relu: bool = True) -> "FusedConv":
         assert conv.groups == 1 and conv.dilation == (1, 1), "ModifiedResNet has plain convolutions only"
-        return cls(conv.weight, conv.bias, stride=conv.stride[0], padding=conv.padding[0], relu=relu)
+        return cls(conv.weight, conv.bias, stride=conv.stride[0], padding=int(conv.padding[0]), relu=relu)
 
     def params_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         if dtype == self.weight.dtype:
@@ -92,7 +92,7 @@ class FusedConv(nn.Module):
 class Bottleneck(nn.Module):
     """open_clip's Bottleneck: 1x1, 3x3, (avg-pool), 1x1 + shortcut, each conv with its ReLU."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: OpenClipModule):
         super().__init__()
         self.conv1 = FusedConv.from_conv(block.conv1)
         self.conv2 = FusedConv.from_conv(block.conv2)
@@ -114,7 +114,11 @@ class Bottleneck(nn.Module):
 class PooledAttention(nn.Module):
     """The attention pool with the mean token as the only query and k/v moved onto it."""
 
-    def __init__(self, pool: nn.Module, pos_embedding: str):
+    k_weight: torch.Tensor  # buffers, registered in __init__
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor
+
+    def __init__(self, pool: OpenClipModule, pos_embedding: str):
         super().__init__()
         c = pool.q_proj.in_features
         self.heads, self.head_dim = pool.num_heads, c // pool.num_heads
@@ -152,8 +156,10 @@ class FastEncoder(nn.Module):
 
     normalizes_input = True
     min_side = MIN_SIDE
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
 
-    def __init__(self, visual: nn.Module, mean, std, pos_embedding: str = "drop", portable: bool = False):
+    def __init__(self, visual: OpenClipModule, mean, std, pos_embedding: str = "drop", portable: bool = False):
         super().__init__()
         if not can_build(visual) or any(isinstance(m, nn.BatchNorm2d) for m in visual.modules()):
             raise ValueError("FastEncoder needs a ModifiedResNet with its BatchNorm folded (scoring.fold_batchnorm)")

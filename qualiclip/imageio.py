@@ -322,7 +322,9 @@ def scan_tree(root: str | Path, extensions: Sequence[str]) -> TreeScan:
     """
     root = Path(root)
     wanted = {e.lower() for e in extensions}
-    images, others, dir_links, unlisted = [], [], [], []
+    images: list[Path] = []
+    others: list[Path] = []
+    dir_links, unlisted = [], []
 
     def unlistable(exc: OSError) -> None:
         unlisted.append((Path(exc.filename), f"folder cannot be listed: {exc.strerror or exc}"))

@@ -328,8 +328,8 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
     tmp = _fresh_dir(out_dir.with_name(f".{out_dir.name}.ingest-tmp"))
     (tmp / IMAGES_DIR).mkdir()
     rows, file_rejects = _collect(cands, cfg, tmp / IMAGES_DIR, progress)
-    splits = assign_splits([r["id"] for r in rows], cfg.val_fraction)
-    rows = [{**r, "split": splits[r["id"]]} for r in rows]
+    splits = assign_splits([str(r["id"]) for r in rows], cfg.val_fraction)
+    rows = [{**r, "split": splits[str(r["id"])]} for r in rows]
     order = {s: i for i, s in enumerate(cfg.sources)}
     rejects = sorted(rejects + file_rejects, key=lambda r: (order[r.source], r.path))
     summary = _summary(cfg, len(cands), rows, rejects)

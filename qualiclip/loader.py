@@ -1,4 +1,4 @@
-"""Reading shards for training: an explicit list of WebDataset steps (STYLE.md §7).
+"""Reading shards for training: an explicit list of WebDataset steps.
 
     shards in epoch order (seeded shard shuffle, the same on every node)
     -> split by node (DDP rank) -> split by DataLoader worker
@@ -88,6 +88,7 @@ def _shard_samples(url: str, expected: int, entry: dict | None = None) -> Iterat
             yield {"__key__": name, "__fatal__": f"{name} does not match its index entry (it {problem}): replaced, "
                                                  "damaged or from another run"}
         return
+    assert f is not None  # no problem: the shard is open
     try:
         with f:
             files = ({**member, "__url__": url} for member in tar_file_iterator(f))
@@ -130,7 +131,7 @@ def _checked_copy(f: BinaryIO, entry: dict) -> tuple[BinaryIO | None, str | None
         spool.close()
         return None, problem
     spool.seek(0)
-    return spool, None
+    return spool, None  # type: ignore[return-value]  # a SpooledTemporaryFile reads as a binary file
 
 
 def shuffle_samples(src: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:

@@ -1,4 +1,4 @@
-"""The QualiCLIP losses on raw cosine similarities (METHOD.md §4).
+"""The QualiCLIP losses on raw cosine similarities (docs/method.md, "The losses").
 
 Similarities arrive as ``sims`` of shape (B, C=2, L, K, 2): sample, crop, level (1 = least
 degraded), prompt pair, side (0 = positive prompt, 1 = negative prompt).

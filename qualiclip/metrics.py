@@ -1,6 +1,6 @@
 """Agreement between predicted quality scores and subjective scores (SRCC, KRCC, PLCC).
 
-Conventions (METHOD.md §5):
+Conventions (docs/method.md, "The evaluation protocol"):
 - ``srcc``, ``krcc`` and ``plcc`` are computed on the raw scores, so their sign says whether the
   prediction agrees with the MOS direction (targets are expected higher-is-better, as
   `qualiclip.datasets` provides them).

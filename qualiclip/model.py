@@ -1,6 +1,6 @@
 """The QualiCLIP model: an open_clip CLIP whose image encoder is scored against antonym prompts.
 
-Score of an image (METHOD.md §2): for each prompt pair k,
+Score of an image (docs/method.md, "The scoring formula"): for each prompt pair k,
 ``p_k = softmax(scale · [cos(f, t_k+), cos(f, t_k−)])[0]``; quality ``q = mean_k p_k`` in [0, 1].
 The model carries its preprocessing (CLIP mean/std) and its prompt features, so callers pass
 RGB in [0, 1] at any resolution.
@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -30,6 +30,10 @@ from .errors import QualiclipError
 from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
 from .schema import TINY_MODEL, ModelConfig as ModelConfig
+
+# open_clip's modules, read attribute by attribute: typed as Any, because torch types a submodule
+# or buffer reached through `nn.Module.__getattr__` as `Tensor | Module`, which fits no use here.
+OpenClipModule = Any
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PAPER_MODEL = ("RN50", "openai")
@@ -63,7 +67,7 @@ class AttentionPool(nn.Module):
     parameters are the wrapped pool's own, so state-dict keys stay identical.
     """
 
-    def __init__(self, pool: nn.Module, mode: str):
+    def __init__(self, pool: OpenClipModule, mode: str):
         super().__init__()
         self.positional_embedding = pool.positional_embedding
         self.q_proj, self.k_proj, self.v_proj, self.c_proj = pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj
@@ -99,7 +103,11 @@ def resized_positional_embedding(pos: torch.Tensor, h: int, w: int) -> torch.Ten
 class QualiCLIP(nn.Module):
     """CLIP image encoder + frozen prompt features. Input: RGB in [0,1], (N, 3, H, W)."""
 
-    def __init__(self, clip: nn.Module, prompt_features: torch.Tensor, cfg: ModelConfig):
+    prompt_features: torch.Tensor  # buffers, registered in __init__
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, clip: OpenClipModule, prompt_features: torch.Tensor, cfg: ModelConfig):
         super().__init__()
         self.clip = clip
         self.cfg = cfg
@@ -118,7 +126,7 @@ class QualiCLIP(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
-    def visual(self) -> nn.Module:
+    def visual(self) -> OpenClipModule:
         return self.clip.visual
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +302,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def encode_prompts(clip: nn.Module, name: str, pairs=PROMPT_PAIRS) -> torch.Tensor:
+def encode_prompts(clip: OpenClipModule, name: str, pairs=PROMPT_PAIRS) -> torch.Tensor:
     """L2-normalised text features of the prompts, (2K, D), in checkpoint row order."""
     tokens = open_clip.get_tokenizer(name)(flat_prompts(pairs))
     was_training = clip.training

@@ -40,6 +40,10 @@ class OnnxExportError(QualiclipError):
 class ExportableScorer(nn.Module):
     """uint8 (N, H, W, 3) RGB -> (score (N,), pair_probs (N, K)), both float64."""
 
+    prompts: torch.Tensor  # buffers, registered in __init__
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: QualiCLIP):
         super().__init__()
         scorer = inference_copy(model)
@@ -78,6 +82,7 @@ def export_onnx(model: QualiCLIP, out: str | Path) -> Path:
         program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
                                     output_names=list(OUTPUTS), dynamic_shapes=(dims,),
                                     external_data=False, verbose=False)
+    assert program is not None  # dynamo=True returns the exported program
     program.save(str(tmp))
     tmp.replace(out)
     return out

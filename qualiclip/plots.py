@@ -1,35 +1,18 @@
-"""Pictures for humans: score-vs-level scatter and per-distortion SRCC bars."""
+"""Pictures for humans of an evaluation: score-vs-level scatter, per-distortion SRCC bars, MOS scatter.
+
+The training figure and the matplotlib setup live in `qualiclip.figures` (the train stage loads
+no evaluation code).
+"""
 from __future__ import annotations
 
-import csv
 import warnings
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 from .distortions import LEVELS, get_distortion
+from .figures import pyplot, save_figure
 from .metrics import correlations, logistic_fit
-
-
-def _save(fig, out: Path) -> Path:
-    """Lay out, write and close a figure (figures are never left open in long runs)."""
-    fig.tight_layout()
-    fig.savefig(out)
-    pyplot().close(fig)
-    return out
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display on servers).
-
-    Imported on first use, not with this module: choosing the backend is process-wide, and
-    importing qualiclip must not change it for a notebook that only scores images.
-    """
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
@@ -47,7 +30,7 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
     ax.set(xlabel="distortion level (higher = more degraded)", ylabel="predicted quality", xticks=LEVELS,
            title="Held-out synthetic set: quality should fall with the level")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None,
@@ -78,22 +61,7 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     ax.set_title(title, fontsize=9, loc="right")  # right-aligned: the long type labels take the left
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
-    return _save(fig, out)
-
-
-def plot_loss_curves(log_csv: Path, out: Path) -> Path:
-    """Loss terms per step from the train stage's CSV log."""
-    plt = pyplot()
-    with open(log_csv) as f:
-        rows = list(csv.DictReader(f))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    steps = [int(r["step"]) for r in rows]
-    for key in ("loss", "loss_cons", "loss_pos", "loss_neg"):
-        ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=1.2)
-    ax.set(xlabel="step", ylabel="loss", title="Training losses")
-    ax.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str,
@@ -117,7 +85,7 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
         ax.set_ylim(*mos_range)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
@@ -137,4 +105,4 @@ def plot_model_vs_baseline(metrics: dict, out: Path) -> Path:
     ax.set(ylabel="SRCC", ylim=(min(-0.1, min(model + base) - 0.1), 1.05), title="What training added (SRCC)")
     ax.axhline(0, color="k", lw=0.8)
     ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, out)
+    return save_figure(fig, out)

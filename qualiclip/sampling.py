@@ -1,4 +1,4 @@
-"""QualiCLIP training samples: two overlapping crops × L levels of one composition (METHOD.md §3)."""
+"""QualiCLIP training samples: two overlapping crops × L levels of one composition (docs/method.md, "A training sample")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -89,10 +89,18 @@ def inference_copy(model: QualiCLIP) -> QualiCLIP:
         return model
     visual = copy.deepcopy(model.visual).eval()
     fold_batchnorm(visual)
-    scorer = QualiCLIP(_ImageTower(_scoring_encoder(visual, model.cfg)), model.prompt_features.detach().clone(),
-                       model.cfg)
-    scorer.requires_grad_(False)
-    return scorer.to(model.prompt_features.device).eval()
+    scorer = encoder_scorer(visual, model.prompt_features.detach().clone(), model.cfg)
+    return scorer.to(model.prompt_features.device)
+
+
+def encoder_scorer(visual: nn.Module, prompt_features: torch.Tensor, cfg: ModelConfig, *,
+                   fast: bool = True) -> QualiCLIP:
+    """A scoring-only QualiCLIP (no text tower, no gradients, eval mode) around an image encoder
+    whose BatchNorm is folded already (`fold_batchnorm`). ``fast``: run a ModifiedResNet as a
+    `FastEncoder`, as `inference_copy` and `load_scorer` do; ``False`` keeps open_clip's own
+    modules (the scorer before the fast encoder, which benchmarks compare against)."""
+    encoder = _scoring_encoder(visual, cfg) if fast else visual
+    return QualiCLIP(_ImageTower(encoder), prompt_features, cfg).requires_grad_(False).eval()
 
 
 def is_inference_copy(model: QualiCLIP) -> bool:
@@ -131,6 +139,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """conv <- bn(conv): the weights are scaled in place (no second copy of them in memory)."""
+    assert bn.running_var is not None and bn.running_mean is not None  # eval mode: running statistics
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -148,8 +157,7 @@ def load_scorer(path: str | Path) -> QualiCLIP:
     if encoder is None:
         return inference_copy(load_checkpoint(path))
     visual, prompts, cfg = encoder
-    scorer = QualiCLIP(_ImageTower(_scoring_encoder(fold_batchnorm(visual.eval()), cfg)), prompts, cfg)
-    return scorer.requires_grad_(False).eval()
+    return encoder_scorer(fold_batchnorm(visual.eval()), prompts, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,27 +409,27 @@ def score_paths(
     `default_memory_budget`) gets an ``error`` too. ``max_pixels_option`` is the setting named
     in the "too_large" message of a file above ``max_pixels`` (``--max-pixels`` for the CLI).
     """
-    paths = [Path(p) for p in paths]
+    files = [Path(p) for p in paths]
     dev = scoring_device(model, device)
     scorer = inference_copy(model).to(dev)
     _autocast(dev, precision)  # a bad option fails before any file is read
     check = _ImageCheck(scorer, memory_budget(max_memory, dev), resize_short, max_pixels, max_pixels_option)
-    results: list[FileScore | None] = [None] * len(paths)
-    for chunk in plan_batches([probe_size(p) or (0, 0, i) for i, p in enumerate(paths)], batch_size, 1 << 62):
-        decoded = [check.decode(paths[i]) for i in chunk]
+    results: list[FileScore | None] = [None] * len(files)
+    for chunk in plan_batches([probe_size(p) or (0, 0, i) for i, p in enumerate(files)], batch_size, 1 << 62):
+        decoded: list[Any] = [check.decode(files[i]) for i in chunk]  # (pixels, (h, w)) or an error text
         ok = [k for k, d in enumerate(decoded) if isinstance(d, tuple)]
         if ok:
             scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=dev,
                                   precision=precision, max_memory=check.max_memory)
             for k, s in zip(ok, scores):
                 h, w = decoded[k][1]
-                results[chunk[k]] = FileScore(paths[chunk[k]], float(s), w, h)
+                results[chunk[k]] = FileScore(files[chunk[k]], float(s), w, h)
         for k, d in enumerate(decoded):
             if isinstance(d, str):
-                results[chunk[k]] = FileScore(paths[chunk[k]], None, None, None, d)
+                results[chunk[k]] = FileScore(files[chunk[k]], None, None, None, d)
         if progress is not None:
             progress.update(len(chunk))
-    return results
+    return results  # type: ignore[return-value]  # every index is filled: each file is in one chunk
 
 
 @dataclass(frozen=True)
@@ -467,7 +475,8 @@ def score_images(
     ``device`` None scores where the model is. An unreadable path raises `ScoringError` (use `score_paths` to get per-file errors instead).
     """
     scorer = inference_copy(_as_model(model))
-    arrays, files = [], []
+    arrays: list[tuple[int, np.ndarray]] = []
+    files: list[tuple[int, Path]] = []
     for item in items:
         if isinstance(item, torch.Tensor) and item.ndim == 4:
             arrays += [(len(arrays) + len(files), _tensor_to_array(t)) for t in item]
@@ -476,7 +485,7 @@ def score_images(
         else:
             files.append((len(arrays) + len(files), Path(item)))
     scores = np.empty(len(arrays) + len(files))
-    common = dict(batch_size=batch_size, device=device, precision=precision)
+    common: dict[str, Any] = dict(batch_size=batch_size, device=device, precision=precision)
     if arrays:
         scores[[i for i, _ in arrays]] = score_arrays(scorer, [a for _, a in arrays], **common)
     if files:

@@ -1,4 +1,4 @@
-"""Experiment tracking behind a small interface with a no-op default (STYLE.md §8).
+"""Experiment tracking behind a small interface with a no-op default.
 
 The library (the train stage) logs through `Tracker`; the pipeline app chooses the tracker
 (`qualiclip.pipeline.tracking.get_tracker`) and holds the MLflow implementation

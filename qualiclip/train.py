@@ -162,7 +162,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
     if dist_info.world_size > 1:
         encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        encoder = torch.compile(encoder)
+        encoder = torch.compile(encoder)  # type: ignore[assignment]  # a compiled module is called as one
     model.visual_train_mode(bn_frozen(cfg, model_cfg))
     params = [p for p in model.visual.parameters() if p.requires_grad]  # text tower: frozen, no optimizer state
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -245,11 +245,11 @@ def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str
 
 def rng_state() -> dict:
     """torch (CPU, CUDA), numpy and Python RNG states as weights_only-loadable values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # the legacy tuple form (legacy=True, the default)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),  # type: ignore[index]
         "python": random.getstate(),
     }
 
@@ -387,7 +387,7 @@ def run_train(
     torch.manual_seed(cfg.seed)
     state_path = Path(out_dir) / TRAIN_STATE
     key = resume_key(cfg, model_cfg, dist_info.world_size)
-    start, rows = 0, []
+    start, rows = 0, list[dict]()
     state = load_train_state(state_path) if cfg.resume else None
     if state is not None:
         start, rows = restore_train_state(t, state, key, state_path, shards)

@@ -43,6 +43,7 @@ def test_unknown_params_key_is_named(project):
         (["ingest", "--params", "missing.yaml", "--out", "data/ingest"], "params file missing.yaml not found"),
     ],
 )
+@pytest.mark.slow
 def test_missing_upstream_output_names_the_stage_to_run(project, args, message):
     proc = qualiclip(*args, cwd=project)
     assert proc.returncode == 2, proc.stderr
@@ -99,6 +100,7 @@ def test_every_user_error_is_one_line_without_traceback(monkeypatch, capsys):
     assert capsys.readouterr().err == "qualiclip distortions: error: shards.tar is torn — rerun the degrade stage\n"
 
 
+@pytest.mark.slow
 def test_evaluate_without_held_out_images_names_the_fix(project):
     """An ingest output with no 'val' image is a user error (one line, exit 2), not a traceback."""
     from qualiclip.checkpoint import save_checkpoint
@@ -152,6 +154,7 @@ def with_shards(project: Path) -> dict:
     return params
 
 
+@pytest.mark.slow
 def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project):
     params = with_shards(project)
     rated = make_photos(project / "rated", n=3)
@@ -241,6 +244,7 @@ def test_a_bad_params_file_is_one_line_without_traceback(project, case):
     assert BAD_PARAMS[case] in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_fails_before_training_when_evaluate_is_misconfigured(project):
     """evaluate: runs after an hour of training; its bad value must stop `train` at its start."""
     params = with_shards(project)

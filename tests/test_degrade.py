@@ -134,6 +134,7 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, t
 KILL_CFG = {"variants": 12, "samples_per_shard": 2, "workers": 2, "crop": 64, "distortions": list(TYPES)}
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_is_byte_identical(ingest_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
@@ -158,6 +159,7 @@ def prefect_harness():
         yield
 
 
+@pytest.mark.slow
 def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, prefect_harness):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flows.degrade_flow import degrade_shards_flow
@@ -170,6 +172,7 @@ def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, 
     assert digests(tmp_path / "flow") == digests(tmp_path / "pool")
 
 
+@pytest.mark.slow
 def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_path, prefect_harness, dask_cluster):
     from distributed import Client
 
@@ -212,6 +215,7 @@ def test_rerun_after_a_kill_rewrites_a_damaged_shard(ingest_dir, tmp_path):
     assert again.resumed_shards == 5 and digests(tmp_path) == first
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))

@@ -1,11 +1,12 @@
 """The docs point only at files and sections that exist.
 
-Checked: every relative link and ``#anchor`` in README.md and docs/*.md, and every pointer written
+Checked: every relative link and ``#anchor`` in README.md, CONTRIBUTING.md and docs/*.md, and every pointer written
 as text — ``docs/<name>.md`` or ``docs/<name>.md, "Section title"`` — there and in the code's
 docstrings and messages (a section title is the start of a heading of that page).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 SOURCES = sorted([*(ROOT / "qualiclip").rglob("*.py"), *(ROOT / "flows").glob("*.py")])
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # [text](target); images (![..](..)) are not pointers
 MENTION = re.compile(r'\b(docs/[\w.-]+\.md)`?(?:,\s*"([^"]+)")?')
@@ -96,3 +97,51 @@ def test_the_checker_catches_missing_files_anchors_and_sections(tmp_path):
         'page.md:7: docs/evaluation.md, "Inputs" — no such section',
         "page.md:7: docs/nowhere.md — no such file",
     ]
+
+
+# Every text file of the project a reader may open: docs, code, tests, benchmarks, configs, CI.
+SKIP_DIRS = {".git", ".venv", ".dvc", ".pytest_cache", "__pycache__", "qualiclip.egg-info", "data", "outputs"}
+TEXT_SUFFIXES = {".md", ".py", ".toml", ".yaml", ".yml", ".txt", ".cfg"}
+FILE_MENTION = re.compile(r"(?<![\w.*/-])((?:\.\.?/)*(?:[\w-]+/)*[\w-]+\.md)\b")
+OUTSIDE = re.compile(r"\.\./shared/(?!data\b)[\w./-]*|/work/shared\S*")  # ../shared/data: the real-data folder
+
+
+def project_text_files(root: Path) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]  # pruned: .venv alone holds ~100,000 files
+        found += [Path(folder, f) for f in files if Path(f).suffix in TEXT_SUFFIXES or Path(folder).name == ".ci"]
+    return sorted(found)
+
+
+def outside_references(root: Path, file: Path) -> list[str]:
+    """References in ``file`` to a file the repository does not hold: ``X.md`` that is neither a
+    path from the project root or from the file's folder nor a page of the root or ``docs/``, and
+    anything under ``../shared/`` other than the real-data folder."""
+    text, where = file.read_text(errors="replace"), file.relative_to(root)
+    outside = OUTSIDE.findall(text)
+    bad = [f"{where}: {m}" for m in outside]
+    for name in FILE_MENTION.findall(text):
+        candidates = [root / name, file.parent / name] + ([root / "docs" / name] if "/" not in name else [])
+        if name not in outside and not any(c.is_file() and c.resolve().is_relative_to(root.resolve())
+                                           for c in candidates):
+            bad.append(f"{where}: {name}")
+    return bad
+
+
+def test_no_file_outside_the_repository_is_cited():
+    """A clone holds everything the docs and the code point to (the method facts are in docs/method.md)."""
+    bad = [b for f in project_text_files(ROOT) if f.name != "test_docs.py" for b in outside_references(ROOT, f)]
+    assert bad == []
+
+
+def test_the_outside_reference_check_catches_missing_files(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "method.md").write_text("# Method\n")
+    (tmp_path / "README.md").write_text("See docs/method.md, method.md and [the table](docs/method.md#method).\n"
+                                        "Real data: ../shared/data/clive.\n")
+    (tmp_path / "code.py").write_text('"""The score (METHOD.md §2; ../shared/STYLE.md; docs/gone.md)."""\n')
+    assert project_text_files(tmp_path) == [tmp_path / "README.md", tmp_path / "code.py", tmp_path / "docs/method.md"]
+    assert outside_references(tmp_path, tmp_path / "README.md") == []
+    assert outside_references(tmp_path, tmp_path / "code.py") == [
+        "code.py: ../shared/STYLE.md", "code.py: METHOD.md", "code.py: docs/gone.md"]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from qualiclip.evaluate import EvaluateError, baseline_model, load_dataset_spec
+from qualiclip.datasets import DatasetError, load_dataset_spec
+from qualiclip.evaluate import baseline_model
 from qualiclip.model import ModelConfig, create_model
 
 BLOCK = {"srcc", "krcc", "plcc", "plcc_logistic", "n"}
@@ -87,6 +88,7 @@ def test_synthetic_metrics_within_photo_ranking_per_type_by_hand():
     assert m["per_distortion"]["noise"] == pytest.approx(0.5433, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_metrics_have_synthetic_dataset_split_and_baseline_blocks(evaluated):
     m = json.loads((evaluated / "metrics.json").read_text())
     assert set(m["synthetic"]) == {"srcc", "plcc", "krcc", "srcc_within"}  # the per-type table: per_distortion.csv
@@ -98,6 +100,7 @@ def test_metrics_have_synthetic_dataset_split_and_baseline_blocks(evaluated):
         assert all(-1 <= block[k] <= 1 for k in BLOCK - {"n"})
 
 
+@pytest.mark.slow
 def test_dataset_scores_csv_matches_the_scorer(evaluated, clive_dir):
     from qualiclip.checkpoint import load_checkpoint
     from qualiclip.scoring import score_paths
@@ -111,6 +114,7 @@ def test_dataset_scores_csv_matches_the_scorer(evaluated, clive_dir):
     assert rows[0]["score"] != rows[0]["baseline_score"]
 
 
+@pytest.mark.slow
 def test_baseline_is_built_from_the_checkpoints_own_config(evaluated):
     """params.yaml's model section says seed 0; the checkpoint was trained from seed 1: the baseline
     is the checkpoint's starting point, so its scores are those of the seed-1 backbone."""
@@ -123,6 +127,7 @@ def test_baseline_is_built_from_the_checkpoints_own_config(evaluated):
     assert abs(own - params) > 1e-4
 
 
+@pytest.mark.slow
 def test_csvs_and_plots_are_written(evaluated):
     per = list(csv.DictReader(open(evaluated / "per_distortion.csv")))
     assert list(per[0]) == ["distortion", "srcc", "srcc_within", "baseline_srcc", "baseline_srcc_within"]
@@ -144,10 +149,10 @@ def test_baseline_is_the_backbone_with_the_clip_iqa_pair():
 
 
 def test_dataset_spec_errors_name_the_fix(clive_dir, clive_split_labels):
-    with pytest.raises(EvaluateError, match="root"):
+    with pytest.raises(DatasetError, match="root"):
         load_dataset_spec({"name": "clive"})
     bad = {**clive_spec(clive_dir, clive_split_labels), "label": "synthetic"}
-    with pytest.raises(EvaluateError, match="label"):
+    with pytest.raises(DatasetError, match="label"):
         load_dataset_spec(bad)
 
 

@@ -61,6 +61,7 @@ def test_bf16_autocast_runs_the_encoder_in_bf16(photos):
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_onnx_export_scores_like_torch_in_onnxruntime(photos, tmp_path, capsys):
     """`qualiclip export-onnx`, then onnxruntime alone: same scores on photos of several sizes."""
     import onnxruntime as ort

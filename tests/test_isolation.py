@@ -1,10 +1,11 @@
-"""The library imports and works with Prefect, DVC and MLflow absent (STYLE.md §1)."""
+"""The library imports and works with Prefect, DVC and MLflow absent."""
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import yaml
 
 from conftest import CLEAN_ENV, make_photos, tiny_params
@@ -19,6 +20,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
+@pytest.mark.slow
 def test_pipeline_runs_without_orchestrators(tmp_path):
     photos = make_photos(tmp_path / "photos", n=4)
     params = tiny_params([str(photos)], tracking__backend="auto", train__steps=2)

@@ -118,7 +118,8 @@ def test_runs_carry_the_git_commit_and_the_dvc_experiment(project):
 
 
 def test_each_stage_logs_the_datasets_it_consumes_with_their_digests(project):
-    from qualiclip.evaluate import EvaluateConfig, check_datasets
+    from qualiclip.datasets import check_datasets
+    from qualiclip.schema import EvaluateConfig
     from qualiclip.ingest import read_manifest
     from qualiclip.pipeline.lineage import iqa_input, rows_digest
     from qualiclip.shards import data_version

@@ -1,4 +1,4 @@
-"""The losses of METHOD.md §4 on hand-computed cases: margins, which pairs count, averaging."""
+"""The losses of docs/method.md, "The losses", on hand-computed cases: margins, which pairs count, averaging."""
 from __future__ import annotations
 
 import pytest

@@ -81,6 +81,7 @@ def test_damaged_objects_are_refused_by_the_loader_and_rewritten_on_resume(inges
     assert again.resumed_shards == 4 and object_digests(s3_server, url) == first
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_resumes_against_the_bucket(ingest_dir, tmp_path, s3_server, s3_bucket):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))

@@ -297,6 +297,7 @@ def test_an_image_above_the_memory_budget_is_refused_per_file(checkpoint, images
     assert all(r["error"] == "" for r in rows_by_name(out).values())
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_covers_the_measured_peak():
     """The budget is only a promise if the estimate is not below what scoring really takes
     (measured as benchmarks/bench_score_memory.py measures it: a fresh process, a 4 MP image)."""

@@ -33,6 +33,7 @@ print('ok')
 """
 
 
+@pytest.mark.slow
 def test_library_imports_and_tracks_nothing_without_mlflow_prefect_dvc():
     out = subprocess.run([sys.executable, "-c", BLOCK_ORCHESTRATION], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -64,6 +65,7 @@ def test_execution_from_env_else_none_outside_dvc(monkeypatch):
     assert current_execution() is None
 
 
+@pytest.mark.slow
 def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from qualiclip.pipeline.tracking_mlflow import MlflowTracker, tracking_uri
@@ -87,6 +89,7 @@ def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.mark.slow
 def test_a_registry_uri_that_names_nothing_is_a_one_line_hint(tmp_path, monkeypatch, capsys):
     """``models:/qualiclip@champion`` before any promotion: exit 2 and one line that says what to run."""
     pytest.importorskip("mlflow")

@@ -78,6 +78,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(6, TrainConfig(steps=10, warmup_steps=2, schedule="constant")) == 1.0
 
 
+@pytest.mark.slow
 def test_run_train_writes_outputs_and_tracks_every_term(shards, tmp_path):
     tracker = RecordingTracker()
     cfg = TrainConfig(**{**TINY_TRAIN, "steps": 3, "threads": 0})
@@ -95,6 +96,7 @@ def test_run_train_writes_outputs_and_tracks_every_term(shards, tmp_path):
 
 
 @pytest.mark.parametrize("mode,changes", [("frozen", False), ("train", True)])
+@pytest.mark.slow
 def test_batchnorm_mode(mode, changes):
     t = build_trainer(TrainConfig(bn_mode=mode), ModelConfig(), DistInfo())
     bn = next(m for m in t.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -131,6 +133,7 @@ def test_bf16_autocast_keeps_the_cosines_in_float32():
     torch.testing.assert_close(sims, (feats @ t.model.prompt_features.T).view(4, -1, 2), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cpu_bf16_steps_fit_a_fixed_batch_and_keep_float32_weights():
     """bf16 autocast on CPU trains: the loss on one fixed batch falls, and weights stay float32."""
     cfg = TrainConfig(precision="bf16", lr=3e-3, warmup_steps=1, steps=40)
@@ -142,6 +145,7 @@ def test_cpu_bf16_steps_fit_a_fixed_batch_and_keep_float32_weights():
     assert all(p.dtype == torch.float32 for p in t.model.visual.parameters())
 
 
+@pytest.mark.slow
 def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(shards, tmp_path):
     """train.ema: after each step ema <- d·ema + (1-d)·weights (first step: a copy), BatchNorm
     running statistics included; the average, not the last weights, becomes the model."""

@@ -10,8 +10,9 @@ assumptions per dataset: docs/datasets.md.
 """
 from qualiclip.datasets import releases as _releases  # noqa: F401  (registers the loaders)
 from qualiclip.datasets.base import DatasetError, IQADataset, IQAItem, Spec
+from qualiclip.datasets.entries import check_datasets, load_dataset_spec
 from qualiclip.datasets.registry import dataset_spec, list_datasets, load_dataset
 from qualiclip.datasets.releases import clive_labels
 
-__all__ = ["DatasetError", "IQADataset", "IQAItem", "Spec", "clive_labels", "dataset_spec",
-           "list_datasets", "load_dataset"]
+__all__ = ["DatasetError", "IQADataset", "IQAItem", "Spec", "check_datasets", "clive_labels", "dataset_spec",
+           "list_datasets", "load_dataset", "load_dataset_spec"]

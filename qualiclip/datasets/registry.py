@@ -55,6 +55,7 @@ def load_dataset(name: str, root: str | Path, *, on_missing: Literal["error", "e
     _check_options(name, loader, options)
     labels = loader(root, **options)
     spec = labels.spec or spec
+    assert spec is not None, name  # a loader registered without a spec returns one with its labels
     items, problems = build_items(labels, spec)
     raise_or_report(name, root, problems, on_missing)
     warn_out_of_range(name, items, spec)

@@ -70,7 +70,7 @@ class FolderIndex:
 def build_items(labels: Labels, spec: Spec) -> tuple[list[IQAItem], list[tuple[Path, str]]]:
     """Resolve every label to a readable image; return the good items and all problems found."""
     index = FolderIndex()
-    items, problems, seen = [], [], set()  # seen: every labelled file found, good or not
+    items, problems, seen = [], [], set[Path]()  # seen: every labelled file found, good or not
     for row in labels.rows:
         wanted = labels.image_dir / row.name
         path = index.resolve(wanted)
@@ -80,6 +80,7 @@ def build_items(labels: Labels, spec: Spec) -> tuple[list[IQAItem], list[tuple[P
         if problem:
             problems.append((path or wanted, problem))
             continue
+        assert path is not None  # no problem: the file was found
         items.append(IQAItem(path, _higher_is_better(row.raw_mos, spec), row.split, row.raw_mos))
     known = seen | {p for n in labels.ignore if (p := index.resolve(labels.image_dir / n))}
     folders = {(labels.image_dir / row.name).parent for row in labels.rows}
@@ -104,7 +105,7 @@ def warn_out_of_range(name: str, items: list[IQAItem], spec: Spec) -> None:
     """Warn (not fail) when released scores fall outside the declared range: the range is
     documentation of the scale, and a wrong one points at the wrong dataset or option."""
     lo, hi = spec.mos_range
-    outside = [i for i in items if not lo <= i.raw_mos <= hi]
+    outside = [i for i in items if i.raw_mos is not None and not lo <= i.raw_mos <= hi]
     if outside:
         warnings.warn(f"dataset '{name}': {len(outside)} score(s) outside the declared mos_range "
                       f"{spec.mos_range}, e.g. {outside[0].raw_mos} for {outside[0].path}", stacklevel=3)

@@ -1,4 +1,4 @@
-"""The degradation model: 24 distortion types in 7 groups, each at 5 levels (METHOD.md section 6).
+"""The degradation model: 24 distortion types in 7 groups, each at 5 levels (docs/method.md, "The degradation model").
 
     d = get_distortion("gaussian_blur")
     state = d.draw(rng, h, w)              # the random parts, once per crop

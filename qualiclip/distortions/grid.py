@@ -12,7 +12,7 @@ from .registry import LEVELS, N_LEVELS, get_distortion, list_distortions
 GAP, LABEL_WIDTH, HEADER_HEIGHT, FONT_SIZE = 4, 215, 24, 14
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
     except TypeError:  # older Pillow: the fixed bitmap font

@@ -39,7 +39,7 @@ class ImpulseState(NamedTuple):
     or 0.0 (pepper) per index.
     """
 
-    index: np.ndarray  # (K,) int64
+    index: np.ndarray  # type: ignore[assignment]  # (K,) int64; shadows tuple.index, never called here
     u: np.ndarray      # (K,) float32
     salt: np.ndarray   # (K,) float32
 

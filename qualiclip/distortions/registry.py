@@ -1,6 +1,6 @@
 """The registry of the 24 distortion types: names, groups, level values and implementations.
 
-This table is the one home of the degradation model's parameters (METHOD.md section 6, with
+This table is the one home of the degradation model's parameters (docs/method.md, "The degradation model", with
 the project's monotone variants marked). ``docs/distortions.md`` explains every choice.
 """
 from __future__ import annotations
@@ -72,8 +72,8 @@ def _check_image(image: np.ndarray, name: str) -> None:
 
 IMPULSE_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.03)  # impulse_noise draws only what its strongest level hits
 
-# (name, group, level values 1..5, apply, draw). Table order = METHOD.md order.
-# "variant" marks values or kernels that depart from METHOD.md; docs/distortions.md says why.
+# (name, group, level values 1..5, apply, draw). Table order = the reference table's order (docs/method.md).
+# "variant" marks values or kernels that depart from the reference table; docs/distortions.md says why.
 _TABLE: tuple[tuple[str, str, tuple, ApplyFn, DrawFn | None], ...] = (
     ("gaussian_blur", "blur", (0.4, 0.5, 1.0, 2.0, 5.0), blur.gaussian_blur, None),  # variant: sigma 0.1 is the identity
     ("lens_blur", "blur", (1, 2, 4, 6, 8), blur.lens_blur, None),

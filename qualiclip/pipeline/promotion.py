@@ -252,6 +252,7 @@ def promote_project(project_dir: str | Path = ".", params_file: str = "params.ya
         checkpoint = checkpoint or paths.checkpoint
         metrics_file = metrics_file or paths.metrics
         shards = shards or paths.shards
+    assert checkpoint and metrics_file and shards  # given, or read from dvc.yaml
     mfile = project / metrics_file
     if not mfile.is_file():
         raise PromotionError(f"no evaluation metrics at {mfile} — run the evaluate stage first (dvc repro)")

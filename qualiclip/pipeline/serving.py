@@ -66,14 +66,15 @@ class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
         resolved = resolve_paths(values)
         ok = [i for i, r in enumerate(resolved) if isinstance(r, Path)]
         scored = dict(zip(ok, score_paths([str(resolved[i]) for i in ok], self.model))) if ok else {}
-        return [(scored[i].score, scored[i].error or None) if i in scored else (None, resolved[i])
-                for i in range(len(values))]
+        return [(scored[i].score, scored[i].error or None) if i in scored else (None, resolved[i])  # type: ignore[misc]
+                for i in range(len(values))]  # not scored: resolved[i] is the error text
 
     def _score_encoded(self, values: list) -> list[tuple[float | None, str | None]]:
         decoded = [_decode_row(i, v) for i, v in enumerate(values)]
         ok = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        scores = dict(zip(ok, score_arrays(self.model, [decoded[i] for i in ok]).tolist())) if ok else {}
-        return [(scores[i], None) if i in scores else (None, decoded[i]) for i in range(len(values))]
+        # the rows in ok decoded to arrays, the others to their error text
+        scores = dict(zip(ok, score_arrays(self.model, [decoded[i] for i in ok]).tolist())) if ok else {}  # type: ignore[misc]
+        return [(scores[i], None) if i in scores else (None, decoded[i]) for i in range(len(values))]  # type: ignore[misc]
 
 
 def input_column(frame: pd.DataFrame) -> str:

@@ -86,8 +86,8 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
 
 
 def stage_train(params_file: str, shards: str, out: str) -> dict:
-    from ..evaluate import check_datasets  # see the module docstring
-    from ..plots import plot_loss_curves
+    from ..datasets import check_datasets  # see the module docstring
+    from ..figures import plot_loss_curves
     from ..train import run_train
     from .lineage import shard_input
 
@@ -116,10 +116,10 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
                 description=f"params hash {phash}; data version {data.digest}; {result.steps} steps",
                 tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
-            print(f"train: registered {tcfg.registered_model} version {logged.version}")
+            print(f"train: registered {tcfg.registered_model} version {logged and logged.version}")
     if main_process:
-        write_version_file(Path(out), tcfg.registered_model, logged and logged.version,
-                           getattr(tracker, "run_id", None), logged and logged.model_id)
+        write_version_file(Path(out), tcfg.registered_model, logged.version if logged else None,
+                           getattr(tracker, "run_id", None), logged.model_id if logged else None)
     print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
     return {"checkpoint": str(result.checkpoint), "final": result.final,
             "model_version": logged and logged.version, "params_hash": phash}
@@ -127,7 +127,8 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
     from ..checkpoint import load_checkpoint, read_metadata  # see the module docstring
-    from ..evaluate import check_datasets, run_evaluate
+    from ..datasets import check_datasets
+    from ..evaluate import run_evaluate
     from .lineage import iqa_input, manifest_input
 
     tracker, _ = _tracker(params_file)

@@ -105,6 +105,7 @@ class MlflowTracker(Tracker):
 
     def _open_parent(self) -> str:
         """The execution's parent run, created at the first stage and marked running at each."""
+        assert self.execution is not None  # called only for a stage run of an execution
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`qualiclip.pipeline_id` = '{self.execution.id}' and tags.`qualiclip.kind` = 'pipeline'",
