@@ -257,7 +257,7 @@ def stop_line(args: argparse.Namespace, signum: int) -> str:
     """One line: which signal stopped the command, what it keeps, and how a rerun resumes."""
     name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
     out = getattr(args, "out", None)
-    if args.command == "train":
+    if args.command == "train" and out is not None:
         how = _train_resumes(Path(out))
     elif args.command == "degrade":
         how = (f"the shards written so far are kept in {out}: rerun the same command to write the rest "
