@@ -129,9 +129,26 @@ def api_for_dask(address: str) -> Iterator[None]:
     server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                send_pending()
     finally:
         server.stop()
+
+
+def send_pending() -> None:
+    """Send what this process has logged and emitted to the Prefect API and not sent yet, and wait.
+
+    Prefect sends logs and events in the background; what is left at exit goes then. A temporary
+    server stopped before that leaves its last logs nowhere to go: the process waited ~70 s of
+    retries after the run, then printed ``--- Error logging to API --- All connection attempts failed``.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):  # both stop, send what they hold and return; later use starts anew
+        service.drain_all(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> dict:
