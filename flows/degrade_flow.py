@@ -85,9 +85,10 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
 def local_cluster_kwargs(workers: int) -> dict:
     """A temporary `distributed.LocalCluster`: ``workers`` single-threaded processes (one shard job
-    per core; threads would contend for the GIL), bound to 127.0.0.1, no dashboard. The scheduler
-    still serves its health and metrics routes over HTTP: on a free loopback port, not on 8787
-    (which a second cluster on the machine would find taken)."""
+    per core; threads would contend for the GIL), bound to 127.0.0.1. The scheduler still serves its
+    health and metrics routes over HTTP: on a free loopback port, not on 8787 (which a second
+    cluster on the machine would find taken). prefect-dask prints that port as the dashboard's; the
+    dashboard page needs bokeh, which the project does not install."""
     return {"n_workers": workers, "processes": True, "threads_per_worker": 1, "host": "127.0.0.1",
             "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
