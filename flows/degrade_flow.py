@@ -85,9 +85,10 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
 def local_cluster_kwargs(workers: int) -> dict:
     """A temporary `distributed.LocalCluster`: ``workers`` single-threaded processes (one shard job
-    per core; threads would contend for the GIL), bound to 127.0.0.1, no dashboard. The scheduler
-    still serves its health and metrics routes over HTTP: on a free loopback port, not on 8787
-    (which a second cluster on the machine would find taken)."""
+    per core; threads would contend for the GIL), bound to 127.0.0.1. The scheduler still serves its
+    health and metrics routes over HTTP: on a free loopback port, not on 8787 (which a second
+    cluster on the machine would find taken). prefect-dask prints that port as the dashboard's; the
+    dashboard page needs bokeh, which the project does not install."""
     return {"n_workers": workers, "processes": True, "threads_per_worker": 1, "host": "127.0.0.1",
             "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
@@ -129,9 +130,26 @@ def api_for_dask(address: str) -> Iterator[None]:
     server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                send_pending()
     finally:
         server.stop()
+
+
+def send_pending() -> None:
+    """Send what this process has logged and emitted to the Prefect API and not sent yet, and wait.
+
+    Prefect sends logs and events in the background; what is left at exit goes then. A temporary
+    server stopped before that leaves its last logs nowhere to go: the process waited ~70 s of
+    retries after the run, then printed ``--- Error logging to API --- All connection attempts failed``.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):  # both stop, send what they hold and return; later use starts anew
+        service.drain_all(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> dict:

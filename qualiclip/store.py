@@ -86,8 +86,9 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise self._unreachable(exc) from None
         if not exists:
-            raise StoreError(f"bucket '{bucket}' of {self.url} does not exist — create it first "
-                             f"(e.g. `aws s3 mb s3://{bucket}`), or fix the location")
+            raise StoreError(f"bucket '{bucket}' of {self.url} does not exist — create it first: "
+                             f"{make_bucket_command(bucket)} (s3fs, with these credentials and endpoint), "
+                             "or fix the location")
 
     def open(self, name: str) -> BinaryIO:
         """``name`` opened for binary reading (`FileNotFoundError` when absent)."""
@@ -154,6 +155,12 @@ def hash_stream(f: BinaryIO, sink: Callable[[bytes], object] | None = None) -> t
         if sink is not None:
             sink(chunk)
     return size, h.hexdigest()
+
+
+def make_bucket_command(bucket: str) -> str:
+    """A shell command that creates ``bucket`` with what the project installs (the AWS CLI is no
+    dependency): s3fs, reading the credentials and endpoint as every `Store` does."""
+    return f"python -c \"import s3fs; s3fs.S3FileSystem().mkdir('{bucket}')\""
 
 
 def open_store(location: str | os.PathLike) -> Store:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLEAN_ENV, make_photos
+import yaml
+
+from conftest import CLEAN_ENV, ROOT, make_photos, tiny_params
 
 ENTRY = '''
 import json, sys, warnings
@@ -68,3 +70,20 @@ def test_two_gloo_processes_keep_identical_replicas(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     rows = list(csv.DictReader(open(tmp_path / "out" / "train_log.csv")))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.slow
+def test_the_train_command_under_torchrun_prints_its_summary_once(tmp_path):
+    """Every rank runs the stage; only rank 0 reports it (issue 27: the `train:` line came twice)."""
+    shards = build_shards(tmp_path)
+    params = tiny_params([str(tmp_path / "photos")], tracking__backend="none", train__steps=2,
+                         train__dist_backend="gloo", train__checkpoint_every=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qualiclip.pipeline.cli", "train", "--params", str(tmp_path / "params.yaml"),
+           "--shards", str(shards), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **CLEAN_ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("train: 2 steps")]
+    assert len(summaries) == 1, proc.stdout

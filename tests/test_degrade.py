@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import degrade_cli, kill_midway_then_rerun
+from conftest import CLEAN_ENV, ROOT, degrade_cli, kill_midway_then_rerun
 from qualiclip.config import ConfigError, build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
 from qualiclip.ingest import IngestError
@@ -189,6 +189,31 @@ def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_p
     assert len(ran) == 2 and all(ran[w] > before[w] for w in ran), f"shard tasks per worker process: {ran}"
     run_degrade(CFG, ingest_dir, tmp_path / "pool", progress=False)
     assert digests(tmp_path / "dask") == digests(tmp_path / "pool")
+
+
+@pytest.mark.slow
+def test_dask_local_without_a_prefect_server_exits_promptly_and_quietly(ingest_dir, tmp_path):
+    """`--dask local` with no PREFECT_API_URL runs on a temporary server of its own; the flow's last
+    logs must reach it before it stops (issue 27: ~70 s of retries after the summary, then
+    `--- Error logging to API --- All connection attempts failed`)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 1, "crop": 32}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_PROFILE"))}
+    env.update(CLEAN_ENV, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "flows.degrade_flow", "--params", str(params), "--ingest", str(ingest_dir),
+           "--out", str(tmp_path / "out"), "--dask", "local", "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, summary_at = [], None
+    for line in proc.stdout:  # until the process exits and closes its end
+        lines.append(line)
+        if line.startswith("{'samples': "):  # main's last print, after the temporary server stopped
+            summary_at = time.monotonic()
+    proc.wait(timeout=60)
+    exit_after = time.monotonic() - summary_at if summary_at else None
+    output = "".join(lines)
+    assert proc.returncode == 0 and summary_at, output[-3000:]
+    assert "Error logging to API" not in output and "Traceback" not in output, output[-3000:]
+    assert exit_after < 15, f"exited {exit_after:.0f} s after its summary:\n{output[-3000:]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def test_a_bucket_prefix_is_locked_and_a_missing_bucket_is_named(ingest_dir, s3_
     assert run_degrade(CFG, ingest_dir, url, progress=False).shards == 6  # released
     with pytest.raises(StoreError, match="bucket 'no-such-bucket' of s3://no-such-bucket/x does not exist"):
         run_degrade(CFG, ingest_dir, "s3://no-such-bucket/x", progress=False)
+
+
+def test_the_command_a_missing_bucket_names_creates_it(ingest_dir, tmp_path, s3_server, s3_bucket):
+    """The fix the error names runs with what the project installs (issue 27: it named the AWS CLI)."""
+    bucket = f"made-by-the-hint-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
+    with pytest.raises(StoreError) as refused:
+        run_degrade(CFG, ingest_dir, f"s3://{bucket}/shards", progress=False)
+    command = str(refused.value).split("create it first: ", 1)[1].split(" (s3fs", 1)[0]
+    env = {**os.environ, **CLEAN_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{command}: {proc.stderr[-2000:]}"
+    assert run_degrade(CFG, ingest_dir, f"s3://{bucket}/shards", progress=False).shards == 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def find_version(client, name: str, checkpoint: Path) -> str:
     if not matches:
         raise PromotionError(f"no version of registered model '{name}' matches {checkpoint} (params hash "
                              f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
-                             f"Rerun `dvc repro --force train` with MLflow tracking on")
+                             f"Rerun `dvc repro --force --single-item train && dvc repro` with MLflow tracking on")
     return str(max(int(mv.version) for mv in matches))  # the newest of equal configs
 
 
@@ -185,7 +185,8 @@ def _in_store(client, name: str, version: str) -> str:
             raise
         raise PromotionError(f"this tracking store (MLFLOW_TRACKING_URI, else the project's mlflow.db) holds no version "
                              f"{version} of '{name}', which the train stage registered — point MLFLOW_TRACKING_URI at "
-                             "the store it used, or rerun `dvc repro --force train`") from None
+                             "the store it used, or log it in this one: `dvc repro --force --single-item train && "
+                             "dvc repro`") from None
     return version
 
 

@@ -117,10 +117,10 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
                 tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {logged and logged.version}")
-    if main_process:
+    if main_process:  # one line per run, not one per rank
         write_version_file(Path(out), tcfg.registered_model, logged.version if logged else None,
                            getattr(tracker, "run_id", None), logged.model_id if logged else None)
-    print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
+        print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
     return {"checkpoint": str(result.checkpoint), "final": result.final,
             "model_version": logged and logged.version, "params_hash": phash}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +49,30 @@ class ModelUriError(QualiclipError, LookupError):
     """A ``models:/`` or ``runs:/`` URI that names nothing in the store; the message names the fix."""
 
 
+class TrackingServerError(QualiclipError):
+    """The MLflow server refused this client for a reason its operator must fix; the message says how."""
+
+
+# MLflow 3's answer (HTTP 403) to a Host header missing from the server's --allowed-hosts (loopback is allowed)
+HOST_REFUSED = "Invalid Host header"
+
+
+@contextlib.contextmanager
+def server_errors(uri: str) -> Iterator[None]:
+    """Requests to the store at ``uri``; a refused host name becomes a `TrackingServerError` naming
+    ``--allowed-hosts``, not a traceback (docs/scale.md §4)."""
+    try:
+        yield
+    except MlflowException as exc:
+        if HOST_REFUSED not in str(exc):
+            raise
+        host = urllib.parse.urlsplit(uri).netloc.rpartition("@")[2]  # what the client sends as Host
+        raise TrackingServerError(
+            f"the MLflow server at {uri} refused the host name '{host}' (HTTP 403 \"{HOST_REFUSED}\") — start it "
+            f"with `--allowed-hosts {host}` (comma-separated: every name:port the clients use, loopback "
+            "included, since the list replaces MLflow's default)") from None
+
+
 class MlflowTracker(Tracker):
     """Logs to ``MLFLOW_TRACKING_URI`` (default: SQLite ``mlflow.db`` in the working directory)."""
 
@@ -59,7 +84,8 @@ class MlflowTracker(Tracker):
         self.uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient()
-        self.experiment_id = self._experiment(experiment)
+        with server_errors(self.uri):  # the first request of every stage
+            self.experiment_id = self._experiment(experiment)
         self.execution = execution
         self.pipeline = execution.id if execution else ""
         self.context_tags = run_context_tags()
@@ -238,9 +264,15 @@ def tracking_uri(project_dir: str | Path = ".") -> str:
 
 
 def registry_client(project_dir: str | Path = ".") -> MlflowClient:
-    """A client for the project's tracking store and model registry (no global state touched)."""
+    """A client for the project's tracking store and model registry (no global state touched).
+
+    A server is asked once now, so that a refusal its operator must fix is one line (`server_errors`)."""
     uri = tracking_uri(project_dir)
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    if uri.startswith(("http://", "https://")):
+        with server_errors(uri):
+            client.search_experiments(max_results=1)
+    return client
 
 
 def download_model(uri: str, project_dir: str | Path = ".") -> tuple[Path, str | None]:
