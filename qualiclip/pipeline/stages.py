@@ -120,9 +120,18 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     if main_process:
         write_version_file(Path(out), tcfg.registered_model, logged and logged.version,
                            getattr(tracker, "run_id", None), logged and logged.model_id)
-    print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
+    print(f"train: {result.steps} step{'' if result.steps == 1 else 's'} in {result.seconds:.0f}s, "
+          f"{_final_losses(result.final)}")
     return {"checkpoint": str(result.checkpoint), "final": result.final,
             "model_version": logged and logged.version, "params_hash": phash}
+
+
+def _final_losses(final: dict[str, float]) -> str:
+    """``final loss 0.4123 (cons 0.0812, pos 0.1650, neg 0.1661)``: the last step's terms, rounded."""
+    if "loss" not in final:
+        return "no step run"
+    terms = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in final.items() if k != "loss")
+    return f"final loss {final['loss']:.4f}" + (f" ({terms})" if terms else "")
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
