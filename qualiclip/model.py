@@ -215,7 +215,7 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
     pretrained = cfg.pretrained
     if pretrained is None:
         torch.manual_seed(cfg.seed)  # from-scratch init is part of the seeded run
-        with weights_loaded_next():  # random init is what `pretrained: null` asks for: open_clip's warning tells nothing
+        with weights_loaded_next():  # random init is what `pretrained: null` asks for: the warning tells nothing
             return open_clip.create_model(cfg.name, pretrained=None), None
     if _looks_like_path(pretrained):
         torch.manual_seed(cfg.seed)

@@ -162,7 +162,8 @@ def test_the_checker_catches_named_parts_section_numbers_and_files_that_do_not_e
     docs.mkdir()
     (docs / "other.md").write_text("# Other\n\n## 1. Drop photos\n\n## A quiet environment\n")
     page = docs / "page.md"
-    page.write_text("# 1. Page\n\nSet the quiet environment of [other.md](other.md) first; the noise of [other.md](other.md).\n"
+    page.write_text("# 1. Page\n\nSet the quiet environment of [other.md](other.md) first; "
+                    "the noise of [other.md](other.md).\n"
                     "See other.md §1 and §1, other.md §2, §4 and METHOD.md §9, `flows/retrain.py`, "
                     "`flows/retrain.GPU_STAGE`, `tests/test_nowhere.py`.\n")
     assert broken_pointers(page) == [

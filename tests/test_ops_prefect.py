@@ -359,14 +359,15 @@ def test_the_run_log_follows_training_and_says_what_each_stage_did_without_noise
     the issue lists; the MLflow parent run named as the Prefect UI names the flow run, and when."""
     entries = flow_logs(loop["api"], loop["flow_run_id"])
     assert noise_lines("\n".join(e["message"] for e in entries)) == [], [e["message"] for e in entries]
-    progress = [e for e in entries
-                if re.fullmatch(r"train: step \d+/60 \(\d+%\), loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA \d+s", e["message"])]
+    line = r"train: step \d+/60 \(\d+%\), loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA (\d+s|\d+m\d\ds|\d+h\d\dm)"
+    progress = [e for e in entries if re.fullmatch(line, e["message"])]
     assert progress and {e["level"] for e in progress} == {20}, [e["message"] for e in entries]
     assert {e["task_run_id"] for e in progress} == {task_states_ids(loop["api"], loop["flow_run_id"])["train"]}
     flow_run = http(f"{loop['api']}/flow_runs/{loop['flow_run_id']}")
     client = _registry(loop["project"])
     parent = client.search_runs([client.get_experiment_by_name("qualiclip").experiment_id],
-                                f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' and tags.`qualiclip.kind` = 'pipeline'")
+                                f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' "
+                                "and tags.`qualiclip.kind` = 'pipeline'")
     assert re.fullmatch(rf"qualiclip-retrain/{re.escape(flow_run['name'])} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d",
                         parent[0].info.run_name), parent[0].info.run_name
 

@@ -72,7 +72,8 @@ def test_the_repro_log_says_what_each_stage_did_without_noise(project):
                      log, re.M), log
     parents = mlflow_rows(project, "select r.name from runs r join tags t on r.run_uuid = t.run_uuid "
                                    "where t.key = 'qualiclip.kind' and t.value = 'pipeline'")
-    assert parents and all(re.fullmatch(r"dvc repro( \S+)* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", n) for (n,) in parents), parents
+    named = r"dvc repro( \S+)* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # what ran, and when
+    assert parents and all(re.fullmatch(named, n) for (n,) in parents), parents
     assert {n for (n,) in mlflow_rows(project, "select name from logged_models")} == {"qualiclip-tiny-rn"}
 
 

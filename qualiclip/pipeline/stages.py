@@ -44,7 +44,9 @@ def stage_ingest(params_file: str, out: str) -> dict:
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
-        tracker.log_metrics({"ingest": _numbers(summary)})
+        # the rejection counters that are not zero (n_rejected is their sum): 12 zeros say nothing
+        rejected = {reason: n for reason, n in summary["rejected"].items() if n}
+        tracker.log_metrics({"ingest": {**_numbers(summary), "rejected": rejected}})
         tracker.log_artifact(Path(out) / "rejected.csv")
     print(f"ingest: {result.n_accepted} images ({result.n_train} train, {result.n_val} val), "
           f"{result.n_rejected} rejected (see {result.rejected})")
