@@ -90,6 +90,21 @@ def stage_changes(project_dir: str, stage: str) -> list:
     return [change for changes in status.values() for change in changes]
 
 
+def describe_changes(changes: list, shown: int = 4) -> str:
+    """`stage_changes` in one short line: ``changed deps: photos (modified), params.yaml (modified)
+    and 12 more; changed outs: data/ingest (deleted)`` (data and params before code)."""
+    parts = []
+    for change in changes:
+        for kind, paths in (change.items() if isinstance(change, dict) else [(change, None)]):
+            if not isinstance(paths, dict):
+                parts.append(kind if paths is None else f"{kind}: {paths}")
+                continue
+            names = sorted(paths, key=lambda path: path.startswith("qualiclip/"))
+            listed = ", ".join(f"{path} ({paths[path]})" for path in names[:shown])
+            parts.append(f"{kind}: {listed}" + (f" and {len(names) - shown} more" if len(names) > shown else ""))
+    return "; ".join(parts)
+
+
 def line_level(line: str, previous: int) -> int:
     """The log level of one output line; indented lines (traceback frames, a warning's source
     line) continue the line before them."""
@@ -197,7 +212,7 @@ def dvc_stage(project_dir: str, stage: str, force: bool = False, slot: str | Non
         changes = stage_changes(project_dir, stage)
         if not changes:
             return Completed(name=SKIPPED, message=f"{stage}: {UNCHANGED}", data={"stage": stage, "ran": False})
-        log.info("%s is stale: %s", stage, json.dumps(changes))
+        log.info("%s is stale: %s", stage, describe_changes(changes))
     cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
     with gpu_slot.held(slot, slot_timeout) if slot else contextlib.nullcontext():
         log.info("running %s in %s", " ".join(cmd[1:]), project_dir)
