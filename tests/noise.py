@@ -11,7 +11,7 @@ import sys
 NOISE = {
     # DVC's hint after every `dvc repro` (a stage task runs one): git add / autostage / dvc push
     "dvc git hint": re.compile(r"To track the changes with git|To enable auto staging|dvc config core\.autostage"
-                               r"|^\s*git add .*dvc\.lock"),
+                               r"|\bgit add .*dvc\.lock"),
     # ... and its last line, which `dvc repro` prints once at its end whatever the settings
     "dvc push hint": re.compile(r"Use `dvc push` to send your updates"),
     # MLflow's schema hint for a dataset's integer columns
