@@ -252,6 +252,18 @@ def test_second_trigger_is_refused_with_a_clear_message_then_gets_the_lock(tmp_p
         holder.wait()
 
 
+def test_a_stale_stage_is_described_in_one_short_line():
+    """`dvc status --json` of a stage whose code changed lists every file: the line names the data
+    and params first and counts the rest (issue 23: one line per stage, readable)."""
+    from flows.pipeline import describe_changes
+
+    code = {f"qualiclip/m{i}.py": "modified" for i in range(20)}
+    line = describe_changes([{"changed deps": {**code, "photos": "modified", "params.yaml": "new"}},
+                             {"changed outs": {"data/ingest": "deleted"}}, "always changed"])
+    assert line == ("changed deps: photos (modified), params.yaml (new), qualiclip/m0.py (modified), "
+                    "qualiclip/m1.py (modified) and 18 more; changed outs: data/ingest (deleted); always changed")
+
+
 # ---------------------------------------------------------------------------------------------
 # What a run shows: stage output at its level, a stage's own failure, the timeout
 
