@@ -56,13 +56,13 @@ def ensure_limit(name: str) -> bool:
 @contextlib.contextmanager
 def held(name: str, timeout: float | None = None) -> Iterator[None]:
     """Hold one slot of limit ``name`` for the block, waiting up to ``timeout`` s (None: no bound)
-    for it; `TimeoutError` then. Logs the wait, so a queued training shows why it has not begun."""
+    for it; `TimeoutError` then. Logs the wait, so a queued training shows why it has not begun.
+
+    The words name no GPU: the limit serialises the trainings of a host, with or without one.
+    """
     log = get_run_logger()
-    log.info("waiting for a slot of the global concurrency limit '%s' (one training per GPU host)", name)
+    log.info("waiting for a slot of the global concurrency limit '%s' (one training at a time on this host)", name)
     t0 = time.monotonic()
     with concurrency(name, occupy=1, timeout_seconds=timeout, lease_duration=LEASE_SECONDS, strict=True):
         log.info("holding a slot of '%s' after %.1f s", name, time.monotonic() - t0)
-        try:
-            yield
-        finally:
-            log.info("releasing the slot of '%s'", name)
+        yield  # the slot is released with the block; the task's end says when

@@ -33,14 +33,18 @@ from prefect.states import Completed
 
 from flows import gpu_slot
 from qualiclip.pipeline.paths import stage_paths
-from qualiclip.pipeline.execution import PIPELINE_ENV
+from qualiclip.pipeline.execution import PIPELINE_ENV, PIPELINE_NAME_ENV
 
 SKIPPED = "Skipped"  # the name of a stage task's state when DVC found nothing to do
+UNCHANGED = "dependencies, params and outputs unchanged"  # why, in its message
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 ERROR_LINE = re.compile(r"^(ERROR|CRITICAL)\b|^[\w.-]+(?: [\w-]+)?: error:|^Traceback \(most recent call last\)"
                         r"|^[\w.]*(Error|Exception)\b")
 WARNING_LINE = re.compile(r"^WARNING\b|^\S+:\d+: \w*Warning: ")
 EXIT_CODE = re.compile(r"exited with (-?\d+)")  # DVC's words for the stage command's exit status
+# What `dvc repro` tells a person at a terminal after every run, whatever the settings; the flow
+# pushes itself (schedule.push), so in a task's log it is noise.
+DVC_ADVICE = {"Use `dvc push` to send your updates to remote storage."}
 
 
 class StageFailed(RuntimeError):
@@ -55,7 +59,10 @@ def _dvc() -> str:
 def _env() -> dict[str, str]:
     """The stages' environment: the pipeline id for MLflow, this interpreter's bin first on PATH."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, ""))}
+           PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")),
+           # the MLflow parent run is named as the Prefect UI names the flow run
+           PIPELINE_NAME_ENV: (f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id
+                               else os.environ.get(PIPELINE_NAME_ENV, ""))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -81,6 +88,21 @@ def stage_changes(project_dir: str, stage: str) -> list:
     """What ``dvc status`` finds changed for ``stage`` alone ([] when it is up to date)."""
     status = json.loads(dvc_query(project_dir, "status", "--json", stage) or "{}")
     return [change for changes in status.values() for change in changes]
+
+
+def describe_changes(changes: list, shown: int = 4) -> str:
+    """`stage_changes` in one short line: ``changed deps: photos (modified), params.yaml (modified)
+    and 12 more; changed outs: data/ingest (deleted)`` (data and params before code)."""
+    parts = []
+    for change in changes:
+        for kind, paths in (change.items() if isinstance(change, dict) else [(change, None)]):
+            if not isinstance(paths, dict):
+                parts.append(kind if paths is None else f"{kind}: {paths}")
+                continue
+            names = sorted(paths, key=lambda path: path.startswith("qualiclip/"))
+            listed = ", ".join(f"{path} ({paths[path]})" for path in names[:shown])
+            parts.append(f"{kind}: {listed}" + (f" and {len(names) - shown} more" if len(names) > shown else ""))
+    return "; ".join(parts)
 
 
 def line_level(line: str, previous: int) -> int:
@@ -113,7 +135,7 @@ def run_logged(cmd: list[str], cwd: str, log) -> tuple[int, list[tuple[int, str]
     level = logging.INFO
     try:
         while (raw := _next_line(lines)) is not None:
-            if raw == "" or not (line := clean(raw)):
+            if raw == "" or not (line := clean(raw)) or line in DVC_ADVICE:
                 continue
             level = line_level(line, level)
             log.log(level, "%s", line)
@@ -150,6 +172,25 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
             proc.wait()
 
 
+class SkippedInWords(logging.Filter):
+    """Prefect ends a task's log with ``Finished in state <state>``, the state written as a Python
+    call (``Skipped('ingest: …', type=COMPLETED)``); for a stage DVC found up to date, say so in words."""
+
+    PREFIX = f"Finished in state {SKIPPED}("
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.PREFIX):
+            record.msg, record.args = f"skipped: {UNCHANGED} (dvc status), nothing to run", ()
+        return True
+
+
+def say_skipped_in_words() -> None:
+    """Install `SkippedInWords` on Prefect's task-run logger, once per process."""
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, SkippedInWords) for f in logger.filters):
+        logger.addFilter(SkippedInWords())
+
+
 def failure_message(stage: str, dvc_code: int, tail: list[tuple[int, str]]) -> str:
     """The stage's own exit code (DVC itself exits 255) and its last error lines (or last lines)."""
     codes = [int(m.group(1)) for _, line in tail if (m := EXIT_CODE.search(line))]
@@ -170,9 +211,8 @@ def dvc_stage(project_dir: str, stage: str, force: bool = False, slot: str | Non
     if not force:
         changes = stage_changes(project_dir, stage)
         if not changes:
-            return Completed(name=SKIPPED, message=f"{stage}: dependencies, params and outputs unchanged",
-                             data={"stage": stage, "ran": False})
-        log.info("%s is stale: %s", stage, json.dumps(changes))
+            return Completed(name=SKIPPED, message=f"{stage}: {UNCHANGED}", data={"stage": stage, "ran": False})
+        log.info("%s is stale: %s", stage, describe_changes(changes))
     cmd = [_dvc(), "repro", "--single-item", *(["--force"] if force else []), stage]
     with gpu_slot.held(slot, slot_timeout) if slot else contextlib.nullcontext():
         log.info("running %s in %s", " ".join(cmd[1:]), project_dir)
@@ -191,6 +231,7 @@ def reproduce(project_dir: str, force: bool = False, timeout: float | None = Non
     limit it holds a slot of while it runs. The first stage that does not complete raises its
     error here.
     """
+    say_skipped_in_words()
     deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
     for stage in stage_order(project_dir):

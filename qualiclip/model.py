@@ -223,7 +223,8 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
     pretrained = cfg.pretrained
     if pretrained is None:
         torch.manual_seed(cfg.seed)  # from-scratch init is part of the seeded run
-        return open_clip.create_model(cfg.name, pretrained=None), None
+        with weights_loaded_next():  # random init is what `pretrained: null` asks for: the warning tells nothing
+            return open_clip.create_model(cfg.name, pretrained=None), None
     if _looks_like_path(pretrained):
         torch.manual_seed(cfg.seed)
         with weights_loaded_next():
@@ -267,7 +268,8 @@ def weights_loaded_next() -> Iterator[None]:
     """Silence open_clip's "No pretrained weights loaded ... Model initialized randomly" inside the block.
 
     open_clip says so of every model built without a pretrained tag; where stored weights are
-    loaded into the model right after, the warning is false. open_clip logs it with
+    loaded into the model right after, the warning is false, and where ``model.pretrained: null``
+    asks for a random init, it is no news. open_clip logs it with
     ``logging.warning``, i.e. on the root logger, so the filter sits there while the block runs.
     """
     quiet = _RandomInitWarning()

@@ -14,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +52,8 @@ class TrainError(QualiclipError, RuntimeError):
     """The train stage cannot run or resume; the message names the fix."""
 
 
+PROGRESS_ENV = "QUALICLIP_PROGRESS_SECONDS"  # overrides PROGRESS_SECONDS (tests set it low)
+PROGRESS_SECONDS = 20.0  # off a terminal, a progress line at least this often (a step permitting)
 RESUME_IGNORES = frozenset({"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend"})
 
 
@@ -230,8 +234,9 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
 # Train state (resume)
 
 
-def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
-    """Hash of everything that determines the weights and the batch stream.
+def resume_params(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, object]:
+    """Everything that determines the weights and the batch stream, as flat params keys
+    (``train.lr``, ``model.name``, ``world_size``); a train state records it.
 
     Over the params keys (`config_fields`: the loss weights flat, as before `TrainConfig.loss`
     existed), so a train state written by an earlier version resumes.
@@ -239,7 +244,17 @@ def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str
     train = {k: v for k, v in config_fields(cfg).items() if k not in RESUME_IGNORES}
     if not train["ema"]:  # off: the key of states written before train.ema existed
         del train["ema"]
-    blob = repr((sorted(train.items()), sorted(dataclasses.asdict(model_cfg).items()), world_size))
+    model = dataclasses.asdict(model_cfg)
+    return {**{f"train.{k}": v for k, v in train.items()}, **{f"model.{k}": v for k, v in model.items()},
+            "world_size": world_size}
+
+
+def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
+    """Hash of `resume_params` (the blob of earlier versions, so their train states still resume)."""
+    params = resume_params(cfg, model_cfg, world_size)
+    train = sorted((k.removeprefix("train."), v) for k, v in params.items() if k.startswith("train."))
+    model = sorted((k.removeprefix("model."), v) for k, v in params.items() if k.startswith("model."))
+    blob = repr((train, model, world_size))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -268,11 +283,14 @@ def cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
-def train_state(t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None) -> dict:
+def train_state(t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None,
+                params: dict | None = None) -> dict:
     """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step,
-    and ``shards``, the digest of the shard index trained on (`shards.index_digest`)."""
+    ``shards``, the digest of the shard index trained on (`shards.index_digest`), and ``params``,
+    the `resume_params` of ``key`` as strings (so a refusal can name what changed)."""
     return {
         "format": 1, "key": key, "step": step, "world_size": t.dist.world_size, "shards": shards,
+        "params": {k: repr(v) for k, v in (params or {}).items()},
         "visual": cpu_tensors(t.model.visual.state_dict()),
         "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
         "rng": rng_state(), "log": rows,
@@ -280,18 +298,19 @@ def train_state(t: Trainer, step: int, key: str, rows: list[dict], shards: str |
     }
 
 
-def restore_train_state(t: Trainer, state: dict, key: str, path: Path, shards: str | None = None
-                        ) -> tuple[int, list[dict]]:
-    """Load ``state`` into ``t``; returns (step reached, log rows so far).
-
-    Refused when its params key differs, or when it was trained on shards other than those of
-    the digest ``shards``. A state written before states recorded their shards is resumed
-    with a warning (it cannot tell).
+def check_train_state(state: dict, key: str, path: Path, shards: str | None = None,
+                      params: dict | None = None) -> None:
+    """Refuse ``state`` when its params key differs from ``key`` (naming the params that changed,
+    from ``params``, this run's `resume_params`), or when it was trained on shards other than
+    those of the digest ``shards``. Called before the model is built, so a refusal costs no build.
+    A state written before states recorded their shards is resumed with a warning (it cannot tell).
     """
     if state.get("key") != key:
         raise TrainError(
-            f"train state {path} was written with other params (or another number of processes) "
-            "than this run. Fix: delete it to train from step 0, or set train.resume: false."
+            f"train state {path} (step {state.get('step')}) was written with other params (or another number of "
+            f"processes) than this run{changed_params(state.get('params'), params)}. Fix, either: restore those "
+            f"params to resume from step {state.get('step')}; or delete {path} (or set train.resume: false) "
+            "to train from step 0 with the new ones."
         )
     if state.get("shards") is None:
         log.warning("train state %s does not record its shards (written by an earlier version); resuming on "
@@ -302,6 +321,20 @@ def restore_train_state(t: Trainer, state: dict, key: str, path: Path, shards: s
             f"{shards[:12]}): resuming would mix two data sets. Fix: delete {path} to train from step 0 on the "
             "new shards, or set train.resume: false."
         )
+
+
+def changed_params(recorded: dict | None, now: dict | None) -> str:
+    """`` (train.lr: 0.001 then, 0.002 now; ...)``, or "" when the state records no params."""
+    if not recorded or not now:
+        return ""
+    now = {k: repr(v) for k, v in now.items()}
+    diff = [f"{k}: {recorded.get(k, 'unset')} then, {now.get(k, 'unset')} now"
+            for k in sorted(recorded.keys() | now.keys()) if recorded.get(k) != now.get(k)]
+    return f" ({'; '.join(diff)})" if diff else ""
+
+
+def restore_train_state(t: Trainer, state: dict) -> tuple[int, list[dict]]:
+    """Load ``state`` (accepted by `check_train_state`) into ``t``; returns (step reached, log rows so far)."""
     t.model.visual.load_state_dict(state["visual"])
     t.opt.load_state_dict(state["optimizer"])
     t.sched.load_state_dict(state["scheduler"])
@@ -383,18 +416,23 @@ def run_train(
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
     shards = check_shards(shard_dir, cfg.batch_size)
+    state_path = Path(out_dir) / TRAIN_STATE
+    params = resume_params(cfg, model_cfg, dist_info.world_size)
+    key = resume_key(cfg, model_cfg, dist_info.world_size)
+    state = load_train_state(state_path) if cfg.resume else None
+    if state is not None:  # a state this run cannot resume is refused now, not after seconds of model build
+        check_train_state(state, key, state_path, shards, params)
     t = build_trainer(cfg, model_cfg, dist_info)
     torch.manual_seed(cfg.seed)
-    state_path = Path(out_dir) / TRAIN_STATE
-    key = resume_key(cfg, model_cfg, dist_info.world_size)
     start, rows = 0, list[dict]()
-    state = load_train_state(state_path) if cfg.resume else None
     if state is not None:
-        start, rows = restore_train_state(t, state, key, state_path, shards)
+        start, rows = restore_train_state(t, state)
         log.info("resuming from step %d (%s)", start, state_path)
     stats = LoaderStats()
     batches = shard_batches(cfg, shard_dir, dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
-    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, key, progress, shards)
+    saved = functools.partial(train_state, key=key, shards=shards, params=params)
+    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, saved,
+                         progress_lines(progress and dist_info.main))
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
@@ -422,12 +460,14 @@ def check_shards(shard_dir: str | os.PathLike, batch_size: int | None = None) ->
 
 
 def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
-               state_path: Path, key: str, progress: bool, shards: str | None = None) -> float:
-    """Run ``steps``, appending a log row per step; returns the seconds spent."""
+               state_path: Path, saved: Callable[..., dict], lines: "ProgressLines | None") -> float:
+    """Run ``steps``, appending a log row per step; returns the seconds spent. ``saved(t, step,
+    rows=...)`` is the train state written every ``checkpoint_every`` steps; ``lines``, when given,
+    prints a progress line now and then (a bar is shown instead on a terminal)."""
     crops_per_step = cfg.batch_size * t.dist.world_size
     start = window = time.perf_counter()
     window_steps = 0
-    for step in tqdm(steps, desc="train", unit="step", disable=None if progress and t.dist.main else True):
+    for step in tqdm(steps, desc="train", unit="step", disable=None if lines is not None else True):
         batch = next(batches)
         row = {"step": step + 1, **optimize(t, batch, cfg)}
         rows.append(row)
@@ -439,8 +479,55 @@ def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[d
             window, window_steps = now, 0
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if t.dist.main:  # replicas are identical; rank 0 speaks for all
-                save_train_state(train_state(t, step + 1, key, rows, shards), state_path)
+                save_train_state(saved(t, step + 1, rows=rows), state_path)
+        if lines is not None:
+            lines.step(row, steps)
     return time.perf_counter() - start
+
+
+def progress_lines(show: bool) -> "ProgressLines | None":
+    """Progress for this process: None when ``show`` is off (no bar, no lines); lines only off a
+    terminal (the bar, on stderr, shows itself on one)."""
+    if not show:
+        return None
+    every = float(os.environ.get(PROGRESS_ENV) or PROGRESS_SECONDS)
+    return ProgressLines(every, enabled=not sys.stderr.isatty())
+
+
+class ProgressLines:
+    """A line on stdout, at most every ``every`` seconds, for a log that a bar cannot draw in::
+
+        train: step 120/2000 (6%), loss 0.4123, 1.85 steps/s, ETA 16m56s
+
+    Printed (flushed at once) rather than logged, so that it shows under ``dvc repro > log``
+    without ``--verbose`` and reaches a Prefect task's log at INFO.
+    """
+
+    def __init__(self, every: float, enabled: bool = True):
+        self.every, self.enabled = every, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def step(self, row: dict, steps: range) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every or row["step"] == steps.stop:
+            return  # the stage's own summary line follows the last step
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (steps.stop - row["step"]) / rate
+        print(f"train: step {row['step']}/{steps.stop} ({100 * row['step'] // steps.stop}%), loss {row['loss']:.4f}, "
+              f"{rate:.2f} steps/s, ETA {duration(eta)}", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``16m56s``, ``2h05m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def finish(t: Trainer, cfg: TrainConfig, out_dir: Path, rows: list[dict], seconds: float, stats: LoaderStats,

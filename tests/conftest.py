@@ -176,6 +176,7 @@ def make_dvc_project(root: Path, params: dict, env: dict | None = None, *, decla
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\n")
     for cmd in (["git", "init", "-q"], [bin_path("dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # a clone's DVC settings (autostage)
     return root
 
 

@@ -19,6 +19,10 @@ SOURCES = sorted([*(ROOT / "qualiclip").rglob("*.py"), *(ROOT / "flows").glob("*
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # [text](target); images (![..](..)) are not pointers
 MENTION = re.compile(r'\b(docs/[\w.-]+\.md)`?(?:,\s*"([^"]+)")?')
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+SECTION_NUMBER = re.compile(r"(?:([\w./-]+)\]?\s*)?§(\d+)")  # "operations.md §3", "[scale.md §4](…)", "§3"
+NAMED_PART = re.compile(r"\bthe ((?:[\w-]+ ){0,3}[\w-]+) (?:section )?(?:of|in) \[[^\]]*\]\(([^)#\s]+\.md)\)")
+EXTERNAL = {"METHOD.md", "METHOD"}  # the method notes the docs cite by section; not a file of this repository
+REPO_PATH = re.compile(r"(?<![\w./-])((?:qualiclip|flows|tests|benchmarks|docs|\.ci)/[\w./*<>{}…-]*[\w*>}…])")
 
 
 def markdown_lines(page: Path, keep_code: bool = False) -> list[tuple[int, str]]:
@@ -60,6 +64,56 @@ def broken_mentions(where: str, text: str) -> list[str]:
     return broken
 
 
+def section_numbers(page: Path) -> set[str]:
+    """The numbers of a page's numbered headings (``## 3. The scheduled deployment`` → "3")."""
+    return {m.group(1) for h in headings(page) if (m := re.match(r"(\d+)\.\s", h))}
+
+
+def resolve_page(page: Path, name: str) -> Path | None:
+    """A page named in ``page``'s text: relative to it, to the repository root, or in docs/."""
+    for base in (page.parent, ROOT, ROOT / "docs"):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def broken_section_numbers(page: Path, where: str, line: str) -> list[str]:
+    """``operations.md §3`` (or a bare ``§3``, a section of ``page`` itself) must number a heading of that page."""
+    broken, previous, end = [], "", 0
+    for m in SECTION_NUMBER.finditer(line):
+        name, number = m.groups()
+        if not name and previous and re.fullmatch(r"\s*(,|and|or)\s*", line[end:m.start()]):
+            name = previous  # "METHOD.md §2, §4": the second of the same page
+        previous, end = name or "", m.end()
+        if name in EXTERNAL or (name and not name.endswith(".md")):  # "limit §3" is no page
+            continue
+        target = resolve_page(page, name) if name else page
+        if target is None:
+            broken.append(f"{where}: {name} §{number} — no such file")
+        elif number not in section_numbers(target):
+            broken.append(f"{where}: {name or page.name} §{number} — no section {number} in {target.name}")
+    return broken
+
+
+def broken_named_parts(page: Path, where: str, line: str) -> list[str]:
+    """"the quiet environment of [stack.md](stack.md)": a part named in words, linked without an
+    anchor, must be a heading of that page (else the reader looks for a section that is not there)."""
+    broken = []
+    for words, target in NAMED_PART.findall(line):
+        file = (page.parent / target).resolve()
+        if file.is_file() and not any(words.lower() in h.lower() for h in headings(file)):
+            broken.append(f'{where}: "the {words}" of {target} — no such heading in {file.name}')
+    return broken
+
+
+def broken_paths(where: str, line: str) -> list[str]:
+    """Files of the repository named in the text (``flows/retrain.py``, ``tests/test_x.py``) must exist
+    (pages, ``docs/x.md``, are `broken_mentions`' to check)."""
+    return [f"{where}: {path} — no such file" for path in REPO_PATH.findall(line)
+            if not any(c in path for c in "*<{…") and not path.endswith(".md") and not (ROOT / path).exists()
+            and not (ROOT / (path.split(".")[0] + ".py")).is_file()]  # `flows/retrain.GPU_STAGE`: module.name
+
+
 def broken_pointers(page: Path) -> list[str]:
     broken = []
     for number, line in markdown_lines(page):
@@ -73,6 +127,10 @@ def broken_pointers(page: Path) -> list[str]:
             elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                 broken.append(f"{page.name}:{number}: {target} — no heading with that anchor in {file.name}")
         broken += broken_mentions(f"{page.name}:{number}", line)
+        broken += broken_named_parts(page, f"{page.name}:{number}", line)
+    for number, line in markdown_lines(page, keep_code=True):  # pointers in `code` too: `tests/test_x.py`
+        broken += broken_section_numbers(page, f"{page.name}:{number}", line)
+        broken += broken_paths(f"{page.name}:{number}", line)
     return broken
 
 
@@ -145,3 +203,21 @@ def test_the_outside_reference_check_catches_missing_files(tmp_path):
     assert outside_references(tmp_path, tmp_path / "README.md") == []
     assert outside_references(tmp_path, tmp_path / "code.py") == [
         "code.py: ../shared/STYLE.md", "code.py: METHOD.md", "code.py: docs/gone.md"]
+
+
+def test_the_checker_catches_named_parts_section_numbers_and_files_that_do_not_exist(tmp_path):
+    """Issue 23: "the quiet environment of [stack.md](stack.md)" pointed at a section stack.md never had."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "other.md").write_text("# Other\n\n## 1. Drop photos\n\n## A quiet environment\n")
+    page = docs / "page.md"
+    page.write_text("# 1. Page\n\nSet the quiet environment of [other.md](other.md) first; "
+                    "the noise of [other.md](other.md).\n"
+                    "See other.md §1 and §1, other.md §2, §4 and METHOD.md §9, `flows/retrain.py`, "
+                    "`flows/retrain.GPU_STAGE`, `tests/test_nowhere.py`.\n")
+    assert broken_pointers(page) == [
+        'page.md:3: "the noise" of other.md — no such heading in other.md',
+        "page.md:4: other.md §2 — no section 2 in other.md",
+        "page.md:4: other.md §4 — no section 4 in other.md",
+        "page.md:4: tests/test_nowhere.py — no such file",
+    ]

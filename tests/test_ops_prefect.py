@@ -29,8 +29,10 @@ import pytest
 import yaml
 
 from conftest import add_training_photo, make_dvc_project
+from noise import noise_lines
 from flows.pipeline import stop_process_group
 from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
+from qualiclip.train import PROGRESS_ENV
 from servers import answers, free_port, http, start_logged, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +192,8 @@ def loop(server):
     tmp, env = server["tmp"], server["env"]
     project = make_dvc_project(tmp / "project", TINY_PARAMS, env)
     photos = make_photos(project / "photos")
-    serve = start([sys.executable, "-m", "flows.retrain", "serve", "--project", str(project)], tmp / "serve.log", env)
+    serve = start([sys.executable, "-m", "flows.retrain", "serve", "--project", str(project)], tmp / "serve.log",
+                  {**env, PROGRESS_ENV: "2"})  # training's progress lines every 2 s, not every 20 s
     try:
         wait_until(lambda: http(f"{server['api']}/deployments/name/{DEPLOYMENT}")["id"], "flows.retrain serve",
                    serve, tmp / "serve.log")
@@ -247,6 +250,18 @@ def test_second_trigger_is_refused_with_a_clear_message_then_gets_the_lock(tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_stale_stage_is_described_in_one_short_line():
+    """`dvc status --json` of a stage whose code changed lists every file: the line names the data
+    and params first and counts the rest (issue 23: one line per stage, readable)."""
+    from flows.pipeline import describe_changes
+
+    code = {f"qualiclip/m{i}.py": "modified" for i in range(20)}
+    line = describe_changes([{"changed deps": {**code, "photos": "modified", "params.yaml": "new"}},
+                             {"changed outs": {"data/ingest": "deleted"}}, "always changed"])
+    assert line == ("changed deps: photos (modified), params.yaml (new), qualiclip/m0.py (modified), "
+                    "qualiclip/m1.py (modified) and 18 more; changed outs: data/ingest (deleted); always changed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +366,30 @@ def test_deployment_run_shows_a_task_per_stage_promotes_through_the_gate_and_rep
 
 
 @pytest.mark.slow
+def test_the_run_log_follows_training_and_says_what_each_stage_did_without_noise(loop):
+    """Issue 23: training's progress lines in the train task's log at INFO; no line of the noise
+    the issue lists; the MLflow parent run named as the Prefect UI names the flow run, and when."""
+    entries = flow_logs(loop["api"], loop["flow_run_id"])
+    assert noise_lines("\n".join(e["message"] for e in entries)) == [], [e["message"] for e in entries]
+    line = r"train: step \d+/60 \(\d+%\), loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA (\d+s|\d+m\d\ds|\d+h\d\dm)"
+    progress = [e for e in entries if re.fullmatch(line, e["message"])]
+    assert progress and {e["level"] for e in progress} == {20}, [e["message"] for e in entries]
+    assert {e["task_run_id"] for e in progress} == {task_states_ids(loop["api"], loop["flow_run_id"])["train"]}
+    flow_run = http(f"{loop['api']}/flow_runs/{loop['flow_run_id']}")
+    client = _registry(loop["project"])
+    parent = client.search_runs([client.get_experiment_by_name("qualiclip").experiment_id],
+                                f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' "
+                                "and tags.`qualiclip.kind` = 'pipeline'")
+    assert re.fullmatch(rf"qualiclip-retrain/{re.escape(flow_run['name'])} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d",
+                        parent[0].info.run_name), parent[0].info.run_name
+
+
+def task_states_ids(api: str, flow_run_id: str) -> dict[str, str]:
+    """``{task run name: its id}`` of one flow run."""
+    return {r["name"]: r["id"] for r in rest(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})}
+
+
+@pytest.mark.slow
 def test_champion_served_scores_equal_the_library(loop, mlflow_urls):
     from qualiclip.scoring import score_images
 
@@ -402,6 +441,9 @@ def test_second_run_with_nothing_changed_skips_every_stage(loop):
     assert run.returncode == 0, run.stdout[-3000:]
     tasks = task_states(loop["api"], flow_run_id)
     assert {s: (tasks[s]["type"], tasks[s]["name"]) for s in STAGES} == dict.fromkeys(STAGES, ("COMPLETED", "Skipped"))
+    messages = [e["message"] for e in flow_logs(loop["api"], flow_run_id)]
+    assert messages.count("skipped: dependencies, params and outputs unchanged (dvc status), nothing to run") == 4
+    assert noise_lines("\n".join(messages)) == [], messages  # no `Skipped('…', type=COMPLETED)`
     champion = _registry(loop["project"]).get_model_version_by_alias("qualiclip", "champion")
     assert "is already the champion" in champion.tags["promotion"]
 

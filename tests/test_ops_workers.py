@@ -138,7 +138,7 @@ def test_two_runs_on_one_gpu_host_never_train_at_once(worked):
     assert a1 <= b0, f"the trainings overlapped: {a0:.1f}-{a1:.1f} and {b0:.1f}-{b1:.1f}"
     for flow_run_id in worked["flow_runs"].values():
         messages = [e["message"] for e in flow_logs(api, flow_run_id)]
-        assert f"waiting for a slot of the global concurrency limit '{GPU_LIMIT}' (one training per GPU host)" \
+        assert f"waiting for a slot of the global concurrency limit '{GPU_LIMIT}' (one training at a time on this host)" \
             in messages
         assert any(m.startswith(f"holding a slot of '{GPU_LIMIT}' after") for m in messages)
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, add_training_photo, bin_path, make_dvc_project, make_photos, run, tiny_params
+from noise import noise_lines
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "degrade", "train", "evaluate"]
@@ -58,6 +59,24 @@ def test_repro_produces_every_stage_output(project):
     assert "baseline" in metrics
 
 
+def test_the_repro_log_says_what_each_stage_did_without_noise(project):
+    """Issue 23: a line per stage saying what it did, numbers rounded, no hint or warning a user
+    cannot act on (DVC's closing `dvc push` line, printed once whatever the settings, aside); the
+    parent run named for what ran and when; the logged model named for what it is."""
+    log = (project / "first_repro.log").read_text()
+    assert noise_lines(log, allow=("dvc push hint",)) == [], log
+    assert log.count("Use `dvc push`") <= 1
+    for stage in STAGES:
+        assert re.search(rf"^{stage}: \S", log, re.M), f"no line of {stage}:\n{log}"
+    assert re.search(r"^train: 3 steps in \d+s, final loss \d\.\d{4} \(cons \d\.\d{4}, pos \d\.\d{4}, neg \d\.\d{4}\)$",
+                     log, re.M), log
+    parents = mlflow_rows(project, "select r.name from runs r join tags t on r.run_uuid = t.run_uuid "
+                                   "where t.key = 'qualiclip.kind' and t.value = 'pipeline'")
+    named = r"dvc repro( \S+)* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # what ran, and when
+    assert parents and all(re.fullmatch(named, n) for (n,) in parents), parents
+    assert {n for (n,) in mlflow_rows(project, "select name from logged_models")} == {"qualiclip-tiny-rn"}
+
+
 def test_each_stage_depends_on_exactly_the_code_it_loads(project):
     """dvc.yaml's code deps of each stage = the library files its process imported or read as data
     in the first repro (the app layer, qualiclip/pipeline/, is none: dvc.yaml's header says why)."""
@@ -85,8 +104,9 @@ def test_forced_degrade_regenerates_the_shards(project):
     shards = sorted((project / "data/shards").glob("shard-*.tar"))
     written = {p.name: p.stat().st_mtime_ns for p in shards}
     index = (project / "data/shards/index.json").read_bytes()
-    out = run([bin_path("dvc"), "repro", "--force", "degrade"], project)
+    out = run([bin_path("dvc"), "repro", "--force", "--single-item", "degrade"], project)  # as the docs say
     assert "(0 resumed)" in out.stdout + out.stderr, out.stdout[-2000:]
+    assert re.findall(r"^Running stage '([\w-]+)'", out.stdout + out.stderr, re.M) == ["degrade"]  # not ingest too
     assert all(p.stat().st_mtime_ns != written[p.name] for p in shards), "shards were kept, not regenerated"
     assert (project / "data/shards/index.json").read_bytes() == index  # same code and inputs, same bytes
     assert stale(project) == set()  # so train and evaluate stay valid
@@ -130,8 +150,7 @@ def test_a_source_folder_that_is_no_dependency_is_refused(tmp_path):
 def test_mlflow_holds_stage_runs_metrics_and_a_registered_model(project):
     stages = {r[0] for r in mlflow_rows(project, "select value from tags where key = 'qualiclip.stage'")}
     assert stages == {"ingest", "degrade", "train", "evaluate"}
-    # four repros ran stages above (the first, forced degrade with its upstream ingest, changed
-    # distortion, added photo):
+    # four repros ran stages above (the first, forced degrade alone, changed distortion, added photo):
     # each is one execution, its stage runs children of one parent run
     rows = mlflow_rows(project, "select p.value, s.value, r.value from tags p join tags s on p.run_uuid = s.run_uuid "
                                 "join tags r on p.run_uuid = r.run_uuid where p.key = 'qualiclip.pipeline_id' "
@@ -144,7 +163,7 @@ def test_mlflow_holds_stage_runs_metrics_and_a_registered_model(project):
     assert len({p for ps in parents_of.values() for p in ps}) == 4
     assert all(len(v) == len(set(v)) for v in stages_of.values()), "one run per stage and execution"
     assert sorted(sorted(v) for v in stages_of.values()) == sorted(
-        [["degrade", "ingest"], ["degrade", "evaluate", "train"], ["degrade", "evaluate", "ingest", "train"],
+        [["degrade"], ["degrade", "evaluate", "train"], ["degrade", "evaluate", "ingest", "train"],
          ["degrade", "evaluate", "ingest", "train"]]), stages_of
     keys = {r[0] for r in mlflow_rows(project, "select key from metrics")}
     assert {"synthetic.srcc", "synthetic.plcc", "synthetic.krcc", "train/loss"} <= keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,6 +186,81 @@ def test_state_from_other_params_is_refused(shards, tmp_path):
     with pytest.raises(TrainError, match="other params.*train.resume: false"):
         run_train(cfg, ModelConfig(), shards, tmp_path, progress=False)
     run_train(TrainConfig(**{**TINY_TRAIN, "steps": 1, "resume": False}), ModelConfig(), shards, tmp_path, progress=False)
+
+
+def test_changed_params_are_refused_before_the_model_is_built_with_both_choices_named(shards, tmp_path, monkeypatch):
+    """Issue 23: interrupted, a param changed, rerun: refused at once (no model build), naming what
+    changed and the two ways on (restore the params / delete the state)."""
+    import time
+
+    import qualiclip.train as train
+
+    cfg = TrainConfig(**{**TINY_TRAIN, "checkpoint_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, ModelConfig(), shards, tmp_path, tracker=StopAt(3), progress=False)
+    assert load_train_state(tmp_path / TRAIN_STATE)["step"] == 2
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the train state was checked")
+
+    monkeypatch.setattr(train, "create_model", no_build)
+    changed = TrainConfig(**{**TINY_TRAIN, "checkpoint_every": 2, "lr": 0.5})
+    t0 = time.perf_counter()
+    with pytest.raises(TrainError) as refused:
+        run_train(changed, ModelConfig(), shards, tmp_path, progress=False)
+    assert time.perf_counter() - t0 < 2.0
+    message = str(refused.value)
+    assert f"train.lr: {TrainConfig().lr!r} then, 0.5 now" in message, message
+    assert "restore those params to resume from step 2" in message and f"delete {tmp_path / TRAIN_STATE}" in message
+
+
+def test_state_from_other_params_written_before_states_recorded_them_is_refused(shards, tmp_path, monkeypatch):
+    """A state of an earlier version (no ``params`` in it) is still refused before the build, without a diff."""
+    import qualiclip.train as train
+
+    t = build_trainer(TrainConfig(), ModelConfig(), DistInfo())
+    state = train_state(t, 1, "someone-else", [])
+    del state["params"]
+    save_train_state(state, tmp_path / TRAIN_STATE)
+    monkeypatch.setattr(train, "create_model", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(TrainError, match=r"other params .* than this run\. Fix, either: restore"):
+        run_train(TrainConfig(**TINY_TRAIN), ModelConfig(), shards, tmp_path, progress=False)
+
+
+def test_off_a_terminal_training_prints_progress_lines(shards, tmp_path):
+    """Issue 23: under `dvc repro > log` (stdout and stderr a file) the train stage prints a line
+    with step/total, loss, steps/s and ETA at least every PROGRESS_SECONDS (≤ 30 s; set to 0 here
+    through its variable), and no progress bar."""
+    import yaml
+
+    from conftest import bin_path
+    from qualiclip.train import PROGRESS_ENV, PROGRESS_SECONDS
+
+    assert 0 < PROGRESS_SECONDS <= 30
+    params = {"model": {"name": "qualiclip-tiny-rn"}, "tracking": {"backend": "none"}, "evaluate": {},
+              "train": {**TINY_TRAIN, "steps": 5}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with open(tmp_path / "train.log", "w") as log:
+        done = subprocess.run([bin_path("qualiclip"), "train", "--params", str(tmp_path / "params.yaml"), "--shards",
+                               str(shards), "--out", str(tmp_path / "out")], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **CLEAN_ENV, PROGRESS_ENV: "0"}, timeout=300)
+    text = (tmp_path / "train.log").read_text()
+    assert done.returncode == 0, text
+    lines = re.findall(r"^train: step (\d)/5 \(\d+%\), loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA \d+s$", text, re.M)
+    assert lines == ["1", "2", "3", "4"], text  # the 5th step is the stage's summary line
+    assert "it/s" not in text and "step/s]" not in text and "\r" not in text  # no bar
+
+
+def test_progress_lines_keep_their_interval(capsys):
+    from qualiclip.train import ProgressLines
+
+    lines = ProgressLines(every=3600.0)
+    lines.step({"step": 1, "loss": 0.5}, range(0, 10))  # within the interval: nothing
+    assert capsys.readouterr().out == ""
+    lines.last -= 3600.0  # an interval later
+    lines.step({"step": 2, "loss": 0.25}, range(0, 10))
+    printed = capsys.readouterr().out
+    assert printed.startswith("train: step 2/10 (20%), loss 0.2500, ") and " ETA " in printed
 
 
 def test_fewer_shards_than_processes_names_the_fix(shards):

@@ -150,10 +150,11 @@ def add_model_args(sp: argparse.ArgumentParser) -> None:
     """Options shared by ``score`` and ``explain``: which model, where, how precise, how large."""
     sp.add_argument("--model", default=None,
                     help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, "
-                         "runs:/ID/model); default: the checkpoint dvc.yaml's evaluate stage evaluates")
+                         "runs:/ID/qualiclip-RN50); default: the checkpoint dvc.yaml's evaluate stage evaluates")
     sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                    help="bf16/fp16 autocast: faster on GPU (fp16 GPU only); scores differ by ~1e-3")
+                    help="bf16/fp16 autocast: faster (fp16 GPU only); a trained model's scores move by up to "
+                         "0.072 (docs/evaluation.md)")
     sp.add_argument("--threads", type=bounded(int, 0, MAX_THREADS), default=0,
                     help=f"CPU threads for torch, 0 to {MAX_THREADS} (0: torch's default)")
     sp.add_argument("--max-pixels", type=bounded(int, 1, MAX_PIXELS_LIMIT), default=DEFAULT_MAX_PIXELS,

@@ -136,10 +136,20 @@ def requirements() -> list[str]:
     return [f"{n}=={version(n)}" for n in names]
 
 
+def model_name(checkpoint_dir: Path) -> str:
+    """The logged model's name: what it is, a QualiCLIP of the checkpoint's backbone
+    (``qualiclip-tiny-rn``, ``qualiclip-RN50``), so a run's models are told apart in the MLflow UI."""
+    from ..checkpoint import read_config
+
+    arch = read_config(Path(checkpoint_dir))[0].name
+    return arch if arch.lower().startswith("qualiclip") else f"qualiclip-{arch}"
+
+
 def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
-    """Log ``checkpoint_dir`` as the pyfunc model of the active run; returns MLflow's ``ModelInfo``."""
+    """Log ``checkpoint_dir`` as the pyfunc model of the active run, named by `model_name`;
+    returns MLflow's ``ModelInfo``."""
     return mlflow.pyfunc.log_model(
-        name="model",
+        name=model_name(checkpoint_dir),
         python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(checkpoint_dir)},
         signature=SIGNATURE,

@@ -44,7 +44,9 @@ def stage_ingest(params_file: str, out: str) -> dict:
         tracker.log_params({"ingest": config_dict(cfg)})
         result = run_ingest(cfg, Path(out))
         summary = json.loads((Path(out) / "summary.json").read_text())
-        tracker.log_metrics({"ingest": _numbers(summary)})
+        # the rejection counters that are not zero (n_rejected is their sum): 12 zeros say nothing
+        rejected = {reason: n for reason, n in summary["rejected"].items() if n}
+        tracker.log_metrics({"ingest": {**_numbers(summary), "rejected": rejected}})
         tracker.log_artifact(Path(out) / "rejected.csv")
     print(f"ingest: {result.n_accepted} images ({result.n_train} train, {result.n_val} val), "
           f"{result.n_rejected} rejected (see {result.rejected})")
@@ -120,9 +122,18 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     if main_process:  # one line per run, not one per rank
         write_version_file(Path(out), tcfg.registered_model, logged.version if logged else None,
                            getattr(tracker, "run_id", None), logged.model_id if logged else None)
-        print(f"train: {result.steps} steps in {result.seconds:.0f}s, final {result.final}")
+        print(f"train: {result.steps} step{'' if result.steps == 1 else 's'} in {result.seconds:.0f}s, "
+              f"{_final_losses(result.final)}")
     return {"checkpoint": str(result.checkpoint), "final": result.final,
             "model_version": logged and logged.version, "params_hash": phash}
+
+
+def _final_losses(final: dict[str, float]) -> str:
+    """``final loss 0.4123 (cons 0.0812, pos 0.1650, neg 0.1661)``: the last step's terms, rounded."""
+    if "loss" not in final:
+        return "no step run"
+    terms = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in final.items() if k != "loss")
+    return f"final loss {final['loss']:.4f}" + (f" ({terms})" if terms else "")
 
 
 def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+<<<<<<< HEAD
 import urllib.parse
 import warnings
+=======
+>>>>>>> follow
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -145,7 +148,7 @@ class MlflowTracker(Tracker):
         started = self.execution.started or time.time()
         tags = {**self.context_tags, "qualiclip.pipeline_id": self.execution.id, "qualiclip.kind": "pipeline"}
         return self.client.create_run(self.experiment_id, start_time=int(started * 1000), tags=tags,
-                                      run_name=f"pipeline {self.execution.id}").info.run_id
+                                      run_name=self.execution.title(started)).info.run_id
 
     def _close_parent(self, run_id: str, status: int, error: str | None) -> None:
         """End the parent run now, FAILED if this stage or an earlier one failed.
@@ -177,11 +180,9 @@ class MlflowTracker(Tracker):
         """The MLflow dataset of ``ref`` (built once per run: its rows become its schema and profile)."""
         key = (ref.name, ref.digest)
         if key not in self._datasets:
-            with warnings.catch_warnings():  # its schema hint on integer columns is about model inputs, not these
-                warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
-                self._datasets[key] = mlflow.data.from_pandas(
-                    pd.DataFrame(list(ref.rows)), source=LocalArtifactDatasetSource(ref.source), name=ref.name,
-                    digest=ref.digest, targets=ref.targets)
+            self._datasets[key] = mlflow.data.from_pandas(
+                float_columns(pd.DataFrame(list(ref.rows))), source=LocalArtifactDatasetSource(ref.source),
+                name=ref.name, digest=ref.digest, targets=ref.targets)
         return self._datasets[key]
 
     def log_table(self, rows: list[dict], artifact_file: str) -> None:
@@ -238,6 +239,17 @@ def run_context_tags() -> dict[str, str]:
         tags[MLFLOW_GIT_COMMIT] = commit
     tags.update({tag: os.environ[env] for env, tag in DVC_EXP_TAGS.items() if os.environ.get(env)})
     return tags
+
+
+def float_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its integer columns as float64 (the values unchanged).
+
+    MLflow infers a dataset's schema from its rows and warns on every integer column (an
+    integer column cannot hold a missing value); image sizes, levels and counts are numbers
+    of a table, not model inputs, so they are logged as the doubles MLflow recommends.
+    """
+    ints = frame.select_dtypes("integer").columns
+    return frame.astype({c: "float64" for c in ints}) if len(ints) else frame
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
