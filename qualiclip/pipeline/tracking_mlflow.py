@@ -18,11 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-<<<<<<< HEAD
 import urllib.parse
-import warnings
-=======
->>>>>>> follow
 from pathlib import Path
 from typing import Any, Iterator
 
