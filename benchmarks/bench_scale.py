@@ -16,6 +16,7 @@ and what that makes of 1M pristine photos.
 
 Wall-clock figures depend on what else runs on the machine: the load average is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ import time
 from pathlib import Path
 
 import yaml
-
-from timing import cpu_everywhere, cpu_seconds, load
 from bench_shards import DEFAULT_IMAGES
+from timing import cpu_everywhere, cpu_seconds, load
+
 from qualiclip.degrade import (
     DegradeConfig,
     degrade_lock,
@@ -68,8 +69,10 @@ def bench_degrade(ingest: Path, root: Path, cfg: DegradeConfig) -> tuple[float, 
     result = run_degrade(cfg, ingest, out, progress=False)
     cpu = (cpu_seconds() - cpu) / result.samples
     size = result.bytes / result.samples
-    print(f"degrade: {result.samples} samples, {cpu * 1000:.0f} CPU ms/sample, {size / 1024:.0f} KiB/sample "
-          f"({cfg.sample.crop} px, {cfg.encoding}, {result.shards} shards; {load()})")
+    print(
+        f"degrade: {result.samples} samples, {cpu * 1000:.0f} CPU ms/sample, {size / 1024:.0f} KiB/sample "
+        f"({cfg.sample.crop} px, {cfg.encoding}, {result.shards} shards; {load()})"
+    )
     return cpu, size, out
 
 
@@ -85,8 +88,11 @@ def bench_dask(ingest: Path, root: Path, cfg: DegradeConfig, reps: int) -> None:
     from flows.degrade_flow import api_for_dask, dask_runner, degrade_shards_flow, local_cluster_kwargs
 
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"degrade": {"variants": cfg.variants, "samples_per_shard": cfg.samples_per_shard,
-                                                  "workers": cfg.workers}}))
+    params.write_text(
+        yaml.safe_dump(
+            {"degrade": {"variants": cfg.variants, "samples_per_shard": cfg.samples_per_shard, "workers": cfg.workers}}
+        )
+    )
 
     def flow_on(address: str):
         run = degrade_shards_flow.with_options(task_runner=dask_runner(address, cfg.workers))
@@ -95,14 +101,23 @@ def bench_dask(ingest: Path, root: Path, cfg: DegradeConfig, reps: int) -> None:
     # one Prefect server for the flow and the workers, as `python -m flows.degrade_flow --dask local` runs
     with api_for_dask("local"), LocalCluster(**local_cluster_kwargs(cfg.workers)) as cluster, Client(cluster) as client:
         degrade_shards_flow(str(params), str(ingest), str(root / "warm"))  # first flow run: untimed
-        rates, cpus = interleave({"pool": lambda out: run_degrade(cfg, ingest, out, progress=False),
-                                  "dask local": flow_on("local"), "dask running": flow_on(cluster.scheduler_address),
-                                  "dask, no flow": lambda out: degrade_on_dask(client, cfg, ingest, out)}, root, reps)
+        rates, cpus = interleave(
+            {
+                "pool": lambda out: run_degrade(cfg, ingest, out, progress=False),
+                "dask local": flow_on("local"),
+                "dask running": flow_on(cluster.scheduler_address),
+                "dask, no flow": lambda out: degrade_on_dask(client, cfg, ingest, out),
+            },
+            root,
+            reps,
+        )
     pool = statistics.median(rates["pool"])
     for name, values in rates.items():
-        print(f"dask: {name:13} median {statistics.median(values):6.2f} samples/s "
-              f"({statistics.median(values) / pool:.2f}x the pool; runs {', '.join(f'{v:.2f}' for v in values)}), "
-              f"median {statistics.median(cpus[name]):.0f} CPU ms/sample")
+        print(
+            f"dask: {name:13} median {statistics.median(values):6.2f} samples/s "
+            f"({statistics.median(values) / pool:.2f}x the pool; runs {', '.join(f'{v:.2f}' for v in values)}), "
+            f"median {statistics.median(cpus[name]):.0f} CPU ms/sample"
+        )
 
 
 def degrade_on_dask(client, cfg: DegradeConfig, ingest: Path, out: Path) -> None:
@@ -110,8 +125,9 @@ def degrade_on_dask(client, cfg: DegradeConfig, ingest: Path, out: Path) -> None
     client.run(limit_threads)
     with degrade_lock(out):
         plan = plan_degrade(cfg, ingest, out)
-        futures = client.map(write_one_shard, plan.pending, cfg=cfg, images_dir=plan.images_dir, out_dir=plan.out_dir,
-                             pure=False)
+        futures = client.map(
+            write_one_shard, plan.pending, cfg=cfg, images_dir=plan.images_dir, out_dir=plan.out_dir, pure=False
+        )
         finalize_degrade(plan, client.gather(futures))
 
 
@@ -140,7 +156,9 @@ def interleave(runs: dict, root: Path, reps: int) -> tuple[dict[str, list[float]
             cpus[name].append((cpu_everywhere() - cpu - idle * wall) * 1000 / samples)
             reference = reference or digests(out)
             assert digests(out) == reference, f"{name} wrote other bytes"
-            print(f"  rep {rep} {name:13} {rates[name][-1]:6.2f} samples/s {cpus[name][-1]:5.0f} CPU ms/sample ({load()})")
+            print(
+                f"  rep {rep} {name:13} {rates[name][-1]:6.2f} samples/s {cpus[name][-1]:5.0f} CPU ms/sample ({load()})"
+            )
     return rates, cpus
 
 
@@ -159,8 +177,11 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
     import urllib.request
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -177,8 +198,10 @@ def one_pass(where: str | Path, workers: int, batch: int) -> float:
     from qualiclip.loader import iterate_batches
 
     t = time.perf_counter()
-    crops = sum(b.shape[0] * b.shape[1] * b.shape[2] for b in iterate_batches(
-        where, batch, shuffle_buffer=64, num_workers=workers, repeat=False))
+    crops = sum(
+        b.shape[0] * b.shape[1] * b.shape[2]
+        for b in iterate_batches(where, batch, shuffle_buffer=64, num_workers=workers, repeat=False)
+    )
     return crops / (time.perf_counter() - t)
 
 
@@ -188,8 +211,12 @@ def bench_loader(shards: Path, reps: int, workers: int, batch: int = 4) -> dict[
 
     proc, endpoint = start_s3_server()
     try:
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         fs = fsspec.filesystem("s3", use_listings_cache=False)
         fs.mkdir("bench")
         for p in sorted(shards.iterdir()):
@@ -207,8 +234,10 @@ def bench_loader(shards: Path, reps: int, workers: int, batch: int = 4) -> dict[
         proc.wait()
     medians = {name: statistics.median(v) for name, v in rates.items()}
     for name, values in rates.items():
-        print(f"loader ({workers} workers, batch {batch}): {name:10} median {medians[name]:6.0f} crops/s "
-              f"(runs {', '.join(f'{v:.0f}' for v in values)})")
+        print(
+            f"loader ({workers} workers, batch {batch}): {name:10} median {medians[name]:6.0f} crops/s "
+            f"(runs {', '.join(f'{v:.0f}' for v in values)})"
+        )
     return medians
 
 
@@ -218,14 +247,20 @@ def bench_loader(shards: Path, reps: int, workers: int, batch: int = 4) -> dict[
 
 def extrapolate(cpu_s: float, size: float, variants: int) -> None:
     samples = PHOTOS * variants
-    print(f"\n1M pristine photos × {variants} variants = {samples / 1e6:.0f} M samples "
-          f"({samples * CROPS_PER_SAMPLE / 1e6:.0f} M crops):")
-    print(f"  shard storage        {samples * size / 1e12:.1f} TB ({samples * size / 2**40:.1f} TiB) "
-          f"at {size / 1024:.0f} KiB/sample")
+    print(
+        f"\n1M pristine photos × {variants} variants = {samples / 1e6:.0f} M samples "
+        f"({samples * CROPS_PER_SAMPLE / 1e6:.0f} M crops):"
+    )
+    print(
+        f"  shard storage        {samples * size / 1e12:.1f} TB ({samples * size / 2**40:.1f} TiB) "
+        f"at {size / 1024:.0f} KiB/sample"
+    )
     print(f"  generation           {samples * cpu_s / 3600:,.0f} core-hours at {cpu_s * 1000:.0f} CPU ms/sample")
     hours = samples * CROPS_PER_SAMPLE / H100_CROPS_PER_S / 3600
-    print(f"  one epoch on one H100 {hours:.1f} GPU-hours at {H100_CROPS_PER_S:,} crops/s (RN50, compile, batch 32; "
-          "measured in an earlier session, docs/training.md)")
+    print(
+        f"  one epoch on one H100 {hours:.1f} GPU-hours at {H100_CROPS_PER_S:,} crops/s (RN50, compile, batch 32; "
+        "measured in an earlier session, docs/training.md)"
+    )
 
 
 def main() -> None:
@@ -234,14 +269,19 @@ def main() -> None:
     p.add_argument("--variants", type=int, default=4, help="samples per photo in the measured runs")
     p.add_argument("--workers", type=int, default=2, help="worker processes of the pool, the clusters and the loader")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the dask and loader runs")
-    p.add_argument("--only", choices=["degrade", "dask", "loader"], help="run one part (loader and the "
-                   "extrapolation need the degrade part's shards, so they run it too)")
+    p.add_argument(
+        "--only",
+        choices=["degrade", "dask", "loader"],
+        help="run one part (loader and the extrapolation need the degrade part's shards, so they run it too)",
+    )
     args = p.parse_args()
     print(f"start: {load()}")
     cfg = DegradeConfig(variants=args.variants, samples_per_shard=8, workers=args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run_ingest(IngestConfig(sources=(str(args.images),), val_fraction=0.0, workers=1), root / "ingest", progress=False)
+        run_ingest(
+            IngestConfig(sources=(str(args.images),), val_fraction=0.0, workers=1), root / "ingest", progress=False
+        )
         if args.only != "dask":
             cpu, size, shards = bench_degrade(root / "ingest", root, dataclasses.replace(cfg, workers=1))
         if args.only in (None, "dask"):

@@ -10,6 +10,7 @@ kernel may drop them) above what it held just before, in bytes per input pixel, 
     python benchmarks/bench_score_memory.py                          # tiny and small at 4 and 9 MP
     python benchmarks/bench_score_memory.py --models RN50 --sizes 3000x3000 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,17 @@ def main() -> None:
     for name in args.models:
         for size in args.sizes:
             h, w = (int(v) for v in size.split("x"))
-            proc = subprocess.run([sys.executable, "-c", CHILD, name, str(h), str(w), str(args.threads)],
-                                  capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, "-c", CHILD, name, str(h), str(w), str(args.threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"| {name} | {size} | {h * w / 1e6:.1f} | {r['measured']:.1f} | {r['estimated']:.1f} | "
-                  f"{r['estimated'] / r['measured']:.2f} | {r['s']:.1f} |")
+            print(
+                f"| {name} | {size} | {h * w / 1e6:.1f} | {r['measured']:.1f} | {r['estimated']:.1f} | "
+                f"{r['estimated'] / r['measured']:.2f} | {r['s']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

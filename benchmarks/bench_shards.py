@@ -12,6 +12,7 @@ Prints, on 224×224 QualiCLIP samples (2 crops × 5 levels) rendered from real p
 
 Everything runs on one core per process (cv2 single-threaded), so "1 worker" means one core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from timing import cpu_seconds, load
+
 from qualiclip import shards as S
 from qualiclip.sampling import SampleConfig, make_sample
 
@@ -91,8 +92,10 @@ def bench_loader(shard_dir: Path, workers: int = 2, batch: int = 4) -> float:
     from qualiclip.loader import iterate_batches
 
     t = time.perf_counter()
-    crops = sum(b.shape[0] * b.shape[1] * b.shape[2] for b in iterate_batches(
-        shard_dir, batch, shuffle_buffer=64, num_workers=workers, repeat=False))
+    crops = sum(
+        b.shape[0] * b.shape[1] * b.shape[2]
+        for b in iterate_batches(shard_dir, batch, shuffle_buffer=64, num_workers=workers, repeat=False)
+    )
     return crops / (time.perf_counter() - t)
 
 
@@ -113,8 +116,11 @@ def bench_degrade(images: Path, root: Path, variants: int, encoding: str) -> dic
         out = root / f"shards-{workers}-{encoding}"
         r = run_degrade(cfg, root / "ingest", out, progress=False)
         size = json.loads((out / S.INDEX_FILE).read_text())["total_bytes"]
-        rates[workers] = (r.samples / (time.perf_counter() - t), (cpu_seconds() - cpu) * 1000 / r.samples,
-                          size / r.samples)
+        rates[workers] = (
+            r.samples / (time.perf_counter() - t),
+            (cpu_seconds() - cpu) * 1000 / r.samples,
+            size / r.samples,
+        )
     return rates
 
 
@@ -140,7 +146,9 @@ def bench_train_step(reps: int = 5) -> float:
 def report_codecs(samples: list, root: Path) -> None:
     for name in CODECS:  # warm-up: first-call imports (webdataset) and codec initialisation
         bench_codec(samples[:1], name, root)
-    print(f"\n{'codec':8} {'write ms':>9} {'read ms':>8} {'w+r ms':>7} {'KiB/sample':>11} {'loader crops/s (2 workers)':>27}")
+    print(
+        f"\n{'codec':8} {'write ms':>9} {'read ms':>8} {'w+r ms':>7} {'KiB/sample':>11} {'loader crops/s (2 workers)':>27}"
+    )
     for name in CODECS:
         r = bench_codec(samples, name, root)
         loader = bench_loader(write_loader_shards(samples, name, root / f"loader-{name}", 8))
@@ -174,14 +182,18 @@ def bench_qoi(samples: list) -> tuple[float, float, float] | None:
 def report_degrade(images: Path, root: Path, variants: int, encoding: str) -> None:
     rates = bench_degrade(images, root, variants, encoding)
     for w, (rate, cpu, size) in rates.items():
-        print(f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample, "
-              f"{size / 1024:.0f} KiB/sample")
+        print(
+            f"run_degrade ({encoding}), {w} worker(s): {rate:.2f} samples/s, {cpu:.0f} CPU ms/sample, "
+            f"{size / 1024:.0f} KiB/sample"
+        )
     startup = pool_startup()
     n = len(list((root / f"shards-1-{encoding}").glob("shard-*.tar"))) * 4
     t1 = n / rates[1][0]
-    print(f"2 workers / 1 worker: {rates[2][0] / rates[1][0]:.2f}x wall; pool start-up {startup:.1f} s; "
-          f"on 2 free cores this run would give {t1 / (startup + t1 / 2):.2f}x, "
-          f"a run of 10x the samples {10 * t1 / (startup + 5 * t1):.2f}x")
+    print(
+        f"2 workers / 1 worker: {rates[2][0] / rates[1][0]:.2f}x wall; pool start-up {startup:.1f} s; "
+        f"on 2 free cores this run would give {t1 / (startup + t1 / 2):.2f}x, "
+        f"a run of 10x the samples {10 * t1 / (startup + 5 * t1):.2f}x"
+    )
 
 
 def _warm(_: int) -> None:

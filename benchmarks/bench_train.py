@@ -9,6 +9,7 @@ at batch sizes of 16-64 samples (one sample = 2 overlapping crops × 5 levels = 
     python benchmarks/bench_train.py                       # builds small shards in a temp folder
     python benchmarks/bench_train.py --shards data/shards  # CUDA part on your own 224 px shards
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def build_shards(root: Path, crop: int, variants: int, workers: int) -> Path:
     if (out / INDEX_FILE).exists():
         return out
 
-    run_ingest(IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
-               root / "ingest", progress=False)
+    run_ingest(
+        IngestConfig(sources=("skimage",), min_size=crop, val_fraction=0.0, workers=workers),
+        root / "ingest",
+        progress=False,
+    )
     cfg = DegradeConfig(variants=variants, samples_per_shard=16, workers=workers, sample=SampleConfig(crop=crop))
     run_degrade(cfg, root / "ingest", out, progress=False)
     return out
@@ -57,8 +61,15 @@ def measure(trainer, cfg: TrainConfig, batches, steps: int, warmup: int) -> floa
 
 
 def loader(shards: Path, cfg: TrainConfig):
-    return iterate_batches(shards, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.num_workers,
-                           seed=0, stats=LoaderStats(), pin_memory=cfg.device == "cuda")
+    return iterate_batches(
+        shards,
+        cfg.batch_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers,
+        seed=0,
+        stats=LoaderStats(),
+        pin_memory=cfg.device == "cuda",
+    )
 
 
 def bench_cpu(shards: Path, steps: int, threads: int) -> None:
@@ -68,20 +79,27 @@ def bench_cpu(shards: Path, steps: int, threads: int) -> None:
     batch = next(loader(shards, cfg))
     compute = measure(trainer, cfg, itertools.repeat(batch), steps, warmup=2)
     fed = measure(trainer, cfg, loader(shards, cfg), steps, warmup=2)
-    print(f"cpu  tiny@64px  batch {cfg.batch_size} samples ({cfg.batch_size * 10} crops), {threads} threads: "
-          f"compute only {compute:,.0f} crops/s; with shard loader {fed:,.0f} crops/s")
+    print(
+        f"cpu  tiny@64px  batch {cfg.batch_size} samples ({cfg.batch_size * 10} crops), {threads} threads: "
+        f"compute only {compute:,.0f} crops/s; with shard loader {fed:,.0f} crops/s"
+    )
 
 
 def bench_cpu_precision(steps: int, threads: int, crop: int = 160) -> None:
     """The small model's compute-only step rate on CPU for each precision x memory layout."""
     torch.set_num_threads(threads)
-    batch = torch.randint(0, 256, (4, 2, 5, crop, crop, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(
+        0, 256, (4, 2, 5, crop, crop, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     for precision, channels_last in itertools.product(("fp32", "bf16"), (False, True)):
         cfg = TrainConfig(batch_size=4, device="cpu", precision=precision, channels_last=channels_last)
         trainer = build_trainer(cfg, ModelConfig(name="qualiclip-small-rn"), DistInfo())
         rate = measure(trainer, cfg, itertools.repeat(batch), steps, warmup=2)
-        print(f"cpu  small@{crop}px {precision}{' channels_last' if channels_last else ''}, batch 4 samples (40 crops), "
-              f"{threads} threads: compute only {rate:,.0f} crops/s = {40 / rate:.2f} s/step", flush=True)
+        print(
+            f"cpu  small@{crop}px {precision}{' channels_last' if channels_last else ''}, batch 4 samples (40 crops), "
+            f"{threads} threads: compute only {rate:,.0f} crops/s = {40 / rate:.2f} s/step",
+            flush=True,
+        )
 
 
 def loader_rate(shards: Path, cfg: TrainConfig, batches: int) -> float:
@@ -96,20 +114,33 @@ def loader_rate(shards: Path, cfg: TrainConfig, batches: int) -> float:
 
 def bench_cuda(shards: Path, steps: int, batch_sizes: list[int], workers: int, compile_: bool) -> None:
     cfg = TrainConfig(batch_size=max(batch_sizes), device="cuda", num_workers=workers, shuffle_buffer=64)
-    print(f"shard loader alone, {workers} workers, batch {cfg.batch_size}: "
-          f"{loader_rate(shards, cfg, steps):,.0f} crops/s", flush=True)
+    print(
+        f"shard loader alone, {workers} workers, batch {cfg.batch_size}: "
+        f"{loader_rate(shards, cfg, steps):,.0f} crops/s",
+        flush=True,
+    )
     for b in batch_sizes:
-        cfg = TrainConfig(batch_size=b, device="cuda", num_workers=workers, shuffle_buffer=64,
-                          precision="bf16", channels_last=True, compile=compile_)
+        cfg = TrainConfig(
+            batch_size=b,
+            device="cuda",
+            num_workers=workers,
+            shuffle_buffer=64,
+            precision="bf16",
+            channels_last=True,
+            compile=compile_,
+        )
         trainer = build_trainer(cfg, ModelConfig(name="RN50"), DistInfo())
         batches = loader(shards, cfg)
         warmup = 5 if not compile_ else 15
         compute = measure(trainer, cfg, itertools.repeat(next(batches)), steps, warmup)
         fed = measure(trainer, cfg, batches, steps, warmup=2)
         mem = torch.cuda.max_memory_allocated() / 2**30
-        print(f"cuda RN50@224 bf16 channels_last{' compiled' if compile_ else ''} batch {b} samples ({b * 10} crops), "
-              f"{workers} loader workers: with shard loader {fed:,.0f} crops/s = {fed / 10:,.1f} samples/s; "
-              f"compute only {compute:,.0f} crops/s; peak {mem:.1f} GiB  [{torch.cuda.get_device_name()}]", flush=True)
+        print(
+            f"cuda RN50@224 bf16 channels_last{' compiled' if compile_ else ''} batch {b} samples ({b * 10} crops), "
+            f"{workers} loader workers: with shard loader {fed:,.0f} crops/s = {fed / 10:,.1f} samples/s; "
+            f"compute only {compute:,.0f} crops/s; peak {mem:.1f} GiB  [{torch.cuda.get_device_name()}]",
+            flush=True,
+        )
         del trainer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +155,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8, help="loader workers for the CUDA part")
     p.add_argument("--compile", action="store_true", help="also torch.compile the encoder (CUDA part)")
     p.add_argument("--skip-cpu", action="store_true")
-    p.add_argument("--work", type=Path, help="folder for the built shards, reused when present (default: a temp folder)")
+    p.add_argument(
+        "--work", type=Path, help="folder for the built shards, reused when present (default: a temp folder)"
+    )
     args = p.parse_args()
     tmp = args.work or Path(tempfile.mkdtemp(prefix="bench_train-"))
     if not args.skip_cpu:

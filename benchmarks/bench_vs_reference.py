@@ -35,6 +35,7 @@ Setup (neither reference becomes a dependency; their code is only imported from 
 About 10 minutes on 2 cores; ``--quick`` (one size, fewer rounds) about 3. ``--only scoring`` or
 ``--only distortions`` runs one half; ``--json FILE`` keeps every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,13 @@ from timing import load
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
-ENV = {"DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-       "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 def parse() -> argparse.Namespace:
@@ -76,8 +82,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every figure here")
     args = p.parse_args()
     cuda = args.device == "cuda"
-    args.sizes = args.sizes or (["512x384", "1024x768"] if cuda else ["512x384"] if args.quick else
-                                ["512x384", "500x500", "1024x768"])
+    args.sizes = args.sizes or (
+        ["512x384", "1024x768"] if cuda else ["512x384"] if args.quick else ["512x384", "500x500", "1024x768"]
+    )
     args.batch = args.batch or (32 if cuda else 1)
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.calls = args.calls or (4 if args.quick else 12)
@@ -91,13 +98,16 @@ def available_references(args) -> dict[str, str]:
     missing = {}
     site = args.ref_site
     if not (site and (site / "pyiqa").is_dir() and (site / "kornia").is_dir()):
-        missing["pyiqa"] = (f"pyiqa/kornia not found in --ref-site {site}: install them with "
-                            "`pip install --target DIR --no-deps pyiqa==0.1.16 openai-clip==1.0.1 addict einops "
-                            "kornia==0.9.0 kornia_rs==0.2.0 dotmap==1.3.30` and pass --ref-site DIR")
+        missing["pyiqa"] = (
+            f"pyiqa/kornia not found in --ref-site {site}: install them with "
+            "`pip install --target DIR --no-deps pyiqa==0.1.16 openai-clip==1.0.1 addict einops "
+            "kornia==0.9.0 kornia_rs==0.2.0 dotmap==1.3.30` and pass --ref-site DIR"
+        )
     root = args.arniqa_root
     if not (root and (root / "utils" / "utils_data.py").is_file()):
-        missing["arniqa"] = (f"ARNIQA not found at --arniqa-root {root}: fetch github.com/miccunifi/ARNIQA "
-                             "into a folder and pass it")
+        missing["arniqa"] = (
+            f"ARNIQA not found at --arniqa-root {root}: fetch github.com/miccunifi/ARNIQA into a folder and pass it"
+        )
     elif "pyiqa" in missing:
         missing["arniqa"] = "ARNIQA needs kornia from --ref-site (see the pyiqa line)"
     if args.device == "cuda" and "onnx" in args.sides:
@@ -121,8 +131,13 @@ class Worker:
         env = {**os.environ, **ENV}
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
         self.name = spec["name"]
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -155,8 +170,12 @@ def rotations(items: list, rounds: int):
 
 def prepare_models(work: Path, want_onnx: bool) -> dict:
     """Random RN50 files for every side (built once per --work folder)."""
-    files = {"checkpoint": work / "ours", "official": work / "qualiclip_random.pth",
-             "backbone": work / "rn50_random_openai_keys.jit.pt", "onnx": work / "ours.onnx"}
+    files = {
+        "checkpoint": work / "ours",
+        "official": work / "qualiclip_random.pth",
+        "backbone": work / "rn50_random_openai_keys.jit.pt",
+        "onnx": work / "ours.onnx",
+    }
     if not (files["checkpoint"].is_dir() and files["official"].is_file() and files["backbone"].is_file()):
         _build_random_rn50(files)
     if want_onnx and not files["onnx"].is_file():
@@ -231,9 +250,17 @@ def run_scoring(args, files: dict) -> list[dict]:
                 times[w.name]["cpu"] += got["cpu"]
                 times[w.name]["wall"] += got["wall"]
         for w in workers:
-            rows.append({"size": size, "side": w.name, "batch": args.batch, **times[w.name],
-                         "scores": w.ready["scores"], **w.close()})
-        print_scoring(rows[-len(workers):], args.device)
+            rows.append(
+                {
+                    "size": size,
+                    "side": w.name,
+                    "batch": args.batch,
+                    **times[w.name],
+                    "scores": w.ready["scores"],
+                    **w.close(),
+                }
+            )
+        print_scoring(rows[-len(workers) :], args.device)
     return rows
 
 
@@ -244,14 +271,18 @@ def print_scoring(rows: list[dict], device: str) -> None:
     ref = med.get("pyiqa")
     size, batch = rows[0]["size"], rows[0]["batch"]
     print(f"\n{size}, batch {batch}, {device}: {len(rows[0][key])} interleaved calls per side")
-    print(f"| side | {key} s/call | wall s/call | img/s ({key}) | pyiqa ÷ side | peak RSS MiB | max abs score diff vs ours |")
+    print(
+        f"| side | {key} s/call | wall s/call | img/s ({key}) | pyiqa ÷ side | peak RSS MiB | max abs score diff vs ours |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{ref / med[r['side']]:.2f}×" if ref else "—"
         diff = max(abs(a - b) for a, b in zip(r["scores"], ours)) if ours else float("nan")
         rss = f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "—"
-        print(f"| {r['side']} | {med[r['side']]:.3f} | {statistics.median(r['wall']):.3f} | "
-              f"{batch / med[r['side']]:.2f} | {ratio} | {rss} | {diff:.1e} |")
+        print(
+            f"| {r['side']} | {med[r['side']]:.3f} | {statistics.median(r['wall']):.3f} | "
+            f"{batch / med[r['side']]:.2f} | {ratio} | {rss} | {diff:.1e} |"
+        )
 
 
 def run_bf16_check(args, files: dict) -> dict:
@@ -261,11 +292,13 @@ def run_bf16_check(args, files: dict) -> dict:
     worker = Worker(spec)
     result = worker.ready
     worker.proc.wait()
-    print(f"\nbf16 vs fp32 ({result['n']} CLIVE-dev photos at full size, random RN50, logit scale 100): "
-          f"max |score change| {result['max_score_diff']:.1e} (mean {result['mean_score_diff']:.1e}), "
-          f"max |cosine change| {result['max_cos_diff']:.1e}; SRCC vs MOS fp32 {result['srcc_fp32']:.4f}, "
-          f"bf16 {result['srcc_bf16']:.4f} (random weights: near 0 either way); SRCC fp32 vs bf16 "
-          f"{result['srcc_fp32_bf16']:.4f}")
+    print(
+        f"\nbf16 vs fp32 ({result['n']} CLIVE-dev photos at full size, random RN50, logit scale 100): "
+        f"max |score change| {result['max_score_diff']:.1e} (mean {result['mean_score_diff']:.1e}), "
+        f"max |cosine change| {result['max_cos_diff']:.1e}; SRCC vs MOS fp32 {result['srcc_fp32']:.4f}, "
+        f"bf16 {result['srcc_bf16']:.4f} (random weights: near 0 either way); SRCC fp32 vs bf16 "
+        f"{result['srcc_fp32_bf16']:.4f}"
+    )
     return result
 
 
@@ -284,8 +317,10 @@ def run_distortions(args) -> dict:
     from qualiclip.distortions import LEVELS, list_distortions
 
     base = {"images": str(args.crops_from), "site": str(args.ref_site), "arniqa_root": str(args.arniqa_root)}
-    sides = [Worker({**base, "name": "ours", "side": "ours-dist"}),
-             Worker({**base, "name": "arniqa", "side": "arniqa"})]
+    sides = [
+        Worker({**base, "name": "ours", "side": "ours-dist"}),
+        Worker({**base, "name": "arniqa", "side": "arniqa"}),
+    ]
     n_crops = sides[0].ready["crops"]
     calls: dict = {}
     per_round = max(1, args.calls // 4)
@@ -328,7 +363,7 @@ def time_samples(sides: list[Worker], specs: list, chunk: int = 8) -> dict:
     out = {w.name: [] for w in sides}
     for r, order in rotations(sides, (len(specs) + chunk - 1) // chunk):
         for w in order:
-            out[w.name] += w.ask(op="sample", samples=specs[r * chunk:(r + 1) * chunk])["cpu"]
+            out[w.name] += w.ask(op="sample", samples=specs[r * chunk : (r + 1) * chunk])["cpu"]
     return {"specs": specs, **out}
 
 
@@ -339,42 +374,62 @@ def summarise_distortions(calls: dict, samples: dict) -> dict:
     med = {}
     for (name, level), got in calls.items():
         o, a = got["ours"], got["arniqa"]
-        med[(name, level)] = {"ours_apply": statistics.median(o["apply"]), "ours_draw": statistics.median(o["draw"]),
-                              "ours_call": statistics.median([a + d / len(LEVELS) for d, a in zip(o["draw"], o["apply"])]),
-                              "arniqa": statistics.median(a["apply"])}
+        med[(name, level)] = {
+            "ours_apply": statistics.median(o["apply"]),
+            "ours_draw": statistics.median(o["draw"]),
+            "ours_call": statistics.median([a + d / len(LEVELS) for d, a in zip(o["draw"], o["apply"])]),
+            "arniqa": statistics.median(a["apply"]),
+        }
     cost = {}
     for name in weights:  # one crop at 5 levels: ours draws once; ARNIQA draws in every call
         rows = [med[(name, level)] for level in LEVELS]
-        cost[name] = {"ours": rows[0]["ours_draw"] + sum(r["ours_apply"] for r in rows),
-                      "arniqa": sum(r["arniqa"] for r in rows)}
-    weighted = sum(w * cost[t]["arniqa"] for t, w in weights.items()) / sum(w * cost[t]["ours"] for t, w in weights.items())
+        cost[name] = {
+            "ours": rows[0]["ours_draw"] + sum(r["ours_apply"] for r in rows),
+            "arniqa": sum(r["arniqa"] for r in rows),
+        }
+    weighted = sum(w * cost[t]["arniqa"] for t, w in weights.items()) / sum(
+        w * cost[t]["ours"] for t, w in weights.items()
+    )
     uniform = sum(c["arniqa"] for c in cost.values()) / sum(c["ours"] for c in cost.values())
     sample_rows = {1: {}, 4: {}}
     for side in ("ours", "arniqa"):
         one = samples[1]
-        by_type = {t: statistics.mean(c for (names, _), c in zip(one["specs"], one[side]) if names == [t]) for t in weights}
+        by_type = {
+            t: statistics.mean(c for (names, _), c in zip(one["specs"], one[side]) if names == [t]) for t in weights
+        }
         sample_rows[1][side] = sum(weights[t] * by_type[t] for t in weights)  # s/sample at our type mix
         sample_rows[4][side] = statistics.mean(samples[4][side])
-    return {"per_call": {f"{n}:{level}": v for (n, level), v in med.items()}, "per_type_crop_s": cost,
-            "ratio_weighted_by_our_mix": weighted, "ratio_uniform": uniform, "samples_cpu_s": sample_rows}
+    return {
+        "per_call": {f"{n}:{level}": v for (n, level), v in med.items()},
+        "per_type_crop_s": cost,
+        "ratio_weighted_by_our_mix": weighted,
+        "ratio_uniform": uniform,
+        "samples_cpu_s": sample_rows,
+    }
 
 
 def print_distortions(result: dict) -> None:
     from qualiclip.distortions import LEVELS, list_distortions
 
     per_call = result["per_call"]
-    print("\nDistortions, 224x224, CPU ms per call (ours: apply + 1/5 of the draw, which serves a crop's 5 levels; "
-          "ARNIQA: distort_images, which draws in every call)")
+    print(
+        "\nDistortions, 224x224, CPU ms per call (ours: apply + 1/5 of the draw, which serves a crop's 5 levels; "
+        "ARNIQA: distort_images, which draws in every call)"
+    )
     print("| type | ARNIQA L1–L5 | ours L1–L5 | ARNIQA ÷ ours L1–L5 | min |")
     print("|---|---|---|---|---|")
     for name in list_distortions():
         rows = [per_call[f"{name}:{level}"] for level in LEVELS]
         ratios = [r["arniqa"] / r["ours_call"] for r in rows]
         fmt = lambda xs: " ".join(f"{1e3 * x:.2f}" for x in xs)  # noqa: E731
-        print(f"| {name} | {fmt(r['arniqa'] for r in rows)} | {fmt(r['ours_call'] for r in rows)} | "
-              f"{' '.join(f'{x:.1f}' for x in ratios)} | {min(ratios):.2f}× |")
-    print(f"\nOne crop at 5 levels, ARNIQA ÷ ours: {result['ratio_weighted_by_our_mix']:.2f}× weighted by our "
-          f"sampler's type mix, {result['ratio_uniform']:.2f}× with every type equally often")
+        print(
+            f"| {name} | {fmt(r['arniqa'] for r in rows)} | {fmt(r['ours_call'] for r in rows)} | "
+            f"{' '.join(f'{x:.1f}' for x in ratios)} | {min(ratios):.2f}× |"
+        )
+    print(
+        f"\nOne crop at 5 levels, ARNIQA ÷ ours: {result['ratio_weighted_by_our_mix']:.2f}× weighted by our "
+        f"sampler's type mix, {result['ratio_uniform']:.2f}× with every type equally often"
+    )
     print("| sample (2 crops × 5 levels) | ours samples/CPU-s | ARNIQA samples/CPU-s | ratio |")
     print("|---|---|---|---|")
     for kind, label in ((1, "one type, our mix"), (4, "composed, up to 4 types")):

@@ -13,6 +13,7 @@ Ingest and degrade reuse what --work already holds for the same settings (degrad
 own plan and skips finished shards), so several training settings share one set of shards. Runs
 started side by side on one --work take turns at ingest and degrade (a lock file in --work).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import yaml
 from filelock import FileLock
-
 from timing import timed_with_children
+
 from qualiclip.config import params_hash
-from qualiclip.errors import QualiclipError
 from qualiclip.datasets import check_datasets
-from qualiclip.pipeline.params import read_params
+from qualiclip.errors import QualiclipError
 from qualiclip.pipeline import stages
+from qualiclip.pipeline.params import read_params
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -40,9 +41,22 @@ def params(sources: list[str], split: str) -> dict:
         "ingest": {"sources": sources, "min_size": 224, "val_fraction": 0.0},
         "degrade": {"variants": 4, "samples_per_shard": 64, "workers": 2, "crop": 224},  # 64: as measured
         "train": {"steps": 1200, "batch_size": 4, "num_workers": 1, "log_every": 50, "checkpoint_every": 0},
-        "evaluate": {"split": split, "crop": 224, "baseline": True, "datasets": [
-            {"name": "csv", "root": str(SHARED / "clive-dev"), "labels": "labels.csv", "image_dir": "images",
-             "mos_range": [0, 100], "lower_is_better": False, "label": "clive_dev"}]},
+        "evaluate": {
+            "split": split,
+            "crop": 224,
+            "baseline": True,
+            "datasets": [
+                {
+                    "name": "csv",
+                    "root": str(SHARED / "clive-dev"),
+                    "labels": "labels.csv",
+                    "image_dir": "images",
+                    "mos_range": [0, 100],
+                    "lower_is_better": False,
+                    "label": "clive_dev",
+                }
+            ],
+        },
     }
 
 
@@ -61,8 +75,11 @@ def data_dirs(work: Path, train_cfgs: dict, eval_cfgs: dict) -> tuple[Path, Path
     make it, so runs of other training settings share them. An ingest is reused once finished
     (its summary.json is written last, atomically); degrade resumes a folder of its own plan."""
     bsds, kodak, degrade = train_cfgs["ingest"], eval_cfgs["ingest"], train_cfgs["degrade"]
-    return (work / f"ingest-{params_hash(bsds)}", work / f"ingest-{params_hash(kodak)}",
-            work / f"shards-{params_hash(bsds, degrade)}")
+    return (
+        work / f"ingest-{params_hash(bsds)}",
+        work / f"ingest-{params_hash(kodak)}",
+        work / f"shards-{params_hash(bsds, degrade)}",
+    )
 
 
 def main() -> None:
@@ -70,11 +87,19 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qualiclip-learn")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--run", default="run", help="subfolder of --work for this setting's train/eval outputs")
-    ap.add_argument("--model-config", type=Path, action="append", default=[],
-                    help="an extra open_clip model config JSON (its file name is the model name for model.name)")
+    ap.add_argument(
+        "--model-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="an extra open_clip model config JSON (its file name is the model name for model.name)",
+    )
     ap.add_argument("--table", action="store_true", help="print a table of the finished runs under --work and exit")
-    ap.add_argument("--evaluate-only", action="store_true",
-                    help="re-evaluate the finished run --run (its saved settings) and keep its other timings")
+    ap.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="re-evaluate the finished run --run (its saved settings) and keep its other timings",
+    )
     args = ap.parse_args()
     if args.table:
         return table(Path(args.work))
@@ -128,26 +153,37 @@ def main() -> None:
                 else:
                     timed(label, fn)
         timed("train", lambda: stages.stage_train(str(train_p), str(shards), str(run / "train")))
-    result = timed("evaluate", lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak),
-                                                             str(run / "eval")))
-    summary = {"set": settings, "seconds": timings, "train": train_params["train"], "model": train_params["model"],
-               "degrade": train_params["degrade"],
-               "metrics": {k: v for k, v in result.items() if k != "synthetic"} | {
-                   "synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}}}
+    result = timed(
+        "evaluate",
+        lambda: stages.stage_evaluate(str(eval_p), str(run / "train/checkpoint"), str(kodak), str(run / "eval")),
+    )
+    summary = {
+        "set": settings,
+        "seconds": timings,
+        "train": train_params["train"],
+        "model": train_params["model"],
+        "degrade": train_params["degrade"],
+        "metrics": {k: v for k, v in result.items() if k != "synthetic"}
+        | {"synthetic": {k: v for k, v in result["synthetic"].items() if k != "per_distortion"}},
+    }
     (run / "learn_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 
 def table(work: Path) -> None:
     """A Markdown table of every finished run under ``work``."""
-    print("| run | settings | train CPU s | Kodak SRCC within (image, type) | Kodak SRCC pooled | CLIVE-dev SRCC | CLIVE-dev PLCC |")
+    print(
+        "| run | settings | train CPU s | Kodak SRCC within (image, type) | Kodak SRCC pooled | CLIVE-dev SRCC | CLIVE-dev PLCC |"
+    )
     print("|---|---|---|---|---|---|---|")
     for path in sorted(work.glob("*/learn_summary.json"), key=lambda p: p.stat().st_mtime):
         s = json.loads(path.read_text())
         syn, clive = s["metrics"]["synthetic"], s["metrics"].get("clive_dev", {})
-        print(f"| {path.parent.name} | {' '.join(s['set']) or 'defaults'} | {s['seconds']['train']['cpu_s']:.0f} | "
-              f"{syn['srcc_within']:.3f} | {syn['srcc']:.3f} | {clive.get('srcc', float('nan')):.3f} | "
-              f"{clive.get('plcc', float('nan')):.3f} |")
+        print(
+            f"| {path.parent.name} | {' '.join(s['set']) or 'defaults'} | {s['seconds']['train']['cpu_s']:.0f} | "
+            f"{syn['srcc_within']:.3f} | {syn['srcc']:.3f} | {clive.get('srcc', float('nan')):.3f} | "
+            f"{clive.get('plcc', float('nan')):.3f} |"
+        )
 
 
 if __name__ == "__main__":

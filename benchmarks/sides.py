@@ -11,6 +11,7 @@ onnxruntime), ``pyiqa`` (pyiqa 0.1.16's ``qualiclip`` metric), and the distortio
 ``ours-dist`` and ``arniqa``. How the references are built offline is in `load_pyiqa` and
 `load_arniqa`; their code is only ever imported from the folders given on the command line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,13 +25,29 @@ from timing import single_thread, timed
 CROP = 224
 # our distortion name -> ARNIQA's (its utils/utils_data.py); levels are compared by index 1..5
 ARNIQA_NAMES = {
-    "gaussian_blur": "gaublur", "lens_blur": "lensblur", "motion_blur": "motionblur",
-    "color_diffusion": "colordiff", "color_shift": "colorshift", "color_saturation1": "colorsat1",
-    "color_saturation2": "colorsat2", "jpeg2000": "jpeg2000", "jpeg": "jpeg", "white_noise": "whitenoise",
-    "white_noise_cc": "whitenoiseCC", "impulse_noise": "impulsenoise", "multiplicative_noise": "multnoise",
-    "brighten": "brighten", "darken": "darken", "mean_shift": "meanshift", "jitter": "jitter",
-    "non_eccentricity_patch": "noneccpatch", "pixelate": "pixelate", "quantization": "quantization",
-    "color_block": "colorblock", "high_sharpen": "highsharpen", "linear_contrast_change": "lincontrchange",
+    "gaussian_blur": "gaublur",
+    "lens_blur": "lensblur",
+    "motion_blur": "motionblur",
+    "color_diffusion": "colordiff",
+    "color_shift": "colorshift",
+    "color_saturation1": "colorsat1",
+    "color_saturation2": "colorsat2",
+    "jpeg2000": "jpeg2000",
+    "jpeg": "jpeg",
+    "white_noise": "whitenoise",
+    "white_noise_cc": "whitenoiseCC",
+    "impulse_noise": "impulsenoise",
+    "multiplicative_noise": "multnoise",
+    "brighten": "brighten",
+    "darken": "darken",
+    "mean_shift": "meanshift",
+    "jitter": "jitter",
+    "non_eccentricity_patch": "noneccpatch",
+    "pixelate": "pixelate",
+    "quantization": "quantization",
+    "color_block": "colorblock",
+    "high_sharpen": "highsharpen",
+    "linear_contrast_change": "lincontrchange",
     "non_linear_contrast_change": "nonlincontrchange",
 }
 
@@ -84,8 +101,10 @@ def load_ours(spec: dict, images):
     precision = spec.get("precision", "fp32")
 
     def run():
-        return np.asarray(score_arrays(scorer, images, batch_size=len(images), device=spec["device"],
-                                       precision=precision))
+        return np.asarray(
+            score_arrays(scorer, images, batch_size=len(images), device=spec["device"], precision=precision)
+        )
+
     return run, (torch.cuda.synchronize if spec["device"] == "cuda" else None)
 
 
@@ -142,6 +161,7 @@ def load_pyiqa(spec: dict, images):
     def run():
         with torch.no_grad():
             return metric(x).flatten().cpu().numpy()
+
     return run, (torch.cuda.synchronize if spec["device"] == "cuda" else None)
 
 
@@ -152,9 +172,11 @@ def scoring_worker(spec: dict) -> None:
     build_peak = vm_mib("VmHWM")
     reset = reset_peak()
     first = run()  # warm-up: kernels chosen for this shape; its scores check the sides agree
-    serve(lambda cmd: _score_calls(run, sync, cmd["n"]),
-          ready={"scores": [float(s) for s in first]},
-          done=lambda: {"peak_rss_mib": vm_mib("VmHWM") if reset else None, "build_peak_mib": build_peak})
+    serve(
+        lambda cmd: _score_calls(run, sync, cmd["n"]),
+        ready={"scores": [float(s) for s in first]},
+        done=lambda: {"peak_rss_mib": vm_mib("VmHWM") if reset else None, "build_peak_mib": build_peak},
+    )
 
 
 def _score_calls(run, sync, n: int) -> dict:
@@ -179,7 +201,7 @@ def bf16_worker(spec: dict) -> None:
     from qualiclip.scoring import load_scorer
 
     folder = Path(spec["clive"])
-    rows = list(csv.DictReader(open(folder / "labels.csv")))[:spec["n"]]
+    rows = list(csv.DictReader(open(folder / "labels.csv")))[: spec["n"]]
     scorer = load_scorer(spec["checkpoint"])
     scorer.cfg = dataclasses.replace(scorer.cfg, logit_scale=100.0)  # the scale a trained model scores with
     out = {"fp32": [], "bf16": [], "cos_diff": []}
@@ -194,9 +216,17 @@ def bf16_worker(spec: dict) -> None:
         out["cos_diff"].append(float((f32 - b16).abs().max()))
     mos = [float(r["mos"]) for r in rows]
     diff = np.abs(np.array(out["fp32"]) - np.array(out["bf16"]))
-    reply({"n": len(rows), "max_score_diff": float(diff.max()), "mean_score_diff": float(diff.mean()),
-           "max_cos_diff": max(out["cos_diff"]), "srcc_fp32": spearmanr(out["fp32"], mos)[0],
-           "srcc_bf16": spearmanr(out["bf16"], mos)[0], "srcc_fp32_bf16": spearmanr(out["fp32"], out["bf16"])[0]})
+    reply(
+        {
+            "n": len(rows),
+            "max_score_diff": float(diff.max()),
+            "mean_score_diff": float(diff.mean()),
+            "max_cos_diff": max(out["cos_diff"]),
+            "srcc_fp32": spearmanr(out["fp32"], mos)[0],
+            "srcc_bf16": spearmanr(out["bf16"], mos)[0],
+            "srcc_fp32_bf16": spearmanr(out["fp32"], out["bf16"])[0],
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +246,7 @@ def load_crops(folder: Path, n_images: int = 12):
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         for _ in range(2):
             y, x = rng.integers(0, rgb.shape[0] - CROP + 1), rng.integers(0, rgb.shape[1] - CROP + 1)
-            crops.append(np.ascontiguousarray(rgb[y:y + CROP, x:x + CROP]))
+            crops.append(np.ascontiguousarray(rgb[y : y + CROP, x : x + CROP]))
     return crops
 
 
@@ -278,10 +308,15 @@ def load_arniqa(root: Path):
         ud = importlib.import_module("utils.utils_data")
     finally:
         ctypes.CDLL = real
-    patches = {("distortions", "impulse_noise"): [("x[coords_salt]", "x[tuple(coords_salt)]"),
-                                                 ("x[coords_pepper]", "x[tuple(coords_pepper)]")],
-               ("utils_distortions", "spline"): [("y[2] = np.diff(divdif.T).T / (x[2] - x[0])",
-                                                 "y[2] = (np.diff(divdif.T).T / (x[2] - x[0])).item()")]}
+    patches = {
+        ("distortions", "impulse_noise"): [
+            ("x[coords_salt]", "x[tuple(coords_salt)]"),
+            ("x[coords_pepper]", "x[tuple(coords_pepper)]"),
+        ],
+        ("utils_distortions", "spline"): [
+            ("y[2] = np.diff(divdif.T).T / (x[2] - x[0])", "y[2] = (np.diff(divdif.T).T / (x[2] - x[0])).item()")
+        ],
+    }
     for (module_name, fn), edits in patches.items():
         module = importlib.import_module("utils." + module_name)
         src = textwrap.dedent(inspect.getsource(getattr(module, fn)))
@@ -327,13 +362,16 @@ class ArniqaDistortions:
         for level in LEVELS:
             fv = [self._fv(n, level) for n in names]
             for c in crops:
-                self.ud.distort_images(self.crops[c].clone(), distort_functions=[f for f, _ in fv],
-                                       distort_values=[v for _, v in fv])
+                self.ud.distort_images(
+                    self.crops[c].clone(), distort_functions=[f for f, _ in fv], distort_values=[v for _, v in fv]
+                )
 
 
 def distortion_worker(spec: dict) -> None:
     crops = load_crops(Path(spec["images"]))
-    side = OursDistortions(crops) if spec["side"] == "ours-dist" else ArniqaDistortions(crops, Path(spec["arniqa_root"]))
+    side = (
+        OursDistortions(crops) if spec["side"] == "ours-dist" else ArniqaDistortions(crops, Path(spec["arniqa_root"]))
+    )
 
     def handle(cmd):
         if cmd["op"] == "call":
@@ -344,6 +382,7 @@ def distortion_worker(spec: dict) -> None:
             c, _, _ = timed(functools.partial(side.sample, names, pair))
             cpu.append(c)
         return {"cpu": cpu}
+
     serve(handle, ready={"crops": len(crops)}, done=dict)
 
 

@@ -13,6 +13,7 @@ evaluate stage), then prints:
     python benchmarks/synthetic_breakdown.py --eval /tmp/learn/final/eval \\
         --ingest /tmp/learn/ingest-d72df1d25a31 --split train
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,8 @@ def main() -> None:
     scores = np.array([float(r["score"]) for r in rows])
     s = build_synthetic_set(args.ingest, EvaluateConfig(split=args.split, crop=args.crop, seed=args.seed))
     if [(r["image_id"], r["distortion"], int(r["level"])) for r in rows] != list(
-            zip(s.image_ids, s.distortions, s.levels.tolist())):
+        zip(s.image_ids, s.distortions, s.levels.tolist())
+    ):
         raise SystemExit("the rebuilt synthetic set does not match synthetic_scores.csv: check --ingest/--split/--crop")
     m = synthetic_metrics(scores, s)
     print(f"{len(scores)} images: pooled SRCC {m['srcc']:.3f}, within-photo SRCC {m['srcc_within']:.3f}\n")
@@ -68,7 +70,9 @@ def main() -> None:
         darker = mean5 < mean1
         to_mid = darker == (mean1 > 0.5)
         towards[to_mid].append(srcc)
-        print(f"| {image_id} | {mean1:.3f} | {'darker' if darker else 'brighter'} | {'yes' if to_mid else 'no'} | {srcc:+.3f} |")
+        print(
+            f"| {image_id} | {mean1:.3f} | {'darker' if darker else 'brighter'} | {'yes' if to_mid else 'no'} | {srcc:+.3f} |"
+        )
     for key, label in ((False, "away from 0.5"), (True, "towards 0.5")):
         if towards[key]:
             print(f"shift {label}: {len(towards[key])} photos, mean SRCC {np.mean(towards[key]):+.3f}")

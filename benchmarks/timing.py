@@ -5,6 +5,7 @@ the same thing. CPU time is the work done, whatever the neighbours on a shared m
 time is printed beside it, with the load average, because wall time depends on them. Run a
 benchmark as ``python benchmarks/<name>.py``: this folder is then on the import path.
 """
+
 from __future__ import annotations
 
 import os

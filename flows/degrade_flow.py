@@ -15,12 +15,13 @@ Every worker must reach ``ingest`` at the same path (a shared file system), and 
 same path, or a bucket URL with the same credentials. The output is byte-identical whichever
 runner, how many workers, and in which order shards finish (docs/shards.md).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
@@ -75,8 +76,12 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
         entries = shard_task.map(plan.pending, unmapped(cfg), unmapped(plan.images_dir), unmapped(plan.out_dir))
         result = finalize_task(plan, entries)
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")
-    return {"samples": result.samples, "shards": result.shards, "bytes": result.bytes,
-            "resumed_shards": result.resumed_shards}
+    return {
+        "samples": result.samples,
+        "shards": result.shards,
+        "bytes": result.bytes,
+        "resumed_shards": result.resumed_shards,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +94,14 @@ def local_cluster_kwargs(workers: int) -> dict:
     health and metrics routes over HTTP: on a free loopback port, not on 8787 (which a second
     cluster on the machine would find taken). prefect-dask prints that port as the dashboard's; the
     dashboard page needs bokeh, which the project does not install."""
-    return {"n_workers": workers, "processes": True, "threads_per_worker": 1, "host": "127.0.0.1",
-            "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
+    return {
+        "n_workers": workers,
+        "processes": True,
+        "threads_per_worker": 1,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+    }
 
 
 def dask_runner(address: str = "local", workers: int = 2):
@@ -121,8 +132,10 @@ def api_for_dask(address: str) -> Iterator[None]:
         yield
         return
     if address != "local":
-        raise NoApiForWorkers(f"--dask {address}: set PREFECT_API_URL to a Prefect server the Dask workers can reach "
-                              "(e.g. `prefect server start --host 0.0.0.0`, docs/shards.md), in their environment too")
+        raise NoApiForWorkers(
+            f"--dask {address}: set PREFECT_API_URL to a Prefect server the Dask workers can reach "
+            "(e.g. `prefect server start --host 0.0.0.0`, docs/shards.md), in their environment too"
+        )
     # What a plain flow call starts on its own, with its URL exported (a Prefect-internal class).
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -157,8 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--ingest", help="ingest output folder (default: dvc.yaml's degrade stage)")
     p.add_argument("--out", help="shard folder or s3://bucket/prefix (default: dvc.yaml's degrade stage)")
-    p.add_argument("--dask", metavar="ADDRESS", help="run the shard tasks on Dask: 'local' (a temporary cluster "
-                   "on this machine) or a scheduler address such as tcp://scheduler:8786")
+    p.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run the shard tasks on Dask: 'local' (a temporary cluster "
+        "on this machine) or a scheduler address such as tcp://scheduler:8786",
+    )
     p.add_argument("--workers", type=int, default=2, help="worker processes of --dask local (default: 2)")
     args = p.parse_args(argv)
     if not args.dask:

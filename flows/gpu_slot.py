@@ -15,12 +15,13 @@ flow before it asks for a slot), never changed when present, so an operator's
 Slots are taken with ``strict=True``: a limit that vanished between the two is an error naming
 it, never a silently unguarded training.
 """
+
 from __future__ import annotations
 
 import contextlib
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
@@ -28,7 +29,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-SLOTS = 1            # trainings at once per host, when the limit is created
+SLOTS = 1  # trainings at once per host, when the limit is created
 LEASE_SECONDS = 300  # a dead holder's slot frees itself after this (Prefect renews it while alive)
 
 

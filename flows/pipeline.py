@@ -10,6 +10,7 @@ bars are off, since its output is a pipe, not a terminal. A failing stage fails 
 the stage's own exit code and last error lines (`StageFailed`), and no later stage runs. The
 flow-run id becomes the pipeline id that groups the stage runs in MLflow.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,14 +33,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import gpu_slot
-from qualiclip.pipeline.paths import stage_paths
 from qualiclip.pipeline.execution import PIPELINE_ENV, PIPELINE_NAME_ENV
+from qualiclip.pipeline.paths import stage_paths
 
 SKIPPED = "Skipped"  # the name of a stage task's state when DVC found nothing to do
 UNCHANGED = "dependencies, params and outputs unchanged"  # why, in its message
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-ERROR_LINE = re.compile(r"^(ERROR|CRITICAL)\b|^[\w.-]+(?: [\w-]+)?: error:|^Traceback \(most recent call last\)"
-                        r"|^[\w.]*(Error|Exception)\b")
+ERROR_LINE = re.compile(
+    r"^(ERROR|CRITICAL)\b|^[\w.-]+(?: [\w-]+)?: error:|^Traceback \(most recent call last\)"
+    r"|^[\w.]*(Error|Exception)\b"
+)
 WARNING_LINE = re.compile(r"^WARNING\b|^\S+:\d+: \w*Warning: ")
 EXIT_CODE = re.compile(r"exited with (-?\d+)")  # DVC's words for the stage command's exit status
 # What `dvc repro` tells a person at a terminal after every run, whatever the settings; the flow
@@ -58,11 +61,15 @@ def _dvc() -> str:
 
 def _env() -> dict[str, str]:
     """The stages' environment: the pipeline id for MLflow, this interpreter's bin first on PATH."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")),
-           # the MLflow parent run is named as the Prefect UI names the flow run
-           PIPELINE_NAME_ENV: (f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id
-                               else os.environ.get(PIPELINE_NAME_ENV, ""))}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")),
+        # the MLflow parent run is named as the Prefect UI names the flow run
+        PIPELINE_NAME_ENV: (
+            f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id else os.environ.get(PIPELINE_NAME_ENV, "")
+        ),
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -95,7 +102,7 @@ def describe_changes(changes: list, shown: int = 4) -> str:
     and 12 more; changed outs: data/ingest (deleted)`` (data and params before code)."""
     parts = []
     for change in changes:
-        for kind, paths in (change.items() if isinstance(change, dict) else [(change, None)]):
+        for kind, paths in change.items() if isinstance(change, dict) else [(change, None)]:
             if not isinstance(paths, dict):
                 parts.append(kind if paths is None else f"{kind}: {paths}")
                 continue
@@ -127,8 +134,16 @@ def run_logged(cmd: list[str], cwd: str, log) -> tuple[int, list[tuple[int, str]
     effect at once even while the command is silent; the command's process group is then
     stopped, never left running behind the flow.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="backslashreplace", start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="backslashreplace",
+        start_new_session=True,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[tuple[int, str]] = []
@@ -200,8 +215,9 @@ def failure_message(stage: str, dvc_code: int, tail: list[tuple[int, str]]) -> s
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE)
-def dvc_stage(project_dir: str, stage: str, force: bool = False, slot: str | None = None,
-              slot_timeout: float | None = None):
+def dvc_stage(
+    project_dir: str, stage: str, force: bool = False, slot: str | None = None, slot_timeout: float | None = None
+):
     """Reproduce one stage if DVC finds it stale (always when ``force``); Skipped otherwise.
 
     ``slot``: a global concurrency limit the stage holds a slot of while it runs (not when
@@ -222,8 +238,9 @@ def dvc_stage(project_dir: str, stage: str, force: bool = False, slot: str | Non
     return {"stage": stage, "ran": True}
 
 
-def reproduce(project_dir: str, force: bool = False, timeout: float | None = None,
-              slots: dict[str, str] | None = None) -> dict[str, str]:
+def reproduce(
+    project_dir: str, force: bool = False, timeout: float | None = None, slots: dict[str, str] | None = None
+) -> dict[str, str]:
     """Run every stage as a `dvc_stage` task, upstream first; ``{stage: state name}``.
 
     ``timeout``: seconds for all stages together (a wait for a slot included); the stage running

@@ -16,6 +16,7 @@ train stage holds a slot of the Prefect global concurrency limit ``schedule.gpu_
 (``qualiclip-gpu-<hostname>``, 1 slot), so runs of any project on one GPU host train one at a
 time while their other stages overlap (`flows.gpu_slot`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
@@ -69,8 +70,10 @@ def workspace_lock(project_dir: str | Path, timeout: float) -> Iterator[Path]:
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
-        raise WorkspaceBusy(f"another qualiclip run holds {path}; waited {timeout:.0f} s — let it finish, "
-                            f"or raise schedule.lock_timeout in params.yaml") from None
+        raise WorkspaceBusy(
+            f"another qualiclip run holds {path}; waited {timeout:.0f} s — let it finish, "
+            f"or raise schedule.lock_timeout in params.yaml"
+        ) from None
     try:
         yield path
     finally:
@@ -83,8 +86,14 @@ def _transient(task, task_run, state) -> bool:
     return not isinstance(exc, (PromotionError, ValueError, FileNotFoundError))
 
 
-@task(name="promote", task_run_name="promote", retries=2, retry_delay_seconds=15, retry_condition_fn=_transient,
-      cache_policy=NONE)
+@task(
+    name="promote",
+    task_run_name="promote",
+    retries=2,
+    retry_delay_seconds=15,
+    retry_condition_fn=_transient,
+    cache_policy=NONE,
+)
 def promote(project_dir: str, params_file: str) -> Decision:
     """Tag the new version with its evaluation; move the champion alias only if it passes the gate
     and beats the champion (`qualiclip.pipeline.promotion`)."""
@@ -136,8 +145,10 @@ def _schedule(cfg: ScheduleConfig, params_file: str) -> Cron:
     try:
         return Cron(cfg.cron, timezone=cfg.timezone)
     except ValueError:
-        raise ConfigError(f"{params_file}: schedule.cron {cfg.cron!r} is no cron expression — five fields, "
-                          "minute hour day month weekday, e.g. '0 3 * * *' (every day at 03:00)") from None
+        raise ConfigError(
+            f"{params_file}: schedule.cron {cfg.cron!r} is no cron expression — five fields, "
+            "minute hour day month weekday, e.g. '0 3 * * *' (every day at 03:00)"
+        ) from None
 
 
 def _importable_here() -> None:
@@ -153,8 +164,12 @@ def serve(project_dir: str, params_file: str = "params.yaml") -> None:
     _ensure_gpu_limit(cfg)
     params = {"project_dir": str(Path(project_dir).resolve()), "params_file": params_file}
     _importable_here()
-    retrain_flow.serve(name=cfg.deployment, schedules=[schedule], parameters=params,
-                       description="dvc repro, then promote the new model if it beats the champion")
+    retrain_flow.serve(
+        name=cfg.deployment,
+        schedules=[schedule],
+        parameters=params,
+        description="dvc repro, then promote the new model if it beats the champion",
+    )
 
 
 def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> None:
@@ -165,9 +180,12 @@ def deploy(project_dir: str, pool: str, params_file: str = "params.yaml") -> Non
     _ensure_pool(pool)
     _ensure_gpu_limit(cfg)
     retrain_flow.from_source(source=str(REPO_ROOT), entrypoint="flows/retrain.py:retrain_flow").deploy(
-        name=cfg.deployment, work_pool_name=pool, schedules=[schedule],
+        name=cfg.deployment,
+        work_pool_name=pool,
+        schedules=[schedule],
         parameters={"project_dir": str(Path(project_dir).resolve()), "params_file": params_file},
-        job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}}, ignore_warnings=True,
+        job_variables={"working_dir": str(REPO_ROOT), "env": {"PYTHONPATH": str(REPO_ROOT)}},
+        ignore_warnings=True,
     )
 
 
@@ -176,7 +194,9 @@ def _ensure_gpu_limit(cfg: ScheduleConfig) -> None:
     A worker on another host creates its own when its first run starts."""
     name = gpu_slot.limit_name(cfg.gpu_limit)
     created = gpu_slot.ensure_limit(name)
-    print(f"{'created' if created else 'found'} global concurrency limit '{name}' — one training at a time on this host")
+    print(
+        f"{'created' if created else 'found'} global concurrency limit '{name}' — one training at a time on this host"
+    )
 
 
 def _ensure_pool(pool: str) -> None:
@@ -199,25 +219,31 @@ def failure_automation(block_document_id: str) -> Automation:
         name=f"{FLOW_NAME} failed",
         description="Notify when a scheduled or manual retraining run does not complete",
         trigger=EventTrigger(
-            posture=Posture.Reactive, threshold=1, within=0,
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
             expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
         ),
-        actions=[SendNotification(
-            block_document_id=block_document_id,
-            subject=f"{FLOW_NAME} run {{{{ flow_run.name }}}} {{{{ flow_run.state.name }}}}",
-            body="Flow run {{ flow_run.name }} ({{ flow_run.id }}) of " + FLOW_NAME
-                 + " ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
-        )],
+        actions=[
+            SendNotification(
+                block_document_id=block_document_id,
+                subject=f"{FLOW_NAME} run {{{{ flow_run.name }}}} {{{{ flow_run.state.name }}}}",
+                body="Flow run {{ flow_run.name }} ({{ flow_run.id }}) of "
+                + FLOW_NAME
+                + " ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+            )
+        ],
     )
 
 
 def create_failure_alert(webhook_url: str) -> Automation:
     """Save a webhook notification block (JSON ``{"text": subject + body}``, the Slack/Teams/
     Mattermost incoming-webhook shape) and the automation that uses it; replaces earlier ones."""
-    block = CustomWebhookNotificationBlock(name=ALERT_BLOCK, url=webhook_url,
-                                           json_data={"text": "{{subject}}\n{{body}}"})
+    block = CustomWebhookNotificationBlock(
+        name=ALERT_BLOCK, url=webhook_url, json_data={"text": "{{subject}}\n{{body}}"}
+    )
     block_id = block.save(ALERT_BLOCK, overwrite=True)
     automation = failure_automation(str(block_id))
     with contextlib.suppress(ValueError):  # none yet
@@ -227,14 +253,15 @@ def create_failure_alert(webhook_url: str) -> Automation:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m flows.retrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("command", choices=["serve", "deploy", "run", "alert"])
     p.add_argument("--project", default=".", help="the DVC project to retrain (default: .)")
     p.add_argument("--params", default="params.yaml", help="params file inside the project")
     p.add_argument("--pool", default="qualiclip", help="work pool for deploy (default: qualiclip)")
     p.add_argument("--force", action="store_true", help="run: rerun every stage (dvc repro --force)")
-    p.add_argument("--webhook-url", help="alert: where failed runs are announced (JSON {\"text\": ...})")
+    p.add_argument("--webhook-url", help='alert: where failed runs are announced (JSON {"text": ...})')
     args = p.parse_args(argv)
     try:
         _run_command(p, args)

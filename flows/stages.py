@@ -2,6 +2,7 @@
 
 A path left out is the one dvc.yaml (in the working directory) gives that stage.
 """
+
 from __future__ import annotations
 
 from prefect import flow
@@ -28,7 +29,8 @@ def train_flow(params_file: str = "params.yaml", shards: str | None = None, out:
 
 
 @flow(name="qualiclip-evaluate", log_prints=True)
-def evaluate_flow(params_file: str = "params.yaml", model: str | None = None, ingest: str | None = None,
-                  out: str | None = None) -> dict:
+def evaluate_flow(
+    params_file: str = "params.yaml", model: str | None = None, ingest: str | None = None, out: str | None = None
+) -> dict:
     paths = stage_paths()
     return stages.stage_evaluate(params_file, model or paths.checkpoint, ingest or paths.ingest, out or paths.evaluate)

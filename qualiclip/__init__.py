@@ -5,6 +5,7 @@ Importing the package is cheap and has no side effects; the public helpers load 
     >>> from qualiclip import score_images, load_checkpoint
     >>> score_images(["photo.jpg"], "outputs/train/checkpoint")
 """
+
 from __future__ import annotations
 
 from importlib import import_module

@@ -15,6 +15,7 @@ Nothing read from a checkpoint is trusted before it is checked: the safetensors 
 `ARCH_LIMITS` and `MAX_PARAMETERS` (counted on the meta device) before it is registered with
 open_clip.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,16 @@ from torch import nn
 from .config import ConfigError, build_config
 from .files import FileReadError, read_regular
 from .model import (
-    SAFETENSORS_DTYPES, ModelConfig, ModelLoadError, QualiCLIP, check_state_dict, create_model, load_safetensors,
-    read_safetensors_header, register_model_configs, weights_loaded_next,
+    SAFETENSORS_DTYPES,
+    ModelConfig,
+    ModelLoadError,
+    QualiCLIP,
+    check_state_dict,
+    create_model,
+    load_safetensors,
+    read_safetensors_header,
+    register_model_configs,
+    weights_loaded_next,
 )
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
 
@@ -48,17 +57,17 @@ MAX_JSON_BYTES = 16 << 20  # config.json / metadata.json: a few KB in practice
 # weights, so a config that declares a huge one is refused before anything is built. Each cap is
 # about 4x the largest value among open_clip 3.3's own configs (in brackets).
 ARCH_LIMITS: dict[str, int] = {
-    "embed_dim": 8192,                 # [1536: ViT-gopt-16-SigLIP2-384]
-    "vision_cfg.width": 8192,          # [1792: ViT-e-14]
-    "vision_cfg.layers": 256,          # [56: ViT-e-14; ResNet stages summed: 64, RN50x64]
-    "vision_cfg.image_size": 2048,     # [512: ViT-B-16-SigLIP2-512]
-    "vision_cfg.head_width": 1024,     # [112: ViT-e-14]
-    "vision_cfg.mlp_ratio": 64,        # [8.6: ViT-e-14]
-    "text_cfg.width": 8192,            # [1280: ViT-bigG-14]
-    "text_cfg.layers": 256,            # [36: ViT-e-14]
-    "text_cfg.heads": 256,             # [20: PE-Core-bigG-14-448]
-    "text_cfg.mlp_ratio": 64,          # [4]
-    "text_cfg.context_length": 4096,   # [77]
+    "embed_dim": 8192,  # [1536: ViT-gopt-16-SigLIP2-384]
+    "vision_cfg.width": 8192,  # [1792: ViT-e-14]
+    "vision_cfg.layers": 256,  # [56: ViT-e-14; ResNet stages summed: 64, RN50x64]
+    "vision_cfg.image_size": 2048,  # [512: ViT-B-16-SigLIP2-512]
+    "vision_cfg.head_width": 1024,  # [112: ViT-e-14]
+    "vision_cfg.mlp_ratio": 64,  # [8.6: ViT-e-14]
+    "text_cfg.width": 8192,  # [1280: ViT-bigG-14]
+    "text_cfg.layers": 256,  # [36: ViT-e-14]
+    "text_cfg.heads": 256,  # [20: PE-Core-bigG-14-448]
+    "text_cfg.mlp_ratio": 64,  # [4]
+    "text_cfg.context_length": 4096,  # [77]
     "text_cfg.vocab_size": 4_000_000,  # [901,629: ViT-bigG-14-worldwide]
 }
 MAX_PARAMETERS = 10_000_000_000  # about 2x ViT-e-14 (4.6 B), the largest CLIP open_clip knows
@@ -115,8 +124,9 @@ def _load_folder(path: Path) -> QualiCLIP:
         clip = open_clip.create_model(cfg.name, pretrained=None)
     state = load_safetensors(path / WEIGHTS)
     if "prompt_features" not in state:
-        raise ModelLoadError(f"{path / WEIGHTS} holds no prompt_features — it is not a qualiclip checkpoint; "
-                             "re-run the train stage")
+        raise ModelLoadError(
+            f"{path / WEIGHTS} holds no prompt_features — it is not a qualiclip checkpoint; re-run the train stage"
+        )
     prompts = state.pop("prompt_features")
     state = {k.removeprefix("clip."): v for k, v in state.items()}
     check_state_dict(clip, state, source=str(path), name=cfg.name)
@@ -134,8 +144,9 @@ def read_config(path: Path) -> tuple[ModelConfig, dict | None]:
     config = _read_json(file)
     model = config.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise ModelLoadError(f"{file} has no 'model' section with a 'name' — the checkpoint is damaged; "
-                             "re-run the train stage")
+        raise ModelLoadError(
+            f"{file} has no 'model' section with a 'name' — the checkpoint is damaged; re-run the train stage"
+        )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
         cfg = build_config(ModelConfig, {k: v for k, v in model.items() if k in fields}, where="model")
@@ -154,8 +165,10 @@ def _read_json(file: Path) -> dict:
     except FileReadError as exc:
         raise ModelLoadError(f"{file}: {exc.detail}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ModelLoadError(f"{file} is not valid JSON ({exc}) — the checkpoint is damaged (truncated?); "
-                             "re-run the train stage or restore the file") from None
+        raise ModelLoadError(
+            f"{file} is not valid JSON ({exc}) — the checkpoint is damaged (truncated?); "
+            "re-run the train stage or restore the file"
+        ) from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"{file} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -187,8 +200,10 @@ def check_architecture(name: str, arch: dict, source: Path) -> None:
     for key, limit in ARCH_LIMITS.items():
         value = _declared(arch, key, source)
         if value > limit:
-            raise ModelLoadError(f"{source}: architecture '{name}' declares {key} = {value}, above the limit of "
-                                 f"{limit} — the config is damaged or not a CLIP this project can load")
+            raise ModelLoadError(
+                f"{source}: architecture '{name}' declares {key} = {value}, above the limit of "
+                f"{limit} — the config is damaged or not a CLIP this project can load"
+            )
     folder = Path(tempfile.mkdtemp(prefix="qualiclip-arch-check-"))
     try:
         (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
@@ -200,8 +215,10 @@ def check_architecture(name: str, arch: dict, source: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMETERS:
-        raise ModelLoadError(f"{source}: architecture '{name}' has {n:,} parameters, above the limit of "
-                             f"{MAX_PARAMETERS:,} — the config is damaged or not a CLIP this project can load")
+        raise ModelLoadError(
+            f"{source}: architecture '{name}' has {n:,} parameters, above the limit of "
+            f"{MAX_PARAMETERS:,} — the config is damaged or not a CLIP this project can load"
+        )
 
 
 def _declared(arch: dict, key: str, source: Path) -> float:
@@ -210,8 +227,9 @@ def _declared(arch: dict, key: str, source: Path) -> float:
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     items = value if isinstance(value, (list, tuple)) else [value]
-    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-               for v in items):
+    if not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) for v in items
+    ):
         raise ModelLoadError(f"{source}: {key} must be a number or a list of numbers, got {value!r}")
     return sum(v for v in items if v is not None)  # type: ignore[misc]  # numbers, checked above
 
@@ -251,13 +269,14 @@ def _read_image_tower(weights: Path) -> tuple[dict[str, torch.Tensor], torch.Ten
     prefix = "clip.visual."
     header = read_safetensors_header(weights)
     if "prompt_features" not in header.tensors:
-        raise ModelLoadError(f"{weights} holds no prompt_features — it is not a qualiclip checkpoint; "
-                             "re-run the train stage")
+        raise ModelLoadError(
+            f"{weights} holds no prompt_features — it is not a qualiclip checkpoint; re-run the train stage"
+        )
     with open(weights, "rb") as f:
         wanted = [k for k in header.tensors if k.startswith(prefix) or k == "prompt_features"]
         tensors = {k: _read_tensor(f, header.data_start, header.tensors[k]) for k in wanted}
     prompts = tensors.pop("prompt_features")
-    return {k[len(prefix):]: v for k, v in tensors.items()}, prompts
+    return {k[len(prefix) :]: v for k, v in tensors.items()}, prompts
 
 
 def _read_tensor(f, base: int, meta: dict) -> torch.Tensor:

@@ -19,6 +19,7 @@ flat, so params.yaml stays one level deep and the embedded config is used as it 
 copied field by field. `config_fields` gives the flat view back (what params.yaml holds); field
 metadata is never part of it, so params hashes and the train resume key do not see it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ import reprlib
 import types
 import typing
 import unicodedata
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import annotated_types as at
 import yaml
@@ -64,8 +66,12 @@ class _StrictLoader(yaml.SafeLoader):
             event = self.peek_event()
             if not isinstance(self.anchors.get(event.anchor), (yaml.ScalarNode, type(None))):
                 raise yaml.composer.ComposerError(
-                    None, None, f"the alias *{event.anchor} repeats a whole mapping or list — write it out "
-                    "(a params file allows aliases of single values only)", event.start_mark)
+                    None,
+                    None,
+                    f"the alias *{event.anchor} repeats a whole mapping or list — write it out "
+                    "(a params file allows aliases of single values only)",
+                    event.start_mark,
+                )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -76,8 +82,12 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and first.setdefault(key, key_node) is not key_node:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {_short(key)} is written twice in one mapping (first at line "
-                    f"{first[key].start_mark.line + 1}) — keep one", key_node.start_mark)
+                    None,
+                    None,
+                    f"key {_short(key)} is written twice in one mapping (first at line "
+                    f"{first[key].start_mark.line + 1}) — keep one",
+                    key_node.start_mark,
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -105,15 +115,18 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply for a params file — fix the YAML") from None
     if not data:
-        raise ConfigError(f"{path} is empty — a params file holds one section per stage ('train:' ...): "
-                          "start from the project's params.yaml")
+        raise ConfigError(
+            f"{path} is empty — a params file holds one section per stage ('train:' ...): "
+            "start from the project's params.yaml"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections ('train:' ...), got {_kind(data)} {_short(data)}")
     return data
 
 
-def build_sections(params: Mapping[str, Any], sections: Mapping[str, type], *, file: str | Path,
-                   needs: Iterable[str] = ()) -> dict[str, Any]:
+def build_sections(
+    params: Mapping[str, Any], sections: Mapping[str, type], *, file: str | Path, needs: Iterable[str] = ()
+) -> dict[str, Any]:
     """Every section of ``params`` built into its config of ``sections`` (name -> config class).
 
     `ConfigError` naming ``file`` for a section not in ``sections`` (with the closest name), a
@@ -122,8 +135,10 @@ def build_sections(params: Mapping[str, Any], sections: Mapping[str, type], *, f
     """
     for name in params:
         if name not in sections:
-            raise ConfigError(f"{file}: unknown section {_short(name)}{_did_you_mean(name, sections)} "
-                              f"(sections: {', '.join(sections)})")
+            raise ConfigError(
+                f"{file}: unknown section {_short(name)}{_did_you_mean(name, sections)} "
+                f"(sections: {', '.join(sections)})"
+            )
     configs: dict[str, Any] = {}
     for name, section in params.items():
         try:
@@ -151,14 +166,18 @@ def build_config(cls: type[T], section: Mapping[str, Any] | None, *, where: str)
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
-        raise ConfigError(f"params section '{where}' must be a mapping of keys ('key: value' lines), "
-                          f"got {_kind(section)} {_short(section)}")
+        raise ConfigError(
+            f"params section '{where}' must be a mapping of keys ('key: value' lines), "
+            f"got {_kind(section)} {_short(section)}"
+        )
     keys = section_keys(cls)
     unknown = [k for k in section if k not in keys]
     if unknown:
         key = unknown[0]
-        raise ConfigError(f"unknown key {_short(key)} in params section '{where}'{_did_you_mean(key, keys)} "
-                          f"(valid keys: {', '.join(sorted(keys))})")
+        raise ConfigError(
+            f"unknown key {_short(key)} in params section '{where}'{_did_you_mean(key, keys)} "
+            f"(valid keys: {', '.join(sorted(keys))})"
+        )
     try:
         return _build(cls, dict(section), where)
     except TypeError as exc:  # a required key is missing
@@ -215,7 +234,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool, dict) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    if (
+        hint in (int, float, str, bool, dict)
+        and not isinstance(value, hint)
+        or (hint is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where} must be {_TYPE_NAMES[hint]}, got {_short(value)}")
     return value
 
@@ -286,8 +309,12 @@ def _check_metadata(value: Any, base: Any, metadata: tuple, key: str) -> None:
 
 
 # NaN fails every bound: each test is written so that it must hold
-_BOUND_HOLDS = {at.Gt: lambda v, b: v > b.gt, at.Ge: lambda v, b: v >= b.ge,
-                at.Lt: lambda v, b: v < b.lt, at.Le: lambda v, b: v <= b.le}
+_BOUND_HOLDS = {
+    at.Gt: lambda v, b: v > b.gt,
+    at.Ge: lambda v, b: v >= b.ge,
+    at.Lt: lambda v, b: v < b.lt,
+    at.Le: lambda v, b: v <= b.le,
+}
 
 
 def _describe_bounds(bounds: list) -> str:

@@ -18,6 +18,7 @@ every shard. A run holds the output folder's lock (`degrade_lock`): a second run
 folder fails at once instead of wiping the first one's shards. The output folder may be a bucket
 prefix (``s3://bucket/prefix``): every file operation goes through `store.Store`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -60,8 +61,16 @@ LOCK_FILE = ".degrade.lock"  # held for a whole run; stays (empty) in the folder
 RECORD_SUFFIX = ".json"  # shard-000000.tar.json: the shard's index entry, written right after the shard
 LOCK_DIR_ENV = "QUALICLIP_LOCK_DIR"  # where the locks of bucket outputs live (default ~/.cache/qualiclip/locks)
 # what a run may find in, and delete from, its output folder (temporary names: <name>.<pid>.tmp)
-_OWN_FILES = ("shard-*.tar", f"shard-*.tar{RECORD_SUFFIX}", "shard-*.tmp", INDEX_FILE, PLAN_FILE,
-              f"{PLAN_FILE}*.tmp", f"{INDEX_FILE}*.tmp", LOCK_FILE)
+_OWN_FILES = (
+    "shard-*.tar",
+    f"shard-*.tar{RECORD_SUFFIX}",
+    "shard-*.tmp",
+    INDEX_FILE,
+    PLAN_FILE,
+    f"{PLAN_FILE}*.tmp",
+    f"{INDEX_FILE}*.tmp",
+    LOCK_FILE,
+)
 
 
 class DegradeError(QualiclipError, RuntimeError):
@@ -105,7 +114,7 @@ def plan_jobs(ids: list[str], cfg: DegradeConfig) -> tuple[ShardJob, ...]:
     """Shards of ``samples_per_shard`` (image id, variant) jobs, in a fixed order."""
     jobs = [(i, v) for i in ids for v in range(cfg.variants)]
     n = cfg.samples_per_shard
-    return tuple(ShardJob(k, tuple(jobs[s:s + n])) for k, s in enumerate(range(0, len(jobs), n)))
+    return tuple(ShardJob(k, tuple(jobs[s : s + n])) for k, s in enumerate(range(0, len(jobs), n)))
 
 
 def check_plan_fits(n_images: int, cfg: DegradeConfig, memory: int | None = None) -> None:
@@ -118,7 +127,8 @@ def check_plan_fits(n_images: int, cfg: DegradeConfig, memory: int | None = None
         raise DegradeError(
             f"degrade.variants {cfg.variants} plans {n_images * cfg.variants:,} samples for {n_images} images: the plan "
             f"alone would need ~{n_images * cfg.variants * PLAN_BYTES_PER_SAMPLE / 1e9:.3g} GB, more than half this "
-            f"machine's {memory / 1e9:.3g} GB of memory — set degrade.variants to at most {most}")
+            f"machine's {memory / 1e9:.3g} GB of memory — set degrade.variants to at most {most}"
+        )
 
 
 def _machine_memory() -> int:
@@ -143,8 +153,10 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
     """
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
-        raise DegradeError(f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
-                           "add pristine photos and rerun ingest, or set degrade.split")
+        raise DegradeError(
+            f"the manifest in {ingest_dir} has no '{cfg.split}' images — "
+            "add pristine photos and rerun ingest, or set degrade.split"
+        )
     check_crop(ingest_dir, rows, cfg.sample.crop, "degrade.crop")
     check_plan_fits(len(rows), cfg)
     shards = plan_jobs([r["id"] for r in rows], cfg)
@@ -172,16 +184,23 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
     (atomically, last) from the entries recorded when the shards were written."""
     store = open_store(plan.out_dir)
     if _read_json(store, PLAN_FILE).get("plan") != plan.plan_hash:
-        raise DegradeError(f"{plan.out_dir} was taken over by another degrade run (plan.json changed) — "
-                           "rerun the degrade stage, one run per output folder")
+        raise DegradeError(
+            f"{plan.out_dir} was taken over by another degrade run (plan.json changed) — "
+            "rerun the degrade stage, one run per output folder"
+        )
     by_name = {e["name"]: e for e in entries}
     shards = [by_name.get(j.name) or _read_json(store, _record_name(j.name)) for j in plan.shards]
     files = store.entries()
-    bad = [j.name for j, e in zip(plan.shards, shards)
-           if not e or shard_problem(store, j.name, e, files.get(j.name), check_hash=False)]
+    bad = [
+        j.name
+        for j, e in zip(plan.shards, shards)
+        if not e or shard_problem(store, j.name, e, files.get(j.name), check_hash=False)
+    ]
     if bad:
-        raise DegradeError(f"{len(bad)} planned shards are missing or changed in {plan.out_dir} (e.g. {bad[0]}) — "
-                           "a shard job failed; rerun the degrade stage to finish the set")
+        raise DegradeError(
+            f"{len(bad)} planned shards are missing or changed in {plan.out_dir} (e.g. {bad[0]}) — "
+            "a shard job failed; rerun the degrade stage to finish the set"
+        )
     index = {
         "format_version": FORMAT_VERSION,
         "plan": plan.plan_hash,
@@ -193,12 +212,14 @@ def finalize_degrade(plan: DegradePlan, entries: Iterable[dict]) -> DegradeResul
         "crop": plan.cfg.sample.crop,
     }
     store.write_bytes(INDEX_FILE, json.dumps(index, indent=1, sort_keys=True, default=list).encode())
-    return DegradeResult(plan.out_dir, len(shards), index["total_samples"], index["total_bytes"],
-                         len(plan.shards) - len(plan.pending))
+    return DegradeResult(
+        plan.out_dir, len(shards), index["total_samples"], index["total_bytes"], len(plan.shards) - len(plan.pending)
+    )
 
 
-def run_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike, *, progress: bool = True
-                ) -> DegradeResult:
+def run_degrade(
+    cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLike, *, progress: bool = True
+) -> DegradeResult:
     """Generate (or finish generating) the shards for ``cfg`` in ``out_dir`` (a folder or an ``s3://``
     prefix) with ``cfg.workers`` processes.
 
@@ -230,8 +251,9 @@ def degrade_lock(out_dir: str | os.PathLike) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise DegradeError(f"another qualiclip degrade is writing to {store.url} — wait for it to finish, "
-                           "or choose another --out") from None
+        raise DegradeError(
+            f"another qualiclip degrade is writing to {store.url} — wait for it to finish, or choose another --out"
+        ) from None
     try:
         yield
     finally:
@@ -299,19 +321,25 @@ def _intact(store: Store, job: ShardJob, files: dict[str, int | None]) -> bool:
     size and sha256 recorded beside it. Anything else is removed, to be written again."""
     record = _record_name(job.name)
     entry = _read_json(store, record) if record in files else {}
-    if entry.get("samples") == len(job.samples) and {"bytes", "sha256"} <= set(entry) \
-            and shard_problem(store, job.name, entry, files.get(job.name)) is None:
+    if (
+        entry.get("samples") == len(job.samples)
+        and {"bytes", "sha256"} <= set(entry)
+        and shard_problem(store, job.name, entry, files.get(job.name)) is None
+    ):
         return True
     store.delete([n for n in (job.name, record) if n in files])
     return False
 
 
 def _check_only_shard_files(store: Store, files: dict[str, int | None]) -> None:
-    other = sorted(n for n, size in files.items()
-                   if size is None or not any(fnmatch.fnmatchcase(n, own) for own in _OWN_FILES))
+    other = sorted(
+        n for n, size in files.items() if size is None or not any(fnmatch.fnmatchcase(n, own) for own in _OWN_FILES)
+    )
     if other:
-        raise DegradeError(f"{store.url} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
-                           "choose another --out or empty the folder")
+        raise DegradeError(
+            f"{store.url} holds files that are not shards (e.g. {other[0]}); refusing to delete it — "
+            "choose another --out or empty the folder"
+        )
 
 
 def _read_json(store: Store, name: str) -> dict:

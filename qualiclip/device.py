@@ -1,4 +1,5 @@
 """The one place "auto" is resolved to a device (the names params.yaml may use: `qualiclip.schema.DeviceName`)."""
+
 from __future__ import annotations
 
 import torch

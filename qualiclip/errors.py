@@ -5,6 +5,7 @@ Every error whose message names the file or key at fault and the fix derives fro
 raises it). The command line prints such an error as one line and exits 2; anything else is a
 bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

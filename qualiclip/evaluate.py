@@ -15,6 +15,7 @@ dataset and official test split, ``baseline`` with the same blocks), ``per_disto
 per-type table, kept out of metrics.json so that ``dvc metrics show`` stays readable),
 ``synthetic_scores.csv``, ``scores_<dataset>.csv`` and ``plots/*.png``. See docs/evaluation.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,9 @@ def build_synthetic_set(ingest_dir: Path, cfg: EvaluateConfig) -> SyntheticSet:
     """Centre crops of the held-out images under every (type, level); deterministic in ``cfg.seed``."""
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
-        raise EvaluateError(f"no '{cfg.split}' images in {ingest_dir}/{MANIFEST_FILE} — ingest more photos "
-                            "or lower ingest.val_fraction")
+        raise EvaluateError(
+            f"no '{cfg.split}' images in {ingest_dir}/{MANIFEST_FILE} — ingest more photos or lower ingest.val_fraction"
+        )
     check_crop(ingest_dir, rows, cfg.crop, "evaluate.crop")
     names = list(cfg.distortions) or list_distortions()
     images, ids, dists, levels = [], [], [], []
@@ -82,7 +84,7 @@ def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     image, _ = ensure_size(image, size)
     h, w = image.shape[:2]
     y, x = (h - size) // 2, (w - size) // 2
-    return np.ascontiguousarray(image[y:y + size, x:x + size], dtype=np.float32) / 255.0
+    return np.ascontiguousarray(image[y : y + size, x : x + size], dtype=np.float32) / 255.0
 
 
 def synthetic_metrics(scores: np.ndarray, s: SyntheticSet) -> dict:
@@ -106,8 +108,11 @@ def synthetic_metrics(scores: np.ndarray, s: SyntheticSet) -> dict:
         per_type[name] = _nan0(spearmanr(scores[idx], target[idx])[0])
         per_type_within[name] = float(np.mean([v for (_, d), v in within.items() if d == name]))
     return {
-        "srcc": overall["srcc"], "plcc": overall["plcc"], "krcc": overall["krcc"],
-        "srcc_within": float(np.mean(list(within.values()))), "per_distortion": per_type,
+        "srcc": overall["srcc"],
+        "plcc": overall["plcc"],
+        "krcc": overall["krcc"],
+        "srcc_within": float(np.mean(list(within.values()))),
+        "per_distortion": per_type,
         "per_distortion_within": per_type_within,
     }
 
@@ -116,10 +121,13 @@ def _nan0(v: float) -> float:
     return 0.0 if v is None or np.isnan(v) else float(v)
 
 
-def score_synthetic(model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic") -> np.ndarray:
+def score_synthetic(
+    model: QualiCLIP, s: SyntheticSet, cfg: EvaluateConfig, device, desc: str = "synthetic"
+) -> np.ndarray:
     with tqdm(total=len(s.images), desc=f"score {desc}", unit="img", disable=None) as bar:
-        return score_arrays(model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
-                            progress=bar)
+        return score_arrays(
+            model, s.images, batch_size=cfg.batch_size, device=device, precision=cfg.precision, progress=bar
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,19 +140,28 @@ class DatasetRun:
 
     label: str
     dataset: IQADataset
-    scores: np.ndarray                  # (N,) the model
+    scores: np.ndarray  # (N,) the model
     baseline: np.ndarray | None = None  # (N,) the zero-shot backbone
 
 
 def score_dataset(model: QualiCLIP, label: str, ds: IQADataset, cfg: EvaluateConfig, device, who: str) -> np.ndarray:
     """Scores of every item of ``ds``, streamed from disk, with the dataset's resize rule."""
     with tqdm(total=len(ds), desc=f"score {label} ({who})", unit="img", disable=None) as bar:
-        results = score_paths(ds.paths(), model, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
-                              resize_short=ds.resize_short_side, progress=bar)
+        results = score_paths(
+            ds.paths(),
+            model,
+            batch_size=cfg.batch_size,
+            device=device,
+            precision=cfg.precision,
+            resize_short=ds.resize_short_side,
+            progress=bar,
+        )
     bad = [r for r in results if r.error]
     if bad:
-        raise EvaluateError(f"{len(bad)} image(s) of {label} cannot be scored, first {bad[0].path}: {bad[0].error} "
-                            "— repair or remove them (their labels too), then rerun")
+        raise EvaluateError(
+            f"{len(bad)} image(s) of {label} cannot be scored, first {bad[0].path}: {bad[0].error} "
+            "— repair or remove them (their labels too), then rerun"
+        )
     return np.array([r.score for r in results])
 
 
@@ -157,8 +174,13 @@ def dataset_blocks(label: str, ds: IQADataset, scores: np.ndarray) -> dict[str, 
     return blocks
 
 
-def evaluate_datasets(model: QualiCLIP, datasets: list[tuple[str, IQADataset]], cfg: EvaluateConfig, device,
-                      baseline: QualiCLIP | None = None) -> list[DatasetRun]:
+def evaluate_datasets(
+    model: QualiCLIP,
+    datasets: list[tuple[str, IQADataset]],
+    cfg: EvaluateConfig,
+    device,
+    baseline: QualiCLIP | None = None,
+) -> list[DatasetRun]:
     """Score each checked real dataset (`check_datasets`) with the model (and the baseline, if given)."""
     runs = []
     for label, ds in datasets:
@@ -188,8 +210,10 @@ def per_distortion_table(model: dict, baseline: dict | None) -> list[dict]:
     for name, srcc in model["per_distortion"].items():
         row = {"distortion": name, "srcc": srcc, "srcc_within": model["per_distortion_within"][name]}
         if baseline is not None:
-            row |= {"baseline_srcc": baseline["per_distortion"][name],
-                    "baseline_srcc_within": baseline["per_distortion_within"][name]}
+            row |= {
+                "baseline_srcc": baseline["per_distortion"][name],
+                "baseline_srcc_within": baseline["per_distortion_within"][name],
+            }
         rows.append(row)
     return rows
 
@@ -199,17 +223,23 @@ def headline(synthetic: dict) -> dict:
     return {k: v for k, v in synthetic.items() if k not in PER_TYPE_KEYS}
 
 
-def write_outputs(out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet) -> None:
+def write_outputs(
+    out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     with open(out_dir / "synthetic_scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "distortion", "level", "score"])
-        w.writerows(zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist()))  # unrounded: see model.score_from_similarities
+        w.writerows(
+            zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist())
+        )  # unrounded: see model.score_from_similarities
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
         dw = csv.DictWriter(f, fieldnames=list(per_distortion[0]))
         dw.writeheader()
-        dw.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_distortion)
+        dw.writerows(
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()} for row in per_distortion
+        )
 
 
 def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
@@ -224,19 +254,34 @@ def write_dataset_scores(out_dir: Path, run: DatasetRun) -> Path:
     return out
 
 
-def write_plots(out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet,
-                runs: list[DatasetRun]) -> None:
+def write_plots(
+    out_dir: Path,
+    metrics: dict,
+    per_distortion: list[dict],
+    scores: np.ndarray,
+    s: SyntheticSet,
+    runs: list[DatasetRun],
+) -> None:
     plots = out_dir / "plots"
     plot_synthetic_scatter(scores, s, plots / "synthetic_scatter.png")
 
     def column(key: str) -> dict[str, float] | None:
         return {r["distortion"]: r[key] for r in per_distortion} if key in per_distortion[0] else None
 
-    plot_per_distortion(column("srcc") or {}, plots / "per_distortion.png", baseline=column("baseline_srcc"),
-                        within=column("srcc_within"))
+    plot_per_distortion(
+        column("srcc") or {},
+        plots / "per_distortion.png",
+        baseline=column("baseline_srcc"),
+        within=column("srcc_within"),
+    )
     for run in runs:
-        plot_mos_scatter(run.scores, run.dataset.mos(), plots / f"scatter_{run.label}.png",
-                         title=f"{run.label} (n={len(run.scores)})", mos_range=run.dataset.mos_range)
+        plot_mos_scatter(
+            run.scores,
+            run.dataset.mos(),
+            plots / f"scatter_{run.label}.png",
+            title=f"{run.label} (n={len(run.scores)})",
+            mos_range=run.dataset.mos_range,
+        )
     if "baseline" in metrics:
         plot_model_vs_baseline(metrics, plots / "model_vs_baseline.png")
 
@@ -250,8 +295,13 @@ class Evaluation:
     per_distortion: list[dict]
 
 
-def run_evaluate(cfg: EvaluateConfig, model: QualiCLIP, ingest_dir: Path, out_dir: Path,
-                 datasets: list[tuple[str, IQADataset]] | None = None) -> Evaluation:
+def run_evaluate(
+    cfg: EvaluateConfig,
+    model: QualiCLIP,
+    ingest_dir: Path,
+    out_dir: Path,
+    datasets: list[tuple[str, IQADataset]] | None = None,
+) -> Evaluation:
     """Score the synthetic set, the datasets and the baseline; write metrics.json, CSVs, plots.
 
     The baseline is built from ``model.cfg``, the config the checkpoint carries. ``datasets``:

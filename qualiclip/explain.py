@@ -9,6 +9,7 @@ score is the model's score of the whole image, as ``qualiclip score`` gives it.
 The command line ``qualiclip explain IMAGE --out map.png [--model CKPT] [--patch 224 --stride 112]``
 is `qualiclip.pipeline.explain_cli`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,8 @@ class QualityMap:
         count = np.zeros((height, width))
         for i, y in enumerate(self.ys):
             for j, x in enumerate(self.xs):
-                total[y:y + self.patch, x:x + self.patch] += self.scores[i, j]
-                count[y:y + self.patch, x:x + self.patch] += 1
+                total[y : y + self.patch, x : x + self.patch] += self.scores[i, j]
+                count[y : y + self.patch, x : x + self.patch] += 1
         return total / np.maximum(count, 1)
 
     def worst(self) -> tuple[int, int, float]:
@@ -62,8 +63,17 @@ def window_starts(length: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
-def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112, batch_size: int = 16,
-                device=None, precision: str = "fp32", max_memory: int | None = None) -> QualityMap:
+def quality_map(
+    model,
+    image: np.ndarray,
+    *,
+    patch: int = 224,
+    stride: int = 112,
+    batch_size: int = 16,
+    device=None,
+    precision: str = "fp32",
+    max_memory: int | None = None,
+) -> QualityMap:
     """Score every window of ``image`` ((H, W, 3) uint8 RGB) and the whole image.
 
     A patch larger than the image is reduced to the image's shorter side. An image the model
@@ -79,18 +89,21 @@ def quality_map(model, image: np.ndarray, *, patch: int = 224, stride: int = 112
         raise ExplainError(f"cannot explain this image: {problem}")
     patch = min(patch, h, w)
     if patch < scorer.min_side:
-        raise ExplainError(f"--patch {patch} is below the {scorer.min_side} px the image encoder needs — "
-                           f"use --patch {scorer.min_side} or more")
+        raise ExplainError(
+            f"--patch {patch} is below the {scorer.min_side} px the image encoder needs — "
+            f"use --patch {scorer.min_side} or more"
+        )
     ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
-    crops = [image[y:y + patch, x:x + patch] for y in ys for x in xs]  # views, no copies
+    crops = [image[y : y + patch, x : x + patch] for y in ys for x in xs]  # views, no copies
     common = dict(batch_size=batch_size, device=device, precision=precision, max_memory=budget)
     scores = score_arrays(scorer, crops, **common).reshape(len(ys), len(xs))
     global_score = float(score_arrays(scorer, [image], **common)[0])
     return QualityMap(scores, tuple(ys), tuple(xs), patch, global_score)
 
 
-def render_quality_map(qmap: QualityMap, image: np.ndarray, out: Path, *, stride: int | None = None,
-                       name: str = "") -> Path:
+def render_quality_map(
+    qmap: QualityMap, image: np.ndarray, out: Path, *, stride: int | None = None, name: str = ""
+) -> Path:
     """The image with the map overlaid (red = worst), the worst patch outlined, scores in the title."""
     plt = pyplot()
     h, w = image.shape[:2]
@@ -103,8 +116,11 @@ def render_quality_map(qmap: QualityMap, image: np.ndarray, out: Path, *, stride
     cax = make_axes_locatable(ax).append_axes("right", size="3%", pad=0.08)  # as tall as the image
     fig.colorbar(heat, cax=cax, label="patch quality (higher is better)")
     window = f"patch {qmap.patch}" + (f", stride {stride}" if stride else "")
-    ax.set_title(f"{name + ': ' if name else ''}quality {qmap.global_score:.3f} (whole image)\n"
-                 f"patches {lo:.3f}–{hi:.3f}, worst outlined ({worst:.3f}); {window}", fontsize=10)
+    ax.set_title(
+        f"{name + ': ' if name else ''}quality {qmap.global_score:.3f} (whole image)\n"
+        f"patches {lo:.3f}–{hi:.3f}, worst outlined ({worst:.3f}); {window}",
+        fontsize=10,
+    )
     ax.axis("off")
     fig.tight_layout()
     out = Path(out)

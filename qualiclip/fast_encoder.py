@@ -21,6 +21,7 @@ agree to 1e-5, tests/test_fast_encoder.py). What changes (figures: docs/evaluati
 Lower precision comes from autocast, as for any module: under ``torch.autocast(dtype=bf16)``
 the convolutions run in bf16 with bf16 copies of the weights, made once per dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,9 +38,13 @@ def can_build(visual: nn.Module) -> bool:
 
 def _onednn(x: torch.Tensor) -> bool:
     """Use the fused oneDNN kernels for ``x``: CPU, float32/bf16, and not being traced."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+    )
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -52,8 +57,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 class FusedConv(nn.Module):
     """A convolution (BatchNorm already folded into it), then a residual add if given, then ReLU."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, stride: int = 1,
-                 padding: int = 0, relu: bool = True):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, stride: int = 1, padding: int = 0, relu: bool = True
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().contiguous(memory_format=torch.channels_last), requires_grad=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
@@ -61,7 +67,7 @@ class FusedConv(nn.Module):
         self._cast: dict = {}  # (dtype, device) -> (weight, bias) copies for autocast
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, relu: bool = True) -> "FusedConv":
+    def from_conv(cls, conv: nn.Conv2d, relu: bool = True) -> FusedConv:
         assert conv.groups == 1 and conv.dilation == (1, 1), "ModifiedResNet has plain convolutions only"
         return cls(conv.weight, conv.bias, stride=conv.stride[0], padding=int(conv.padding[0]), relu=relu)
 
@@ -81,8 +87,7 @@ class FusedConv(nn.Module):
             act = "relu" if self.relu else "none"
             if residual is None:
                 return pointwise(x, weight, bias, self.padding, self.stride, (1, 1), 1, act, [], "")
-            return pointwise(x, residual, weight, bias, self.padding, self.stride, (1, 1), 1,
-                             "add", None, act, [], "")
+            return pointwise(x, residual, weight, bias, self.padding, self.stride, (1, 1), 1, "add", None, act, [], "")
         y = F.conv2d(x, weight, bias, self.stride, self.padding)
         if residual is not None:
             y = y + residual
@@ -125,7 +130,7 @@ class PooledAttention(nn.Module):
         h, d = self.heads, self.head_dim
         self.q_proj, self.c_proj = pool.q_proj, pool.c_proj
         # (heads, head_dim, C) views of the key and value projections; the key carries 1/sqrt(d)
-        self.register_buffer("k_weight", (pool.k_proj.weight.detach() * d ** -0.5).reshape(h, d, c))
+        self.register_buffer("k_weight", (pool.k_proj.weight.detach() * d**-0.5).reshape(h, d, c))
         self.register_buffer("v_weight", pool.v_proj.weight.detach().reshape(h, d, c))
         self.register_buffer("v_bias", pool.v_proj.bias.detach().reshape(h, d))
         self.positional_embedding = pool.positional_embedding if pos_embedding == "interpolate" else None
@@ -177,8 +182,9 @@ class FastEncoder(nn.Module):
         self.stem1_u8 = FusedConv(w / 255.0, b, stride=visual.conv1.stride[0])
         self.stem2 = FusedConv.from_conv(visual.conv2)
         self.stem3 = FusedConv.from_conv(visual.conv3)
-        self.blocks = nn.Sequential(*[Bottleneck(b) for layer in (visual.layer1, visual.layer2, visual.layer3,
-                                                                  visual.layer4) for b in layer])
+        self.blocks = nn.Sequential(
+            *[Bottleneck(b) for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4) for b in layer]
+        )
         self.pool = PooledAttention(visual.attnpool, pos_embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

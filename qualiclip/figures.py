@@ -4,6 +4,7 @@ The train stage draws one figure, the loss curves; it lives here, apart from the
 figures (`qualiclip.plots`, which need the metrics and the distortion table), so that training
 loads no evaluation code and an edit to an evaluation plot does not make DVC retrain.
 """
+
 from __future__ import annotations
 
 import csv

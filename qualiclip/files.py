@@ -6,6 +6,7 @@ open itself is non-blocking and checked again with `os.fstat` (a file swapped in
 refused too). Callers turn `FileReadError` into their own error (`ImageReadError`,
 `ModelLoadError`, ...): its ``reason`` is machine-readable, its ``detail`` names the fix.
 """
+
 from __future__ import annotations
 
 import errno
@@ -15,8 +16,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 class FileReadError(OSError):

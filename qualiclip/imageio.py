@@ -18,6 +18,7 @@ line, a served request's ``path``, a params value): no NUL byte, nothing the fil
 cannot encode, no longer than the system allows; it raises `BadPathError`, which callers turn
 into an error of that one item (``reason`` ``bad_name``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,10 @@ import hashlib
 import io
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -46,15 +48,26 @@ WHITE = (255, 255, 255)
 
 # Every reason `read_image` can give; ingestion adds its own on top.
 READ_REASONS: tuple[str, ...] = (
-    "zero_bytes", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable",
-    "not_a_file", "symlink_loop", "bad_name",
+    "zero_bytes",
+    "not_an_image",
+    "truncated",
+    "too_large",
+    "unsupported_mode",
+    "unreadable",
+    "not_a_file",
+    "symlink_loop",
+    "bad_name",
 )
 # POSIX limits of a path and of one of its components, in bytes (Linux: 4096 and 255)
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF8", "GIF"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"GIF8", "GIF"),
 )
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -96,8 +109,8 @@ class DecodedImage:
     """Pixels ``(H, W, 3) uint8`` RGB, upright, plus what the file originally was."""
 
     pixels: np.ndarray = field(repr=False)
-    format: str       # Pillow's format name (JPEG, PNG, ...), from the content, not the name
-    mode: str         # the original Pillow mode (RGB, CMYK, P, I;16, ...)
+    format: str  # Pillow's format name (JPEG, PNG, ...), from the content, not the name
+    mode: str  # the original Pillow mode (RGB, CMYK, P, I;16, ...)
     orientation: int  # EXIF orientation tag that was applied (1 = none)
 
     @property
@@ -110,7 +123,10 @@ class DecodedImage:
 
 
 def read_image(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: Sequence[int] = WHITE,
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: Sequence[int] = WHITE,
     option: str = "max_pixels",
 ) -> DecodedImage:
     """Read ``path`` as upright 8-bit RGB; raise `ImageReadError` for anything else.
@@ -144,8 +160,12 @@ def read_image_bytes(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, 
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: Sequence[int] = WHITE,
-    name: str | Path | None = None, option: str = "max_pixels",
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: Sequence[int] = WHITE,
+    name: str | Path | None = None,
+    option: str = "max_pixels",
 ) -> DecodedImage:
     """Decode encoded bytes; the same contract as `read_image`."""
     if not data:
@@ -212,9 +232,7 @@ def _pil_limit_lifted() -> Iterator[None]:
 def _unidentified(head: bytes, size: int, name: str | Path | None) -> ImageReadError:
     kind = _sniff(head)
     if kind is None:
-        return ImageReadError(
-            "not_an_image", f"not a {'/'.join(SAFE_FORMATS)} file (starts with {head[:8]!r})", name
-        )
+        return ImageReadError("not_an_image", f"not a {'/'.join(SAFE_FORMATS)} file (starts with {head[:8]!r})", name)
     return ImageReadError(
         "truncated" if size < 1024 else "unreadable",
         f"starts like a {kind} file but its header cannot be parsed ({size} bytes)",
@@ -305,9 +323,9 @@ class TreeScan:
     """Files under a root, split by extension, plus directory symlinks that were not followed
     and folders that could not be listed (their files are unknown, so they must be reported)."""
 
-    images: list[Path]      # extension in the list; sorted by relative POSIX path
-    others: list[Path]      # any other file, same order
-    dir_links: list[Path]   # symlinked directories (never descended into)
+    images: list[Path]  # extension in the list; sorted by relative POSIX path
+    others: list[Path]  # any other file, same order
+    dir_links: list[Path]  # symlinked directories (never descended into)
     unlisted: list[tuple[Path, str]] = field(default_factory=list)  # (folder, why), same order
 
 
@@ -338,8 +356,12 @@ def scan_tree(root: str | Path, extensions: Sequence[str]) -> TreeScan:
     def order(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    return TreeScan(sorted(images, key=order), sorted(others, key=order), sorted(dir_links, key=order),
-                    sorted(unlisted, key=lambda u: order(u[0])))
+    return TreeScan(
+        sorted(images, key=order),
+        sorted(others, key=order),
+        sorted(dir_links, key=order),
+        sorted(unlisted, key=lambda u: order(u[0])),
+    )
 
 
 def iter_image_files(root: str | Path, extensions: Sequence[str]) -> list[Path]:
@@ -360,20 +382,26 @@ def check_path_text(path: str | os.PathLike | bytes) -> str:
         raise BadPathError(f"a path must be text, got {type(path).__name__}", repr(path))
     text = os.fsdecode(path)
     if "\0" in text:
-        raise BadPathError(f"the name holds a NUL byte at character {text.index(chr(0))} — no file can have "
-                           "that name (a list file is one path per line, not NUL-separated)", text)
+        raise BadPathError(
+            f"the name holds a NUL byte at character {text.index(chr(0))} — no file can have "
+            "that name (a list file is one path per line, not NUL-separated)",
+            text,
+        )
     try:
         raw = os.fsencode(text)
     except UnicodeError:
         bad = next(c for c in text if not _encodable(c))
-        raise BadPathError(f"the name holds {_char_name(bad)}, which no file name can encode — "
-                           "fix the name", text) from None
+        raise BadPathError(
+            f"the name holds {_char_name(bad)}, which no file name can encode — fix the name", text
+        ) from None
     if len(raw) > MAX_PATH_BYTES:
         raise BadPathError(f"the path is {len(raw)} bytes, longer than the {MAX_PATH_BYTES} a path may be", text)
     longest = max(raw.split(b"/"), key=len)
     if len(longest) > MAX_NAME_BYTES:
-        raise BadPathError(f"a component of the path is {len(longest)} bytes, longer than the {MAX_NAME_BYTES} "
-                           "a file name may be", text)
+        raise BadPathError(
+            f"a component of the path is {len(longest)} bytes, longer than the {MAX_NAME_BYTES} a file name may be",
+            text,
+        )
     return text
 
 

@@ -6,6 +6,7 @@ Bad input never stops the run and is never dropped silently: each rejected file 
 ``rejected.csv`` with its reason. The stage fails (`IngestError`) only when nothing usable is
 left. Rules, output layout and the reasons table: docs/ingest.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,11 +16,12 @@ import json
 import logging
 import shutil
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Annotated, NamedTuple, TypeVar
 
 import cv2
 import numpy as np
@@ -31,8 +33,17 @@ from tqdm import tqdm
 from qualiclip.config import ConfigError, check_fields
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
-    DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, READ_REASONS, ImageReadError, PathOutsideRootError, check_path_text,
-    decode_image, pixel_hash, read_image_bytes, resolve_inside, scan_tree,
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_LIMIT,
+    READ_REASONS,
+    ImageReadError,
+    PathOutsideRootError,
+    check_path_text,
+    decode_image,
+    pixel_hash,
+    read_image_bytes,
+    resolve_inside,
+    scan_tree,
 )
 from qualiclip.schema import MAX_SIDE, MAX_WORKERS
 
@@ -57,7 +68,10 @@ SKIMAGE_IMAGES: dict[str, str] = {
     "rocket.jpg": "public domain (SpaceX)",
 }
 INGEST_REASONS: tuple[str, ...] = (
-    "too_small", "duplicate", "symlink_outside_root", "unsupported_extension",
+    "too_small",
+    "duplicate",
+    "symlink_outside_root",
+    "unsupported_extension",
 )
 REJECT_REASONS: tuple[str, ...] = READ_REASONS + INGEST_REASONS
 MANIFEST_FILE, IMAGES_DIR = "manifest.csv", "images"  # the output: manifest.csv + images/<id>.png
@@ -83,9 +97,19 @@ class IngestConfig:
 
     # folders (recursive) or "skimage"
     sources: Annotated[tuple[Annotated[str, MinLen(1), Predicate(check_path_text)], ...], MinLen(1)] = (SKIMAGE_SOURCE,)
-    extensions: Annotated[tuple[Extension, ...], MinLen(1)] = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+    extensions: Annotated[tuple[Extension, ...], MinLen(1)] = (
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".bmp",
+    )
     min_size: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # shorter side, pixels
-    max_pixels: Annotated[int, Interval(ge=1, le=MAX_PIXELS_LIMIT)] = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
+    max_pixels: Annotated[int, Interval(ge=1, le=MAX_PIXELS_LIMIT)] = (
+        DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
+    )
     # alpha is composited over this
     background: Annotated[tuple[Annotated[int, Interval(ge=0, le=255)], ...], Len(3, 3)] = (255, 255, 255)
     val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.25
@@ -109,9 +133,9 @@ class IngestResult:
 
 
 class Candidate(NamedTuple):
-    source: str   # the source as written in params.yaml
+    source: str  # the source as written in params.yaml
     root: Path
-    rel: str      # POSIX path relative to root; the manifest's "path"
+    rel: str  # POSIX path relative to root; the manifest's "path"
 
 
 class Rejection(NamedTuple):
@@ -157,8 +181,9 @@ def _skimage_candidates() -> tuple[list[Candidate], list[Rejection]]:
         if (root / name).is_file():
             cands.append(Candidate(SKIMAGE_SOURCE, root, name))
         else:
-            rejects.append(Rejection(SKIMAGE_SOURCE, name, "unreadable",
-                                     f"not in the installed scikit-image wheel ({root})"))
+            rejects.append(
+                Rejection(SKIMAGE_SOURCE, name, "unreadable", f"not in the installed scikit-image wheel ({root})")
+            )
     return cands, rejects
 
 
@@ -172,19 +197,35 @@ def _folder_candidates(source: str, extensions: tuple[str, ...]) -> tuple[list[C
     scan = scan_tree(root, extensions)
     cands = [Candidate(source, root, p.relative_to(root).as_posix()) for p in scan.images]
     rejects = [
-        Rejection(source, p.relative_to(root).as_posix(), "unsupported_extension",
-                  f"extension {p.suffix or '(none)'!r} is not in ingest.extensions {list(extensions)}")
+        Rejection(
+            source,
+            p.relative_to(root).as_posix(),
+            "unsupported_extension",
+            f"extension {p.suffix or '(none)'!r} is not in ingest.extensions {list(extensions)}",
+        )
         for p in scan.others
     ]
     for link in scan.dir_links:
         try:
             resolve_inside(root, link)  # a link inside the root: its files are reached directly
         except PathOutsideRootError as exc:
-            rejects.append(Rejection(source, link.relative_to(root).as_posix(), "symlink_outside_root",
-                                     f"directory link not followed: {exc}"))
-    rejects += [Rejection(source, folder.relative_to(root).as_posix(), "unreadable",
-                          f"{why} — the photos inside it are not ingested; fix its permissions")
-                for folder, why in scan.unlisted]
+            rejects.append(
+                Rejection(
+                    source,
+                    link.relative_to(root).as_posix(),
+                    "symlink_outside_root",
+                    f"directory link not followed: {exc}",
+                )
+            )
+    rejects += [
+        Rejection(
+            source,
+            folder.relative_to(root).as_posix(),
+            "unreadable",
+            f"{why} — the photos inside it are not ingested; fix its permissions",
+        )
+        for folder, why in scan.unlisted
+    ]
     return cands, rejects
 
 
@@ -203,12 +244,24 @@ def process_file(cand: Candidate, cfg: IngestConfig) -> Accepted | Rejection:
     except ImageReadError as exc:
         return Rejection(cand.source, cand.rel, exc.reason, exc.detail)
     if min(img.width, img.height) < cfg.min_size:
-        return Rejection(cand.source, cand.rel, "too_small",
-                         f"{img.width}x{img.height}: shorter side {min(img.width, img.height)} < "
-                         f"ingest.min_size={cfg.min_size}")
+        return Rejection(
+            cand.source,
+            cand.rel,
+            "too_small",
+            f"{img.width}x{img.height}: shorter side {min(img.width, img.height)} < ingest.min_size={cfg.min_size}",
+        )
     image_id = pixel_hash(img.pixels)[:16]
-    row = {"id": image_id, "source": cand.source, "path": cand.rel, "format": img.format, "mode": img.mode,
-           "width": img.width, "height": img.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    row = {
+        "id": image_id,
+        "source": cand.source,
+        "path": cand.rel,
+        "format": img.format,
+        "mode": img.mode,
+        "width": img.width,
+        "height": img.height,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     return Accepted(cand, image_id, _encode_png(img.pixels), row)
 
 
@@ -266,8 +319,9 @@ def assign_splits(ids: list[str], val_fraction: float) -> dict[str, str]:
     return splits
 
 
-def _collect(cands: list[Candidate], cfg: IngestConfig, images_dir: Path, progress: bool
-             ) -> tuple[list[dict[str, object]], list[Rejection]]:
+def _collect(
+    cands: list[Candidate], cfg: IngestConfig, images_dir: Path, progress: bool
+) -> tuple[list[dict[str, object]], list[Rejection]]:
     """Process every candidate, keep the first of each pixel content, write its PNG."""
     rows: list[dict[str, object]] = []
     rejects: list[Rejection] = []
@@ -277,8 +331,14 @@ def _collect(cands: list[Candidate], cfg: IngestConfig, images_dir: Path, progre
         if isinstance(res, Rejection):
             rejects.append(res)
         elif res.id in first:
-            rejects.append(Rejection(res.cand.source, res.cand.rel, "duplicate",
-                                     f"duplicate of {res.id} ({_where(first[res.id], res.cand)})"))
+            rejects.append(
+                Rejection(
+                    res.cand.source,
+                    res.cand.rel,
+                    "duplicate",
+                    f"duplicate of {res.id} ({_where(first[res.id], res.cand)})",
+                )
+            )
         else:
             first[res.id] = res.cand
             (images_dir / f"{res.id}.png").write_bytes(res.png)
@@ -337,17 +397,30 @@ def run_ingest(cfg: IngestConfig, out_dir: str | Path, *, progress: bool = True)
     _write_csv(tmp / "rejected.csv", REJECTED_COLUMNS, (r._asdict() for r in rejects))
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     _replace_dir(tmp, out_dir)
-    log.info("ingest: %d accepted (%d train, %d val), %d rejected %s", summary["n_accepted"],
-             summary["n_train"], summary["n_val"], summary["n_rejected"],
-             {k: v for k, v in summary["rejected"].items() if v})
+    log.info(
+        "ingest: %d accepted (%d train, %d val), %d rejected %s",
+        summary["n_accepted"],
+        summary["n_train"],
+        summary["n_val"],
+        summary["n_rejected"],
+        {k: v for k, v in summary["rejected"].items() if v},
+    )
     if not rows:
         raise IngestError(
             f"no usable image in ingest sources {list(cfg.sources)} ({len(cands)} candidate files, "
             f"{len(rejects)} rejected) — see {out_dir / 'rejected.csv'} for each file's reason"
         )
-    return IngestResult(out_dir, out_dir / MANIFEST_FILE, out_dir / "rejected.csv", out_dir / "summary.json",
-                        summary["n_accepted"], summary["n_train"], summary["n_val"], summary["n_rejected"],
-                        {k: v for k, v in summary["rejected"].items() if v})
+    return IngestResult(
+        out_dir,
+        out_dir / MANIFEST_FILE,
+        out_dir / "rejected.csv",
+        out_dir / "summary.json",
+        summary["n_accepted"],
+        summary["n_train"],
+        summary["n_val"],
+        summary["n_rejected"],
+        {k: v for k, v in summary["rejected"].items() if v},
+    )
 
 
 def _check_out_dir(out_dir: Path, roots: list[Path]) -> None:
@@ -355,11 +428,15 @@ def _check_out_dir(out_dir: Path, roots: list[Path]) -> None:
     real = out_dir.resolve()
     for root in {r.resolve() for r in roots}:
         if real.is_relative_to(root) or root.is_relative_to(real):
-            raise IngestError(f"ingest output {out_dir} overlaps the source folder {root} — "
-                              "write the output outside every source folder")
+            raise IngestError(
+                f"ingest output {out_dir} overlaps the source folder {root} — "
+                "write the output outside every source folder"
+            )
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "summary.json").is_file():
-        raise IngestError(f"{out_dir} exists, is not empty and is not an ingest output (no summary.json); "
-                          "refusing to delete it — choose another output folder or empty it")
+        raise IngestError(
+            f"{out_dir} exists, is not empty and is not an ingest output (no summary.json); "
+            "refusing to delete it — choose another output folder or empty it"
+        )
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -407,7 +484,8 @@ def check_crop(ingest_dir: Path, rows: list[dict], crop: int, key: str) -> None:
         raise ConfigError(
             f"{key} is {crop} px, larger than the shorter side of {n} of the {len(rows)} images in {manifest} "
             f"(smallest: {side} px, {image_id}) — set {key} to at most {side}, or raise ingest.min_size "
-            f"to {crop} to leave the smaller photos out")
+            f"to {crop} to leave the smaller photos out"
+        )
 
 
 def images_dir(ingest_dir: Path) -> str:

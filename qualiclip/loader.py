@@ -16,6 +16,7 @@ The stream is a pure function of (shards, seed, num_workers, world size, rank): 
 restarts with the same settings sees the same batches, so resuming at step k is dropping the
 first k batches (``itertools.islice``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,9 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -85,8 +87,11 @@ def _shard_samples(url: str, expected: int, entry: dict | None = None) -> Iterat
         if entry is None:
             yield {"__key__": f"{name}@0", "__error__": f"{name} {problem}"}
         else:
-            yield {"__key__": name, "__fatal__": f"{name} does not match its index entry (it {problem}): replaced, "
-                                                 "damaged or from another run"}
+            yield {
+                "__key__": name,
+                "__fatal__": f"{name} does not match its index entry (it {problem}): replaced, "
+                "damaged or from another run",
+            }
         return
     assert f is not None  # no problem: the shard is open
     try:
@@ -219,8 +224,10 @@ def iterate_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     store = open_store(shard_dir)
-    shards = [{"url": store.url_of(s["name"]), "samples": s["samples"], "bytes": s["bytes"],
-               "sha256": s["sha256"]} for s in indexed_shards(shard_dir)]
+    shards = [
+        {"url": store.url_of(s["name"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+        for s in indexed_shards(shard_dir)
+    ]
     stats = stats if stats is not None else LoaderStats()
     ds = build_dataset(shards, shuffle_buffer=shuffle_buffer, seed=seed, repeat=repeat, batch_size=batch_size)
     workers = num_workers if repeat else min(num_workers, len(shards))  # one pass: a shardless worker idles
@@ -230,8 +237,10 @@ def iterate_batches(
     give_up, streak = max(1, sum(s["samples"] for s in shards)), 0
     for item in loader:
         if item.get("fatal"):
-            raise ShardError(f"{item['fatal']} ({shard_dir}) — rerun the degrade stage (`dvc repro degrade`): it "
-                             "rewrites shards that differ from their record; then train again (it resumes)")
+            raise ShardError(
+                f"{item['fatal']} ({shard_dir}) — rerun the degrade stage (`dvc repro degrade`): it "
+                "rewrites shards that differ from their record; then train again (it resumes)"
+            )
         crops = item["crops"]
         if crops is not None:
             streak = 0
@@ -250,7 +259,9 @@ def iterate_batches(
             log.warning("skipping corrupt sample %s: %s", key, error)
             streak += 1
             if streak >= give_up:
-                raise ShardError(f"{streak} corrupt samples in a row in {shard_dir} (last: {error}) — "
-                                 "no intact sample left; rerun the degrade stage")
+                raise ShardError(
+                    f"{streak} corrupt samples in a row in {shard_dir} (last: {error}) — "
+                    "no intact sample left; rerun the degrade stage"
+                )
     if short:
         yield torch.cat(short)

@@ -3,6 +3,7 @@
 Similarities arrive as ``sims`` of shape (B, C=2, L, K, 2): sample, crop, level (1 = least
 degraded), prompt pair, side (0 = positive prompt, 1 = negative prompt).
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,10 +11,11 @@ Conventions (docs/method.md, "The evaluation protocol"):
   reported as 0.0 with a `ConstantInputWarning`, never NaN, so ``metrics.json`` stays valid JSON.
 - Non-finite values are an error (a NaN score is a bug upstream, not something to average over).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import optimize, stats
@@ -43,8 +44,11 @@ def correlations(pred, target) -> dict[str, float]:
     x, y = _as_pair(pred, target)
     if _is_constant(x) or _is_constant(y):
         which = "pred" if _is_constant(x) else "target"
-        warnings.warn(f"{which} is constant over {x.size} points: correlations reported as 0.0",
-                      ConstantInputWarning, stacklevel=2)
+        warnings.warn(
+            f"{which} is constant over {x.size} points: correlations reported as 0.0",
+            ConstantInputWarning,
+            stacklevel=2,
+        )
         return {key: 0.0 for key in CORRELATION_KEYS}
     _, curve = logistic_fit(x, y)
     return {
@@ -73,8 +77,11 @@ def logistic_fit(pred, target) -> tuple[np.ndarray, Callable[[np.ndarray], np.nd
     """
     x, y = _as_pair(pred, target)
     if x.size < LOGISTIC_PARAMS:  # curve_fit cannot fit 4 parameters to fewer points
-        warnings.warn(f"logistic fit needs at least {LOGISTIC_PARAMS} points, got {x.size}; using a linear map instead",
-                      LogisticFitWarning, stacklevel=2)
+        warnings.warn(
+            f"logistic fit needs at least {LOGISTIC_PARAMS} points, got {x.size}; using a linear map instead",
+            LogisticFitWarning,
+            stacklevel=2,
+        )
         return np.full(LOGISTIC_PARAMS, np.nan), _linear_curve(x, y)
     # Fit on standardised scores: model outputs often span a narrow band (0.40-0.45), and
     # MINPACK's finite-difference step is relative to each parameter, so a centre that starts
@@ -90,8 +97,7 @@ def logistic_fit(pred, target) -> tuple[np.ndarray, Callable[[np.ndarray], np.nd
         if not np.all(np.isfinite(fitted)) or _is_constant(fitted):
             raise RuntimeError("fitted curve is non-finite or flat")
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
-        warnings.warn(f"logistic fit failed ({exc}); using a linear map instead",
-                      LogisticFitWarning, stacklevel=2)
+        warnings.warn(f"logistic fit failed ({exc}); using a linear map instead", LogisticFitWarning, stacklevel=2)
         return np.full(4, np.nan), _linear_curve(x, y)
     return params, lambda v: logistic4(v, *params)
 
@@ -127,6 +133,8 @@ def _as_pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
     for name, a in (("pred", x), ("target", y)):
         bad = np.flatnonzero(~np.isfinite(a))
         if bad.size:
-            raise ValueError(f"{name} has {bad.size} non-finite value(s), first at index {bad[0]}: "
-                             "fix or drop them before computing correlations")
+            raise ValueError(
+                f"{name} has {bad.size} non-finite value(s), first at index {bad[0]}: "
+                "fix or drop them before computing correlations"
+            )
     return x, y

@@ -5,6 +5,7 @@ Score of an image (docs/method.md, "The scoring formula"): for each prompt pair 
 The model carries its preprocessing (CLIP mean/std) and its prompt features, so callers pass
 RGB in [0, 1] at any resolution.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -29,7 +31,8 @@ from torch import nn
 from .errors import QualiclipError
 from .files import FileReadError, open_regular
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS, flat_prompts
-from .schema import TINY_MODEL, ModelConfig as ModelConfig
+from .schema import TINY_MODEL
+from .schema import ModelConfig as ModelConfig
 
 # open_clip's modules, read attribute by attribute: typed as Any, because torch types a submodule
 # or buffer reached through `nn.Module.__getattr__` as `Tensor | Module`, which fits no use here.
@@ -43,9 +46,16 @@ SCORE_RANGE = (0.0, 1.0)
 HIGHER_IS_BETTER = True
 # safetensors dtype names -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
 
@@ -81,13 +91,25 @@ class AttentionPool(nn.Module):
         if self.mode == "interpolate":
             x = x + resized_positional_embedding(self.positional_embedding, h, w).to(x.dtype)[:, None, :]
         out, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x, embed_dim_to_check=c, num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+            query=x[:1],
+            key=x,
+            value=x,
+            embed_dim_to_check=c,
+            num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None,
             in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True, training=self.training, need_weights=False,
+            bias_k=None,
+            bias_v=None,
+            add_zero_attn=False,
+            dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True,
+            training=self.training,
+            need_weights=False,
         )
         return out[0]  # (N, output_dim)
 
@@ -179,7 +201,7 @@ class QualiCLIP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_from_similarities(self.similarities(x))
 
-    def visual_train_mode(self, bn_frozen: bool) -> "QualiCLIP":
+    def visual_train_mode(self, bn_frozen: bool) -> QualiCLIP:
         """Train mode for the image encoder; BatchNorm statistics frozen if asked."""
         self.eval()
         self.clip.visual.train()
@@ -384,8 +406,11 @@ def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
     for name, entry in entries:
         start, stop = _offsets(path, name, entry)
         dtype, shape = entry.get("dtype"), entry.get("shape")
-        if dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if (
+            dtype not in SAFETENSORS_DTYPES
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise _damaged(path, f"tensor {name!r} has dtype {dtype!r} and shape {shape!r}")
         if start != end or stop - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]:
             raise _damaged(path, f"tensor {name!r}: data offsets {[start, stop]} do not match its shape or neighbours")
@@ -396,15 +421,21 @@ def _check_tensor_table(path: Path, header: dict, data_bytes: int) -> None:
 
 def _offsets(path: Path, name: str, entry) -> tuple[int, int]:
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise _damaged(path, f"tensor {name!r} has data offsets {offsets!r}")
     return offsets[0], offsets[1]
 
 
 def _damaged(path: Path, what: str) -> ModelLoadError:
-    return ModelLoadError(f"{path} is not a valid safetensors file: {what} — the file is damaged or of another "
-                          "format; re-run the train stage or restore it")
+    return ModelLoadError(
+        f"{path} is not a valid safetensors file: {what} — the file is damaged or of another "
+        "format; re-run the train stage or restore it"
+    )
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -429,7 +460,7 @@ def load_weights_file(clip: nn.Module, path: Path, name: str) -> torch.Tensor | 
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "clip_model.", "clip."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -444,12 +475,15 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], *, sourc
     parts = []
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} tensors differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {expected[k]})")
+        parts.append(
+            f"{len(wrong)} tensors differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {expected[k]})"
+        )
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     raise ModelLoadError(
-        f"weights in {source} do not match architecture '{name}': " + "; ".join(parts)
+        f"weights in {source} do not match architecture '{name}': "
+        + "; ".join(parts)
         + ". Fix: set model.name to the architecture these weights were trained with."
     )

@@ -3,6 +3,7 @@
 The training figure and the matplotlib setup live in `qualiclip.figures` (the train stage loads
 no evaluation code).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,14 +28,19 @@ def plot_synthetic_scatter(scores: np.ndarray, s, out: Path) -> Path:
         ax.scatter(s.levels[m] + jitter[m], scores[m], s=8, alpha=0.6, label=g)
     means = [scores[s.levels == lv].mean() for lv in LEVELS]
     ax.plot(LEVELS, means, "k-o", lw=2, label="mean")
-    ax.set(xlabel="distortion level (higher = more degraded)", ylabel="predicted quality", xticks=LEVELS,
-           title="Held-out synthetic set: quality should fall with the level")
+    ax.set(
+        xlabel="distortion level (higher = more degraded)",
+        ylabel="predicted quality",
+        xticks=LEVELS,
+        title="Held-out synthetic set: quality should fall with the level",
+    )
     ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, out)
 
 
-def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None,
-                        within: dict[str, float] | None = None) -> Path:
+def plot_per_distortion(
+    srcc: dict[str, float], out: Path, baseline: dict[str, float] | None = None, within: dict[str, float] | None = None
+) -> Path:
     """Horizontal bars of SRCC (score vs -level) per distortion type, grouped by distortion group;
     the zero-shot baseline's SRCC as a black tick and the mean within-photo SRCC as a hollow
     circle on each bar when given."""
@@ -46,11 +52,17 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     vals = [srcc[n] for n in names]
     ax.barh(range(len(names)), vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
     if baseline:
-        ax.scatter([baseline.get(n, np.nan) for n in names], range(len(names)), marker="|", s=120, color="k",
-                   zorder=3)
+        ax.scatter([baseline.get(n, np.nan) for n in names], range(len(names)), marker="|", s=120, color="k", zorder=3)
     if within:
-        ax.scatter([within.get(n, np.nan) for n in names], range(len(names)), marker="o", s=22,
-                   facecolors="none", edgecolors="k", zorder=3)
+        ax.scatter(
+            [within.get(n, np.nan) for n in names],
+            range(len(names)),
+            marker="o",
+            s=22,
+            facecolors="none",
+            edgecolors="k",
+            zorder=3,
+        )
     ax.set_yticks(range(len(names)), [f"{n}  [{g}]" for n, g in zip(names, groups)], fontsize=7)
     title = "Per-distortion ranking on held-out images\nbar: pooled over photos"
     if within:
@@ -64,8 +76,9 @@ def plot_per_distortion(srcc: dict[str, float], out: Path, baseline: dict[str, f
     return save_figure(fig, out)
 
 
-def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str,
-                     mos_range: tuple[float, float] | None = None) -> Path:
+def plot_mos_scatter(
+    scores: np.ndarray, mos: np.ndarray, out: Path, *, title: str, mos_range: tuple[float, float] | None = None
+) -> Path:
     """Predicted quality vs MOS with the fitted 4-parameter logistic and the correlations."""
     plt = pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +91,12 @@ def plot_mos_scatter(scores: np.ndarray, mos: np.ndarray, out: Path, *, title: s
     xs = np.linspace(scores.min(), scores.max(), 200)
     fit = "4-parameter logistic" if np.all(np.isfinite(params)) else "linear (logistic fit failed)"
     ax.plot(xs, curve(xs), "r-", lw=2, label=f"fitted {fit}")
-    ax.set(xlabel="predicted quality", ylabel="MOS (higher is better)",
-           title=f"{title}\nSRCC {c['srcc']:.3f}  KRCC {c['krcc']:.3f}  PLCC {c['plcc']:.3f}  "
-                 f"PLCC after logistic {c['plcc_logistic']:.3f}")
+    ax.set(
+        xlabel="predicted quality",
+        ylabel="MOS (higher is better)",
+        title=f"{title}\nSRCC {c['srcc']:.3f}  KRCC {c['krcc']:.3f}  PLCC {c['plcc']:.3f}  "
+        f"PLCC after logistic {c['plcc_logistic']:.3f}",
+    )
     if mos_range:
         ax.set_ylim(*mos_range)
     ax.title.set_fontsize(9)

@@ -1,4 +1,5 @@
 """The antonym prompts and the preprocessing constants: the one home of both (docs/method.md, "The model and the score")."""
+
 from __future__ import annotations
 
 # Positive first; the order of these pairs is the order of `prompt_features` rows

@@ -1,4 +1,5 @@
 """QualiCLIP training samples: two overlapping crops × L levels of one composition (docs/method.md, "A training sample")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def overlapping_boxes(hw: tuple[int, int], crop: int, max_shift: int, rng: np.ra
 
 def _cut(image: np.ndarray, box: tuple) -> np.ndarray:
     y, x, h, w = box
-    return np.ascontiguousarray(image[y:y + h, x:x + w], dtype=np.float32) / 255.0
+    return np.ascontiguousarray(image[y : y + h, x : x + w], dtype=np.float32) / 255.0
 
 
 def draw_composition(cfg: SampleConfig, rng: np.random.Generator) -> list:

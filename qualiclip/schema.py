@@ -12,6 +12,7 @@ config that embeds another (``TrainConfig.loss: LossWeights``, ``DegradeConfig.s
 SampleConfig``) reads its keys flat from the same section (`qualiclip.config.build_config`).
 `IngestConfig` stays in `qualiclip.ingest`, which every stage loads anyway.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -30,26 +31,43 @@ TINY_MODEL = "qualiclip-tiny-rn"  # the project's from-scratch test and demo bac
 # run and far below what breaks a machine; where the data or the machine sets a tighter bound, the
 # stage checks it before any work: degrade.variants (the plan must fit in memory), train.batch_size
 # (at most the training set), the crops (at most an image's shorter side).
-MAX_SIDE = 16384           # crop sides, pixels
-MAX_VARIANTS = 1_000_000   # samples per pristine image
+MAX_SIDE = 16384  # crop sides, pixels
+MAX_VARIANTS = 1_000_000  # samples per pristine image
 MAX_SHARD_SAMPLES = 10_000  # samples per shard (a shard is rendered in memory: ~1.5 MB per sample at crop 224)
-MAX_WORKERS = 256          # processes or loader workers
-MAX_THREADS = 1024         # torch CPU threads
-MAX_STEPS = 10**9          # optimisation steps (and step counts: warmup, logging, checkpoints)
-MAX_BATCH = 65_536         # samples or images per batch
-MAX_SHUFFLE = 10_000       # samples in the shuffle buffer (held in memory)
-MAX_WEIGHT = 1000           # loss weights
+MAX_WORKERS = 256  # processes or loader workers
+MAX_THREADS = 1024  # torch CPU threads
+MAX_STEPS = 10**9  # optimisation steps (and step counts: warmup, logging, checkpoints)
+MAX_BATCH = 65_536  # samples or images per batch
+MAX_SHUFFLE = 10_000  # samples in the shuffle buffer (held in memory)
+MAX_WEIGHT = 1000  # loss weights
 
 # The 24 distortion types in the registry's table order (distortions/registry.py holds their groups,
 # levels and code, and checks at import that its names are these).
 DISTORTION_NAMES: tuple[str, ...] = (
-    "gaussian_blur", "lens_blur", "motion_blur",
-    "color_diffusion", "color_shift", "color_saturation1", "color_saturation2",
-    "jpeg2000", "jpeg",
-    "white_noise", "white_noise_cc", "impulse_noise", "multiplicative_noise",
-    "brighten", "darken", "mean_shift",
-    "jitter", "non_eccentricity_patch", "pixelate", "quantization", "color_block",
-    "high_sharpen", "linear_contrast_change", "non_linear_contrast_change",
+    "gaussian_blur",
+    "lens_blur",
+    "motion_blur",
+    "color_diffusion",
+    "color_shift",
+    "color_saturation1",
+    "color_saturation2",
+    "jpeg2000",
+    "jpeg",
+    "white_noise",
+    "white_noise_cc",
+    "impulse_noise",
+    "multiplicative_noise",
+    "brighten",
+    "darken",
+    "mean_shift",
+    "jitter",
+    "non_eccentricity_patch",
+    "pixelate",
+    "quantization",
+    "color_block",
+    "high_sharpen",
+    "linear_contrast_change",
+    "non_linear_contrast_change",
 )
 
 
@@ -63,7 +81,9 @@ class UnknownDistortionError(QualiclipError, KeyError, ValueError):
 def unknown_name(kind: str, name: object, choices: list[str]) -> UnknownDistortionError:
     """The error for an unknown ``kind`` (distortion, distortion group), with the closest choice."""
     close = difflib.get_close_matches(str(name), choices, n=1)
-    hint = f"{lookalike_note(name, close[0])} — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
+    hint = (
+        f"{lookalike_note(name, close[0])} — did you mean '{close[0]}'?" if close else f"; known: {', '.join(choices)}"
+    )
     return UnknownDistortionError(f"unknown {kind} {name!r}{hint}")
 
 
@@ -112,7 +132,9 @@ class ModelConfig:
 class SampleConfig:
     """How one training sample is drawn; every field lives in params.yaml ``degrade:``."""
 
-    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # at most the shorter side of every image (checked by degrade)
+    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = (
+        224  # at most the shorter side of every image (checked by degrade)
+    )
     min_overlap: Annotated[float, Interval(ge=0, le=1)] = 0.5
     max_distortions: Annotated[int, Interval(ge=1, le=len(DISTORTION_NAMES))] = 1  # more than the groups: all groups
     include_pristine: bool = False
@@ -133,7 +155,9 @@ class DegradeConfig:
     in it, flat (crop, min_overlap, max_distortions, include_pristine, distortions)."""
 
     seed: Seed = 0
-    variants: Annotated[int, Interval(ge=1, le=MAX_VARIANTS)] = 24  # samples per pristine image; the plan must fit in memory (checked by degrade)
+    variants: Annotated[int, Interval(ge=1, le=MAX_VARIANTS)] = (
+        24  # samples per pristine image; the plan must fit in memory (checked by degrade)
+    )
     samples_per_shard: Annotated[int, Interval(ge=1, le=MAX_SHARD_SAMPLES)] = 32  # a shard is rendered in memory
     workers: Annotated[int, Interval(ge=1, le=MAX_WORKERS)] = 2  # processes; the output bytes do not depend on it
     encoding: Literal["png", "webp", "npy"] = "webp"  # shards.ENCODINGS (a test keeps them equal)
@@ -148,7 +172,9 @@ class DegradeConfig:
 class LossWeights:
     """The loss margins and weights (params.yaml ``train:``, flat)."""
 
-    margin_rank: Annotated[float, Interval(ge=0, le=2)] = 0.05  # cosines differ by at most 2: a wider margin is never met
+    margin_rank: Annotated[float, Interval(ge=0, le=2)] = (
+        0.05  # cosines differ by at most 2: a wider margin is never met
+    )
     margin_cons: Annotated[float, Interval(ge=0, le=2)] = 0.0
     lambda_cons: Annotated[float, Interval(ge=0, le=MAX_WEIGHT)] = 1.0
     lambda_pos: Annotated[float, Interval(ge=0, le=MAX_WEIGHT)] = 1.0
@@ -164,7 +190,9 @@ class TrainConfig:
 
     seed: Seed = 0
     steps: Annotated[int, Interval(ge=1, le=MAX_STEPS)] = 300
-    batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = 4  # samples per step and process (each 2 crops × 5 levels); at most the training set (checked by train)
+    batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = (
+        4  # samples per step and process (each 2 crops × 5 levels); at most the training set (checked by train)
+    )
     lr: Annotated[float, Interval(gt=0, le=10)] = 1e-3
     weight_decay: Annotated[float, Interval(ge=0, le=10)] = 0.0
     warmup_steps: Annotated[int, Interval(ge=0, le=MAX_STEPS)] = 10
@@ -172,7 +200,9 @@ class TrainConfig:
     grad_clip: Annotated[float, Interval(ge=0, le=1e6)] = 1.0  # max gradient norm; 0 disables
     loss: LossWeights = field(default_factory=LossWeights)  # margin_rank, margin_cons, lambda_cons/pos/neg
     bn_mode: Literal["auto", "train", "frozen"] = "auto"  # auto: frozen for pretrained weights
-    shuffle_buffer: Annotated[int, Interval(ge=0, le=MAX_SHUFFLE)] = 64  # samples held in memory (~1.5 MB each at crop 224); 0: no shuffling
+    shuffle_buffer: Annotated[int, Interval(ge=0, le=MAX_SHUFFLE)] = (
+        64  # samples held in memory (~1.5 MB each at crop 224); 0: no shuffling
+    )
     num_workers: Annotated[int, Interval(ge=0, le=MAX_WORKERS)] = 1  # 0: load in the training process
     device: DeviceName = "auto"
     threads: Annotated[int, Interval(ge=0, le=MAX_THREADS)] = 0  # torch CPU threads; 0 keeps torch's default
@@ -196,7 +226,9 @@ class EvaluateConfig:
 
     seed: Seed = 0
     split: Literal["train", "val"] = "val"
-    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 224  # at most the shorter side of every image (checked before any is read)
+    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = (
+        224  # at most the shorter side of every image (checked before any is read)
+    )
     distortions: tuple[DistortionName, ...] = ()  # empty: every registered type
     batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = 32
     device: DeviceName = "auto"

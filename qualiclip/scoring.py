@@ -17,15 +17,17 @@ tower; a ResNet encoder is rebuilt as a `fast_encoder.FastEncoder` (fused convol
 attention, normalisation folded, uint8 pixels in). It gives the model's scores to float rounding
 (< 1e-5) and runs faster, with less memory (figures in docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import weakref
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -36,9 +38,9 @@ from torch import nn
 from .checkpoint import load_checkpoint, load_image_encoder
 from .device import resolve_device
 from .errors import QualiclipError
+from .fast_encoder import FastEncoder, can_build
 from .files import open_regular
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from .fast_encoder import FastEncoder, can_build
 from .model import ModelConfig, QualiCLIP
 from .prompts import CLIP_MEAN, CLIP_STD
 
@@ -93,8 +95,9 @@ def inference_copy(model: QualiCLIP) -> QualiCLIP:
     return scorer.to(model.prompt_features.device)
 
 
-def encoder_scorer(visual: nn.Module, prompt_features: torch.Tensor, cfg: ModelConfig, *,
-                   fast: bool = True) -> QualiCLIP:
+def encoder_scorer(
+    visual: nn.Module, prompt_features: torch.Tensor, cfg: ModelConfig, *, fast: bool = True
+) -> QualiCLIP:
     """A scoring-only QualiCLIP (no text tower, no gradients, eval mode) around an image encoder
     whose BatchNorm is folded already (`fold_batchnorm`). ``fast``: run a ModifiedResNet as a
     `FastEncoder`, as `inference_copy` and `load_scorer` do; ``False`` keeps open_clip's own
@@ -175,7 +178,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def plan_batches(shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS) -> list[list[int]]:
+def plan_batches(
+    shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
+) -> list[list[int]]:
     """Indices grouped by equal shape, in chunks of at most ``batch_size`` images and
     ``max_batch_pixels`` pixels (never fewer than one image)."""
     if batch_size < 1:
@@ -186,7 +191,7 @@ def plan_batches(shapes: Sequence[tuple], batch_size: int, max_batch_pixels: int
     batches = []
     for shape, idx in by_shape.items():
         n = max(1, min(batch_size, max_batch_pixels // max(1, shape[0] * shape[1])))
-        batches += [idx[k:k + n] for k in range(0, len(idx), n)]
+        batches += [idx[k : k + n] for k in range(0, len(idx), n)]
     return batches
 
 
@@ -200,8 +205,10 @@ def _to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
 def _check_array(image: np.ndarray, index: int) -> None:
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
         got = getattr(image, "shape", type(image).__name__)
-        raise ScoringError(f"image {index} has shape {got}; expected (H, W, 3) RGB "
-                           "(uint8, or float in [0, 1]) — convert greyscale/RGBA to RGB first")
+        raise ScoringError(
+            f"image {index} has shape {got}; expected (H, W, 3) RGB "
+            "(uint8, or float in [0, 1]) — convert greyscale/RGBA to RGB first"
+        )
 
 
 def scoring_device(model: QualiCLIP, device: torch.device | str | None) -> torch.device:
@@ -237,9 +244,11 @@ def memory_budget(max_memory: int | None, device: torch.device) -> int:
     number = isinstance(max_memory, (int, float))
     if not number or not MIN_MEMORY_BUDGET <= max_memory <= have:  # NaN fails the comparison too
         shown = gigabytes(max_memory) if number else repr(max_memory)
-        raise ScoringError(f"{MEMORY_OPTION} {shown} is outside {gigabytes(MIN_MEMORY_BUDGET)} to {gigabytes(have)} "
-                           f"(the memory of {device}) — choose a budget in that range, or leave it out for half "
-                           "the device's memory")
+        raise ScoringError(
+            f"{MEMORY_OPTION} {shown} is outside {gigabytes(MIN_MEMORY_BUDGET)} to {gigabytes(have)} "
+            f"(the memory of {device}) — choose a budget in that range, or leave it out for half "
+            "the device's memory"
+        )
     return int(max_memory)
 
 
@@ -293,12 +302,16 @@ def image_problem(scorer: QualiCLIP, shape: tuple[int, ...], max_memory: int) ->
     """
     h, w = shape[:2]
     if min(h, w) < scorer.min_side:
-        return (f"too_small: {w}x{h} px; the image encoder needs at least {scorer.min_side} px on each side "
-                "— upscale the image first")
+        return (
+            f"too_small: {w}x{h} px; the image encoder needs at least {scorer.min_side} px on each side "
+            "— upscale the image first"
+        )
     need = h * w * bytes_per_pixel(scorer)
     if need > max_memory:
-        return (f"too_large: {w}x{h} px needs an estimated {gigabytes(need)} to score, above the memory budget "
-                f"of {gigabytes(max_memory)} — raise {MEMORY_OPTION} (max_memory=) or downscale the image")
+        return (
+            f"too_large: {w}x{h} px needs an estimated {gigabytes(need)} to score, above the memory budget "
+            f"of {gigabytes(max_memory)} — raise {MEMORY_OPTION} (max_memory=) or downscale the image"
+        )
     return None
 
 
@@ -419,8 +432,14 @@ def score_paths(
         decoded: list[Any] = [check.decode(files[i]) for i in chunk]  # (pixels, (h, w)) or an error text
         ok = [k for k, d in enumerate(decoded) if isinstance(d, tuple)]
         if ok:
-            scores = score_arrays(scorer, [decoded[k][0] for k in ok], batch_size=batch_size, device=dev,
-                                  precision=precision, max_memory=check.max_memory)
+            scores = score_arrays(
+                scorer,
+                [decoded[k][0] for k in ok],
+                batch_size=batch_size,
+                device=dev,
+                precision=precision,
+                max_memory=check.max_memory,
+            )
             for k, s in zip(ok, scores):
                 h, w = decoded[k][1]
                 results[chunk[k]] = FileScore(files[chunk[k]], float(s), w, h)
@@ -445,8 +464,9 @@ class _ImageCheck:
     def decode(self, path: Path) -> tuple[np.ndarray, tuple[int, int]] | str:
         """``(pixels, (h, w))`` with pixels resized if asked, or the error text ``"reason: detail"``."""
         try:
-            pixels = read_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS,
-                                option=self.max_pixels_option).pixels
+            pixels = read_image(
+                path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS, option=self.max_pixels_option
+            ).pixels
         except ImageReadError as exc:
             return f"{exc.reason}: {exc.detail}"
         h, w = pixels.shape[:2]
@@ -481,7 +501,9 @@ def score_images(
         if isinstance(item, torch.Tensor) and item.ndim == 4:
             arrays += [(len(arrays) + len(files), _tensor_to_array(t)) for t in item]
         elif isinstance(item, (torch.Tensor, np.ndarray)):
-            arrays.append((len(arrays) + len(files), _tensor_to_array(item) if isinstance(item, torch.Tensor) else item))
+            arrays.append(
+                (len(arrays) + len(files), _tensor_to_array(item) if isinstance(item, torch.Tensor) else item)
+            )
         else:
             files.append((len(arrays) + len(files), Path(item)))
     scores = np.empty(len(arrays) + len(files))
@@ -492,8 +514,10 @@ def score_images(
         results = score_paths([p for _, p in files], scorer, **common)
         bad = [r for r in results if r.error]
         if bad:
-            raise ScoringError(f"cannot read {len(bad)} image(s), first {bad[0].path}: {bad[0].error} — "
-                               "fix or drop them, or call score_paths() to get per-file errors")
+            raise ScoringError(
+                f"cannot read {len(bad)} image(s), first {bad[0].path}: {bad[0].error} — "
+                "fix or drop them, or call score_paths() to get per-file errors"
+            )
         scores[[i for i, _ in files]] = [r.score for r in results]
     return scores
 

@@ -8,6 +8,7 @@ mode and mtime, so their bytes depend only on their content. The index (``index.
 each shard's size and sha256 as recorded when it was written; `read_index` checks its form and
 `verify_shards` the files against it. See docs/shards.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,9 @@ from .store import Store, StoreError, open_store, split_location
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 3  # bump when the bytes of a sample change for the same inputs and params (3: impulse_noise draws, webp)
+FORMAT_VERSION = (
+    3  # bump when the bytes of a sample change for the same inputs and params (3: impulse_noise draws, webp)
+)
 ENCODINGS = ("png", "webp", "npy")
 PNG_COMPRESSION = 1  # ~1.5× faster to write than the default 3 for 3 % more bytes (docs/shards.md)
 WEBP_METHOD = 0  # lossless WebP's fastest effort: 1.5 ms a 224² crop; methods 1–6 save 2–4 % for 3–10× the time
@@ -62,8 +65,9 @@ def encode_image(rgb: np.ndarray, encoding: str) -> bytes:
         np.save(bio, np.ascontiguousarray(rgb), allow_pickle=False)
         return bio.getvalue()
     if encoding == "webp":  # Pillow: OpenCV cannot choose the lossless effort (it uses method 4, ~30× slower)
-        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(bio, format="WEBP", lossless=True, method=WEBP_METHOD,
-                                                               quality=0)
+        Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+            bio, format="WEBP", lossless=True, method=WEBP_METHOD, quality=0
+        )
         return bio.getvalue()
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
@@ -185,18 +189,24 @@ def read_index(shard_dir: str | os.PathLike) -> dict:
     try:
         index = json.loads(store.read_bytes(INDEX_FILE))
     except FileNotFoundError:
-        raise ShardError(f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
-                         "an interrupted run leaves no index until it is rerun to completion") from None
+        raise ShardError(
+            f"no shard index at {path} — run the degrade stage first (`dvc repro degrade`); "
+            "an interrupted run leaves no index until it is rerun to completion"
+        ) from None
     except StoreError:
         raise  # the bucket cannot be reached: its own message names the fix
     except (OSError, ValueError) as exc:
-        raise ShardError(f"the shard index {path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}) "
-                         "— it is damaged (truncated?); rerun the degrade stage to rewrite it") from None
+        raise ShardError(
+            f"the shard index {path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}) "
+            "— it is damaged (truncated?); rerun the degrade stage to rewrite it"
+        ) from None
     _check_index(path, index)
     files = store.entries()
     missing = [s["name"] for s in index["shards"] if files.get(s["name"]) is None]
     if missing:
-        raise ShardError(f"{len(missing)} shards listed in {path} are missing (e.g. {missing[0]}) — rerun the degrade stage")
+        raise ShardError(
+            f"{len(missing)} shards listed in {path} are missing (e.g. {missing[0]}) — rerun the degrade stage"
+        )
     return index
 
 
@@ -205,13 +215,21 @@ def _check_index(path: str, index) -> None:
     if not isinstance(shards, list):
         raise ShardError(f"the shard index {path} has no list of shards — it is damaged; rerun the degrade stage")
     for k, s in enumerate(shards):
-        ok = (isinstance(s, dict) and isinstance(s.get("name"), str) and SHARD_NAME.fullmatch(s["name"])
-              and all(isinstance(s.get(n), int) and not isinstance(s.get(n), bool) and s[n] >= 0
-                      for n in ("samples", "bytes"))
-              and isinstance(s.get("sha256"), str) and SHA256_HEX.fullmatch(s["sha256"]))
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and SHARD_NAME.fullmatch(s["name"])
+            and all(
+                isinstance(s.get(n), int) and not isinstance(s.get(n), bool) and s[n] >= 0 for n in ("samples", "bytes")
+            )
+            and isinstance(s.get("sha256"), str)
+            and SHA256_HEX.fullmatch(s["sha256"])
+        )
         if not ok:
-            raise ShardError(f"entry {k} of the shard index {path} is malformed ({s!r:.200}) — the index is damaged; "
-                             "rerun the degrade stage")
+            raise ShardError(
+                f"entry {k} of the shard index {path} is malformed ({s!r:.200}) — the index is damaged; "
+                "rerun the degrade stage"
+            )
 
 
 def index_digest(index: dict) -> str:
@@ -279,5 +297,8 @@ def verify_shards(shard_dir: str | os.PathLike, names: list[str] | None = None) 
     """
     store = open_store(shard_dir)
     files = store.entries()
-    return [s["name"] for s in indexed_shards(shard_dir)
-            if shard_problem(store, s["name"], s, files.get(s["name"]), check_hash=names is None or s["name"] in names)]
+    return [
+        s["name"]
+        for s in indexed_shards(shard_dir)
+        if shard_problem(store, s["name"], s, files.get(s["name"]), check_hash=names is None or s["name"] in names)
+    ]

@@ -16,13 +16,15 @@ Credentials and endpoint come from the usual places of botocore and fsspec: ``AW
 ``AWS_ENDPOINT_URL_S3``) for a server other than AWS, or fsspec's ``FSSPEC_S3_ENDPOINT_URL`` and
 config files (docs/scale.md). `s3fs` is needed for ``s3://`` (the ``scale`` extra).
 """
+
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -72,8 +74,7 @@ class Store:
             raise self._unreachable(exc) from None
         if any(e["name"].rstrip("/") == self.root for e in listing):  # fsspec lists a file as itself
             raise StoreError(f"{self.url} is a file, not a folder — choose another location")
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e["size"] if e["type"] == "file" else None)
-                for e in listing}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e["size"] if e["type"] == "file" else None) for e in listing}
 
     def mkdir(self) -> None:
         """Make the folder (locally); check the bucket exists (a prefix needs no making)."""
@@ -86,9 +87,11 @@ class Store:
         except Exception as exc:  # noqa: BLE001
             raise self._unreachable(exc) from None
         if not exists:
-            raise StoreError(f"bucket '{bucket}' of {self.url} does not exist — create it first: "
-                             f"{make_bucket_command(bucket)} (s3fs, with these credentials and endpoint), "
-                             "or fix the location")
+            raise StoreError(
+                f"bucket '{bucket}' of {self.url} does not exist — create it first: "
+                f"{make_bucket_command(bucket)} (s3fs, with these credentials and endpoint), "
+                "or fix the location"
+            )
 
     def open(self, name: str) -> BinaryIO:
         """``name`` opened for binary reading (`FileNotFoundError` when absent)."""
@@ -141,8 +144,14 @@ class Store:
             return hash_stream(f)
 
     def _unreachable(self, exc: Exception) -> StoreError:
-        hint = (" — set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and, for a server other "
-                "than AWS, AWS_ENDPOINT_URL (docs/scale.md)") if not self.local else ""
+        hint = (
+            (
+                " — set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and, for a server other "
+                "than AWS, AWS_ENDPOINT_URL (docs/scale.md)"
+            )
+            if not self.local
+            else ""
+        )
         return StoreError(f"cannot reach {self.url} ({type(exc).__name__}: {exc}){hint}")
 
 

@@ -4,12 +4,14 @@ The library (the train stage) logs through `Tracker`; the pipeline app chooses t
 (`qualiclip.pipeline.tracking.get_tracker`) and holds the MLflow implementation
 (`qualiclip.pipeline.tracking_mlflow`). Nothing in the library imports mlflow.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,19 @@ class Tracker:
     enabled = False
 
     @contextlib.contextmanager
-    def run(self, stage: str, tags: dict[str, str] | None = None) -> Iterator["Tracker"]:
+    def run(self, stage: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
         yield self
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
-                    dataset: DatasetRef | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: dict[str, Any],
+        step: int | None = None,
+        *,
+        model_id: str | None = None,
+        dataset: DatasetRef | None = None,
+    ) -> None:
         """Log the numbers of ``metrics`` (nested dicts flattened with dots); ``model_id``: they
         measure that logged model, ``dataset``: on that data."""
 
@@ -68,6 +76,7 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def log_model(self, checkpoint_dir: Path, *, register_as: str | None, description: str,
-                  tags: dict[str, str]) -> ModelRef | None:
+    def log_model(
+        self, checkpoint_dir: Path, *, register_as: str | None, description: str, tags: dict[str, str]
+    ) -> ModelRef | None:
         return None

@@ -9,6 +9,7 @@ Before any step the shard sizes are checked against their index (the loader chec
 shard's sha256 when it first reads it), and the train state records the index digest it was
 trained on: a state is never resumed on other shards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -173,8 +174,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: ModelConfig, dist_info: DistInfo)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = (AveragedModel(model.visual, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-           if cfg.ema else None)
+    ema = AveragedModel(model.visual, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     return Trainer(model, encoder, params, opt, sched, scaler, device, dtype, use_cl, dist_info, ema)
 
 
@@ -202,8 +202,7 @@ def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: boo
 def step_losses(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Forward pass and loss terms (float32) for a uint8 batch (B, 2, L, H, W, 3)."""
     b, c, levels = batch.shape[:3]
-    autocast = (torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype is not None
-                else contextlib.nullcontext())
+    autocast = torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype is not None else contextlib.nullcontext()
     with autocast:
         sims = t.model.similarities(to_model_input(batch, t.device, t.channels_last), t.encoder)  # (B·2·L, K, 2)
     return qualiclip_loss(sims.float().view(b, c, levels, *sims.shape[1:]), cfg.loss)
@@ -245,8 +244,11 @@ def resume_params(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> 
     if not train["ema"]:  # off: the key of states written before train.ema existed
         del train["ema"]
     model = dataclasses.asdict(model_cfg)
-    return {**{f"train.{k}": v for k, v in train.items()}, **{f"model.{k}": v for k, v in model.items()},
-            "world_size": world_size}
+    return {
+        **{f"train.{k}": v for k, v in train.items()},
+        **{f"model.{k}": v for k, v in model.items()},
+        "world_size": world_size,
+    }
 
 
 def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
@@ -283,23 +285,30 @@ def cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
-def train_state(t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None,
-                params: dict | None = None) -> dict:
+def train_state(
+    t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None, params: dict | None = None
+) -> dict:
     """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step,
     ``shards``, the digest of the shard index trained on (`shards.index_digest`), and ``params``,
     the `resume_params` of ``key`` as strings (so a refusal can name what changed)."""
     return {
-        "format": 1, "key": key, "step": step, "world_size": t.dist.world_size, "shards": shards,
+        "format": 1,
+        "key": key,
+        "step": step,
+        "world_size": t.dist.world_size,
+        "shards": shards,
         "params": {k: repr(v) for k, v in (params or {}).items()},
         "visual": cpu_tensors(t.model.visual.state_dict()),
-        "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(),
-        "rng": rng_state(), "log": rows,
+        "optimizer": t.opt.state_dict(),
+        "scheduler": t.sched.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "rng": rng_state(),
+        "log": rows,
         "ema": cpu_tensors(t.ema.state_dict()) if t.ema is not None else None,
     }
 
 
-def check_train_state(state: dict, key: str, path: Path, shards: str | None = None,
-                      params: dict | None = None) -> None:
+def check_train_state(state: dict, key: str, path: Path, shards: str | None = None, params: dict | None = None) -> None:
     """Refuse ``state`` when its params key differs from ``key`` (naming the params that changed,
     from ``params``, this run's `resume_params`), or when it was trained on shards other than
     those of the digest ``shards``. Called before the model is built, so a refusal costs no build.
@@ -313,8 +322,11 @@ def check_train_state(state: dict, key: str, path: Path, shards: str | None = No
             "to train from step 0 with the new ones."
         )
     if state.get("shards") is None:
-        log.warning("train state %s does not record its shards (written by an earlier version); resuming on "
-                    "the current shards — delete it if they changed since", path)
+        log.warning(
+            "train state %s does not record its shards (written by an earlier version); resuming on "
+            "the current shards — delete it if they changed since",
+            path,
+        )
     elif shards is not None and state["shards"] != shards:
         raise TrainError(
             f"train state {path} was trained on other shards (index digest {state['shards'][:12]}, now "
@@ -328,8 +340,11 @@ def changed_params(recorded: dict | None, now: dict | None) -> str:
     if not recorded or not now:
         return ""
     now = {k: repr(v) for k, v in now.items()}
-    diff = [f"{k}: {recorded.get(k, 'unset')} then, {now.get(k, 'unset')} now"
-            for k in sorted(recorded.keys() | now.keys()) if recorded.get(k) != now.get(k)]
+    diff = [
+        f"{k}: {recorded.get(k, 'unset')} then, {now.get(k, 'unset')} now"
+        for k in sorted(recorded.keys() | now.keys())
+        if recorded.get(k) != now.get(k)
+    ]
     return f" ({'; '.join(diff)})" if diff else ""
 
 
@@ -349,17 +364,32 @@ def restore_train_state(t: Trainer, state: dict) -> tuple[int, list[dict]]:
 # The stage
 
 
-def shard_batches(cfg: TrainConfig, shard_dir: str | os.PathLike, dist_info: DistInfo, stats: LoaderStats, skip: int,
-                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
+def shard_batches(
+    cfg: TrainConfig,
+    shard_dir: str | os.PathLike,
+    dist_info: DistInfo,
+    stats: LoaderStats,
+    skip: int,
+    pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
     """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
     n_shards = len(shard_paths(shard_dir))
     if n_shards < dist_info.world_size:
-        raise TrainError(f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
-                         "one. Fix: write more, smaller shards (lower degrade.samples_per_shard) or use fewer processes.")
+        raise TrainError(
+            f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
+            "one. Fix: write more, smaller shards (lower degrade.samples_per_shard) or use fewer processes."
+        )
     # A loader worker without a shard would never yield; the loader only knows the total count.
     workers = min(cfg.num_workers, n_shards // dist_info.world_size)
-    batches = iterate_batches(shard_dir, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                              num_workers=workers, seed=cfg.seed, stats=stats, pin_memory=pin_memory)
+    batches = iterate_batches(
+        shard_dir,
+        cfg.batch_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=workers,
+        seed=cfg.seed,
+        stats=stats,
+        pin_memory=pin_memory,
+    )
     for _ in range(skip):
         next(batches)
     return batches
@@ -431,8 +461,17 @@ def run_train(
     stats = LoaderStats()
     batches = shard_batches(cfg, shard_dir, dist_info, stats, skip=start, pin_memory=t.device.type == "cuda")
     saved = functools.partial(train_state, key=key, shards=shards, params=params)
-    seconds = train_loop(t, cfg, batches, range(start, cfg.steps), rows, tracker, state_path, saved,
-                         progress_lines(progress and dist_info.main))
+    seconds = train_loop(
+        t,
+        cfg,
+        batches,
+        range(start, cfg.steps),
+        rows,
+        tracker,
+        state_path,
+        saved,
+        progress_lines(progress and dist_info.main),
+    )
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
 
 
@@ -449,18 +488,31 @@ def check_shards(shard_dir: str | os.PathLike, batch_size: int | None = None) ->
 
     index = read_index(shard_dir)
     if batch_size is not None and batch_size > index["total_samples"]:
-        raise TrainError(f"train.batch_size {batch_size} is larger than the {index['total_samples']} samples in "
-                         f"{shard_dir} — set train.batch_size to at most {index['total_samples']}, or degrade more "
-                         "images or variants")
+        raise TrainError(
+            f"train.batch_size {batch_size} is larger than the {index['total_samples']} samples in "
+            f"{shard_dir} — set train.batch_size to at most {index['total_samples']}, or degrade more "
+            "images or variants"
+        )
     bad = verify_shards(shard_dir, names=[])
     if bad:
-        raise ShardError(f"{len(bad)} shard(s) in {shard_dir} differ from the index (e.g. {bad[0]}: replaced, damaged "
-                         "or from another run) — rerun the degrade stage (`dvc repro degrade`) to rewrite them")
+        raise ShardError(
+            f"{len(bad)} shard(s) in {shard_dir} differ from the index (e.g. {bad[0]}: replaced, damaged "
+            "or from another run) — rerun the degrade stage (`dvc repro degrade`) to rewrite them"
+        )
     return index_digest(index)
 
 
-def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[dict], tracker: Tracker,
-               state_path: Path, saved: Callable[..., dict], lines: "ProgressLines | None") -> float:
+def train_loop(
+    t: Trainer,
+    cfg: TrainConfig,
+    batches,
+    steps: range,
+    rows: list[dict],
+    tracker: Tracker,
+    state_path: Path,
+    saved: Callable[..., dict],
+    lines: ProgressLines | None,
+) -> float:
     """Run ``steps``, appending a log row per step; returns the seconds spent. ``saved(t, step,
     rows=...)`` is the train state written every ``checkpoint_every`` steps; ``lines``, when given,
     prints a progress line now and then (a bar is shown instead on a terminal)."""
@@ -485,7 +537,7 @@ def train_loop(t: Trainer, cfg: TrainConfig, batches, steps: range, rows: list[d
     return time.perf_counter() - start
 
 
-def progress_lines(show: bool) -> "ProgressLines | None":
+def progress_lines(show: bool) -> ProgressLines | None:
     """Progress for this process: None when ``show`` is off (no bar, no lines); lines only off a
     terminal (the bar, on stderr, shows itself on one)."""
     if not show:
@@ -516,8 +568,11 @@ class ProgressLines:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (steps.stop - row["step"]) / rate
-        print(f"train: step {row['step']}/{steps.stop} ({100 * row['step'] // steps.stop}%), loss {row['loss']:.4f}, "
-              f"{rate:.2f} steps/s, ETA {duration(eta)}", flush=True)
+        print(
+            f"train: step {row['step']}/{steps.stop} ({100 * row['step'] // steps.stop}%), loss {row['loss']:.4f}, "
+            f"{rate:.2f} steps/s, ETA {duration(eta)}",
+            flush=True,
+        )
 
 
 def duration(seconds: float) -> str:
@@ -530,8 +585,16 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def finish(t: Trainer, cfg: TrainConfig, out_dir: Path, rows: list[dict], seconds: float, stats: LoaderStats,
-           metadata: dict | None, state_path: Path) -> TrainResult:
+def finish(
+    t: Trainer,
+    cfg: TrainConfig,
+    out_dir: Path,
+    rows: list[dict],
+    seconds: float,
+    stats: LoaderStats,
+    metadata: dict | None,
+    state_path: Path,
+) -> TrainResult:
     """Write the checkpoint folder and the log (rank 0), drop the train state, leave the process group."""
     digests = gather_digests(t)
     if t.ema is not None:  # the average is the model: evaluated, scored and exported
@@ -539,8 +602,16 @@ def finish(t: Trainer, cfg: TrainConfig, out_dir: Path, rows: list[dict], second
     final = {k: v for k, v in rows[-1].items() if k.startswith("loss")} if rows else {}
     ckpt = out_dir / "checkpoint"
     if t.dist.main:
-        meta = {"steps": cfg.steps, "seconds": round(seconds, 2), "final": final, "corrupt_samples": stats.corrupt,
-                "world_size": t.dist.world_size, "replica_digests": digests, "ema": cfg.ema, **(metadata or {})}
+        meta = {
+            "steps": cfg.steps,
+            "seconds": round(seconds, 2),
+            "final": final,
+            "corrupt_samples": stats.corrupt,
+            "world_size": t.dist.world_size,
+            "replica_digests": digests,
+            "ema": cfg.ema,
+            **(metadata or {}),
+        }
         save_checkpoint(t.model.cpu(), ckpt, meta)
         write_log(out_dir / "train_log.csv", rows)
         state_path.unlink(missing_ok=True)  # the run is complete: the checkpoint supersedes it

@@ -1,5 +1,6 @@
 """Shared fixtures: the read-only real data in ../shared/data, tiny artefacts, and (from servers.py) real
 servers on 127.0.0.1."""
+
 from __future__ import annotations
 
 import os
@@ -90,12 +91,13 @@ def ingest_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("ingest")
     photos = make_photos(root / "photos", n=4, size=(72, 96))
-    run_ingest(IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "ingest",
-               progress=False)
+    run_ingest(
+        IngestConfig(sources=(str(photos),), min_size=64, val_fraction=0.0, workers=1), root / "ingest", progress=False
+    )
     return root / "ingest"
 
 
-def degrade_cli(params: Path, ingest: Path, out: str | Path, **popen) -> "subprocess.Popen":
+def degrade_cli(params: Path, ingest: Path, out: str | Path, **popen) -> subprocess.Popen:
     """``qualiclip degrade`` in a session of its own, so that a test can signal it with its pool workers."""
     import subprocess
 
@@ -133,10 +135,21 @@ def tiny_params(sources: list[str], **overrides) -> dict:
         "model": {"name": "qualiclip-tiny-rn", "pretrained": None},
         "tracking": {"backend": "mlflow"},
         "ingest": {"sources": sources, "min_size": 64, "val_fraction": 0.34, "workers": 1},
-        "degrade": {"variants": 2, "samples_per_shard": 4, "workers": 1, "crop": 64,
-                    "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"]},
-        "train": {"steps": 3, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 4, "log_every": 1,
-                  "threads": 1},  # see one_thread: 30x faster on a busy 2-core machine
+        "degrade": {
+            "variants": 2,
+            "samples_per_shard": 4,
+            "workers": 1,
+            "crop": 64,
+            "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"],
+        },
+        "train": {
+            "steps": 3,
+            "batch_size": 2,
+            "num_workers": 0,
+            "shuffle_buffer": 4,
+            "log_every": 1,
+            "threads": 1,
+        },  # see one_thread: 30x faster on a busy 2-core machine
         "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True, "batch_size": 16},
         "promotion": {},
     }
@@ -170,7 +183,9 @@ def make_dvc_project(root: Path, params: dict, env: dict | None = None, *, decla
     shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     if declare_sources:
-        pipeline["stages"]["ingest"].setdefault("deps", []).extend(s for s in params["ingest"]["sources"] if s != "skimage")
+        pipeline["stages"]["ingest"].setdefault("deps", []).extend(
+            s for s in params["ingest"]["sources"] if s != "skimage"
+        )
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\n")
@@ -212,7 +227,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 

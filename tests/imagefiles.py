@@ -1,4 +1,5 @@
 """Small image-file builders shared by the ingest and image-reading tests."""
+
 from __future__ import annotations
 
 import io
@@ -22,6 +23,7 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares ``width x height`` RGB but carries no pixel data: a bomb header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

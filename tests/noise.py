@@ -3,6 +3,7 @@
 `noise_lines` picks them out of a `dvc repro` log or a Prefect run's log, so a test can ask for
 none; `python tests/noise.py LOG` counts them in a saved log.
 """
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,10 @@ import sys
 
 NOISE = {
     # DVC's hint after every `dvc repro` (a stage task runs one): git add / autostage / dvc push
-    "dvc git hint": re.compile(r"To track the changes with git|To enable auto staging|dvc config core\.autostage"
-                               r"|\bgit add .*dvc\.lock"),
+    "dvc git hint": re.compile(
+        r"To track the changes with git|To enable auto staging|dvc config core\.autostage"
+        r"|\bgit add .*dvc\.lock"
+    ),
     # ... and its last line, which `dvc repro` prints once at its end whatever the settings
     "dvc push hint": re.compile(r"Use `dvc push` to send your updates"),
     # MLflow's schema hint for a dataset's integer columns

@@ -17,6 +17,7 @@ conftest.py imports the fixtures, so any test module can ask for them:
 - ``mlflow_server``: ``mlflow server`` on 127.0.0.1 with ``postgres`` as its backend store and a
   bucket of ``s3_server`` as its artifact destination, proxying artifacts (`MlflowServer`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -51,9 +52,13 @@ class S3Server:
         """A boto3 S3 client of this server (for setup and inspection; the code under test uses fsspec)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
-                            region_name=self.env["AWS_DEFAULT_REGION"])
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
 
     def make_bucket(self) -> str:
         """Create a new empty bucket; returns its name."""
@@ -66,7 +71,9 @@ class S3Server:
         client, out = self.client(), {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                out[obj["Key"][len(prefix):].lstrip("/")] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                out[obj["Key"][len(prefix) :].lstrip("/")] = client.get_object(Bucket=bucket, Key=obj["Key"])[
+                    "Body"
+                ].read()
         return out
 
 
@@ -80,8 +87,15 @@ def s3_server() -> Iterator[S3Server]:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        yield S3Server(endpoint, {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+        yield S3Server(
+            endpoint,
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
     finally:
         server.stop()
 
@@ -134,17 +148,35 @@ def postgres_cluster() -> Iterator[str]:
     server its own database (`new_database`): MLflow and Prefect both keep an ``alembic_version``
     table. Stops the server and removes the folder on exit. No fsync: the data dies with the test."""
     if not (PG_BIN / "initdb").is_file():
-        raise RuntimeError(f"no PostgreSQL at {PG_BIN} — apt-get install postgresql-15 (.ci/run does), "
-                           "or set QUALICLIP_PG_BIN to the folder holding initdb and pg_ctl")
+        raise RuntimeError(
+            f"no PostgreSQL at {PG_BIN} — apt-get install postgresql-15 (.ci/run does), "
+            "or set QUALICLIP_PG_BIN to the folder holding initdb and pg_ctl"
+        )
     root = Path(tempfile.mkdtemp(prefix="qualiclip-pg-"))
     data, port = root / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(root, PG_USER, PG_USER)
     try:
-        _run(_as_cluster_owner([str(PG_BIN / "initdb"), "-D", str(data), "-U", "qc", "--auth=trust",
-                                "--encoding=UTF8", "--no-sync"]))
-        _run(_as_cluster_owner([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
-                                "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"]))
+        _run(
+            _as_cluster_owner(
+                [str(PG_BIN / "initdb"), "-D", str(data), "-U", "qc", "--auth=trust", "--encoding=UTF8", "--no-sync"]
+            )
+        )
+        _run(
+            _as_cluster_owner(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(root / "server.log"),
+                    "-w",
+                    "-o",
+                    f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off",
+                    "start",
+                ]
+            )
+        )
         try:
             yield f"postgresql://qc@127.0.0.1:{port}/postgres"
         finally:
@@ -200,13 +232,28 @@ def mlflow_server(postgres, s3_server, tmp_path_factory) -> Iterator[MlflowServe
 
     bucket, port, dsn = s3_server.make_bucket(), free_port(), new_database(postgres, "mlflow")
     folder = tmp_path_factory.mktemp("mlflow-server")
-    env = {**os.environ, **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        **s3_server.env,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     # the driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, the scale extra installs psycopg2
     store = dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", store,
-           "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "2"]
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        store,
+        "--artifacts-destination",
+        f"s3://{bucket}/mlartifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
     proc = start_logged(cmd, folder / "server.log", env, folder)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, folder / "server.log", "mlflow server")

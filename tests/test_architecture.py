@@ -1,5 +1,6 @@
 """The layering is a check, not a convention: the import-linter contracts of pyproject.toml hold,
 and each one fails when a forbidden import is added (docs/architecture.md)."""
+
 from __future__ import annotations
 
 import shutil
@@ -26,8 +27,14 @@ VIOLATIONS = [
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([bin_path("lint-imports"), "--no-cache"], cwd=cwd, env={**CLEAN_ENV, "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [bin_path("lint-imports"), "--no-cache"],
+        cwd=cwd,
+        env={**CLEAN_ENV, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_import_contracts_hold():

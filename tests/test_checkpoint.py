@@ -1,4 +1,5 @@
 """Checkpoint folders, the official QualiCLIP format, and the resumable train-state file."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from qualiclip.checkpoint import (
-    CONFIG, TRAIN_STATE, WEIGHTS, export_official, load_checkpoint, load_train_state, read_metadata, save_checkpoint,
+    CONFIG,
+    TRAIN_STATE,
+    WEIGHTS,
+    export_official,
+    load_checkpoint,
+    load_train_state,
+    read_metadata,
+    save_checkpoint,
     save_train_state,
 )
 from qualiclip.model import ModelConfig, ModelLoadError, create_model
@@ -163,12 +171,15 @@ def _huge_architecture(ckpt):
     (ckpt / CONFIG).write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(("damage", "file", "message"), [
-    (_random_weights, WEIGHTS, "not a valid safetensors file"),
-    (_huge_header_length, WEIGHTS, "header length 9223372036854775807 does not fit"),
-    (_truncated_config, CONFIG, "is not valid JSON"),
-    (_huge_architecture, CONFIG, "vision_cfg.width = 1000000000, above the limit"),
-])
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        (_random_weights, WEIGHTS, "not a valid safetensors file"),
+        (_huge_header_length, WEIGHTS, "header length 9223372036854775807 does not fit"),
+        (_truncated_config, CONFIG, "is not valid JSON"),
+        (_huge_architecture, CONFIG, "vision_cfg.width = 1000000000, above the limit"),
+    ],
+)
 def test_damaged_checkpoints_are_refused_with_one_line(tiny, tmp_path, capsys, damage, file, message):
     from PIL import Image
 

@@ -1,4 +1,5 @@
 """The stage entries exactly as dvc.yaml calls them: bad arguments give clear errors, exit 2."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CLEAN_ENV, bin_path, make_photos, tiny_params
 
 
@@ -69,15 +69,23 @@ def test_module_entry_is_the_same_command(project):
     """``python -m qualiclip.pipeline.cli`` (what torchrun runs) is the ``qualiclip`` command."""
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "qualiclip.pipeline.cli", "distortions", "--list"], cwd=project,
-                          env={**os.environ, **CLEAN_ENV}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qualiclip.pipeline.cli", "distortions", "--list"],
+        cwd=project,
+        env={**os.environ, **CLEAN_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == qualiclip("distortions", "--list", cwd=project).stdout
 
 
 def test_stage_entries_run_in_order_as_dvc_calls_them(project):
-    for args in (["ingest", "--params", "params.yaml", "--out", "data/ingest"],
-                 ["degrade", "--params", "params.yaml", "--ingest", "data/ingest", "--out", "data/shards"]):
+    for args in (
+        ["ingest", "--params", "params.yaml", "--out", "data/ingest"],
+        ["degrade", "--params", "params.yaml", "--ingest", "data/ingest", "--out", "data/shards"],
+    ):
         proc = qualiclip(*args, cwd=project)
         assert proc.returncode == 0, proc.stderr
     assert (project / "data/shards/index.json").is_file()
@@ -86,8 +94,8 @@ def test_stage_entries_run_in_order_as_dvc_calls_them(project):
 
 def test_every_user_error_is_one_line_without_traceback(monkeypatch, capsys):
     """The CLI recognises user errors by their base class, so a new error type needs no registration."""
-    from qualiclip.pipeline import cli
     from qualiclip.errors import QualiclipError
+    from qualiclip.pipeline import cli
 
     class BrandNewError(QualiclipError):
         pass
@@ -124,12 +132,15 @@ def test_version_prints_the_package_version(capsys):
     assert done.value.code == 0 and capsys.readouterr().out == f"qualiclip {__version__}\n"
 
 
-@pytest.mark.parametrize(("command", "shown"), [
-    ("score", ["--device DEVICE", "(default: auto)", "(default: 8)", "(default: 89478485)"]),
-    ("train", ["(default: params.yaml)"]),
-    ("explain", ["(default: 224)", "(default: 112)"]),
-    ("distortions", ["(default: 0)"]),
-])
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("score", ["--device DEVICE", "(default: auto)", "(default: 8)", "(default: 89478485)"]),
+        ("train", ["(default: params.yaml)"]),
+        ("explain", ["(default: 224)", "(default: 112)"]),
+        ("distortions", ["(default: 0)"]),
+    ],
+)
 def test_help_shows_the_defaults(command, shown, capsys):
     from qualiclip.pipeline.cli import main
 
@@ -147,10 +158,17 @@ def with_shards(project: Path) -> dict:
     from qualiclip.ingest import IngestConfig, run_ingest
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    run_ingest(IngestConfig(sources=(str(project / "photos"),), min_size=64, val_fraction=0.0, workers=1),
-               project / "data/ingest", progress=False)
-    run_degrade(build_config(DegradeConfig, params["degrade"], where="degrade"), project / "data/ingest",
-                project / "data/shards", progress=False)
+    run_ingest(
+        IngestConfig(sources=(str(project / "photos"),), min_size=64, val_fraction=0.0, workers=1),
+        project / "data/ingest",
+        progress=False,
+    )
+    run_degrade(
+        build_config(DegradeConfig, params["degrade"], where="degrade"),
+        project / "data/ingest",
+        project / "data/shards",
+        progress=False,
+    )
     return params
 
 
@@ -159,7 +177,9 @@ def test_train_fails_before_training_when_an_evaluate_dataset_is_broken(project)
     params = with_shards(project)
     rated = make_photos(project / "rated", n=3)
     (rated / "labels.csv").write_text("image,mos\nphoto_00.png,3.0\nphoto_01.png,4.0\n")  # photo_02.png: no label
-    params["evaluate"]["datasets"] = [{"name": "csv", "root": str(rated), "mos_range": [1, 5], "lower_is_better": False}]
+    params["evaluate"]["datasets"] = [
+        {"name": "csv", "root": str(rated), "mos_range": [1, 5], "lower_is_better": False}
+    ]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     proc = qualiclip("train", "--shards", "data/shards", "--out", "outputs/train", cwd=project)
     assert proc.returncode == 2, proc.stderr
@@ -252,7 +272,10 @@ def test_train_fails_before_training_when_evaluate_is_misconfigured(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     proc = qualiclip("train", "--shards", "data/shards", "--out", "outputs/train", cwd=project)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == "qualiclip train: error: params.yaml: evaluate.batch_size must be an integer in [1, 65536], got 0\n"
+    assert (
+        proc.stderr
+        == "qualiclip train: error: params.yaml: evaluate.batch_size must be an integer in [1, 65536], got 0\n"
+    )
     assert not (project / "outputs/train").exists()
 
 
@@ -260,15 +283,26 @@ def test_train_fails_before_training_when_evaluate_is_misconfigured(project):
 # A clean stop (issue 26): Ctrl-C or SIGTERM in any command is one line and exit 130 / 143
 
 
-@pytest.mark.parametrize(("command", "args", "how"), [
-    ("ingest", ["--out", "o"], "nothing is kept: rerun the same command to start it again"),
-    ("evaluate", ["--model", "m", "--ingest", "i", "--out", "o"], "nothing is kept: rerun the same command to start it again"),
-    ("train", ["--shards", "s", "--out", "o"], "no train state was saved yet (every train.checkpoint_every steps): "
-                                                 "a rerun starts at step 0"),
-])
+@pytest.mark.parametrize(
+    ("command", "args", "how"),
+    [
+        ("ingest", ["--out", "o"], "nothing is kept: rerun the same command to start it again"),
+        (
+            "evaluate",
+            ["--model", "m", "--ingest", "i", "--out", "o"],
+            "nothing is kept: rerun the same command to start it again",
+        ),
+        (
+            "train",
+            ["--shards", "s", "--out", "o"],
+            "no train state was saved yet (every train.checkpoint_every steps): a rerun starts at step 0",
+        ),
+    ],
+)
 @pytest.mark.parametrize(("signum", "code", "name"), [("SIGINT", 130, "Ctrl-C (SIGINT)"), ("SIGTERM", 143, "SIGTERM")])
-def test_a_signal_during_a_stage_is_one_line_and_its_exit_code(tmp_path, monkeypatch, capsys, command, args, how,
-                                                               signum, code, name):
+def test_a_signal_during_a_stage_is_one_line_and_its_exit_code(
+    tmp_path, monkeypatch, capsys, command, args, how, signum, code, name
+):
     import signal
 
     from qualiclip.pipeline import cli, stages
@@ -297,14 +331,24 @@ def test_ctrl_c_while_scoring_names_the_output_it_did_not_write(tmp_path, monkey
 
     monkeypatch.setattr(score_cli, "run_score", interrupted)
     assert cli.main(["score", "a.png", "--out", str(tmp_path / "s.csv")]) == 130
-    assert capsys.readouterr().err == (f"qualiclip score: stopped by Ctrl-C (SIGINT); no {tmp_path / 's.csv'} was "
-                                       "written: rerun the same command\n")
+    assert capsys.readouterr().err == (
+        f"qualiclip score: stopped by Ctrl-C (SIGINT); no {tmp_path / 's.csv'} was written: rerun the same command\n"
+    )
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("--batch-size", "0"), ("--batch-size", "1000000000"), ("--batch-size", "nan"), ("--threads", "-1"),
-    ("--threads", "100000"), ("--max-pixels", "0"), ("--max-pixels", "1e30"), ("--max-memory-gb", "inf"),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "1000000000"),
+        ("--batch-size", "nan"),
+        ("--threads", "-1"),
+        ("--threads", "100000"),
+        ("--max-pixels", "0"),
+        ("--max-pixels", "1e30"),
+        ("--max-memory-gb", "inf"),
+    ],
+)
 def test_numeric_score_options_outside_their_range_are_usage_errors(tmp_path, capsys, option, value):
     from qualiclip.pipeline import cli
 
@@ -320,6 +364,8 @@ def test_a_path_option_no_file_can_have_is_one_line_not_an_os_error(tmp_path, ca
     long_name = str(tmp_path / ("x" * 300 + ".csv"))
     assert cli.main(["ingest", "--params", long_name, "--out", "o"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qualiclip ingest: error: the params path ") and "longer than the 255 a file name may be" in err
+    assert (
+        err.startswith("qualiclip ingest: error: the params path ") and "longer than the 255 a file name may be" in err
+    )
     assert cli.main(["score", "a.png", "--out", long_name]) == 2
     assert "the out path" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Typed stage configs: every params.yaml section builds; unknown keys, bad values and bad files are named."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,18 +86,24 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     """YAML keeps the last of two equal keys; a params file must not (it hid a setting)."""
     path = write(tmp_path, "train:\n  steps: 300\n  lr: 0.1\n  steps: 5\n")
-    with pytest.raises(ConfigError, match=r"params.yaml, line 4, column 3: key 'steps' is written twice in one "
-                                          r"mapping \(first at line 2\) — keep one$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"params.yaml, line 4, column 3: key 'steps' is written twice in one "
+        r"mapping \(first at line 2\) — keep one$",
+    ):
         load_params(path)
     with pytest.raises(ConfigError, match="key 'train' is written twice"):
         load_params(write(tmp_path, "train: {}\nmodel: {}\ntrain: {steps: 3}\n"))
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    ("train:\n  steps: [300\n", "line 3, column 1"),
-    ("train:\n\tsteps: 3\n", "line 2, column 1"),
-    ("train: {steps: 3}}\n", "line 1, column 18"),
-])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("train:\n  steps: [300\n", "line 3, column 1"),
+        ("train:\n\tsteps: 3\n", "line 2, column 1"),
+        ("train: {steps: 3}}\n", "line 1, column 18"),
+    ],
+)
 def test_yaml_syntax_errors_name_line_and_column(tmp_path, text, where):
     with pytest.raises(ConfigError, match=rf"params.yaml, {where}: .* — fix the YAML$"):
         load_params(write(tmp_path, text))
@@ -114,7 +121,9 @@ def test_aliases_of_whole_mappings_are_refused(tmp_path):
     laughs = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n"
     with pytest.raises(ConfigError, match=r"line 2, column 8: the alias \*a repeats a whole mapping or list"):
         load_params(write(tmp_path, laughs))
-    assert load_params(write(tmp_path, "train: {steps: &n 3, log_every: *n}\n")) == {"train": {"steps": 3, "log_every": 3}}
+    assert load_params(write(tmp_path, "train: {steps: &n 3, log_every: *n}\n")) == {
+        "train": {"steps": 3, "log_every": 3}
+    }
 
 
 def test_whole_file_is_checked_unknown_and_missing_sections_named(tmp_path):
@@ -125,7 +134,9 @@ def test_whole_file_is_checked_unknown_and_missing_sections_named(tmp_path):
     with pytest.raises(ConfigError, match=r"params.yaml: unknown section 'trian' — did you mean 'train'\?"):
         read_params(path)
     path = write(tmp_path, "model: {}\nevaluate: {}\n")
-    with pytest.raises(ConfigError, match=r"params.yaml has no 'train:' section — add it \('train: \{\}' takes every default\)"):
+    with pytest.raises(
+        ConfigError, match=r"params.yaml has no 'train:' section — add it \('train: \{\}' takes every default\)"
+    ):
         read_params(path, "train", "model")
     path = write(tmp_path, "model: {}\nevaluate: {device: banana}\n")
     with pytest.raises(ConfigError, match="evaluate.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"):
@@ -134,29 +145,39 @@ def test_whole_file_is_checked_unknown_and_missing_sections_named(tmp_path):
     assert configs["train"] == TrainConfig() and set(configs) == {"train", "model"}
 
 
-@pytest.mark.parametrize(("section", "values", "message"), [
-    ("train", {"steps": 0}, "train.steps must be an integer in [1, 1000000000], got 0"),
-    ("train", {"steps": -5}, "train.steps must be an integer in [1, 1000000000], got -5"),
-    ("train", {"warmup_steps": -1}, "train.warmup_steps must be an integer in [0, 1000000000], got -1"),
-    ("train", {"checkpoint_every": -1}, "train.checkpoint_every must be an integer in [0, 1000000000], got -1"),
-    ("train", {"batch_size": 0}, "train.batch_size must be an integer in [1, 65536], got 0"),
-    ("train", {"lr": -0.001}, "train.lr must be a number in (0, 10], got -0.001"),
-    ("train", {"lr": float("nan")}, "train.lr must be a finite number, got nan"),
-    ("train", {"num_workers": -1}, "train.num_workers must be an integer in [0, 256], got -1"),
-    ("train", {"log_every": 0}, "train.log_every must be an integer in [1, 1000000000], got 0"),
-    ("train", {"device": "banana"}, "train.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
-    ("train", {"lambda_neg": -1}, "train.lambda_neg must be a number in [0, 1000], got -1.0"),
-    ("train", {"precision": "fp64"}, "train.precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp64'"),
-    ("degrade", {"crop": 0}, "degrade.crop must be an integer in [1, 16384], got 0"),
-    ("degrade", {"distortions": ["jpeg", "gausian_blur"]},
-     "degrade.distortions[1]: unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?"),
-    ("evaluate", {"batch_size": 0}, "evaluate.batch_size must be an integer in [1, 65536], got 0"),
-    ("evaluate", {"device": "cuda:x"}, "evaluate.device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
-    ("ingest", {"background": [0, 0, 256]}, "ingest.background[2] must be an integer in [0, 255], got 256"),
-    ("ingest", {"background": [0, 0]}, "ingest.background must have exactly 3 items, got (0, 0)"),
-    ("model", {"seed": -1}, "model.seed must be an integer in [0, 4294967295], got -1"),
-    ("schedule", {"timezone": "Europe"}, "schedule.timezone must be an IANA time zone, e.g. UTC or Europe/Rome, got 'Europe'"),
-])
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"steps": 0}, "train.steps must be an integer in [1, 1000000000], got 0"),
+        ("train", {"steps": -5}, "train.steps must be an integer in [1, 1000000000], got -5"),
+        ("train", {"warmup_steps": -1}, "train.warmup_steps must be an integer in [0, 1000000000], got -1"),
+        ("train", {"checkpoint_every": -1}, "train.checkpoint_every must be an integer in [0, 1000000000], got -1"),
+        ("train", {"batch_size": 0}, "train.batch_size must be an integer in [1, 65536], got 0"),
+        ("train", {"lr": -0.001}, "train.lr must be a number in (0, 10], got -0.001"),
+        ("train", {"lr": float("nan")}, "train.lr must be a finite number, got nan"),
+        ("train", {"num_workers": -1}, "train.num_workers must be an integer in [0, 256], got -1"),
+        ("train", {"log_every": 0}, "train.log_every must be an integer in [1, 1000000000], got 0"),
+        ("train", {"device": "banana"}, "train.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
+        ("train", {"lambda_neg": -1}, "train.lambda_neg must be a number in [0, 1000], got -1.0"),
+        ("train", {"precision": "fp64"}, "train.precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp64'"),
+        ("degrade", {"crop": 0}, "degrade.crop must be an integer in [1, 16384], got 0"),
+        (
+            "degrade",
+            {"distortions": ["jpeg", "gausian_blur"]},
+            "degrade.distortions[1]: unknown distortion 'gausian_blur' — did you mean 'gaussian_blur'?",
+        ),
+        ("evaluate", {"batch_size": 0}, "evaluate.batch_size must be an integer in [1, 65536], got 0"),
+        ("evaluate", {"device": "cuda:x"}, "evaluate.device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+        ("ingest", {"background": [0, 0, 256]}, "ingest.background[2] must be an integer in [0, 255], got 256"),
+        ("ingest", {"background": [0, 0]}, "ingest.background must have exactly 3 items, got (0, 0)"),
+        ("model", {"seed": -1}, "model.seed must be an integer in [0, 4294967295], got -1"),
+        (
+            "schedule",
+            {"timezone": "Europe"},
+            "schedule.timezone must be an IANA time zone, e.g. UTC or Europe/Rome, got 'Europe'",
+        ),
+    ],
+)
 def test_values_outside_their_declared_range_are_refused(section, values, message):
     from qualiclip.degrade import DegradeConfig
     from qualiclip.evaluate import EvaluateConfig
@@ -164,8 +185,14 @@ def test_values_outside_their_declared_range_are_refused(section, values, messag
     from qualiclip.model import ModelConfig
     from qualiclip.pipeline.params import ScheduleConfig
 
-    configs = {"train": TrainConfig, "degrade": DegradeConfig, "evaluate": EvaluateConfig, "ingest": IngestConfig,
-               "model": ModelConfig, "schedule": ScheduleConfig}
+    configs = {
+        "train": TrainConfig,
+        "degrade": DegradeConfig,
+        "evaluate": EvaluateConfig,
+        "ingest": IngestConfig,
+        "model": ModelConfig,
+        "schedule": ScheduleConfig,
+    }
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         build_config(configs[section], values, where=section)
 
@@ -195,8 +222,11 @@ def test_configs_built_in_python_are_checked_too():
 
 
 def test_a_section_given_as_a_list_or_a_scalar_is_named():
-    with pytest.raises(ConfigError, match=r"params section 'train' must be a mapping of keys \('key: value' lines\), "
-                                          r"got a list \['steps', 3\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"params section 'train' must be a mapping of keys \('key: value' lines\), "
+        r"got a list \['steps', 3\]",
+    ):
         build_config(TrainConfig, ["steps", 3], where="train")
     with pytest.raises(ConfigError, match="got a string 'steps=3'"):
         build_config(TrainConfig, "steps=3", where="train")
@@ -240,10 +270,15 @@ def test_a_look_alike_name_says_which_character_is_not_what_it_seems(tmp_path):
     from qualiclip.schema import SampleConfig
 
     shipped = (ROOT / "params.yaml").read_text()
-    with pytest.raises(ConfigError, match="unknown section 'tr\u0430in' \\('\u0430' at position 3 is U\\+0430 CYRILLIC "
-                                          "SMALL LETTER A, not ASCII\\) — did you mean 'train'\\?"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown section 'tr\u0430in' \\('\u0430' at position 3 is U\\+0430 CYRILLIC "
+        "SMALL LETTER A, not ASCII\\) — did you mean 'train'\\?",
+    ):
         read_params(write(tmp_path, shipped.replace("\ntrain:", "\ntr\u0430in:")))
-    with pytest.raises(ConfigError, match=r"unknown key 'steps\\u200b' .*U\+200B ZERO WIDTH SPACE.* did you mean 'steps'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'steps\\u200b' .*U\+200B ZERO WIDTH SPACE.* did you mean 'steps'"
+    ):
         build_config(TrainConfig, {"steps\u200b": 3}, where="train")
     with pytest.raises(ConfigError, match="unknown distortion 'jp\u0435g' .*U\\+0435 CYRILLIC SMALL LETTER IE.*'jpeg'"):
         build_config(SampleConfig, {"distortions": ["jp\u0435g"]}, where="degrade")
@@ -251,16 +286,34 @@ def test_a_look_alike_name_says_which_character_is_not_what_it_seems(tmp_path):
         build_config(TrainConfig, {"stpes": 3}, where="train")  # plain ASCII: no note, the repr shows it
 
 
-@pytest.mark.parametrize(("section", "key", "value"), [
-    ("degrade", "variants", 10**12), ("degrade", "samples_per_shard", 10**9), ("degrade", "workers", 10**6),
-    ("degrade", "crop", 10**7), ("degrade", "max_distortions", 25),
-    ("train", "batch_size", 10**9), ("train", "steps", 10**12), ("train", "shuffle_buffer", 10**9),
-    ("train", "num_workers", 10**4), ("train", "threads", 10**5), ("train", "lr", 1e9), ("train", "margin_rank", 2.5),
-    ("train", "lambda_pos", 1e9), ("train", "grad_clip", 1e300), ("train", "checkpoint_every", 10**12),
-    ("evaluate", "batch_size", 10**9), ("evaluate", "crop", 10**7), ("model", "logit_scale", 1e9),
-    ("ingest", "max_pixels", 10**15), ("ingest", "workers", 10**6), ("ingest", "min_size", 10**7),
-    ("schedule", "timeout", 1e12), ("schedule", "lock_timeout", 1e12),
-])
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("degrade", "variants", 10**12),
+        ("degrade", "samples_per_shard", 10**9),
+        ("degrade", "workers", 10**6),
+        ("degrade", "crop", 10**7),
+        ("degrade", "max_distortions", 25),
+        ("train", "batch_size", 10**9),
+        ("train", "steps", 10**12),
+        ("train", "shuffle_buffer", 10**9),
+        ("train", "num_workers", 10**4),
+        ("train", "threads", 10**5),
+        ("train", "lr", 1e9),
+        ("train", "margin_rank", 2.5),
+        ("train", "lambda_pos", 1e9),
+        ("train", "grad_clip", 1e300),
+        ("train", "checkpoint_every", 10**12),
+        ("evaluate", "batch_size", 10**9),
+        ("evaluate", "crop", 10**7),
+        ("model", "logit_scale", 1e9),
+        ("ingest", "max_pixels", 10**15),
+        ("ingest", "workers", 10**6),
+        ("ingest", "min_size", 10**7),
+        ("schedule", "timeout", 1e12),
+        ("schedule", "lock_timeout", 1e12),
+    ],
+)
 def test_every_count_and_number_has_an_upper_bound(section, key, value):
     from qualiclip.pipeline.params import sections
 

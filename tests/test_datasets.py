@@ -1,4 +1,5 @@
 """Dataset registry: real CLIVE label files and images, and tiny synthetic folders per layout."""
+
 from __future__ import annotations
 
 import csv
@@ -13,11 +14,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from qualiclip.datasets import (
-    DatasetError, IQAItem, clive_labels, dataset_spec, list_datasets, load_dataset)
+from qualiclip.datasets import DatasetError, IQAItem, clive_labels, dataset_spec, list_datasets, load_dataset
 
-ALL = ["agiqa3k", "clive", "csiq", "csv", "flive", "kadid10k", "koniq10k", "live", "pyiqa", "spaq",
-       "tid2013"]
+ALL = ["agiqa3k", "clive", "csiq", "csv", "flive", "kadid10k", "koniq10k", "live", "pyiqa", "spaq", "tid2013"]
 
 
 def write_image(path: Path, size=(8, 6), value=128) -> Path:
@@ -37,6 +36,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 # ---------------------------------------------------------------- registry and options
+
 
 def test_registry_lists_every_layout():
     assert list_datasets() == ALL
@@ -67,6 +67,7 @@ def test_missing_root_and_label_file(tmp_path):
 
 
 # ---------------------------------------------------------------- CLIVE, real files
+
 
 def test_clive_official_label_files_parse(clive_dir):
     official = clive_dir / "official"
@@ -120,6 +121,7 @@ def test_clive_dev_reads_as_a_generic_csv(clive_dir):
 
 # ---------------------------------------------------------------- validation
 
+
 @pytest.fixture
 def small_csv_set(tmp_path) -> Path:
     for name in ("a.png", "b.png", "c.jpg"):
@@ -136,19 +138,30 @@ def test_every_kind_of_problem_is_named_and_counted(small_csv_set):
     root = small_csv_set
     (root / "img" / "b.png").write_bytes(b"not an image")
     write_image(root / "img" / "stray.png")
-    write_csv(root / "labels.csv", ["image", "mos"],
-              [["a.png", 1], ["b.png", 2], ["c.jpg", 3], ["gone.png", 4], ["a.png", 5]])
+    write_csv(
+        root / "labels.csv", ["image", "mos"], [["a.png", 1], ["b.png", 2], ["c.jpg", 3], ["gone.png", 4], ["a.png", 5]]
+    )
     with pytest.raises(DatasetError) as err:
         _load_small(root)
     message = str(err.value)
-    for part in ("4 problem(s)", "missing image: 1", "duplicate label: 1", "unreadable image: 1",
-                 "image without a label: 1", "gone.png", "stray.png"):
+    for part in (
+        "4 problem(s)",
+        "missing image: 1",
+        "duplicate label: 1",
+        "unreadable image: 1",
+        "image without a label: 1",
+        "gone.png",
+        "stray.png",
+    ):
         assert part in message
     ds = _load_small(root, on_missing="exclude")
     assert [i.path.name for i in ds.items] == ["a.png", "c.jpg"]
     assert {p.name: r.split(" (")[0] for p, r in ds.report} == {
-        "b.png": "unreadable image", "gone.png": "missing image", "a.png": "duplicate label",
-        "stray.png": "image without a label"}
+        "b.png": "unreadable image",
+        "gone.png": "missing image",
+        "a.png": "duplicate label",
+        "stray.png": "image without a label",
+    }
 
 
 def test_offender_list_is_capped_but_count_is_complete(small_csv_set):
@@ -176,8 +189,11 @@ def test_declared_options_are_checked(small_csv_set):
 def test_lower_is_better_is_flipped_within_the_range_and_splits_filter(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         write_image(tmp_path / name)
-    write_csv(tmp_path / "labels.csv", ["image", "mos", "split"],
-              [["a.png", 10, "training"], ["b.png", 30, "test"], ["c.png", 90, ""]])
+    write_csv(
+        tmp_path / "labels.csv",
+        ["image", "mos", "split"],
+        [["a.png", 10, "training"], ["b.png", 30, "test"], ["c.png", 90, ""]],
+    )
     ds = load_dataset("csv", tmp_path, mos_range=[0, 100], lower_is_better=True)
     np.testing.assert_allclose(ds.mos(), [90, 70, 10])
     np.testing.assert_allclose(ds.raw_mos(), [10, 30, 90])
@@ -203,14 +219,22 @@ def test_koniq10k_release_with_official_sets(tmp_path):
     for n in names:
         write_image(tmp_path / "1024x768" / n)
         write_image(tmp_path / "512x384" / n)
-    write_csv(tmp_path / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER,
-              [[n, 0, 0, 0, 0, 0, 0, 1.5 + i, 0.5, 40] for i, n in enumerate(names)])
+    write_csv(
+        tmp_path / "koniq10k_scores_and_distributions.csv",
+        KONIQ_HEADER,
+        [[n, 0, 0, 0, 0, 0, 0, 1.5 + i, 0.5, 40] for i, n in enumerate(names)],
+    )
     ds = load_dataset("koniq10k", tmp_path)
     assert ds.splits == () and ds.paths()[0].parent.name == "1024x768"
     np.testing.assert_allclose(ds.mos(), [1.5, 2.5, 3.5])
-    write_csv(tmp_path / "koniq10k_distributions_sets.csv", KONIQ_HEADER[:-1] + ["set"],
-              [[n, 0, 0, 0, 0, 0, 0, 1.5 + i, 0.5, s]
-               for i, (n, s) in enumerate(zip(names, ["training", "validation", "test"]))])
+    write_csv(
+        tmp_path / "koniq10k_distributions_sets.csv",
+        KONIQ_HEADER[:-1] + ["set"],
+        [
+            [n, 0, 0, 0, 0, 0, 0, 1.5 + i, 0.5, s]
+            for i, (n, s) in enumerate(zip(names, ["training", "validation", "test"]))
+        ],
+    )
     small = load_dataset("koniq10k", tmp_path, resolution="512x384")
     assert small.paths()[0].parent.name == "512x384" and small.splits == ("test", "train", "val")
     assert small.split("test").paths() == [tmp_path / "512x384" / "3.jpg"]
@@ -229,8 +253,11 @@ def test_spaq_reads_a_csv_export_and_declares_the_resize(tmp_path):
     if importlib.util.find_spec("openpyxl") is None:
         with pytest.raises(DatasetError, match="needs openpyxl .* or save the sheet as"):
             load_dataset("spaq", tmp_path)
-    write_csv(tmp_path / "Annotations" / "MOS and Image attribute scores.csv",
-              ["Image name", "MOS", "Brightness"], [["00001.jpg", 42.0, 50], ["00002.jpg", 77.5, 60]])
+    write_csv(
+        tmp_path / "Annotations" / "MOS and Image attribute scores.csv",
+        ["Image name", "MOS", "Brightness"],
+        [["00001.jpg", 42.0, 50], ["00002.jpg", 77.5, 60]],
+    )
     ds = load_dataset("spaq", tmp_path)
     assert ds.resize_short_side == 512 and ds.mos_range == (0.0, 100.0)
     np.testing.assert_allclose(ds.mos(), [42.0, 77.5])
@@ -241,11 +268,15 @@ def test_flive_images_in_subfolders_with_pyiqa_splits(tmp_path):
     names = ["AVA__/1.jpg", "AVA__/2.jpg", "voc_emotic_ava/3.jpg", "EE371R/4.jpg"]
     for n in names:
         write_image(base / n)
-    write_csv(base / "labels_image.csv", ["name", "mos", "height", "width"],
-              [[n, 60 + i, 6, 8] for i, n in enumerate(names)])
+    write_csv(
+        base / "labels_image.csv", ["name", "mos", "height", "width"], [[n, 60 + i, 6, 8] for i, n in enumerate(names)]
+    )
     write_csv(base / "labels640.csv", ["name_image", "mos_image"], [[names[3], 63]])
-    write_csv(base / "labels=640_padded.csv", ["name_image", "mos_image", "is_valid"],
-              [[names[0], 60, "False"], [names[1], 61, "True"], [names[2], 62, "False"]])
+    write_csv(
+        base / "labels=640_padded.csv",
+        ["name_image", "mos_image", "is_valid"],
+        [[names[0], 60, "False"], [names[1], 61, "True"], [names[2], 62, "False"]],
+    )
     ds = load_dataset("flive", tmp_path)
     assert [i.split for i in ds.items] == ["train", "val", "train", "test"]
     assert ds.split("test").paths() == [base / "EE371R" / "4.jpg"]
@@ -254,8 +285,11 @@ def test_flive_images_in_subfolders_with_pyiqa_splits(tmp_path):
 def test_kadid10k_references_in_the_folder_are_not_unlabelled(tmp_path):
     for n in ("I01.png", "I01_01_01.png", "I01_01_02.png"):
         write_image(tmp_path / "images" / n)
-    write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "dmos", "var"],
-              [["I01_01_01.png", "I01.png", 4.57, 0.5], ["I01_01_02.png", "I01.png", 4.33, 0.8]])
+    write_csv(
+        tmp_path / "dmos.csv",
+        ["dist_img", "ref_img", "dmos", "var"],
+        [["I01_01_01.png", "I01.png", 4.57, 0.5], ["I01_01_02.png", "I01.png", 4.33, 0.8]],
+    )
     ds = load_dataset("kadid10k", tmp_path)
     assert len(ds) == 2 and not ds.lower_is_better
     np.testing.assert_allclose(ds.mos(), [4.57, 4.33])
@@ -309,9 +343,11 @@ def test_live_rejects_a_mat_of_the_wrong_length(tmp_path):
 def test_agiqa3k_reads_quality_or_alignment(tmp_path):
     write_image(tmp_path / "AGIQA-3K" / "sd1.5_normal_000.jpg")
     write_image(tmp_path / "AGIQA-3K" / "sd1.5_normal_001.jpg")
-    write_csv(tmp_path / "data.csv", ["name", "prompt", "mos_quality", "std_quality", "mos_align", "std_align"],
-              [["sd1.5_normal_000.jpg", "a cat", 2.1, 0.4, 3.0, 0.3],
-               ["sd1.5_normal_001.jpg", "a dog", 3.4, 0.5, 2.2, 0.3]])
+    write_csv(
+        tmp_path / "data.csv",
+        ["name", "prompt", "mos_quality", "std_quality", "mos_align", "std_align"],
+        [["sd1.5_normal_000.jpg", "a cat", 2.1, 0.4, 3.0, 0.3], ["sd1.5_normal_001.jpg", "a dog", 3.4, 0.5, 2.2, 0.3]],
+    )
     np.testing.assert_allclose(load_dataset("agiqa3k", tmp_path).mos(), [2.1, 3.4])
     np.testing.assert_allclose(load_dataset("agiqa3k", tmp_path, score="mos_align").mos(), [3.0, 2.2])
 
@@ -319,18 +355,30 @@ def test_agiqa3k_reads_quality_or_alignment(tmp_path):
 def test_pyiqa_nr_meta_info_with_split_column(tmp_path):
     for n in ("1.jpg", "2.jpg", "3.jpg"):
         write_image(tmp_path / "koniq" / n)
-    write_csv(tmp_path / "meta_info_KonIQ10kDataset.csv", ["img_name", "mos", "std", "split"],
-              [["1.jpg", 3.1, 0.5, "train"], ["2.jpg", 2.2, 0.6, "val"], ["3.jpg", 4.0, 0.4, "test"]])
-    ds = load_dataset("pyiqa", tmp_path, meta_info="meta_info_KonIQ10kDataset.csv", image_dir="koniq",
-                      mos_range=(1, 5), lower_is_better=False)
+    write_csv(
+        tmp_path / "meta_info_KonIQ10kDataset.csv",
+        ["img_name", "mos", "std", "split"],
+        [["1.jpg", 3.1, 0.5, "train"], ["2.jpg", 2.2, 0.6, "val"], ["3.jpg", 4.0, 0.4, "test"]],
+    )
+    ds = load_dataset(
+        "pyiqa",
+        tmp_path,
+        meta_info="meta_info_KonIQ10kDataset.csv",
+        image_dir="koniq",
+        mos_range=(1, 5),
+        lower_is_better=False,
+    )
     assert ds.split("test").mos().tolist() == [4.0] and ds.splits == ("test", "train", "val")
 
 
 def test_pyiqa_fr_meta_info_with_split_file(tmp_path):
     for n in ("ref.png", "d1.png", "d2.png"):
         write_image(tmp_path / "imgs" / n)
-    write_csv(tmp_path / "meta.csv", ["ref_name", "dist_name", "dmos"],
-              [["ref.png", "d1.png", 20.0], ["ref.png", "d2.png", 55.0]])
+    write_csv(
+        tmp_path / "meta.csv",
+        ["ref_name", "dist_name", "dmos"],
+        [["ref.png", "d1.png", 20.0], ["ref.png", "d2.png", 55.0]],
+    )
     with open(tmp_path / "split.pkl", "wb") as f:
         pickle.dump({1: {"train": [1], "val": [], "test": [0]}}, f)
     common = dict(meta_info="meta.csv", image_dir="imgs", mos_range=(0, 100), lower_is_better=True)
@@ -359,7 +407,9 @@ def test_a_split_file_is_never_unpickled_into_code(tmp_path):
     marker = tmp_path / "code_ran"
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({1: {"train": [0], "test": [1], "x": _Touch(marker)}}, f)
-    with pytest.raises(DatasetError, match="evil.pkl is not a plain pyiqa split file.*names pathlib.*re-save it as JSON"):
+    with pytest.raises(
+        DatasetError, match="evil.pkl is not a plain pyiqa split file.*names pathlib.*re-save it as JSON"
+    ):
         load_dataset("pyiqa", tmp_path, split_file="evil.pkl", **common)
     assert not marker.exists()
     (tmp_path / "split.json").write_text('{"1": {"train": [0], "val": [], "test": [1]}}')

@@ -1,4 +1,5 @@
 """The degrade stage: determinism, atomic resume after SIGKILL, plan changes, the index, the flow."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import CLEAN_ENV, ROOT, degrade_cli, kill_midway_then_rerun
+
 from qualiclip.config import ConfigError, build_config
 from qualiclip.degrade import DegradeConfig, DegradeError, run_degrade
 from qualiclip.ingest import IngestError
@@ -114,7 +115,12 @@ def test_bad_inputs_name_the_fix(ingest_dir, tmp_path):
     with pytest.raises(DegradeError, match="no 'val' images"):
         run_degrade(replace(CFG, split="val"), ingest_dir, tmp_path / "out", progress=False)
     with pytest.raises(Exception, match="gaussian_blur"):  # the registry's did-you-mean
-        run_degrade(replace(CFG, sample=SampleConfig(distortions=("gausian_blur",))), ingest_dir, tmp_path / "out", progress=False)
+        run_degrade(
+            replace(CFG, sample=SampleConfig(distortions=("gausian_blur",))),
+            ingest_dir,
+            tmp_path / "out",
+            progress=False,
+        )
 
 
 def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, tmp_path):
@@ -122,8 +128,11 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_shard(ingest_dir, t
     side is refused from the manifest's sizes before any shard is planned or written."""
     for crop in (73, 16_384):  # the photos are 72 x 96; 16384 is the largest crop the schema allows
         cfg = replace(CFG, sample=replace(CFG.sample, crop=crop))
-        with pytest.raises(ConfigError, match=rf"degrade.crop is {crop} px, larger than the shorter side of 4 of the 4 "
-                                              r"images .* \(smallest: 72 px, .*\) — set degrade.crop to at most 72"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"degrade.crop is {crop} px, larger than the shorter side of 4 of the 4 "
+            r"images .* \(smallest: 72 px, .*\) — set degrade.crop to at most 72",
+        ):
             run_degrade(cfg, ingest_dir, tmp_path / "out", progress=False)
         assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # its lock file only
 
@@ -182,8 +191,18 @@ def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_p
     params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
     with Client(dask_cluster) as client:
         before = client.run(lambda dask_worker: dask_worker.state.executed_count)
-        summary = main(["--params", str(params), "--ingest", str(ingest_dir), "--out", str(tmp_path / "dask"),
-                        "--dask", dask_cluster.scheduler_address])
+        summary = main(
+            [
+                "--params",
+                str(params),
+                "--ingest",
+                str(ingest_dir),
+                "--out",
+                str(tmp_path / "dask"),
+                "--dask",
+                dask_cluster.scheduler_address,
+            ]
+        )
         ran = client.run(lambda dask_worker: dask_worker.state.executed_count)
     assert summary["shards"] == 6 and summary["resumed_shards"] == 0
     assert len(ran) == 2 and all(ran[w] > before[w] for w in ran), f"shard tasks per worker process: {ran}"
@@ -200,8 +219,21 @@ def test_dask_local_without_a_prefect_server_exits_promptly_and_quietly(ingest_d
     params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 1, "crop": 32}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_PROFILE"))}
     env.update(CLEAN_ENV, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "flows.degrade_flow", "--params", str(params), "--ingest", str(ingest_dir),
-           "--out", str(tmp_path / "out"), "--dask", "local", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.degrade_flow",
+        "--params",
+        str(params),
+        "--ingest",
+        str(ingest_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--dask",
+        "local",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, summary_at = [], None
     for line in proc.stdout:  # until the process exits and closes its end
@@ -253,14 +285,19 @@ def test_a_second_run_into_the_same_folder_fails_and_the_first_completes(ingest_
     try:
         assert first.poll() is None, "the first run ended before the second could start"
         with pytest.raises(DegradeError, match="another qualiclip degrade is writing to"):
-            run_degrade(build_config(DegradeConfig, {**KILL_CFG, "seed": 1}, where="degrade"), ingest_dir, out,
-                        progress=False)
+            run_degrade(
+                build_config(DegradeConfig, {**KILL_CFG, "seed": 1}, where="degrade"), ingest_dir, out, progress=False
+            )
     finally:
         os.killpg(first.pid, signal.SIGCONT)
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 0, log
-    run_degrade(build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade"), ingest_dir,
-                tmp_path / "reference", progress=False)
+    run_degrade(
+        build_config(DegradeConfig, {**KILL_CFG, "workers": 1}, where="degrade"),
+        ingest_dir,
+        tmp_path / "reference",
+        progress=False,
+    )
     assert digests(out) == digests(tmp_path / "reference")
 
 
@@ -283,8 +320,11 @@ def test_variants_whose_plan_cannot_fit_in_memory_are_refused_at_once(ingest_dir
 
     cfg = replace(CFG, variants=900_000)  # within the schema's fixed bound; 4 images x 900k samples
     started = time.monotonic()
-    with pytest.raises(DegradeError, match=r"degrade.variants 900000 plans 3,600,000 samples for 4 images: the plan "
-                                           r"alone would need ~0.461 GB, more than half this machine's 0.5 GB .* at most 488281$"):
+    with pytest.raises(
+        DegradeError,
+        match=r"degrade.variants 900000 plans 3,600,000 samples for 4 images: the plan "
+        r"alone would need ~0.461 GB, more than half this machine's 0.5 GB .* at most 488281$",
+    ):
         check_plan_fits(4, cfg, memory=500_000_000)
     assert time.monotonic() - started < 1
     check_plan_fits(4, replace(CFG, variants=488281), memory=500_000_000)
@@ -306,10 +346,13 @@ def test_run_degrade_checks_the_plan_against_this_machines_memory(ingest_dir, tm
 # Ctrl-C and SIGTERM (issue 26): a clean stop, one line, the shards kept for the rerun
 
 
-@pytest.mark.parametrize(("signum", "group", "code", "name"), [
-    (signal.SIGINT, True, 130, "Ctrl-C (SIGINT)"),  # the terminal signals the whole group, pool workers too
-    (signal.SIGTERM, False, 143, "SIGTERM"),       # `kill PID`: the command alone; it stops its workers
-])
+@pytest.mark.parametrize(
+    ("signum", "group", "code", "name"),
+    [
+        (signal.SIGINT, True, 130, "Ctrl-C (SIGINT)"),  # the terminal signals the whole group, pool workers too
+        (signal.SIGTERM, False, 143, "SIGTERM"),  # `kill PID`: the command alone; it stops its workers
+    ],
+)
 def test_a_signal_stops_degrade_cleanly_and_the_rerun_finishes_the_set(ingest_dir, tmp_path, signum, group, code, name):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
@@ -324,7 +367,8 @@ def test_a_signal_stops_degrade_cleanly_and_the_rerun_finishes_the_set(ingest_di
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (
         f"qualiclip degrade: stopped by {name}; the shards written so far are kept in {out}: rerun the same command "
-        "to write the rest (the finished set is the same, byte for byte)")
+        "to write the rest (the finished set is the same, byte for byte)"
+    )
     assert not (out / "index.json").exists()
     rerun = degrade_cli(params, ingest_dir, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = rerun.communicate(timeout=300)[0]

@@ -1,4 +1,5 @@
 """The degradation model: registry, per-type contracts, and monotone severity on real photos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +11,11 @@ from qualiclip.distortions import (
     GROUPS,
     Distortion,
     UnknownDistortionError,
+    _ops,
     contact_sheet,
     get_distortion,
     list_distortions,
 )
-from qualiclip.distortions import _ops
 
 NAMES = list_distortions()
 LEVELS = range(1, 6)
@@ -42,7 +43,7 @@ def crops(kodak_dir) -> list[np.ndarray]:
         photo = np.asarray(Image.open(kodak_dir / name).convert("RGB"), dtype=np.float32) / 255.0
         h, w = photo.shape[:2]
         for y, x in ((0, 0), ((h - 224) // 2, (w - 224) // 2)):
-            out.append(np.ascontiguousarray(photo[y:y + 224, x:x + 224]))
+            out.append(np.ascontiguousarray(photo[y : y + 224, x : x + 224]))
     return out
 
 
@@ -114,8 +115,9 @@ def test_contract_shape_range_determinism_no_mutation(name):
     assert np.array_equal(image, before)
     assert [a.tobytes() for a in arrays_of(state)] == state_bytes
     wild = image * 1.6 - 0.3  # out of range: the output is clipped all the same
-    assert all(0.0 <= d.apply(wild, level, state).min() and d.apply(wild, level, state).max() <= 1.0
-               for level in LEVELS)
+    assert all(
+        0.0 <= d.apply(wild, level, state).min() and d.apply(wild, level, state).max() <= 1.0 for level in LEVELS
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -208,8 +210,9 @@ def test_to_uint8_is_the_numpy_formula_bit_for_bit():
     for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic()):
         expected = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         assert np.array_equal(_ops.to_uint8(x), expected)
-    assert np.array_equal(_ops.from_uint8(np.arange(256, dtype=np.uint8)),
-                          np.arange(256).astype(np.float32) * np.float32(1 / 255))
+    assert np.array_equal(
+        _ops.from_uint8(np.arange(256, dtype=np.uint8)), np.arange(256).astype(np.float32) * np.float32(1 / 255)
+    )
 
 
 def test_compression_equals_a_pillow_round_trip(crops):
@@ -228,8 +231,14 @@ def test_compression_equals_a_pillow_round_trip(crops):
             quality, ratio = jpeg.levels[level - 1], j2k.levels[level - 1]
             assert np.array_equal(jpeg.apply(crop, level, None), pillow(crop, format="JPEG", quality=quality))
             resolutions = min(8, int(np.log2(min(crop.shape[:2]))) + 1)
-            expected = pillow(crop, format="JPEG2000", quality_mode="rates", quality_layers=[float(ratio)],
-                              num_resolutions=resolutions, progression="LRCP")
+            expected = pillow(
+                crop,
+                format="JPEG2000",
+                quality_mode="rates",
+                quality_layers=[float(ratio)],
+                num_resolutions=resolutions,
+                progression="LRCP",
+            )
             assert np.array_equal(j2k.apply(crop, level, None), expected)
 
 

@@ -4,6 +4,7 @@ Checked: every relative link and ``#anchor`` in README.md, CONTRIBUTING.md and d
 as text — ``docs/<name>.md`` or ``docs/<name>.md, "Section title"`` — there and in the code's
 docstrings and messages (a section title is the start of a heading of that page).
 """
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -82,7 +82,7 @@ def broken_section_numbers(page: Path, where: str, line: str) -> list[str]:
     broken, previous, end = [], "", 0
     for m in SECTION_NUMBER.finditer(line):
         name, number = m.groups()
-        if not name and previous and re.fullmatch(r"\s*(,|and|or)\s*", line[end:m.start()]):
+        if not name and previous and re.fullmatch(r"\s*(,|and|or)\s*", line[end : m.start()]):
             name = previous  # "METHOD.md §2, §4": the second of the same page
         previous, end = name or "", m.end()
         if name in EXTERNAL or (name and not name.endswith(".md")):  # "limit §3" is no page
@@ -96,7 +96,7 @@ def broken_section_numbers(page: Path, where: str, line: str) -> list[str]:
 
 
 def broken_named_parts(page: Path, where: str, line: str) -> list[str]:
-    """"the quiet environment of [stack.md](stack.md)": a part named in words, linked without an
+    """ "the quiet environment of [stack.md](stack.md)": a part named in words, linked without an
     anchor, must be a heading of that page (else the reader looks for a section that is not there)."""
     broken = []
     for words, target in NAMED_PART.findall(line):
@@ -109,9 +109,14 @@ def broken_named_parts(page: Path, where: str, line: str) -> list[str]:
 def broken_paths(where: str, line: str) -> list[str]:
     """Files of the repository named in the text (``flows/retrain.py``, ``tests/test_x.py``) must exist
     (pages, ``docs/x.md``, are `broken_mentions`' to check)."""
-    return [f"{where}: {path} — no such file" for path in REPO_PATH.findall(line)
-            if not any(c in path for c in "*<{…") and not path.endswith(".md") and not (ROOT / path).exists()
-            and not (ROOT / (path.split(".")[0] + ".py")).is_file()]  # `flows/retrain.GPU_STAGE`: module.name
+    return [
+        f"{where}: {path} — no such file"
+        for path in REPO_PATH.findall(line)
+        if not any(c in path for c in "*<{…")
+        and not path.endswith(".md")
+        and not (ROOT / path).exists()
+        and not (ROOT / (path.split(".")[0] + ".py")).is_file()
+    ]  # `flows/retrain.GPU_STAGE`: module.name
 
 
 def broken_pointers(page: Path) -> list[str]:
@@ -146,9 +151,11 @@ def test_every_docs_section_the_code_names_exists():
 
 def test_the_checker_catches_missing_files_anchors_and_sections(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text('# 6. Seeing the runs: the UI\n\n[ok](#6-seeing-the-runs-the-ui) [gone](#seeing-runs) '
-                    '[file](nowhere.md) `[code](nowhere.md)`\n```\n[fenced](nowhere.md)\n```\n'
-                    'see docs/evaluation.md, "Outputs" and docs/evaluation.md, "Inputs", docs/nowhere.md\n')
+    page.write_text(
+        "# 6. Seeing the runs: the UI\n\n[ok](#6-seeing-the-runs-the-ui) [gone](#seeing-runs) "
+        "[file](nowhere.md) `[code](nowhere.md)`\n```\n[fenced](nowhere.md)\n```\n"
+        'see docs/evaluation.md, "Outputs" and docs/evaluation.md, "Inputs", docs/nowhere.md\n'
+    )
     assert broken_pointers(page) == [
         "page.md:3: #seeing-runs — no heading with that anchor in page.md",
         "page.md:3: nowhere.md — no such file",
@@ -181,8 +188,9 @@ def outside_references(root: Path, file: Path) -> list[str]:
     bad = [f"{where}: {m}" for m in outside]
     for name in FILE_MENTION.findall(text):
         candidates = [root / name, file.parent / name] + ([root / "docs" / name] if "/" not in name else [])
-        if name not in outside and not any(c.is_file() and c.resolve().is_relative_to(root.resolve())
-                                           for c in candidates):
+        if name not in outside and not any(
+            c.is_file() and c.resolve().is_relative_to(root.resolve()) for c in candidates
+        ):
             bad.append(f"{where}: {name}")
     return bad
 
@@ -196,13 +204,17 @@ def test_no_file_outside_the_repository_is_cited():
 def test_the_outside_reference_check_catches_missing_files(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "method.md").write_text("# Method\n")
-    (tmp_path / "README.md").write_text("See docs/method.md, method.md and [the table](docs/method.md#method).\n"
-                                        "Real data: ../shared/data/clive.\n")
+    (tmp_path / "README.md").write_text(
+        "See docs/method.md, method.md and [the table](docs/method.md#method).\nReal data: ../shared/data/clive.\n"
+    )
     (tmp_path / "code.py").write_text('"""The score (METHOD.md §2; ../shared/STYLE.md; docs/gone.md)."""\n')
     assert project_text_files(tmp_path) == [tmp_path / "README.md", tmp_path / "code.py", tmp_path / "docs/method.md"]
     assert outside_references(tmp_path, tmp_path / "README.md") == []
     assert outside_references(tmp_path, tmp_path / "code.py") == [
-        "code.py: ../shared/STYLE.md", "code.py: METHOD.md", "code.py: docs/gone.md"]
+        "code.py: ../shared/STYLE.md",
+        "code.py: METHOD.md",
+        "code.py: docs/gone.md",
+    ]
 
 
 def test_the_checker_catches_named_parts_section_numbers_and_files_that_do_not_exist(tmp_path):
@@ -211,10 +223,12 @@ def test_the_checker_catches_named_parts_section_numbers_and_files_that_do_not_e
     docs.mkdir()
     (docs / "other.md").write_text("# Other\n\n## 1. Drop photos\n\n## A quiet environment\n")
     page = docs / "page.md"
-    page.write_text("# 1. Page\n\nSet the quiet environment of [other.md](other.md) first; "
-                    "the noise of [other.md](other.md).\n"
-                    "See other.md §1 and §1, other.md §2, §4 and METHOD.md §9, `flows/retrain.py`, "
-                    "`flows/retrain.GPU_STAGE`, `tests/test_nowhere.py`.\n")
+    page.write_text(
+        "# 1. Page\n\nSet the quiet environment of [other.md](other.md) first; "
+        "the noise of [other.md](other.md).\n"
+        "See other.md §1 and §1, other.md §2, §4 and METHOD.md §9, `flows/retrain.py`, "
+        "`flows/retrain.GPU_STAGE`, `tests/test_nowhere.py`.\n"
+    )
     assert broken_pointers(page) == [
         'page.md:3: "the noise" of other.md — no such heading in other.md',
         "page.md:4: other.md §2 — no section 2 in other.md",

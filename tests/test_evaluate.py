@@ -1,5 +1,6 @@
 """The evaluate stage end to end, as `dvc repro` runs it: synthetic set, a real dataset (the 250
 CLIVE images of clive-dev, with an official-style test split), the baseline, CSVs and plots."""
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,6 @@ BLOCK = {"srcc", "krcc", "plcc", "plcc_logistic", "n"}
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread(one_thread):
     """See conftest.one_thread."""
-
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,16 @@ def clive_split_labels(clive_dir, tmp_path_factory):
 
 def clive_spec(clive_dir, labels) -> dict:
     # resized to 96 px on the short side to keep the test fast; evaluation is full-resolution by default
-    return {"name": "csv", "label": "clive", "root": str(labels.parent), "labels": labels.name,
-            "image_dir": str(clive_dir / "images"), "mos_range": [0, 100], "lower_is_better": False,
-            "resize_short_side": 96}
+    return {
+        "name": "csv",
+        "label": "clive",
+        "root": str(labels.parent),
+        "labels": labels.name,
+        "image_dir": str(clive_dir / "images"),
+        "mos_range": [0, 100],
+        "lower_is_better": False,
+        "resize_short_side": 96,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +69,27 @@ def evaluated(ingest_dir, clive_dir, clive_split_labels, tmp_path_factory):
     params = {  # the model section is not evaluate's: the checkpoint (seed 1) carries its own config
         "model": {"name": "qualiclip-tiny-rn", "pretrained": None, "seed": 0},
         "tracking": {"backend": "none"},
-        "evaluate": {"distortions": ["gaussian_blur", "white_noise", "jpeg"], "batch_size": 8, "device": "cpu",
-                     "datasets": [clive_spec(clive_dir, clive_split_labels)]},
+        "evaluate": {
+            "distortions": ["gaussian_blur", "white_noise", "jpeg"],
+            "batch_size": 8,
+            "device": "cpu",
+            "datasets": [clive_spec(clive_dir, clive_split_labels)],
+        },
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    rc = main(["evaluate", "--params", str(work / "params.yaml"), "--model", str(ckpt),
-               "--ingest", str(ingest_dir), "--out", str(work / "out")])
+    rc = main(
+        [
+            "evaluate",
+            "--params",
+            str(work / "params.yaml"),
+            "--model",
+            str(ckpt),
+            "--ingest",
+            str(ingest_dir),
+            "--out",
+            str(work / "out"),
+        ]
+    )
     assert rc == 0
     return work / "out"
 
@@ -121,8 +143,9 @@ def test_baseline_is_built_from_the_checkpoints_own_config(evaluated):
     from qualiclip.scoring import score_paths
 
     row = next(csv.DictReader(open(evaluated / "scores_clive.csv")))
-    own, params = (score_paths([row["path"]], baseline_model(ModelConfig(seed=s)), resize_short=96)[0].score
-                   for s in (1, 0))
+    own, params = (
+        score_paths([row["path"]], baseline_model(ModelConfig(seed=s)), resize_short=96)[0].score for s in (1, 0)
+    )
     assert float(row["baseline_score"]) == pytest.approx(own, abs=2e-6)
     assert abs(own - params) > 1e-4
 
@@ -164,7 +187,10 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_is_read(ingest_dir)
 
     assert len(build_synthetic_set(ingest_dir, EvaluateConfig(crop=240, distortions=("jpeg",))).images) == 5
     for crop in (241, 16_384):  # 16384: the largest crop the schema allows
-        with pytest.raises(ConfigError, match=rf"evaluate.crop is {crop} px, larger than the shorter side of 1 of the 1 "
-                                              r"images in .*manifest.csv \(smallest: 240 px, ab12\) — set evaluate.crop "
-                                              rf"to at most 240, or raise ingest.min_size to {crop}"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"evaluate.crop is {crop} px, larger than the shorter side of 1 of the 1 "
+            r"images in .*manifest.csv \(smallest: 240 px, ab12\) — set evaluate.crop "
+            rf"to at most 240, or raise ingest.min_size to {crop}",
+        ):
             build_synthetic_set(ingest_dir, EvaluateConfig(crop=crop, distortions=("jpeg",)))

@@ -8,6 +8,7 @@ axes of its 2-D feature: the score then rises with sharpness through the model's
 cosine/softmax scoring. What is under test is the map machinery — windowing, batching the
 patches, putting each score back where its patch was — not the quality of a trained model.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,8 @@ from PIL import Image
 from torch import nn
 
 from qualiclip.explain import QualityMap, quality_map, window_starts
-from qualiclip.pipeline.cli import main
 from qualiclip.model import ModelConfig, QualiCLIP, create_model
+from qualiclip.pipeline.cli import main
 from qualiclip.scoring import score_arrays
 
 
@@ -114,7 +115,7 @@ def test_patch_scores_are_the_scores_of_the_crops(sharpness_model):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)
     qmap = quality_map(sharpness_model, image, patch=64, stride=20)
-    crops = [image[y:y + 64, x:x + 64] for y in qmap.ys for x in qmap.xs]
+    crops = [image[y : y + 64, x : x + 64] for y in qmap.ys for x in qmap.xs]
     np.testing.assert_allclose(qmap.scores.ravel(), score_arrays(sharpness_model, crops), atol=1e-6)
     assert qmap.global_score == pytest.approx(score_arrays(sharpness_model, [image])[0], abs=1e-6)
     assert quality_map(sharpness_model, image[:50], patch=224).patch == 50  # reduced to the image
@@ -126,8 +127,25 @@ def test_explain_cli_writes_map_and_csv(kodak_dir, tmp_path, capsys):
     ckpt = save_checkpoint(create_model(ModelConfig()), tmp_path / "ckpt")
     image = tmp_path / "small.png"
     Image.open(kodak_dir / "kodim01.png").resize((192, 128)).save(image)
-    assert main(["explain", str(image), "--out", str(tmp_path / "map.png"), "--model", str(ckpt),
-                 "--patch", "64", "--stride", "32", "--csv", str(tmp_path / "p.csv")]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(image),
+                "--out",
+                str(tmp_path / "map.png"),
+                "--model",
+                str(ckpt),
+                "--patch",
+                "64",
+                "--stride",
+                "32",
+                "--csv",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "map.png").stat().st_size > 5_000
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(rows) == 3 * 5 and {r["size"] for r in rows} == {"64"}
@@ -146,8 +164,18 @@ def test_images_too_small_for_the_encoder_are_one_line_errors(tiny_checkpoint, t
     from qualiclip.pipeline.cli import main
 
     Image.new("RGB", size, "grey").save(tmp_path / "x.png")
-    rc = main(["explain", str(tmp_path / "x.png"), "--out", str(tmp_path / "map.png"), "--model", str(tiny_checkpoint),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "explain",
+            str(tmp_path / "x.png"),
+            "--out",
+            str(tmp_path / "map.png"),
+            "--model",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"too_small: {size[0]}x{size[1]} px" in err and "upscale" in err
     assert not (tmp_path / "map.png").exists()

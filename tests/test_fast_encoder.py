@@ -1,4 +1,5 @@
 """The scoring encoder (`FastEncoder`) and its ONNX export give the model's own scores on real photos."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,7 @@ def _single_thread(one_thread):
 @pytest.fixture(scope="module")
 def photos(kodak_dir, bsds_dir, clive_dir) -> list[np.ndarray]:
     """Real photos of several sizes and aspect ratios, odd sides included (uint8 RGB)."""
+
     def load(path):
         return np.array(Image.open(path).convert("RGB"))
 

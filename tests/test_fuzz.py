@@ -8,6 +8,7 @@ numeric CLI options are fuzzed too. No input may hang, crash with another except
 `derandomize` makes the examples the same on every run and `max_examples`/`deadline` keep the
 whole file to a few seconds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,22 +24,30 @@ import numpy as np
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imagefiles import encode, noise
 from PIL import Image
 
-from imagefiles import encode, noise
 from qualiclip.checkpoint import read_config
 from qualiclip.datasets import DatasetError
 from qualiclip.datasets.readers import read_split_file
 from qualiclip.imageio import READ_REASONS, ImageReadError, decode_image, read_image
 from qualiclip.loader import decode_sample, expand_shards
 from qualiclip.model import ModelLoadError, read_safetensors_header
-from qualiclip.pipeline.serving import SERVE_ROOT_ENV, resolve_paths  # mlflow: seconds, imported before the deadline counts
+from qualiclip.pipeline.serving import (  # mlflow: seconds, imported before the deadline counts
+    SERVE_ROOT_ENV,
+    resolve_paths,
+)
 from qualiclip.shards import ShardError, encode_crops, read_index, sample_json, write_shard
 
 # QUALICLIP_FUZZ_EXAMPLES=20000 fuzzes deeper, with new random examples each run (not for CI)
 EXAMPLES = int(os.environ.get("QUALICLIP_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=2000, derandomize="QUALICLIP_FUZZ_EXAMPLES" not in os.environ,
-                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=2000,
+    derandomize="QUALICLIP_FUZZ_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 MAX_PIXELS = 1 << 20  # a mutated header may declare anything; the guard must hold
 
 
@@ -64,9 +73,16 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
 
 def _images() -> list[bytes]:
     rgb = Image.fromarray(noise(0, 16, 12))
-    return [encode(rgb, "PNG"), encode(rgb, "JPEG"), encode(rgb, "WEBP", lossless=True), encode(rgb, "TIFF"),
-            encode(rgb, "BMP"), encode(rgb.convert("P"), "GIF"), encode(rgb.convert("RGBA"), "PNG"),
-            encode(Image.fromarray(noise(1, 16, 12, 1).astype(np.uint16) * 257), "PNG")]
+    return [
+        encode(rgb, "PNG"),
+        encode(rgb, "JPEG"),
+        encode(rgb, "WEBP", lossless=True),
+        encode(rgb, "TIFF"),
+        encode(rgb, "BMP"),
+        encode(rgb.convert("P"), "GIF"),
+        encode(rgb.convert("RGBA"), "PNG"),
+        encode(Image.fromarray(noise(1, 16, 12, 1).astype(np.uint16) * 257), "PNG"),
+    ]
 
 
 IMAGES = _images()
@@ -154,8 +170,12 @@ def _checkpoint_seeds() -> tuple[bytes, bytes]:
     from safetensors.torch import save
 
     weights = save({"clip.visual.w": torch.ones(2, 3), "prompt_features": torch.zeros(2, 4, dtype=torch.float16)})
-    config = json.dumps({"model": {"name": "qualiclip-tiny-rn", "pretrained": None, "logit_scale": 100.0},
-                         "open_clip_config": {"embed_dim": 64, "vision_cfg": {"width": 16, "layers": [1, 1, 1, 1]}}})
+    config = json.dumps(
+        {
+            "model": {"name": "qualiclip-tiny-rn", "pretrained": None, "logit_scale": 100.0},
+            "open_clip_config": {"embed_dim": 64, "vision_cfg": {"width": 16, "layers": [1, 1, 1, 1]}},
+        }
+    )
     return weights, config.encode()
 
 
@@ -194,10 +214,20 @@ def test_a_split_file_is_read_as_plain_data_or_refused(tmp_path_factory, data):
 PARAMS = (Path(__file__).resolve().parents[1] / "params.yaml").read_bytes()
 PARAMS_DICT = yaml.safe_load(PARAMS)
 PARAMS_ALIAS = b"train: {steps: &n 3, log_every: *n}\nmodel: &m {seed: 1}\n"  # anchors, an alias of one value
-SCALARS = (st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats()
-           | st.sampled_from(["auto", "cuda:1", "banana", "jpeg", "", "train", "val", "fp16"]) | st.text(max_size=12))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=10)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.integers()
+    | st.floats()
+    | st.sampled_from(["auto", "cuda:1", "banana", "jpeg", "", "train", "val", "fp16"])
+    | st.text(max_size=12)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 @st.composite
@@ -297,9 +327,14 @@ def test_every_list_file_entry_is_read_or_gets_its_own_image_read_error(tmp_path
             assert exc.reason in READ_REASONS
 
 
-ROW_VALUES = (st.text(max_size=40) | st.sampled_from(["good.png", "../x", "/etc/passwd", "a\x00b", "\ud800", "\udcff" * 300])
-              | st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")) | st.none()
-              | st.integers() | st.floats())
+ROW_VALUES = (
+    st.text(max_size=40)
+    | st.sampled_from(["good.png", "../x", "/etc/passwd", "a\x00b", "\ud800", "\udcff" * 300])
+    | st.binary(max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape"))
+    | st.none()
+    | st.integers()
+    | st.floats()
+)
 
 
 @FUZZ
@@ -316,8 +351,12 @@ def test_each_served_path_row_resolves_inside_the_root_or_gets_its_own_error(tmp
         assert r.is_relative_to(root.resolve()) if isinstance(r, Path) else r.startswith(f"row {index}: ")
 
 
-NUMBER_TEXT = (st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0x10", "1_000", " 3 ", "", "1e-12", "9" * 40])
-               | st.integers().map(str) | st.floats().map(str) | st.text(max_size=8))
+NUMBER_TEXT = (
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0x10", "1_000", " 3 ", "", "1e-12", "9" * 40])
+    | st.integers().map(str)
+    | st.floats().map(str)
+    | st.text(max_size=8)
+)
 
 
 @FUZZ
@@ -337,7 +376,11 @@ def test_a_numeric_score_option_is_in_its_range_or_a_usage_error(option, text):
         assert exc.code == 2 and f"argument {option}: " in err.getvalue() and "Traceback" not in err.getvalue()
         return
     value = getattr(args, option.lstrip("-").replace("-", "_"))
-    ranges = {"--batch-size": (1, 65_536), "--threads": (0, 1024), "--max-pixels": (1, 1 << 31),
-              "--max-memory-gb": (0.001, 1e6)}
+    ranges = {
+        "--batch-size": (1, 65_536),
+        "--threads": (0, 1024),
+        "--max-pixels": (1, 1 << 31),
+        "--max-memory-gb": (0.001, 1e6),
+    }
     low, high = ranges[option]
     assert math.isfinite(value) and low <= value <= high

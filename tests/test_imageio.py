@@ -1,4 +1,5 @@
 """Safe image reading: modes, orientation, guards and path safety (qualiclip.imageio)."""
+
 from __future__ import annotations
 
 import io
@@ -6,16 +7,19 @@ import os
 
 import numpy as np
 import pytest
+from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
 from PIL import Image
 
 from qualiclip.imageio import (
-    ImageReadError, PathOutsideRootError, decode_image, iter_image_files, pixel_hash, read_image,
-    resolve_inside, scan_tree,
+    ImageReadError,
+    PathOutsideRootError,
+    decode_image,
+    iter_image_files,
+    pixel_hash,
+    read_image,
+    resolve_inside,
+    scan_tree,
 )
-
-
-from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
-
 
 
 def reason_of(data: bytes, **kw) -> str:
@@ -52,9 +56,9 @@ def test_sixteen_bit_is_scaled_not_clipped():
 
 def test_alpha_is_composited_over_the_declared_background():
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
-    rgba[0, 0] = (200, 100, 50, 255)   # opaque: unchanged
-    rgba[0, 1] = (200, 100, 50, 0)     # transparent: background
-    rgba[1, 0] = (0, 0, 0, 128)        # half: halfway to the background
+    rgba[0, 0] = (200, 100, 50, 255)  # opaque: unchanged
+    rgba[0, 1] = (200, 100, 50, 0)  # transparent: background
+    rgba[1, 0] = (0, 0, 0, 128)  # half: halfway to the background
     data = encode(Image.fromarray(rgba, "RGBA"), "PNG")
     white = decode_image(data).pixels
     assert white[0, 0].tolist() == [200, 100, 50] and white[0, 1].tolist() == [255, 255, 255]
@@ -84,7 +88,7 @@ def test_exif_orientation_is_applied():
 
 def test_pixel_guard_runs_before_decoding_and_leaves_pillow_global_alone():
     before = Image.MAX_IMAGE_PIXELS
-    assert reason_of(png_header_only(100_000, 100_000)) == "too_large"   # 10^10 px, no data
+    assert reason_of(png_header_only(100_000, 100_000)) == "too_large"  # 10^10 px, no data
     assert reason_of(encode(Image.fromarray(noise(5)), "PNG"), max_pixels=64 * 48 - 1) == "too_large"
     assert decode_image(encode(Image.fromarray(noise(5)), "PNG"), max_pixels=64 * 48).width == 64
     assert Image.MAX_IMAGE_PIXELS == before

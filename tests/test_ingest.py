@@ -1,4 +1,5 @@
 """The ingest stage on a corpus of bad and odd files, the split, determinism and the default."""
+
 from __future__ import annotations
 
 import csv
@@ -9,35 +10,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from qualiclip.config import ConfigError, build_config
-from qualiclip.ingest import (
-    REJECT_REASONS, SKIMAGE_IMAGES, IngestConfig, IngestError, assign_splits, run_ingest, skimage_root,
-)
 
 # The helpers below are also in test_imageio.py; tests/ is not a package, so they are repeated.
 from conftest import run_unprivileged, world_readable_dir  # noqa: E402
 from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
+from PIL import Image
 
-
+from qualiclip.config import ConfigError, build_config
+from qualiclip.ingest import (
+    REJECT_REASONS,
+    SKIMAGE_IMAGES,
+    IngestConfig,
+    IngestError,
+    assign_splits,
+    run_ingest,
+    skimage_root,
+)
 
 ACCEPTED = "accepted"
 MIN_SIZE = 32
 # Every file of the corpus and its outcome: "accepted" or the rejection reason.
 EXPECTED: dict[str, str] = {
-    "a.png": ACCEPTED,                          # the original the duplicates point at
+    "a.png": ACCEPTED,  # the original the duplicates point at
     "zero.jpg": "zero_bytes",
     "text.jpg": "not_an_image",
     "trunc.jpg": "truncated",
     "trunc.png": "truncated",
-    "trunc_header.png": "truncated",            # PNG signature, header cut
+    "trunc_header.png": "truncated",  # PNG signature, header cut
     "trunc.webp": "truncated",
     "tiny.png": "too_small",
-    "bomb.png": "too_large",                    # header declares 10^10 pixels
-    "float.tif": "unsupported_mode",            # 32-bit float TIFF: no defined range
-    "dup_exact.png": "duplicate",               # same bytes as a.png
-    "dup_as_bmp.bmp": "duplicate",              # same pixels as a.png, other format
+    "bomb.png": "too_large",  # header declares 10^10 pixels
+    "float.tif": "unsupported_mode",  # 32-bit float TIFF: no defined range
+    "dup_exact.png": "duplicate",  # same bytes as a.png
+    "dup_as_bmp.bmp": "duplicate",  # same pixels as a.png, other format
     "cmyk.jpg": ACCEPTED,
     "palette_trns.png": ACCEPTED,
     "grey.png": ACCEPTED,
@@ -50,13 +55,13 @@ EXPECTED: dict[str, str] = {
     "img.tiff": ACCEPTED,
     "img.bmp": ACCEPTED,
     "UPPER.JPG": ACCEPTED,
-    "lies.jpg": ACCEPTED,                       # PNG bytes named .jpg: decoded by content
+    "lies.jpg": ACCEPTED,  # PNG bytes named .jpg: decoded by content
     "nested/deeper/deep.png": ACCEPTED,
-    "link_in.png": "duplicate",                 # symlink inside the root: read, dup of its target
+    "link_in.png": "duplicate",  # symlink inside the root: read, dup of its target
     "link_out.png": "symlink_outside_root",
     "link_broken.png": "unreadable",
-    "linked_dir": "symlink_outside_root",       # directory link leaving the root: not followed
-    "notes.txt": "unsupported_extension",       # listed, not silently skipped
+    "linked_dir": "symlink_outside_root",  # directory link leaving the root: not followed
+    "notes.txt": "unsupported_extension",  # listed, not silently skipped
     ".DS_Store": "unsupported_extension",
 }
 
@@ -76,22 +81,34 @@ def _corpus_bytes() -> dict[str, bytes]:
     a_png = encode(_img(1), "PNG")
     rgba = np.dstack([noise(17), noise(18, channels=1)])
     return {
-        "a.png": a_png, "zero.jpg": b"", "text.jpg": b"meeting notes, definitely not a JPEG\n",
-        "trunc.jpg": jpeg[: len(jpeg) // 2], "trunc.png": png[: len(png) // 2],
-        "trunc_header.png": png[:20], "trunc.webp": webp[: len(webp) // 2],
-        "tiny.png": encode(_img(2, w=20, h=20), "PNG"), "bomb.png": png_header_only(100_000, 100_000),
-        "dup_exact.png": a_png, "dup_as_bmp.bmp": encode(_img(1), "BMP"),
+        "a.png": a_png,
+        "zero.jpg": b"",
+        "text.jpg": b"meeting notes, definitely not a JPEG\n",
+        "trunc.jpg": jpeg[: len(jpeg) // 2],
+        "trunc.png": png[: len(png) // 2],
+        "trunc_header.png": png[:20],
+        "trunc.webp": webp[: len(webp) // 2],
+        "tiny.png": encode(_img(2, w=20, h=20), "PNG"),
+        "bomb.png": png_header_only(100_000, 100_000),
+        "dup_exact.png": a_png,
+        "dup_as_bmp.bmp": encode(_img(1), "BMP"),
         "cmyk.jpg": encode(_img(3, "CMYK"), "JPEG"),
         "palette_trns.png": encode(_palette_with_transparency(), "PNG", transparency=0),
-        "grey.png": encode(_img(4, "L"), "PNG"), "one_bit.png": encode(_img(5, "1"), "PNG"),
+        "grey.png": encode(_img(4, "L"), "PNG"),
+        "one_bit.png": encode(_img(5, "1"), "PNG"),
         "sixteen.png": encode(Image.fromarray(noise(6, channels=1).astype(np.uint16) * 257), "PNG"),
-        "grey_alpha.png": encode(_img(7, "LA"), "PNG"), "rgba.png": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "grey_alpha.png": encode(_img(7, "LA"), "PNG"),
+        "rgba.png": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
         "exif6.jpg": encode(_img(8), "JPEG", exif=exif.tobytes()),
-        "lossless.webp": encode(_img(9), "WEBP", lossless=True), "img.tiff": encode(_img(10), "TIFF"),
+        "lossless.webp": encode(_img(9), "WEBP", lossless=True),
+        "img.tiff": encode(_img(10), "TIFF"),
         "float.tif": encode(Image.fromarray(noise(19, channels=1).astype(np.float32) / 255), "TIFF"),
-        "img.bmp": encode(_img(11), "BMP"), "UPPER.JPG": encode(_img(12), "JPEG"),
-        "lies.jpg": encode(_img(13), "PNG"), "nested/deeper/deep.png": encode(_img(15), "PNG"),
-        "notes.txt": b"remember the milk\n", ".DS_Store": b"\x00\x00\x00\x01Bud1",
+        "img.bmp": encode(_img(11), "BMP"),
+        "UPPER.JPG": encode(_img(12), "JPEG"),
+        "lies.jpg": encode(_img(13), "PNG"),
+        "nested/deeper/deep.png": encode(_img(15), "PNG"),
+        "notes.txt": b"remember the milk\n",
+        ".DS_Store": b"\x00\x00\x00\x01Bud1",
     }
 
 
@@ -184,7 +201,7 @@ def test_rerun_is_byte_identical_whatever_the_workers(corpus, tmp_path):
     root, out = corpus
     again = tmp_path / "again"
     again.mkdir()
-    (again / "summary.json").write_text("{}")      # an old output: replaced cleanly
+    (again / "summary.json").write_text("{}")  # an old output: replaced cleanly
     run_ingest(cfg_for(root, workers=1), again, progress=False)
     assert tree_bytes(again) == tree_bytes(out)
 
@@ -235,17 +252,18 @@ def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path):
 
 
 def test_split_is_by_hash_with_one_of_each_for_tiny_sets():
-    ids = ["0" * 16, "4" * 16, "c" * 16]                     # fractions 0, 0.27, 0.77
+    ids = ["0" * 16, "4" * 16, "c" * 16]  # fractions 0, 0.27, 0.77
     assert assign_splits(ids, 0.25) == {ids[0]: "val", ids[1]: "train", ids[2]: "train"}
-    assert assign_splits(ids[1:], 0.25) == {ids[1]: "val", ids[2]: "train"}   # none < 0.25
-    assert assign_splits(ids[:2], 0.9) == {ids[0]: "val", ids[1]: "train"}    # all < 0.9
+    assert assign_splits(ids[1:], 0.25) == {ids[1]: "val", ids[2]: "train"}  # none < 0.25
+    assert assign_splits(ids[:2], 0.9) == {ids[0]: "val", ids[1]: "train"}  # all < 0.9
     assert assign_splits(ids, 0.0) == dict.fromkeys(ids, "train")
     assert assign_splits(ids[:1], 0.5) == {ids[0]: "val"}
 
 
 def test_config_from_params_section():
-    cfg = build_config(IngestConfig, {"sources": "data/raw", "background": [0, 0, 0], "val_fraction": 0},
-                       where="ingest")
+    cfg = build_config(
+        IngestConfig, {"sources": "data/raw", "background": [0, 0, 0], "val_fraction": 0}, where="ingest"
+    )
     assert cfg.sources == ("data/raw",) and cfg.background == (0, 0, 0) and cfg.val_fraction == 0.0
     with pytest.raises(ConfigError, match="did you mean 'min_size'"):
         build_config(IngestConfig, {"min_sise": 3}, where="ingest")
@@ -289,7 +307,9 @@ def test_symlink_loops_are_reported_per_file(tmp_path):
     os.symlink("a.jpg", root / "b.jpg")
     run_ingest(cfg_for(root), tmp_path / "out", progress=False)
     rejected = {r["path"]: r for r in read_csv(tmp_path / "out" / "rejected.csv")}
-    assert {p: r["reason"] for p, r in rejected.items()} == dict.fromkeys(["a.jpg", "b.jpg", "self.jpg"], "symlink_loop")
+    assert {p: r["reason"] for p, r in rejected.items()} == dict.fromkeys(
+        ["a.jpg", "b.jpg", "self.jpg"], "symlink_loop"
+    )
     assert "symlink loop" in rejected["self.jpg"]["detail"]
 
 

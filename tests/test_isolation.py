@@ -1,4 +1,5 @@
 """The library imports and works with Prefect, DVC and MLflow absent."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +8,6 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import CLEAN_ENV, make_photos, tiny_params
 
 BLOCKER = """
@@ -35,8 +35,14 @@ def test_pipeline_runs_without_orchestrators(tmp_path):
         assert not any(n.split('.')[0] in {'prefect', 'dvc', 'mlflow'} for n in sys.modules), 'leaked import'
         print('SRCC', m['synthetic']['srcc'])
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**CLEAN_ENV, "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**CLEAN_ENV, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SRCC" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists(), "no tracking store without mlflow"

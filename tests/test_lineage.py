@@ -9,6 +9,7 @@ One module fixture runs four pipeline executions on tiny params, as a user would
 
 then ``qualiclip promote``. The tests read the store, the registry and the served model.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -32,12 +32,18 @@ EXPERIMENT = "lineage-exp"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("lineage")
-    params = tiny_params(["photos"], evaluate__datasets=[
-        {"name": "csv", "root": "rated", "mos_range": [1, 5], "lower_is_better": False, "label": "rated"}])
+    params = tiny_params(
+        ["photos"],
+        evaluate__datasets=[
+            {"name": "csv", "root": "rated", "mos_range": [1, 5], "lower_is_better": False, "label": "rated"}
+        ],
+    )
     root = make_dvc_project(base / "project", params)
     photos = make_photos(root / "photos", n=4)
     rated = make_photos(root / "rated", n=5, seed=1)
-    (rated / "labels.csv").write_text("image,mos\n" + "".join(f"photo_{i:02d}.png,{m}\n" for i, m in enumerate([2, 4.5, 3, 1.5, 4])))
+    (rated / "labels.csv").write_text(
+        "image,mos\n" + "".join(f"photo_{i:02d}.png,{m}\n" for i, m in enumerate([2, 4.5, 3, 1.5, 4]))
+    )
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nphotos/\nrated/\n")
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         run(cmd, root)
@@ -56,8 +62,14 @@ def project(tmp_path_factory) -> dict:
     run([bin_path("qualiclip"), "promote"], root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    return {"root": root, "client": client, "uri": uri, "logs": logs, "commits": (first_commit, exp_commit),
-            "photos": sorted(photos.glob("*.png"))}
+    return {
+        "root": root,
+        "client": client,
+        "uri": uri,
+        "logs": logs,
+        "commits": (first_commit, exp_commit),
+        "photos": sorted(photos.glob("*.png")),
+    }
 
 
 def all_runs(project) -> list:
@@ -84,7 +96,11 @@ def stages(children) -> list[str]:
 def test_one_parent_run_per_execution_that_lasts_as_long_as_its_stages(project):
     found = executions(project)
     assert [stages(children) for _, children in found] == [
-        ["ingest", "degrade", "train", "evaluate"], ["evaluate"], ["evaluate"], ["evaluate"]]
+        ["ingest", "degrade", "train", "evaluate"],
+        ["evaluate"],
+        ["evaluate"],
+        ["evaluate"],
+    ]
     assert len({p.data.tags["qualiclip.pipeline_id"] for p, _ in found}) == 4
     for parent, children in found:
         assert parent.info.start_time <= min(c.info.start_time for c in children)
@@ -96,8 +112,12 @@ def test_one_parent_run_per_execution_that_lasts_as_long_as_its_stages(project):
 
 def test_a_failed_stage_fails_its_execution_with_the_reason(project):
     statuses = [(p.info.status, [c.info.status for c in children]) for p, children in executions(project)]
-    assert statuses == [("FINISHED", ["FINISHED"] * 4), ("FINISHED", ["FINISHED"]), ("FAILED", ["FAILED"]),
-                        ("FINISHED", ["FINISHED"])]
+    assert statuses == [
+        ("FINISHED", ["FINISHED"] * 4),
+        ("FINISHED", ["FINISHED"]),
+        ("FAILED", ["FAILED"]),
+        ("FINISHED", ["FINISHED"]),
+    ]
     parent, (evaluate,) = executions(project)[2]
     for run_ in (parent, evaluate):
         assert "no_such_type" in run_.data.tags["qualiclip.error"]
@@ -119,9 +139,9 @@ def test_runs_carry_the_git_commit_and_the_dvc_experiment(project):
 
 def test_each_stage_logs_the_datasets_it_consumes_with_their_digests(project):
     from qualiclip.datasets import check_datasets
-    from qualiclip.schema import EvaluateConfig
     from qualiclip.ingest import read_manifest
     from qualiclip.pipeline.lineage import iqa_input, rows_digest
+    from qualiclip.schema import EvaluateConfig
     from qualiclip.shards import data_version
 
     root = project["root"]
@@ -130,14 +150,24 @@ def test_each_stage_logs_the_datasets_it_consumes_with_their_digests(project):
         run_ = stage_runs(project, stage)[0]
         return {d.dataset.name: (d.dataset.digest, [t.value for t in d.tags]) for d in run_.inputs.dataset_inputs}
 
-    assert inputs("degrade") == {"ingest-train": (rows_digest(read_manifest(root / "data/ingest", "train")), ["training"])}
+    assert inputs("degrade") == {
+        "ingest-train": (rows_digest(read_manifest(root / "data/ingest", "train")), ["training"])
+    }
     version = data_version(root / "data/shards")
     assert inputs("train") == {"shards": (version, ["training"])}
     with contextlib.chdir(root):  # the dataset's root is relative to the project, as the stage reads it
-        rated = iqa_input("rated", check_datasets(EvaluateConfig(datasets=tuple(
-            yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["datasets"])))[0][1])
-    assert inputs("evaluate") == {"ingest-val": (rows_digest(read_manifest(root / "data/ingest", "val")), ["evaluation"]),
-                                  "rated": (rated.digest, ["evaluation"])}
+        rated = iqa_input(
+            "rated",
+            check_datasets(
+                EvaluateConfig(
+                    datasets=tuple(yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["datasets"])
+                )
+            )[0][1],
+        )
+    assert inputs("evaluate") == {
+        "ingest-val": (rows_digest(read_manifest(root / "data/ingest", "val")), ["evaluation"]),
+        "rated": (rated.digest, ["evaluation"]),
+    }
     assert inputs("ingest") == {}
 
 
@@ -170,7 +200,8 @@ def test_evaluation_metrics_are_logged_against_the_trained_model(project):
     assert evaluate.data.tags["qualiclip.model_id"] == info["model_id"]
     ckpt_model = json.loads((root / "outputs/train/checkpoint/config.json").read_text())["model"]
     assert {k: evaluate.data.params[f"model.{k}"] for k in ckpt_model} == {
-        k: "" if v is None else str(v) for k, v in ckpt_model.items()}
+        k: "" if v is None else str(v) for k, v in ckpt_model.items()
+    }
 
 
 def test_headline_metrics_only_in_metrics_json_mlflow_and_the_registry(project):
@@ -181,13 +212,21 @@ def test_headline_metrics_only_in_metrics_json_mlflow_and_the_registry(project):
     assert headline and not any("per_distortion" in k for k in headline)
     evaluate = stage_runs(project, "evaluate")[-1]
     assert set(evaluate.data.metrics) == set(headline)
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=evaluate.info.run_id, artifact_path="per_distortion.json", tracking_uri=project["uri"])).read_text())
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=evaluate.info.run_id, artifact_path="per_distortion.json", tracking_uri=project["uri"]
+            )
+        ).read_text()
+    )
     assert set(table["columns"]) == {"distortion", "srcc", "srcc_within", "baseline_srcc", "baseline_srcc_within"}
     assert sorted(row[0] for row in table["data"]) == ["gaussian_blur", "jpeg"]
     tags = client.get_model_version("qualiclip", "1").tags
     assert {k.removeprefix("eval.") for k in tags if k.startswith("eval.")} == set(headline)
-    shown = run([bin_path("dvc"), "exp", "show", "--json"], root).stdout + run([bin_path("dvc"), "metrics", "show"], root).stdout
+    shown = (
+        run([bin_path("dvc"), "exp", "show", "--json"], root).stdout
+        + run([bin_path("dvc"), "metrics", "show"], root).stdout
+    )
     assert "srcc_within" in shown and "per_distortion" not in shown
 
 
@@ -196,7 +235,9 @@ def test_the_logged_model_is_code_with_a_signature_and_an_input_example(project,
 
     log = project["logs"][0].stdout + project["logs"][0].stderr
     assert "CloudPickle" not in log and "Add type hints" not in log
-    local = Path(mlflow.artifacts.download_artifacts(project["client"].get_model_version_download_uri("qualiclip", "1")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(project["client"].get_model_version_download_uri("qualiclip", "1"))
+    )
     logged = Model.load(local)
     assert not list(local.rglob("*.pkl")) and "model_code_path" in logged.flavors["python_function"]
     assert [(c.name, c.required) for c in logged.signature.inputs.inputs] == [("image", False), ("path", False)]
@@ -220,8 +261,9 @@ def test_the_served_model_scores_good_rows_and_names_what_is_wrong_with_bad_ones
     model, photos = served, project["photos"][:2]
     expected = score_images(photos, project["root"] / "outputs/train/checkpoint")
     images = [base64.b64encode(p.read_bytes()).decode() for p in photos]
-    answer = model.predict(pd.DataFrame({"image": [images[0], "%%% not base64", base64.b64encode(b"text").decode(),
-                                                   images[1]]}))
+    answer = model.predict(
+        pd.DataFrame({"image": [images[0], "%%% not base64", base64.b64encode(b"text").decode(), images[1]]})
+    )
     assert list(answer.columns) == ["score", "error"]
     np.testing.assert_allclose([answer.score[0], answer.score[3]], expected, atol=1e-5)
     assert answer.error[0] is None and answer.score[1] is None and answer.score[2] is None
@@ -229,8 +271,9 @@ def test_the_served_model_scores_good_rows_and_names_what_is_wrong_with_bad_ones
     with pytest.raises(MlflowException, match="the 'path' column is off on this server.*QUALICLIP_SERVE_ROOT"):
         model.predict(pd.DataFrame({"path": [str(photos[0])]}))  # no root: the server reads no files
     monkeypatch.setenv("QUALICLIP_SERVE_ROOT", str(photos[0].parent))
-    by_path = model.predict(pd.DataFrame({"path": [str(photos[0]), photos[1].name, "gone.png", "../params.yaml",
-                                                   "/etc/passwd"]}))
+    by_path = model.predict(
+        pd.DataFrame({"path": [str(photos[0]), photos[1].name, "gone.png", "../params.yaml", "/etc/passwd"]})
+    )
     assert list(by_path.score[:2]) == pytest.approx(expected, abs=1e-5) and "unreadable" in by_path.error[2]
     assert by_path.error[3] == "row 3: '../params.yaml' is outside QUALICLIP_SERVE_ROOT" and by_path.score[3] is None
     assert by_path.error[4] == "row 4: '/etc/passwd' is outside QUALICLIP_SERVE_ROOT"
@@ -245,10 +288,16 @@ def test_score_output_names_the_model_version_range_and_direction(project, monke
     monkeypatch.chdir(project["root"])
     out = project["root"] / "scores.json"
     # a version URI: this 3-step model does not pass the promotion gate (test_ops_prefect scores a champion)
-    assert main(["score", str(project["photos"][0]), "--model", "models:/qualiclip/1", "--out", str(out),
-                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert (
+        main(["score", str(project["photos"][0]), "--model", "models:/qualiclip/1", "--out", str(out), "--no-progress"])
+        == 0
+    ), capsys.readouterr().err
     scored = json.loads(out.read_text())
     assert {k: scored[k] for k in ("model", "model_version", "score_min", "score_max", "higher_is_better")} == {
-        "model": "models:/qualiclip/1", "model_version": "1", "score_min": 0.0, "score_max": 1.0,
-        "higher_is_better": True}
+        "model": "models:/qualiclip/1",
+        "model_version": "1",
+        "score_min": 0.0,
+        "score_max": 1.0,
+        "higher_is_better": True,
+    }
     assert len(scored["scores"]) == 1 and 0 <= scored["scores"][0]["score"] <= 1

@@ -1,4 +1,5 @@
 """The training loader: exactly-once passes, shuffling, node/worker splits, corrupt and truncated shards."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,9 @@ from qualiclip.loader import LoaderStats, iterate_batches
 from qualiclip.sampling import SampleConfig
 from qualiclip.shards import ShardError, decode_crops
 
-CFG = DegradeConfig(variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=("gaussian_blur", "jpeg")))
+CFG = DegradeConfig(
+    variants=3, samples_per_shard=2, workers=1, sample=SampleConfig(crop=32, distortions=("gaussian_blur", "jpeg"))
+)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,10 @@ def test_endless_stream_with_no_intact_sample_stops_with_the_fix(shards, tmp_pat
 @pytest.mark.parametrize("how", ["png_member", "truncate_mid"])
 def test_a_shard_that_differs_from_its_index_stops_the_loader(shards, tmp_path, how):
     _damage(shards, tmp_path / "s", how, reindex=False)
-    with pytest.raises(ShardError, match=r"shard-000001.tar does not match its index entry .*: replaced, damaged.*rerun the degrade stage"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard-000001.tar does not match its index entry .*: replaced, damaged.*rerun the degrade stage",
+    ):
         list(iterate_batches(tmp_path / "s", 4, shuffle_buffer=0, num_workers=2, repeat=False))
 
 

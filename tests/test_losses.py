@@ -1,4 +1,5 @@
 """The losses of docs/method.md, "The losses", on hand-computed cases: margins, which pairs count, averaging."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,9 @@ from qualiclip.losses import LossWeights, consistency_loss, qualiclip_loss, rank
 
 def sims_from(pos: list[list[float]], neg: list[list[float]]) -> torch.Tensor:
     """(B=1, C=2, L, K=1, 2) from per-crop lists of positive / negative similarities by level."""
-    t = torch.stack([torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)], dim=-1)  # (C, L, 2)
+    t = torch.stack(
+        [torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)], dim=-1
+    )  # (C, L, 2)
     return t[None, :, :, None, :]
 
 
@@ -70,7 +73,7 @@ def test_batch_mean_matches_per_sample_mean():
     sims = torch.rand(4, 2, 5, 7, 2, dtype=torch.float64)
     w = LossWeights()
     whole = qualiclip_loss(sims, w)["loss"]
-    per = torch.stack([qualiclip_loss(sims[b:b + 1], w)["loss"] for b in range(4)]).mean()
+    per = torch.stack([qualiclip_loss(sims[b : b + 1], w)["loss"] for b in range(4)]).mean()
     assert whole.item() == pytest.approx(per.item())
 
 

@@ -1,4 +1,5 @@
 """Correlation metrics: hand-checked values, the logistic fit, and the edge cases' contracts."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qualiclip.metrics import (
-    ConstantInputWarning, LogisticFitWarning, correlations, logistic4, logistic_fit)
+from qualiclip.metrics import ConstantInputWarning, LogisticFitWarning, correlations, logistic4, logistic_fit
 
 
 def test_perfect_monotone_is_one_and_reversed_is_minus_one():
     x = np.arange(10.0)
-    up = correlations(x, x ** 3)
+    up = correlations(x, x**3)
     assert up["srcc"] == pytest.approx(1.0) and up["krcc"] == pytest.approx(1.0)
-    down = correlations(x, -(x ** 3))
+    down = correlations(x, -(x**3))
     assert down["srcc"] == pytest.approx(-1.0) and down["krcc"] == pytest.approx(-1.0)
     assert down["plcc"] < 0 < down["plcc_logistic"]  # the fit absorbs the direction
 

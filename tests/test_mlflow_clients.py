@@ -8,19 +8,20 @@
   ``MLFLOW_TRACKING_URI``: `dvc repro` has nothing to rerun, and the commands the doc gives must put
   the model on the server and promote it there.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml
-
 from conftest import ROOT, bin_path, make_dvc_project, make_photos, run, tiny_params
-from flows.pipeline import stop_process_group
 from servers import free_port, start_logged, wait_http
+
+from flows.pipeline import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +34,22 @@ PARAMS = tiny_params(["photos"], degrade__variants=1, degrade__samples_per_shard
 def server(tmp_path_factory) -> Iterator[int]:
     """``mlflow server`` on 127.0.0.1 that allows ``ALLOWED:<port>`` and loopback; yields its port."""
     folder, port = tmp_path_factory.mktemp("mlflow-named"), free_port()
-    cmd = [bin_path("mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--allowed-hosts", f"{ALLOWED}:{port},127.0.0.1:{port}"]
+    cmd = [
+        bin_path("mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--allowed-hosts",
+        f"{ALLOWED}:{port},127.0.0.1:{port}",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = start_logged(cmd, folder / "server.log", env, folder)
     try:
@@ -102,8 +116,12 @@ def test_switching_an_up_to_date_project_to_the_server(server, tmp_path, by_name
     client = MlflowClient(url)
     registered = json.loads((project / "outputs/train/registered_model.json").read_text())
     assert client.get_registered_model("qualiclip").aliases == {"champion": str(registered["version"])}
-    stages = sorted(r.data.tags["qualiclip.stage"] for r in client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], "tags.`qualiclip.kind` = 'stage'"))
+    stages = sorted(
+        r.data.tags["qualiclip.stage"]
+        for r in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "tags.`qualiclip.kind` = 'stage'"
+        )
+    )
     assert stages == ["evaluate", "train"], stages
     assert "Data and pipelines are up to date" in run([bin_path("dvc"), "status"], project).stdout
 

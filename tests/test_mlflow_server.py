@@ -5,22 +5,23 @@ The pipeline's processes get only ``MLFLOW_TRACKING_URI``: no S3 credentials, no
 Runs and registered versions must land in PostgreSQL, the model's files in the bucket, the
 ``champion`` alias must move through the server, and ``mlflow models serve`` must load the champion
 through it and score as the library does."""
+
 from __future__ import annotations
 
 import base64
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import psycopg2
 import pytest
-
 from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
-from flows.pipeline import stop_process_group
 from servers import free_port, http, start_logged, wait_http
+
+from flows.pipeline import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +62,25 @@ def test_runs_models_and_the_champion_live_on_the_server(project, mlflow_server,
     assert decision["tracking_uri"] == mlflow_server.url
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()  # nothing local
 
-    elsewhere = run([bin_path("qualiclip"), "promote"], project, check=False,
-                    MLFLOW_TRACKING_URI=f"sqlite:///{project.parent / 'other.db'}")  # not the store train used
+    elsewhere = run(
+        [bin_path("qualiclip"), "promote"],
+        project,
+        check=False,
+        MLFLOW_TRACKING_URI=f"sqlite:///{project.parent / 'other.db'}",
+    )  # not the store train used
     assert elsewhere.returncode == 2 and "Traceback" not in elsewhere.stderr, elsewhere.stderr
     assert f"holds no version {registered['version']} of 'qualiclip'" in elsewhere.stderr, elsewhere.stderr
 
     dsn = mlflow_server.dsn
-    stages = query(dsn, "SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                        "WHERE t.key = 'qualiclip.stage'")
+    stages = query(
+        dsn,
+        "SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'qualiclip.stage'",
+    )
     assert sorted(stages) == [(s, "FINISHED") for s in ("degrade", "evaluate", "ingest", "train")]
     assert query(dsn, "SELECT version FROM model_versions WHERE name = 'qualiclip'") == [(int(registered["version"]),)]
-    champion = query(dsn, "SELECT version FROM registered_model_aliases WHERE name = 'qualiclip' AND alias = 'champion'")
+    champion = query(
+        dsn, "SELECT version FROM registered_model_aliases WHERE name = 'qualiclip' AND alias = 'champion'"
+    )
     assert champion == [(int(registered["version"]),)]
 
     keys = object_keys(s3_server, mlflow_server.bucket, mlflow_server.prefix)
@@ -82,8 +91,11 @@ def test_runs_models_and_the_champion_live_on_the_server(project, mlflow_server,
 
     photos = sorted((project / "photos").iterdir())[:3]
     with serving_champion(project.parent, mlflow_server.url) as url:
-        rows = http(url + "/invocations", {"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()}
-                                                                 for p in photos]}, timeout=120)["predictions"]
+        rows = http(
+            url + "/invocations",
+            {"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()} for p in photos]},
+            timeout=120,
+        )["predictions"]
     from qualiclip.scoring import score_images
 
     np.testing.assert_allclose([r["score"] for r in rows], score_images(photos, project / ARTIFACTS), atol=1e-5)
@@ -96,10 +108,24 @@ def serving_champion(tmp: Path, tracking_uri: str) -> Iterator[str]:
     elsewhere, port = tmp / "elsewhere", free_port()
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING"))}
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
-               PATH=f"{Path(bin_path('mlflow')).parent}{os.pathsep}{env.get('PATH', '')}")  # its uvicorn
-    cmd = [bin_path("mlflow"), "models", "serve", "-m", "models:/qualiclip@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PATH=f"{Path(bin_path('mlflow')).parent}{os.pathsep}{env.get('PATH', '')}",
+    )  # its uvicorn
+    cmd = [
+        bin_path("mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/qualiclip@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     proc = start_logged(cmd, tmp / "models-serve.log", env, elsewhere)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, tmp / "models-serve.log", "mlflow models serve")

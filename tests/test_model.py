@@ -1,4 +1,5 @@
 """The model: scores at any size, what trains, the score formula, load errors that name the fix."""
+
 from __future__ import annotations
 
 import time
@@ -75,7 +76,7 @@ def test_eval_score_does_not_depend_on_the_batch(tiny):
     x = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         together = tiny(x)
-        alone = torch.cat([tiny(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([tiny(x[i : i + 1]) for i in range(4)])
     assert torch.allclose(together, alone, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Shards in an S3 bucket (moto's S3 server on 127.0.0.1): degrade writes and resumes there, the
 loader and the train stage stream from there, and everything equals the same run on disk."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CLEAN_ENV, bin_path, kill_midway_then_rerun
+
 from qualiclip.config import build_config
 from qualiclip.degrade import LOCK_FILE, DegradeConfig, DegradeError, degrade_lock, run_degrade
 from qualiclip.loader import iterate_batches
@@ -54,7 +55,11 @@ def test_shards_in_a_bucket_are_byte_identical_to_shards_on_disk(ingest_dir, tmp
     url = f"{s3_bucket}/shards"
     remote = run_degrade(CFG, ingest_dir, url, progress=False)
     local = run_degrade(CFG, ingest_dir, tmp_path / "local", progress=False)
-    assert (remote.shards, remote.samples, remote.bytes) == (local.shards, local.samples, local.bytes) == (6, 12, local.bytes)
+    assert (
+        (remote.shards, remote.samples, remote.bytes)
+        == (local.shards, local.samples, local.bytes)
+        == (6, 12, local.bytes)
+    )
     ref = file_digests(tmp_path / "local")
     assert {"index.json", "plan.json", "shard-000005.tar", "shard-000005.tar.json"} <= set(ref)
     assert object_digests(s3_server, url) == ref
@@ -139,8 +144,10 @@ def test_the_loader_splits_a_bucket_across_ranks_and_workers_as_a_folder(twin_sh
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        from_bucket, from_disk = (digests(iterate_batches(where, 2, shuffle_buffer=4, num_workers=2, seed=3,
-                                                          repeat=False)) for where in (url, local))
+        from_bucket, from_disk = (
+            digests(iterate_batches(where, 2, shuffle_buffer=4, num_workers=2, seed=3, repeat=False))
+            for where in (url, local)
+        )
         assert from_bucket == from_disk and len(from_bucket) == 6
         parts.append(from_bucket)
     assert not set(parts[0]) & set(parts[1]) and len(Counter(parts[0] + parts[1])) == 12
@@ -161,9 +168,30 @@ def test_a_bucket_without_credentials_is_one_line_naming_the_fix(ingest_dir, tmp
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"backend": "none"}, "degrade": KILL_CFG}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(CLEAN_ENV, AWS_ENDPOINT_URL=s3_server.endpoint, AWS_EC2_METADATA_DISABLED="true",
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
-    proc = subprocess.run([bin_path("qualiclip"), "degrade", "--params", str(params), "--ingest", str(ingest_dir),
-                           "--out", "s3://any-bucket/shards"], env=env, capture_output=True, text=True, timeout=120)
+    env.update(
+        CLEAN_ENV,
+        AWS_ENDPOINT_URL=s3_server.endpoint,
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )
+    proc = subprocess.run(
+        [
+            bin_path("qualiclip"),
+            "degrade",
+            "--params",
+            str(params),
+            "--ingest",
+            str(ingest_dir),
+            "--out",
+            "s3://any-bucket/shards",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "cannot reach s3://any-bucket/shards (NoCredentialsError" in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr
+    assert (
+        "cannot reach s3://any-bucket/shards (NoCredentialsError" in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr
+    )

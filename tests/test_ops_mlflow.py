@@ -3,6 +3,7 @@
 Each test registers versions under its own model name in one module-scoped store; a version is a
 registry entry plus the files the train and evaluate stages leave in a project.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,14 @@ pytest.importorskip("mlflow")
 from qualiclip.config import ConfigError  # noqa: E402
 from qualiclip.errors import QualiclipError  # noqa: E402
 from qualiclip.pipeline.promotion import (  # noqa: E402
-    VERSION_FILE, PromotionConfig, PromotionError, dvc_shards_md5, is_better, metric_value, promote_project,
+    VERSION_FILE,
+    PromotionConfig,
+    PromotionError,
+    dvc_shards_md5,
+    is_better,
+    metric_value,
+    promote_project,
 )
-
 
 DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 
@@ -40,8 +46,15 @@ def _project_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def train_and_evaluate(store, name: str, srcc: float, *, version_file: bool = True, promotion: str = "promotion: {}\n",
-                       baseline: float | None = -0.5) -> str:
+def train_and_evaluate(
+    store,
+    name: str,
+    srcc: float,
+    *,
+    version_file: bool = True,
+    promotion: str = "promotion: {}\n",
+    baseline: float | None = -0.5,
+) -> str:
     """Register a version of ``name`` and leave the files of its train + evaluate stages; its
     evaluation scored the zero-shot baseline at ``baseline`` (None: evaluate.baseline was off)."""
     project, client = store
@@ -175,5 +188,6 @@ def test_clear_errors(store, tmp_path):
 def test_dvc_shards_md5_is_the_dvc_lock_hash_of_the_shards(tmp_path):
     assert dvc_shards_md5(tmp_path, "data/shards") is None
     (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: data/shards\n      md5: abc123.dir\n")
+        "schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: data/shards\n      md5: abc123.dir\n"
+    )
     assert dvc_shards_md5(tmp_path, "data/shards") == "abc123"

@@ -8,6 +8,7 @@ serves the ``scheduled-retraining`` deployment and triggers it with ``prefect de
 runs, logs and artifacts of each run over the REST API. Every process is started in its own
 session and shut down by its PID in a ``finally``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,31 +28,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import add_training_photo, make_dvc_project
 from noise import noise_lines
+from servers import answers, free_port, http, start_logged, wait_until
+
 from flows.pipeline import stop_process_group
 from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
 from qualiclip.train import PROGRESS_ENV
-from servers import answers, free_port, http, start_logged, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "qualiclip-retrain/scheduled-retraining"
 STAGES = ["ingest", "degrade", "train", "evaluate"]
-QUIET = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
-         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+QUIET = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
 # 60 steps: with these photos the model then beats its zero-shot baseline (synthetic SRCC 0.763
 # against 0.591, measured), so the gate lets the first run promote a champion to serve.
 TINY_PARAMS = {
     "model": {"name": "qualiclip-tiny-rn", "pretrained": None, "seed": 0},
     "tracking": {"backend": "mlflow"},
     "ingest": {"sources": ["photos"], "min_size": 64},
-    "degrade": {"variants": 1, "samples_per_shard": 8, "workers": 1, "crop": 64,
-                "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"]},
+    "degrade": {
+        "variants": 1,
+        "samples_per_shard": 8,
+        "workers": 1,
+        "crop": 64,
+        "distortions": ["gaussian_blur", "white_noise", "jpeg", "brighten"],
+    },
     "train": {"steps": 60, "batch_size": 2, "num_workers": 0, "threads": 1},
     "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True},
     "schedule": {},
@@ -83,16 +98,23 @@ def start(cmd: list[str], log: Path, env: dict, cwd: Path = ROOT) -> subprocess.
 
 
 def prefect(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def clean_env(tmp: Path, **extra: str) -> dict:
     """This environment without tracking/API settings that would point at another store."""
     drop = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_PROFILE"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, **QUIET, "PREFECT_HOME": str(tmp / "prefect-home"), "PYTHONPATH": str(ROOT),
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", **extra}
+    return {
+        **env,
+        **QUIET,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        **extra,
+    }
 
 
 def rest(api: str, path: str, body: dict) -> list[dict]:
@@ -107,15 +129,17 @@ def task_states(api: str, flow_run_id: str) -> dict[str, dict]:
 
 
 def flow_logs(api: str, flow_run_id: str) -> list[dict]:
-    return rest(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
-                                     "limit": 200})
+    return rest(
+        api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    )
 
 
 def trigger(loop: dict, *params: str) -> tuple[subprocess.CompletedProcess, str]:
     """``prefect deployment run --watch`` (with ``--param`` k=v); the process and the flow-run id."""
     args = [a for kv in params for a in ("--param", kv)]
-    run = prefect(["deployment", "run", DEPLOYMENT, *args, "--watch", "--watch-timeout", "500"], loop["env"],
-                  timeout=520)
+    run = prefect(
+        ["deployment", "run", DEPLOYMENT, *args, "--watch", "--watch-timeout", "500"], loop["env"], timeout=520
+    )
     return run, run.stdout.split("UUID:")[1].split()[0]
 
 
@@ -127,8 +151,14 @@ def run_flow(api_env: dict, code: str, cwd: Path) -> dict:
         print("STATE", json.dumps({"type": state.type.value, "name": state.name,
                                    "flow_run_id": str(state.state_details.flow_run_id)}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**api_env, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**api_env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     found = re.search(r"^STATE (.*)$", proc.stdout, re.M)
     assert found, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(found.group(1))
@@ -177,8 +207,9 @@ def server(tmp_path_factory):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = clean_env(tmp, PREFECT_API_URL=api)
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 tmp / "server.log", env)
+    proc = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], tmp / "server.log", env
+    )
     try:
         wait_until(lambda: http(f"{api}/health") is True, "prefect server", proc, tmp / "server.log")
         yield {"tmp": tmp, "api": api, "env": env}
@@ -192,11 +223,18 @@ def loop(server):
     tmp, env = server["tmp"], server["env"]
     project = make_dvc_project(tmp / "project", TINY_PARAMS, env)
     photos = make_photos(project / "photos")
-    serve = start([sys.executable, "-m", "flows.retrain", "serve", "--project", str(project)], tmp / "serve.log",
-                  {**env, PROGRESS_ENV: "2"})  # training's progress lines every 2 s, not every 20 s
+    serve = start(
+        [sys.executable, "-m", "flows.retrain", "serve", "--project", str(project)],
+        tmp / "serve.log",
+        {**env, PROGRESS_ENV: "2"},
+    )  # training's progress lines every 2 s, not every 20 s
     try:
-        wait_until(lambda: http(f"{server['api']}/deployments/name/{DEPLOYMENT}")["id"], "flows.retrain serve",
-                   serve, tmp / "serve.log")
+        wait_until(
+            lambda: http(f"{server['api']}/deployments/name/{DEPLOYMENT}")["id"],
+            "flows.retrain serve",
+            serve,
+            tmp / "serve.log",
+        )
         t0 = time.monotonic()
         loop = {**server, "project": project, "photos": photos, "serve_log": tmp / "serve.log"}
         loop["run"], loop["flow_run_id"] = trigger(loop)
@@ -215,11 +253,41 @@ def mlflow_urls(loop):
     serve_env = {**env, "QUALICLIP_SERVE_ROOT": str(loop["photos"][0].parent)}  # the `path` column's folder
     model_port, server_port = free_port(), free_port()
     procs = [
-        start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/qualiclip@champion", "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(model_port)], tmp / "models-serve.log", serve_env, cwd=project),
-        start([str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--artifacts-destination",
-               str(project / "mlartifacts"), "--host", "127.0.0.1", "--port", str(server_port)],
-              tmp / "mlflow-server.log", env, cwd=project),
+        start(
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/qualiclip@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(model_port),
+            ],
+            tmp / "models-serve.log",
+            serve_env,
+            cwd=project,
+        ),
+        start(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                store,
+                "--artifacts-destination",
+                str(project / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(server_port),
+            ],
+            tmp / "mlflow-server.log",
+            env,
+            cwd=project,
+        ),
     ]
     urls = {"model": f"http://127.0.0.1:{model_port}", "server": f"http://127.0.0.1:{server_port}"}
     try:
@@ -237,9 +305,16 @@ def mlflow_urls(loop):
 
 def test_second_trigger_is_refused_with_a_clear_message_then_gets_the_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-         "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(3)",
-         str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; "
+            "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(3)",
+            str(tmp_path / LOCK_FILE),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WorkspaceBusy, match=r"another qualiclip run holds .*\.qualiclip\.lock.*lock_timeout"):
@@ -258,10 +333,17 @@ def test_a_stale_stage_is_described_in_one_short_line():
     from flows.pipeline import describe_changes
 
     code = {f"qualiclip/m{i}.py": "modified" for i in range(20)}
-    line = describe_changes([{"changed deps": {**code, "photos": "modified", "params.yaml": "new"}},
-                             {"changed outs": {"data/ingest": "deleted"}}, "always changed"])
-    assert line == ("changed deps: photos (modified), params.yaml (new), qualiclip/m0.py (modified), "
-                    "qualiclip/m1.py (modified) and 18 more; changed outs: data/ingest (deleted); always changed")
+    line = describe_changes(
+        [
+            {"changed deps": {**code, "photos": "modified", "params.yaml": "new"}},
+            {"changed outs": {"data/ingest": "deleted"}},
+            "always changed",
+        ]
+    )
+    assert line == (
+        "changed deps: photos (modified), params.yaml (new), qualiclip/m0.py (modified), "
+        "qualiclip/m1.py (modified) and 18 more; changed outs: data/ingest (deleted); always changed"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,14 +367,22 @@ FAIL = """
 
 @pytest.mark.slow
 def test_stage_output_reaches_its_task_log_at_its_level_and_a_failure_carries_the_stage_exit_code(server):
-    project = small_project(server["tmp"] / "talky", {
-        "talk": {"cmd": "python talk.py", "deps": ["talk.py"], "outs": ["talk.txt"]},
-        "fail": {"cmd": "python fail.py", "deps": ["talk.txt", "fail.py"], "outs": ["fail.txt"]},
-    }, {"talk.py": TALK, "fail.py": FAIL})
-    state = run_flow(server["env"], f"""
+    project = small_project(
+        server["tmp"] / "talky",
+        {
+            "talk": {"cmd": "python talk.py", "deps": ["talk.py"], "outs": ["talk.txt"]},
+            "fail": {"cmd": "python fail.py", "deps": ["talk.txt", "fail.py"], "outs": ["fail.txt"]},
+        },
+        {"talk.py": TALK, "fail.py": FAIL},
+    )
+    state = run_flow(
+        server["env"],
+        f"""
         from flows.pipeline import pipeline_flow
         state = pipeline_flow({str(project)!r}, return_state=True)
-    """, project)
+    """,
+        project,
+    )
     assert state["type"] == "FAILED"
     tasks = task_states(server["api"], state["flow_run_id"])
     assert tasks["talk"]["type"] == "COMPLETED" and tasks["fail"]["type"] == "FAILED"
@@ -308,18 +398,29 @@ def test_stage_output_reaches_its_task_log_at_its_level_and_a_failure_carries_th
 
 @pytest.mark.slow
 def test_flow_timeout_stops_the_running_stage_and_fails_the_run(server):
-    project = small_project(server["tmp"] / "slow", {
-        "slow": {"cmd": "python slow.py", "deps": ["slow.py"], "outs": ["slow.txt"]},
-    }, {"slow.py": """
+    project = small_project(
+        server["tmp"] / "slow",
+        {
+            "slow": {"cmd": "python slow.py", "deps": ["slow.py"], "outs": ["slow.txt"]},
+        },
+        {
+            "slow.py": """
         import os, time
         open("slow.pid", "w").write(str(os.getpid()))
         time.sleep(300)
-    """}, params="schedule: {timeout: 8}\n")
+    """
+        },
+        params="schedule: {timeout: 8}\n",
+    )
     t0 = time.monotonic()
-    state = run_flow(server["env"], f"""
+    state = run_flow(
+        server["env"],
+        f"""
         from flows.retrain import retrain_flow
         state = retrain_flow({str(project)!r}, return_state=True)
-    """, project)
+    """,
+        project,
+    )
     assert time.monotonic() - t0 < 120 and state["type"] == "FAILED"
     assert task_states(server["api"], state["flow_run_id"])["slow"]["name"] == "TimedOut"
     pid = int((project / "slow.pid").read_text())
@@ -360,8 +461,10 @@ def test_deployment_run_shows_a_task_per_stage_promotes_through_the_gate_and_rep
     run_id = json.loads((loop["project"] / "outputs/train/registered_model.json").read_text())["run_id"]
     assert "## qualiclip retraining: promoted" in report and champion.tags["promotion"] in report
     assert f"`models:/qualiclip/{champion.version}`" in report and f"`{run_id}`" in report
-    assert f"| **synthetic.srcc** (promotion) | {metrics['synthetic']['srcc']:.4f} | – | " \
-           f"{metrics['baseline']['synthetic']['srcc']:.4f} |" in report
+    assert (
+        f"| **synthetic.srcc** (promotion) | {metrics['synthetic']['srcc']:.4f} | – | "
+        f"{metrics['baseline']['synthetic']['srcc']:.4f} |" in report
+    )
     assert "Stages: ingest Completed, degrade Completed, train Completed, evaluate Completed" in report
 
 
@@ -377,11 +480,13 @@ def test_the_run_log_follows_training_and_says_what_each_stage_did_without_noise
     assert {e["task_run_id"] for e in progress} == {task_states_ids(loop["api"], loop["flow_run_id"])["train"]}
     flow_run = http(f"{loop['api']}/flow_runs/{loop['flow_run_id']}")
     client = _registry(loop["project"])
-    parent = client.search_runs([client.get_experiment_by_name("qualiclip").experiment_id],
-                                f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' "
-                                "and tags.`qualiclip.kind` = 'pipeline'")
-    assert re.fullmatch(rf"qualiclip-retrain/{re.escape(flow_run['name'])} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d",
-                        parent[0].info.run_name), parent[0].info.run_name
+    parent = client.search_runs(
+        [client.get_experiment_by_name("qualiclip").experiment_id],
+        f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' and tags.`qualiclip.kind` = 'pipeline'",
+    )
+    assert re.fullmatch(
+        rf"qualiclip-retrain/{re.escape(flow_run['name'])} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", parent[0].info.run_name
+    ), parent[0].info.run_name
 
 
 def task_states_ids(api: str, flow_run_id: str) -> dict[str, str]:
@@ -421,15 +526,19 @@ def test_champion_served_answers_bad_input_with_a_clear_error_not_a_stack_trace(
 def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop, mlflow_urls):
     api = mlflow_urls["server"] + "/api/2.0/mlflow"
     exp = http(f"{api}/experiments/get-by-name?experiment_name=qualiclip")["experiment"]
-    runs = http(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                       "filter": "tags.`qualiclip.stage` = 'evaluate'"})["runs"]
+    runs = http(
+        f"{api}/runs/search",
+        {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`qualiclip.stage` = 'evaluate'"},
+    )["runs"]
     assert runs, "no evaluate run in the store"
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     expected = json.loads((loop["project"] / "outputs/eval/metrics.json").read_text())["synthetic"]["srcc"]
     assert metrics["synthetic.srcc"] == pytest.approx(expected)
     pipeline = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}["qualiclip.pipeline_id"]
-    same = http(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                       "filter": f"tags.`qualiclip.pipeline_id` = '{pipeline}'"})["runs"]
+    same = http(
+        f"{api}/runs/search",
+        {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`qualiclip.pipeline_id` = '{pipeline}'"},
+    )["runs"]
     assert len(same) >= 5  # the parent run and the four stage runs
     model = http(f"{api}/registered-models/get?name=qualiclip")["registered_model"]
     assert any(a["alias"] == "champion" for a in model.get("aliases", []))
@@ -474,8 +583,14 @@ def webhook():
 
 @pytest.mark.slow
 def test_failed_run_names_the_stage_exit_code_and_error_and_notifies(loop, webhook):
-    alert = subprocess.run([sys.executable, "-m", "flows.retrain", "alert", "--webhook-url", webhook.url],
-                           cwd=ROOT, env=loop["env"], capture_output=True, text=True, timeout=120)
+    alert = subprocess.run(
+        [sys.executable, "-m", "flows.retrain", "alert", "--webhook-url", webhook.url],
+        cwd=ROOT,
+        env=loop["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert alert.returncode == 0, alert.stderr[-2000:]
     # a params typo now fails the flow before any stage (the whole file is checked first); a photo
     # folder with no usable image fails the ingest stage itself, with its exit code 2
@@ -513,10 +628,19 @@ def test_the_documented_automation_yaml_is_accepted_by_the_server(server, tmp_pa
     docs = (ROOT / "docs/operations.md").read_text()
     text = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "prefect.flow-run.Failed" in b)
     env = {**server["env"], "PYTHONPATH": str(ROOT)}
-    saved = subprocess.run([sys.executable, "-c", "from prefect.blocks.notifications import "
-                            "CustomWebhookNotificationBlock as B; "
-                            "print(B(name='docs', url='http://127.0.0.1:9/x').save('docs-check', overwrite=True))"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    saved = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from prefect.blocks.notifications import "
+            "CustomWebhookNotificationBlock as B; "
+            "print(B(name='docs', url='http://127.0.0.1:9/x').save('docs-check', overwrite=True))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     block_id = saved.stdout.strip().splitlines()[-1]
     (tmp_path / "automation.yaml").write_text(text.replace("<BLOCK_ID>", block_id))
     created = prefect(["automation", "create", "--from-file", str(tmp_path / "automation.yaml")], server["env"])
@@ -527,5 +651,6 @@ def test_the_documented_automation_yaml_is_accepted_by_the_server(server, tmp_pa
     for key in ("expect", "match", "match_related", "posture"):
         assert _canonical(documented["trigger"][key]) == _canonical(expected["trigger"][key]), key
     assert documented["actions"][0]["type"] == "send-notification"
-    urllib.request.urlopen(urllib.request.Request(f"{server['api']}/automations/{documented['id']}",
-                                                  method="DELETE"), timeout=30)
+    urllib.request.urlopen(
+        urllib.request.Request(f"{server['api']}/automations/{documented['id']}", method="DELETE"), timeout=30
+    )

@@ -8,6 +8,7 @@ one process pool, both triggered at once, and one ``prefect worker start --run-o
 runs both runs side by side: their train stages must not overlap (one slot of the host's
 limit), while the runs themselves do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_dvc_project, make_photos, tiny_params
-from flows.pipeline import stop_process_group
 from servers import free_port, http, new_database, wait_until
 from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, prefect, run_flow, start, task_states
+
+from flows.pipeline import stop_process_group
 
 POOL = "gpu-hosts"
 PROJECTS = ("a", "b")
@@ -42,11 +43,15 @@ def server(tmp_path_factory, postgres):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = clean_env(tmp, PREFECT_API_URL=api)
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 tmp / "server.log", {**env, "PREFECT_API_DATABASE_CONNECTION_URL": url})
+    proc = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        tmp / "server.log",
+        {**env, "PREFECT_API_DATABASE_CONNECTION_URL": url},
+    )
     try:
-        wait_until(lambda: http(f"{api}/health") is True, "prefect server on PostgreSQL", proc,
-                   tmp / "server.log", timeout=240)
+        wait_until(
+            lambda: http(f"{api}/health") is True, "prefect server on PostgreSQL", proc, tmp / "server.log", timeout=240
+        )
         yield {"tmp": tmp, "api": api, "env": env, "database": url}
     finally:
         stop_process_group(proc)
@@ -57,8 +62,14 @@ def server(tmp_path_factory, postgres):
 
 
 def deploy(project: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.retrain", "deploy", "--project", str(project), "--pool", POOL],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.retrain", "deploy", "--project", str(project), "--pool", POOL],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def mlflow_train_interval(project: Path) -> tuple[float, float]:
@@ -66,8 +77,9 @@ def mlflow_train_interval(project: Path) -> tuple[float, float]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("qualiclip").experiment_id],
-                              filter_string="tags.`qualiclip.stage` = 'train'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("qualiclip").experiment_id], filter_string="tags.`qualiclip.stage` = 'train'"
+    )
     assert len(runs) == 1, f"{project}: {len(runs)} train runs"
     return runs[0].info.start_time / 1000, runs[0].info.end_time / 1000
 
@@ -91,14 +103,23 @@ def worked(server):
         assert run.returncode == 0, run.stdout + run.stderr
         flow_runs[name] = run.stdout.split("UUID:")[1].split()[0]
     log = tmp / "worker.log"
-    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--name", "gpu-host-1", "--run-once",
-                    "--limit", "2"], log, env)
+    worker = start(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--name", "gpu-host-1", "--run-once", "--limit", "2"],
+        log,
+        env,
+    )
     try:
         worker.wait(timeout=900)
     finally:
         stop_process_group(worker)
-    yield {**server, "projects": projects, "deploys": deploys, "flow_runs": flow_runs, "worker_log": log.read_text(),
-           "worker_code": worker.returncode}
+    yield {
+        **server,
+        "projects": projects,
+        "deploys": deploys,
+        "flow_runs": flow_runs,
+        "worker_log": log.read_text(),
+        "worker_code": worker.returncode,
+    }
 
 
 def flow_run(api: str, flow_run_id: str) -> dict:
@@ -138,8 +159,10 @@ def test_two_runs_on_one_gpu_host_never_train_at_once(worked):
     assert a1 <= b0, f"the trainings overlapped: {a0:.1f}-{a1:.1f} and {b0:.1f}-{b1:.1f}"
     for flow_run_id in worked["flow_runs"].values():
         messages = [e["message"] for e in flow_logs(api, flow_run_id)]
-        assert f"waiting for a slot of the global concurrency limit '{GPU_LIMIT}' (one training at a time on this host)" \
+        assert (
+            f"waiting for a slot of the global concurrency limit '{GPU_LIMIT}' (one training at a time on this host)"
             in messages
+        )
         assert any(m.startswith(f"holding a slot of '{GPU_LIMIT}' after") for m in messages)
 
 
@@ -168,16 +191,20 @@ def test_the_server_keeps_its_state_in_postgresql(worked):
 
     url = worked["database"].replace("postgresql+asyncpg://", "postgresql://")
     with contextlib.closing(psycopg2.connect(url)) as db, db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM flow_run WHERE id::text = ANY(%s) AND state_type = 'COMPLETED'",
-                    (list(worked["flow_runs"].values()),))
+        cur.execute(
+            "SELECT count(*) FROM flow_run WHERE id::text = ANY(%s) AND state_type = 'COMPLETED'",
+            (list(worked["flow_runs"].values()),),
+        )
         assert cur.fetchone()[0] == len(PROJECTS)
-        cur.execute("SELECT name, \"limit\" FROM concurrency_limit_v2 WHERE name = %s", (GPU_LIMIT,))
+        cur.execute('SELECT name, "limit" FROM concurrency_limit_v2 WHERE name = %s', (GPU_LIMIT,))
         assert cur.fetchone() is not None
 
 
 @pytest.mark.slow
 def test_a_missing_limit_is_an_error_not_an_unguarded_training(server):
-    state = run_flow(server["env"], """
+    state = run_flow(
+        server["env"],
+        """
         from prefect import flow
         from flows import gpu_slot
 
@@ -187,7 +214,9 @@ def test_a_missing_limit_is_an_error_not_an_unguarded_training(server):
                 print("training without a slot")
 
         state = guarded(return_state=True)
-    """, ROOT)
+    """,
+        ROOT,
+    )
     assert state["type"] == "FAILED"
     messages = [e["message"] for e in flow_logs(server["api"], state["flow_run_id"])]
     assert not any("training without a slot" in m for m in messages)

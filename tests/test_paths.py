@@ -1,4 +1,5 @@
 """Stage paths have one home, dvc.yaml: the flows, `promote` and `score` read their defaults from it."""
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_projects_paths_are_its_stage_arguments():
-    assert stage_paths(ROOT) == StagePaths(ingest="data/ingest", shards="data/shards", train="outputs/train",
-                                           checkpoint="outputs/train/checkpoint", evaluate="outputs/eval",
-                                           metrics="outputs/eval/metrics.json")
+    assert stage_paths(ROOT) == StagePaths(
+        ingest="data/ingest",
+        shards="data/shards",
+        train="outputs/train",
+        checkpoint="outputs/train/checkpoint",
+        evaluate="outputs/eval",
+        metrics="outputs/eval/metrics.json",
+    )
 
 
 def test_a_path_moved_in_dvc_yaml_moves_the_score_default(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """The whole pipeline in a real git + DVC repo in a temp folder, with a real MLflow SQLite store:
 what it produces, and what reruns when photos, code or nothing change."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, add_training_photo, bin_path, make_dvc_project, make_photos, run, tiny_params
 from noise import noise_lines
 
@@ -49,8 +49,14 @@ def mlflow_rows(root: Path, sql: str) -> list[tuple]:
 
 
 def test_repro_produces_every_stage_output(project):
-    for path in ["data/ingest/manifest.csv", "data/shards/index.json", "outputs/train/checkpoint/model.safetensors",
-                 "outputs/train/train_log.csv", "outputs/eval/metrics.json", "outputs/eval/plots/synthetic_scatter.png"]:
+    for path in [
+        "data/ingest/manifest.csv",
+        "data/shards/index.json",
+        "outputs/train/checkpoint/model.safetensors",
+        "outputs/train/train_log.csv",
+        "outputs/eval/metrics.json",
+        "outputs/eval/plots/synthetic_scatter.png",
+    ]:
         assert (project / path).is_file(), path
     metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
     assert -1.0 <= metrics["synthetic"]["srcc"] <= 1.0
@@ -68,10 +74,14 @@ def test_the_repro_log_says_what_each_stage_did_without_noise(project):
     assert log.count("Use `dvc push`") <= 1
     for stage in STAGES:
         assert re.search(rf"^{stage}: \S", log, re.M), f"no line of {stage}:\n{log}"
-    assert re.search(r"^train: 3 steps in \d+s, final loss \d\.\d{4} \(cons \d\.\d{4}, pos \d\.\d{4}, neg \d\.\d{4}\)$",
-                     log, re.M), log
-    parents = mlflow_rows(project, "select r.name from runs r join tags t on r.run_uuid = t.run_uuid "
-                                   "where t.key = 'qualiclip.kind' and t.value = 'pipeline'")
+    assert re.search(
+        r"^train: 3 steps in \d+s, final loss \d\.\d{4} \(cons \d\.\d{4}, pos \d\.\d{4}, neg \d\.\d{4}\)$", log, re.M
+    ), log
+    parents = mlflow_rows(
+        project,
+        "select r.name from runs r join tags t on r.run_uuid = t.run_uuid "
+        "where t.key = 'qualiclip.kind' and t.value = 'pipeline'",
+    )
     named = r"dvc repro( \S+)* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # what ran, and when
     assert parents and all(re.fullmatch(named, n) for (n,) in parents), parents
     assert {n for (n,) in mlflow_rows(project, "select name from logged_models")} == {"qualiclip-tiny-rn"}
@@ -83,8 +93,11 @@ def test_each_stage_depends_on_exactly_the_code_it_loads(project):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     wrong = []
     for stage in STAGES:
-        loaded = {f for f in (project / "stage-log" / f"{stage}.txt").read_text().split()
-                  if not f.startswith("qualiclip/pipeline/")}
+        loaded = {
+            f
+            for f in (project / "stage-log" / f"{stage}.txt").read_text().split()
+            if not f.startswith("qualiclip/pipeline/")
+        }
         code = [d for d in stages[stage]["deps"] if d.startswith("qualiclip/")]
         missing = sorted(f for f in loaded if not any(f == d or f.startswith(d + "/") for d in code))
         unused = sorted(d for d in code if not any(f == d or f.startswith(d + "/") for f in loaded))
@@ -152,9 +165,12 @@ def test_mlflow_holds_stage_runs_metrics_and_a_registered_model(project):
     assert stages == {"ingest", "degrade", "train", "evaluate"}
     # four repros ran stages above (the first, forced degrade alone, changed distortion, added photo):
     # each is one execution, its stage runs children of one parent run
-    rows = mlflow_rows(project, "select p.value, s.value, r.value from tags p join tags s on p.run_uuid = s.run_uuid "
-                                "join tags r on p.run_uuid = r.run_uuid where p.key = 'qualiclip.pipeline_id' "
-                                "and s.key = 'qualiclip.stage' and r.key = 'mlflow.parentRunId'")
+    rows = mlflow_rows(
+        project,
+        "select p.value, s.value, r.value from tags p join tags s on p.run_uuid = s.run_uuid "
+        "join tags r on p.run_uuid = r.run_uuid where p.key = 'qualiclip.pipeline_id' "
+        "and s.key = 'qualiclip.stage' and r.key = 'mlflow.parentRunId'",
+    )
     stages_of, parents_of = {}, {}
     for pipeline, stage, parent in rows:
         stages_of.setdefault(pipeline, []).append(stage)
@@ -163,8 +179,13 @@ def test_mlflow_holds_stage_runs_metrics_and_a_registered_model(project):
     assert len({p for ps in parents_of.values() for p in ps}) == 4
     assert all(len(v) == len(set(v)) for v in stages_of.values()), "one run per stage and execution"
     assert sorted(sorted(v) for v in stages_of.values()) == sorted(
-        [["degrade"], ["degrade", "evaluate", "train"], ["degrade", "evaluate", "ingest", "train"],
-         ["degrade", "evaluate", "ingest", "train"]]), stages_of
+        [
+            ["degrade"],
+            ["degrade", "evaluate", "train"],
+            ["degrade", "evaluate", "ingest", "train"],
+            ["degrade", "evaluate", "ingest", "train"],
+        ]
+    ), stages_of
     keys = {r[0] for r in mlflow_rows(project, "select key from metrics")}
     assert {"synthetic.srcc", "synthetic.plcc", "synthetic.krcc", "train/loss"} <= keys
     versions = mlflow_rows(project, "select name, version from model_versions")

@@ -1,4 +1,5 @@
 """Scoring: the inference copy, batching, the user API and the ``qualiclip score`` CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -10,12 +11,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from imagefiles import finishes_despite_fifos
 from PIL import Image
 
-from imagefiles import finishes_despite_fifos
 from qualiclip.model import ModelConfig, create_model
 from qualiclip.scoring import (
-    ScoringError, inference_copy, plan_batches, score_arrays, score_images, score_paths,
+    ScoringError,
+    inference_copy,
+    plan_batches,
+    score_arrays,
+    score_images,
+    score_paths,
 )
 
 
@@ -42,8 +48,12 @@ def randomise_batchnorm(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0),
-                              (m.weight.data, 0.5, 1.5), (m.bias.data, -0.3, 0.3)):
+            for t, lo, hi in (
+                (m.running_mean, -0.5, 0.5),
+                (m.running_var, 0.5, 2.0),
+                (m.weight.data, 0.5, 1.5),
+                (m.bias.data, -0.3, 0.3),
+            ):
                 t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
     return model
 
@@ -54,7 +64,7 @@ def images():
 
     rng = np.random.default_rng(0)
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
-    ims = [np.ascontiguousarray(p[: 64 + 8 * i, : 80]) for i, p in enumerate(photos)]  # 3 sizes
+    ims = [np.ascontiguousarray(p[: 64 + 8 * i, :80]) for i, p in enumerate(photos)]  # 3 sizes
     ims += [np.ascontiguousarray(p[100:164, 100:180]) for p in photos]  # 3 more of 64x80
     ims += [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)]
     return ims
@@ -132,7 +142,9 @@ def test_score_paths_streams_batch_by_batch(model, images, tmp_path, monkeypatch
     paths = sorted(tmp_path.glob("*.png"))
     results = score_paths(paths, model, batch_size=2, progress=Bar())
     assert peak[0] <= 2 and all(r.error == "" for r in results)
-    np.testing.assert_allclose([r.score for r in results], score_arrays(model, [real(p).pixels for p in paths]), atol=1e-5)
+    np.testing.assert_allclose(
+        [r.score for r in results], score_arrays(model, [real(p).pixels for p in paths]), atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +178,40 @@ def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images
     listed.write_text("# my list\nx.png\n\nmissing.png\n")
 
     out = tmp_path / "scores.csv"
-    rc = main(["score", str(folder), str(single), str(listed), "--model", str(checkpoint), "--out", str(out),
-               "--batch-size", "3", "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "score",
+            str(folder),
+            str(single),
+            str(listed),
+            "--model",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
-    assert list(rows[0]) == ["path", "score", "width", "height", "error",
-                             "model", "model_version", "score_min", "score_max", "higher_is_better"]
+    assert list(rows[0]) == [
+        "path",
+        "score",
+        "width",
+        "height",
+        "error",
+        "model",
+        "model_version",
+        "score_min",
+        "score_max",
+        "higher_is_better",
+    ]
     assert {(r["model"], r["score_min"], r["score_max"], r["higher_is_better"]) for r in rows} == {
-        (str(checkpoint.resolve()), "0.0", "1.0", "True")}
+        (str(checkpoint.resolve()), "0.0", "1.0", "True")
+    }
     assert len(rows) == 4 + 1 + 1 + 1 + 1  # 4 good + corrupt in the folder, single, listed + missing
     bad = {r["path"].rsplit("/", 1)[-1]: r for r in rows if r["error"]}
     assert set(bad) == {"corrupt.jpg", "missing.png"} and all(r["score"] == "" for r in bad.values())
@@ -187,10 +225,15 @@ def test_cli_scores_files_folders_and_lists_keeping_bad_files(checkpoint, images
     out_json = tmp_path / "scores.json"
     assert main(["score", str(single), "--model", str(checkpoint), "--out", str(out_json), "--no-progress"]) == 0
     scored = json.loads(out_json.read_text())
-    assert scored["scores"][0]["score"] == pytest.approx(float(next(
-        r["score"] for r in rows if r["path"] == str(single))), abs=3e-6)
+    assert scored["scores"][0]["score"] == pytest.approx(
+        float(next(r["score"] for r in rows if r["path"] == str(single))), abs=3e-6
+    )
     assert (scored["model"], scored["score_min"], scored["score_max"], scored["higher_is_better"]) == (
-        str(checkpoint.resolve()), 0.0, 1.0, True)
+        str(checkpoint.resolve()),
+        0.0,
+        1.0,
+        True,
+    )
 
 
 def model_from(checkpoint):
@@ -233,7 +276,9 @@ def test_cli_reports_fifos_per_file_instead_of_hanging(checkpoint, images, tmp_p
     os.mkfifo(tmp_path / "alone.png")
     out = tmp_path / "s.csv"
     fifos = [folder / "pipe.jpg", tmp_path / "alone.png"]
-    assert finishes_despite_fifos(lambda: score_cli(checkpoint, folder, tmp_path / "alone.png", "--out", out), fifos) == 0
+    assert (
+        finishes_despite_fifos(lambda: score_cli(checkpoint, folder, tmp_path / "alone.png", "--out", out), fifos) == 0
+    )
     rows = rows_by_name(out)
     assert rows["pipe.jpg"]["error"].startswith("not_a_file") and rows["alone.png"]["error"].startswith("not_a_file")
     assert 0 <= float(rows["ok.png"]["score"]) <= 1
@@ -303,8 +348,12 @@ def test_the_memory_estimate_covers_the_measured_peak():
     (measured as benchmarks/bench_score_memory.py measures it: a fresh process, a 4 MP image)."""
     from benchmarks.bench_score_memory import CHILD
 
-    proc = subprocess.run([sys.executable, "-c", CHILD, "qualiclip-tiny-rn", "2048", "2048", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, "qualiclip-tiny-rn", "2048", "2048", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.5 * r["estimated"] < r["measured"] <= r["estimated"], r  # covered, and not wildly above
@@ -330,12 +379,15 @@ def test_a_list_entry_with_a_nul_byte_is_one_error_row_and_the_others_are_scored
     assert "\x00" not in capsys.readouterr().err  # the name is shown escaped, never cut
 
 
-@pytest.mark.parametrize("name, detail", [
-    ("bad\x00name.png", "NUL byte"),
-    ("lone\ud800surrogate.png", "U+D800 (a lone surrogate)"),
-    ("x" * 300 + ".png", "longer than the 255 a file name may be"),
-    ("a/" * 2100 + "b.png", "longer than the 4096 a path may be"),
-])
+@pytest.mark.parametrize(
+    "name, detail",
+    [
+        ("bad\x00name.png", "NUL byte"),
+        ("lone\ud800surrogate.png", "U+D800 (a lone surrogate)"),
+        ("x" * 300 + ".png", "longer than the 255 a file name may be"),
+        ("a/" * 2100 + "b.png", "longer than the 4096 a path may be"),
+    ],
+)
 def test_score_paths_reports_a_name_no_file_can_have_per_file(model, images, tmp_path, name, detail):
     Image.fromarray(images[0]).save(tmp_path / "good.png")
     got = score_paths([tmp_path / "good.png", name], model)
@@ -366,8 +418,10 @@ def test_a_max_memory_gb_outside_its_range_is_a_usage_error(checkpoint, images, 
     from qualiclip.pipeline.cli import main
 
     Image.fromarray(images[0]).save(tmp_path / "a.png")
-    for command in (["score", str(tmp_path / "a.png"), "--out", str(tmp_path / "s.csv")],
-                    ["explain", str(tmp_path / "a.png"), "--out", str(tmp_path / "map.png")]):
+    for command in (
+        ["score", str(tmp_path / "a.png"), "--out", str(tmp_path / "s.csv")],
+        ["explain", str(tmp_path / "a.png"), "--out", str(tmp_path / "map.png")],
+    ):
         with pytest.raises(SystemExit) as stop:
             main([*command, "--model", str(checkpoint), f"--max-memory-gb={value}"])
         assert stop.value.code == 2

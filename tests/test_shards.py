@@ -1,4 +1,5 @@
 """The shard format: lossless encodings, checked decoding, reproducible tars, the index."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def sample(encoding: str = "png", seed: int = 0) -> dict:
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_every_encoding_round_trips_exactly(encoding):
     s = sample(encoding)
-    assert sorted(k for k in s if k.startswith("c")) == sorted(f"c{c}.l{lv}.{encoding}" for c in (0, 1) for lv in range(1, 6))
+    assert sorted(k for k in s if k.startswith("c")) == sorted(
+        f"c{c}.l{lv}.{encoding}" for c in (0, 1) for lv in range(1, 6)
+    )
     assert np.array_equal(decode_crops(s), crops())
 
 

@@ -1,4 +1,5 @@
 """The tracking interface: the no-op default, pipeline ids, and the MLflow store's layout."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,5 @@
 """The train stage: outputs, tracking, BatchNorm modes, precision, and SIGKILL + resume = same weights."""
+
 from __future__ import annotations
 
 import csv
@@ -12,15 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CLEAN_ENV, make_photos
+
 from qualiclip.checkpoint import TRAIN_STATE, load_train_state, save_train_state
 from qualiclip.config import ConfigError
 from qualiclip.loader import LoaderStats
 from qualiclip.model import ModelConfig
 from qualiclip.tracking import Tracker
 from qualiclip.train import (
-    DistInfo, TrainConfig, TrainError, amp_dtype, build_trainer, lr_factor, optimize, run_train, shard_batches,
+    DistInfo,
+    TrainConfig,
+    TrainError,
+    amp_dtype,
+    build_trainer,
+    lr_factor,
+    optimize,
+    run_train,
+    shard_batches,
     train_state,
 )
 
@@ -34,10 +43,17 @@ def build_shards(root: Path) -> Path:
     from qualiclip.sampling import SampleConfig
 
     make_photos(root / "photos", n=4, size=(80, 96))
-    run_ingest(IngestConfig(sources=(str(root / "photos"),), min_size=64, val_fraction=0.0, workers=1),
-               root / "ingest", progress=False)
-    cfg = DegradeConfig(variants=2, samples_per_shard=4, workers=1,
-                        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
+    run_ingest(
+        IngestConfig(sources=(str(root / "photos"),), min_size=64, val_fraction=0.0, workers=1),
+        root / "ingest",
+        progress=False,
+    )
+    cfg = DegradeConfig(
+        variants=2,
+        samples_per_shard=4,
+        workers=1,
+        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")),
+    )
     run_degrade(cfg, root / "ingest", root / "shards", progress=False)
     return root / "shards"
 
@@ -56,7 +72,9 @@ class RecordingTracker(Tracker):
 
 
 def random_batch(b: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.randint(0, 256, (b, 2, 5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, 256, (b, 2, 5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def test_resume_key_is_that_of_earlier_versions():
@@ -68,7 +86,10 @@ def test_resume_key_is_that_of_earlier_versions():
 
     assert resume_key(TrainConfig(steps=200, checkpoint_every=0), ModelConfig(), 1) == "41f9c972af6f4cd4"
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    shipped = build_config(TrainConfig, params["train"], where="train"), build_config(ModelConfig, params["model"], where="model")
+    shipped = (
+        build_config(TrainConfig, params["train"], where="train"),
+        build_config(ModelConfig, params["model"], where="model"),
+    )
     assert resume_key(*shipped, 1) == "f307d9b618c0d631"
 
 
@@ -84,7 +105,11 @@ def test_run_train_writes_outputs_and_tracks_every_term(shards, tmp_path):
     tracker = RecordingTracker()
     cfg = TrainConfig(**{**TINY_TRAIN, "steps": 3, "threads": 0})
     result = run_train(cfg, ModelConfig(), shards, tmp_path, tracker=tracker, progress=False, metadata={"x": 1})
-    assert result.steps == 3 and result.corrupt_samples == 0 and set(result.final) == {"loss", "loss_cons", "loss_pos", "loss_neg"}
+    assert (
+        result.steps == 3
+        and result.corrupt_samples == 0
+        and set(result.final) == {"loss", "loss_cons", "loss_pos", "loss_neg"}
+    )
     assert (result.checkpoint / "model.safetensors").is_file()
     meta = json.loads((result.checkpoint / "metadata.json").read_text())
     assert meta["x"] == 1 and meta["world_size"] == 1
@@ -92,7 +117,14 @@ def test_run_train_writes_outputs_and_tracks_every_term(shards, tmp_path):
     assert list(rows[0]) == ["step", "loss", "loss_cons", "loss_pos", "loss_neg", "lr"] and len(rows) == 3
     assert [step for step, _ in tracker.logged] == [1, 2, 3]
     keys = set(tracker.logged[0][1])
-    assert {"train/loss", "train/loss_cons", "train/loss_pos", "train/loss_neg", "train/lr", "train/crops_per_s"} <= keys
+    assert {
+        "train/loss",
+        "train/loss_cons",
+        "train/loss_pos",
+        "train/loss_neg",
+        "train/lr",
+        "train/crops_per_s",
+    } <= keys
     assert not (tmp_path / TRAIN_STATE).exists()  # a finished run leaves only the checkpoint
 
 
@@ -163,10 +195,12 @@ def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics(shards, t
             torch.testing.assert_close(v, expected, rtol=0, atol=1e-6, msg=k)
     assert any(not torch.equal(averaged[k], snaps[2][k]) for k in averaged if "running_mean" in k)
 
-    result = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3, "ema": 0.5}), ModelConfig(), shards, tmp_path / "ema",
-                       progress=False)
-    plain = run_train(TrainConfig(**{**TINY_TRAIN, "steps": 3}), ModelConfig(), shards, tmp_path / "plain",
-                      progress=False)
+    result = run_train(
+        TrainConfig(**{**TINY_TRAIN, "steps": 3, "ema": 0.5}), ModelConfig(), shards, tmp_path / "ema", progress=False
+    )
+    plain = run_train(
+        TrainConfig(**{**TINY_TRAIN, "steps": 3}), ModelConfig(), shards, tmp_path / "plain", progress=False
+    )
     assert result.final == plain.final  # the average does not change the trajectory
     assert json.loads((result.checkpoint / "metadata.json").read_text())["ema"] == 0.5
     a, b = _weights(tmp_path / "ema"), _weights(tmp_path / "plain")
@@ -185,7 +219,9 @@ def test_state_from_other_params_is_refused(shards, tmp_path):
     cfg = TrainConfig(**TINY_TRAIN)
     with pytest.raises(TrainError, match="other params.*train.resume: false"):
         run_train(cfg, ModelConfig(), shards, tmp_path, progress=False)
-    run_train(TrainConfig(**{**TINY_TRAIN, "steps": 1, "resume": False}), ModelConfig(), shards, tmp_path, progress=False)
+    run_train(
+        TrainConfig(**{**TINY_TRAIN, "steps": 1, "resume": False}), ModelConfig(), shards, tmp_path, progress=False
+    )
 
 
 def test_changed_params_are_refused_before_the_model_is_built_with_both_choices_named(shards, tmp_path, monkeypatch):
@@ -232,18 +268,35 @@ def test_off_a_terminal_training_prints_progress_lines(shards, tmp_path):
     with step/total, loss, steps/s and ETA at least every PROGRESS_SECONDS (≤ 30 s; set to 0 here
     through its variable), and no progress bar."""
     import yaml
-
     from conftest import bin_path
+
     from qualiclip.train import PROGRESS_ENV, PROGRESS_SECONDS
 
     assert 0 < PROGRESS_SECONDS <= 30
-    params = {"model": {"name": "qualiclip-tiny-rn"}, "tracking": {"backend": "none"}, "evaluate": {},
-              "train": {**TINY_TRAIN, "steps": 5}}
+    params = {
+        "model": {"name": "qualiclip-tiny-rn"},
+        "tracking": {"backend": "none"},
+        "evaluate": {},
+        "train": {**TINY_TRAIN, "steps": 5},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with open(tmp_path / "train.log", "w") as log:
-        done = subprocess.run([bin_path("qualiclip"), "train", "--params", str(tmp_path / "params.yaml"), "--shards",
-                               str(shards), "--out", str(tmp_path / "out")], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **CLEAN_ENV, PROGRESS_ENV: "0"}, timeout=300)
+        done = subprocess.run(
+            [
+                bin_path("qualiclip"),
+                "train",
+                "--params",
+                str(tmp_path / "params.yaml"),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **CLEAN_ENV, PROGRESS_ENV: "0"},
+            timeout=300,
+        )
     text = (tmp_path / "train.log").read_text()
     assert done.returncode == 0, text
     lines = re.findall(r"^train: step (\d)/5 \(\d+%\), loss \d+\.\d{4}, \d+\.\d\d steps/s, ETA \d+s$", text, re.M)
@@ -293,10 +346,19 @@ run_train(TrainConfig(**args["train"]), ModelConfig(), Path(args["shards"]), Pat
 def _launch(tmp_path: Path, shards: Path, out: Path, kill_at: int | None, ema: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "entry.py"
     script.write_text(ENTRY)
-    args = {"train": {**TINY_TRAIN, "checkpoint_every": 2, "ema": ema}, "shards": str(shards), "out": str(out),
-            "kill_at": kill_at}
-    return subprocess.Popen([sys.executable, str(script), json.dumps(args)], env={**os.environ, **CLEAN_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = {
+        "train": {**TINY_TRAIN, "checkpoint_every": 2, "ema": ema},
+        "shards": str(shards),
+        "out": str(out),
+        "kill_at": kill_at,
+    }
+    return subprocess.Popen(
+        [sys.executable, str(script), json.dumps(args)],
+        env={**os.environ, **CLEAN_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -333,8 +395,13 @@ def _other_runs_shard(shards: Path, tmp_path: Path) -> None:
     from qualiclip.degrade import DegradeConfig, run_degrade
     from qualiclip.sampling import SampleConfig
 
-    other = DegradeConfig(variants=2, samples_per_shard=4, workers=1, seed=1,
-                          sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
+    other = DegradeConfig(
+        variants=2,
+        samples_per_shard=4,
+        workers=1,
+        seed=1,
+        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")),
+    )
     run_degrade(other, shards.parent / "ingest", tmp_path / "other", progress=False)
     (shards / "shard-000001.tar").write_bytes((tmp_path / "other" / "shard-000001.tar").read_bytes())
 
@@ -377,8 +444,13 @@ def test_a_train_state_is_not_resumed_on_other_shards(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, ModelConfig(), shards, tmp_path / "out", tracker=StopAt(3), progress=False)
     assert load_train_state(tmp_path / "out" / TRAIN_STATE)["step"] == 2
-    regenerated = DegradeConfig(variants=2, samples_per_shard=4, workers=1, seed=1,
-                                sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")))
+    regenerated = DegradeConfig(
+        variants=2,
+        samples_per_shard=4,
+        workers=1,
+        seed=1,
+        sample=SampleConfig(crop=64, distortions=("gaussian_blur", "white_noise", "jpeg", "brighten")),
+    )
     run_degrade(regenerated, tmp_path / "ingest", shards, progress=False)  # new shards, same params
     with pytest.raises(TrainError, match=r"trained on other shards.*Fix: delete .*train_state.pt"):
         run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
@@ -387,7 +459,9 @@ def test_a_train_state_is_not_resumed_on_other_shards(tmp_path):
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_step(shards, tmp_path):
     cfg = TrainConfig(**{**TINY_TRAIN, "batch_size": 9})  # the shards hold 8 samples
-    with pytest.raises(TrainError, match=r"^train.batch_size 9 is larger than the 8 samples in .* at most 8, or degrade"):
+    with pytest.raises(
+        TrainError, match=r"^train.batch_size 9 is larger than the 8 samples in .* at most 8, or degrade"
+    ):
         run_train(cfg, ModelConfig(), shards, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match=r"train.batch_size must be an integer in \[1, 65536\], got 1000000000"):
@@ -401,14 +475,35 @@ def test_ctrl_c_stops_training_with_one_line_saying_where_it_resumes(shards, tmp
     import yaml
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"model": {}, "evaluate": {}, "tracking": {"backend": "none"},
-                                      "train": {**TINY_TRAIN, "steps": 100_000, "checkpoint_every": 2,
-                                                "num_workers": 1}}))  # the default: a loader worker gets SIGINT too
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "model": {},
+                "evaluate": {},
+                "tracking": {"backend": "none"},
+                "train": {**TINY_TRAIN, "steps": 100_000, "checkpoint_every": 2, "num_workers": 1},
+            }
+        )
+    )  # the default: a loader worker gets SIGINT too
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).with_name("qualiclip")), "train", "--params", str(params), "--shards", str(shards),
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **CLEAN_ENV}, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        str(Path(sys.executable).with_name("qualiclip")),
+        "train",
+        "--params",
+        str(params),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **CLEAN_ENV},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while not (out / TRAIN_STATE).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -419,4 +514,5 @@ def test_ctrl_c_stops_training_with_one_line_saying_where_it_resumes(shards, tmp
     kept = load_train_state(out / TRAIN_STATE)["step"]
     assert stderr.strip().splitlines()[-1] == (
         f"qualiclip train: stopped by Ctrl-C (SIGINT); the train state of step {kept} is kept in {out / TRAIN_STATE}: "
-        f"rerun the same command to resume from step {kept} (the steps after it are redone, with the same result)")
+        f"rerun the same command to resume from step {kept} (the steps after it are redone, with the same result)"
+    )

@@ -1,4 +1,5 @@
 """The dataset types: a rated image, a rated dataset, and what a release loader returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -68,8 +69,9 @@ class IQADataset:
         """The items of split ``name`` (e.g. ``'test'``) as a dataset of the same kind."""
         if name not in self.splits:
             have = f"splits {list(self.splits)}" if self.splits else "no official split"
-            raise DatasetError(f"dataset '{self.name}' has {have}, not '{name}' — "
-                               "evaluate the whole set or pick one of those")
+            raise DatasetError(
+                f"dataset '{self.name}' has {have}, not '{name}' — evaluate the whole set or pick one of those"
+            )
         return replace(self, items=tuple(i for i in self.items if i.split == name))
 
 

@@ -5,6 +5,7 @@ loading the evaluation code: the train stage fails in seconds on a broken entry 
 training, and an edit to the evaluation code does not make DVC retrain (dvc.yaml's deps are the
 code a stage loads).
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,10 @@ def load_dataset_spec(spec: dict) -> tuple[str, IQADataset]:
     ds = load_dataset(spec.pop("name"), spec.pop("root"), **spec)
     label = str(label or ds.name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in RESERVED_LABELS:
-        raise DatasetError(f"dataset label {label!r} cannot name a metrics block and a file — use letters, "
-                           f"digits, '_', '.', '-', and none of {RESERVED_LABELS} (set `label:` in the entry)")
+        raise DatasetError(
+            f"dataset label {label!r} cannot name a metrics block and a file — use letters, "
+            f"digits, '_', '.', '-', and none of {RESERVED_LABELS} (set `label:` in the entry)"
+        )
     return label, ds
 
 

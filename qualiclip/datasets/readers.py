@@ -1,5 +1,6 @@
 """Label-file readers (CSV, whitespace text, MATLAB .mat, Excel .xlsx, pyiqa split files) that fail
 with DatasetError."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,7 @@ from qualiclip.datasets.base import DatasetError
 def require_file(path: Path, what: str) -> Path:
     """``path`` if it is a file, else DatasetError saying what was expected there."""
     if not path.is_file():
-        raise DatasetError(f"{what} not found at {path} — check the dataset root and its layout "
-                           "(docs/datasets.md)")
+        raise DatasetError(f"{what} not found at {path} — check the dataset root and its layout (docs/datasets.md)")
     return path
 
 
@@ -71,8 +71,10 @@ def read_xlsx(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     try:
         import openpyxl
     except ImportError:
-        raise DatasetError(f"reading {path} needs openpyxl (pip install openpyxl), or save the sheet "
-                           f"as '{path.with_suffix('.csv').name}' next to it") from None
+        raise DatasetError(
+            f"reading {path} needs openpyxl (pip install openpyxl), or save the sheet "
+            f"as '{path.with_suffix('.csv').name}' next to it"
+        ) from None
     book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     rows = list(book.worksheets[0].iter_rows(values_only=True))
     book.close()
@@ -80,8 +82,9 @@ def read_xlsx(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     missing = [c for c in required if c not in header]
     if missing:
         raise DatasetError(f"{path} lacks column(s) {missing}; its header is {header}")
-    return [{h: "" if v is None else str(v) for h, v in zip(header, r)} for r in rows[1:]
-            if any(v is not None for v in r)]
+    return [
+        {h: "" if v is None else str(v) for h, v in zip(header, r)} for r in rows[1:] if any(v is not None for v in r)
+    ]
 
 
 def to_float(value: str, where: str) -> float:
@@ -117,14 +120,16 @@ def read_split_file(path: Path, index: int) -> dict[str, list[int]]:
         else:
             splits = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as exc:  # noqa: BLE001 - garbage raises anything (KeyError, TypeError, ...); nothing ran
-        raise DatasetError(f"{path} is not a plain pyiqa split file ({exc}); only dicts/lists of ints are read — "
-                           "re-save it as JSON: {\"1\": {\"train\": [0, ...], \"val\": [...], \"test\": [...]}}"
-                           ) from None
+        raise DatasetError(
+            f"{path} is not a plain pyiqa split file ({exc}); only dicts/lists of ints are read — "
+            're-save it as JSON: {"1": {"train": [0, ...], "val": [...], "test": [...]}}'
+        ) from None
     scheme = splits.get(index, splits.get(str(index))) if isinstance(splits, dict) else None
     if scheme is None:
         raise DatasetError(f"{path} has no split index {index}")
     if not isinstance(scheme, dict) or not all(
-            isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
-            for rows in scheme.values()):
+        isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+        for rows in scheme.values()
+    ):
         raise DatasetError(f"{path}: split {index} must map each phase to a list of row numbers")
     return {str(phase): rows for phase, rows in scheme.items()}

@@ -1,10 +1,12 @@
 """Dataset registry: each release is a small loader function registered by name."""
+
 from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from qualiclip.datasets.base import DatasetError, IQADataset, Labels, Spec
 from qualiclip.datasets.validate import build_items, raise_or_report, warn_out_of_range
@@ -19,11 +21,13 @@ def register(name: str, spec: Spec | None = None) -> Callable[[Loader], Loader]:
     ``spec`` is the release's declared scale; None means the loader's own options declare it
     and the returned `Labels` carries it (the generic ``csv`` and ``pyiqa`` layouts).
     """
+
     def decorate(loader: Loader) -> Loader:
         if name in _REGISTRY:
             raise ValueError(f"dataset '{name}' is registered twice")
         _REGISTRY[name] = (loader, spec)
         return loader
+
     return decorate
 
 
@@ -37,8 +41,9 @@ def dataset_spec(name: str) -> Spec | None:
     return _lookup(name)[1]
 
 
-def load_dataset(name: str, root: str | Path, *, on_missing: Literal["error", "exclude"] = "error",
-                 **options) -> IQADataset:
+def load_dataset(
+    name: str, root: str | Path, *, on_missing: Literal["error", "exclude"] = "error", **options
+) -> IQADataset:
     """Read dataset ``name`` from its release folder ``root``.
 
     ``options`` are the loader's keyword options (see docs/datasets.md); an unknown or missing one
@@ -59,9 +64,15 @@ def load_dataset(name: str, root: str | Path, *, on_missing: Literal["error", "e
     items, problems = build_items(labels, spec)
     raise_or_report(name, root, problems, on_missing)
     warn_out_of_range(name, items, spec)
-    return IQADataset(name=name, root=root, items=tuple(items), mos_range=spec.mos_range,
-                      lower_is_better=spec.lower_is_better, resize_short_side=spec.resize_short_side,
-                      report=tuple(problems))
+    return IQADataset(
+        name=name,
+        root=root,
+        items=tuple(items),
+        mos_range=spec.mos_range,
+        lower_is_better=spec.lower_is_better,
+        resize_short_side=spec.resize_short_side,
+        report=tuple(problems),
+    )
 
 
 def _lookup(name: str) -> tuple[Loader, Spec | None]:

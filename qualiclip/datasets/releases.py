@@ -4,6 +4,7 @@ Each loader takes the release root and keyword options and returns `Labels` (ima
 relative to an image folder, raw scores, official split if any); `registry.load_dataset`
 validates them against the files. Layouts and the assumptions made are in docs/datasets.md.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,13 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from qualiclip.datasets.base import DatasetError, Labels, Row, Spec
-from qualiclip.datasets.readers import (
-    read_columns, read_csv, read_mat_vector, read_split_file, read_xlsx, to_float)
+from qualiclip.datasets.readers import read_columns, read_csv, read_mat_vector, read_split_file, read_xlsx, to_float
 from qualiclip.datasets.registry import register
 from qualiclip.datasets.validate import IMAGE_SUFFIXES
 
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 KONIQ_SCORES = "koniq10k_scores_and_distributions.csv"
 KONIQ_SETS = "koniq10k_distributions_sets.csv"  # metadata/ of github.com/subpic/koniq
@@ -33,8 +40,10 @@ def koniq10k(root: Path, *, resolution: str = "1024x768") -> Labels:
         raise DatasetError(f"koniq10k resolution must be one of {KONIQ_RESOLUTIONS}, got {resolution!r}")
     table = read_csv(root / KONIQ_SCORES, ("image_name", "MOS"))
     sets = _koniq_sets(root, table)
-    rows = [Row(r["image_name"], to_float(r["MOS"], f"{KONIQ_SCORES} {r['image_name']}"),
-                sets.get(r["image_name"])) for r in table]
+    rows = [
+        Row(r["image_name"], to_float(r["MOS"], f"{KONIQ_SCORES} {r['image_name']}"), sets.get(r["image_name"]))
+        for r in table
+    ]
     return Labels(rows, root / resolution)
 
 
@@ -54,12 +63,14 @@ def clive_labels(data_dir: Path, *, include_training: bool = False) -> list[Row]
     mos = read_mat_vector(data_dir / "AllMOS_release.mat", "AllMOS_release")
     if len(names) != len(mos):
         raise DatasetError(f"{data_dir}: {len(names)} image names but {len(mos)} MOS values")
-    head = tuple(Path(str(n)).stem.lower() for n in names[:len(CLIVE_TRAINING)])
+    head = tuple(Path(str(n)).stem.lower() for n in names[: len(CLIVE_TRAINING)])
     if head != CLIVE_TRAINING:
-        raise DatasetError(f"{data_dir}: expected the rater-training entries {CLIVE_TRAINING} first, "
-                           f"found {head} — is this the CLIVE release?")
+        raise DatasetError(
+            f"{data_dir}: expected the rater-training entries {CLIVE_TRAINING} first, "
+            f"found {head} — is this the CLIVE release?"
+        )
     rows = [Row(str(n), float(m)) for n, m in zip(names, mos)]
-    return rows if include_training else rows[len(CLIVE_TRAINING):]
+    return rows if include_training else rows[len(CLIVE_TRAINING) :]
 
 
 @register("clive", Spec((0.0, 100.0), lower_is_better=False))
@@ -94,8 +105,9 @@ def flive(root: Path) -> Labels:
     table = read_csv(base / FLIVE_LABELS, ("name", "mos"))
     splits = _flive_splits(base)
     default = "train" if splits else None
-    rows = [Row(r["name"], to_float(r["mos"], f"{FLIVE_LABELS} {r['name']}"),
-                splits.get(r["name"], default)) for r in table]
+    rows = [
+        Row(r["name"], to_float(r["mos"], f"{FLIVE_LABELS} {r['name']}"), splits.get(r["name"], default)) for r in table
+    ]
     return Labels(rows, base)
 
 
@@ -125,8 +137,9 @@ def csiq(root: Path, *, labels: str = "csiq_label.txt", image_dir: str = "dst_im
     under ``dst_imgs/`` (the release keeps one subfolder per distortion type)."""
     entries = read_columns(root / labels, 2)
     base = root / image_dir
-    where = {p.name.lower(): p.relative_to(base).as_posix() for p in base.rglob("*")
-             if p.suffix.lower() in IMAGE_SUFFIXES}
+    where = {
+        p.name.lower(): p.relative_to(base).as_posix() for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+    }
     rows = [Row(where.get(name.lower(), name), to_float(dmos, f"{labels} {name}")) for name, dmos, *_ in entries]
     return Labels(rows, base)
 
@@ -152,8 +165,10 @@ def live(root: Path, *, dmos_file: str = "dmos.mat") -> Labels:
     dmos = read_mat_vector(root / dmos_file, "dmos_new", "dmos").astype(float)
     orgs = read_mat_vector(root / dmos_file, "orgs").astype(int)
     if not len(dmos) == len(orgs) == len(names):
-        raise DatasetError(f"{root / dmos_file}: expected {len(names)} dmos/orgs entries, "
-                           f"got {len(dmos)}/{len(orgs)} — is this LIVE release 2?")
+        raise DatasetError(
+            f"{root / dmos_file}: expected {len(names)} dmos/orgs entries, "
+            f"got {len(dmos)}/{len(orgs)} — is this LIVE release 2?"
+        )
     rows = [Row(n, float(d)) for n, d, o in zip(names, dmos, orgs) if o == 0]
     return Labels(rows, root, ignore=frozenset(n for n, o in zip(names, orgs) if o != 0))
 
@@ -168,21 +183,36 @@ def agiqa3k(root: Path, *, score: str = "mos_quality", image_dir: str | None = N
 
 
 @register("csv")
-def generic_csv(root: Path, *, mos_range, lower_is_better: bool, labels: str = "labels.csv",
-                image_dir: str = ".", resize_short_side: int | None = None) -> Labels:
+def generic_csv(
+    root: Path,
+    *,
+    mos_range,
+    lower_is_better: bool,
+    labels: str = "labels.csv",
+    image_dir: str = ".",
+    resize_short_side: int | None = None,
+) -> Labels:
     """Any set as an ``image,mos[,split]`` CSV (``labels``, relative to root) with a declared
     ``mos_range`` and ``lower_is_better``; image names are relative to ``image_dir``."""
     spec = declared_spec(mos_range, lower_is_better, resize_short_side)
     table = read_csv(root / labels, ("image", "mos"))
-    rows = [Row(r["image"], to_float(r["mos"], f"{labels} {r['image']}"), split_name(r.get("split")))
-            for r in table]
+    rows = [Row(r["image"], to_float(r["mos"], f"{labels} {r['image']}"), split_name(r.get("split"))) for r in table]
     return Labels(rows, root / image_dir, spec=spec)
 
 
 @register("pyiqa")
-def pyiqa_meta(root: Path, *, meta_info: str, mos_range, lower_is_better: bool, image_dir: str = ".",
-               split_column: str | None = None, split_file: str | None = None, split_index: int = 1,
-               resize_short_side: int | None = None) -> Labels:
+def pyiqa_meta(
+    root: Path,
+    *,
+    meta_info: str,
+    mos_range,
+    lower_is_better: bool,
+    image_dir: str = ".",
+    split_column: str | None = None,
+    split_file: str | None = None,
+    split_index: int = 1,
+    resize_short_side: int | None = None,
+) -> Labels:
     """A pyiqa meta-info CSV: NR files list ``name, mos, ...``; FR files ``ref_name, dist_name,
     mos, ...`` (the distorted image is scored; references beside it are expected). Splits come from ``split_column`` (default:
     ``official_split``, else the only column whose name contains ``split``), or from a pyiqa
@@ -193,12 +223,12 @@ def pyiqa_meta(root: Path, *, meta_info: str, mos_range, lower_is_better: bool, 
     header = list(table[0]) if table else []
     at = header.index("dist_name") if "dist_name" in header else 0
     if len(header) < at + 2:
-        raise DatasetError(f"{root / meta_info}: expected rows with a name column followed by a score "
-                           f"column, got header {header}")
+        raise DatasetError(
+            f"{root / meta_info}: expected rows with a name column followed by a score column, got header {header}"
+        )
     image_col, mos_col = header[at], header[at + 1]
     splits = _pyiqa_splits(root, table, header, split_column, split_file, split_index)
-    rows = [Row(r[image_col], to_float(r[mos_col], f"{meta_info} {r[image_col]}"), s)
-            for r, s in zip(table, splits)]
+    rows = [Row(r[image_col], to_float(r[mos_col], f"{meta_info} {r[image_col]}"), s) for r, s in zip(table, splits)]
     refs = frozenset(r[header[0]] for r in table) if at else frozenset()  # FR: refs may sit alongside
     return Labels(rows, root / image_dir, ignore=refs, spec=spec)
 
@@ -210,8 +240,9 @@ def _pyiqa_splits(root: Path, table, header, column, split_file, index) -> list[
         return [by_row.get(i) for i in range(len(table))]
     candidates = [c for c in header if "split" in c]
     if column is None:
-        column = "official_split" if "official_split" in candidates else (
-            candidates[0] if len(candidates) == 1 else None)
+        column = (
+            "official_split" if "official_split" in candidates else (candidates[0] if len(candidates) == 1 else None)
+        )
     if column is not None and column not in header:
         raise DatasetError(f"{root}: no split column '{column}' (split columns: {candidates})")
     return [split_name(r.get(column)) if column else None for r in table]

@@ -5,6 +5,7 @@ open, and an image file in a rated folder that no label names. With ``on_missing
 problem raises DatasetError naming the first few offenders and the counts; with ``'exclude'``
 the offending labels are dropped and every problem is returned as the report.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,7 +20,11 @@ from qualiclip.datasets.base import DatasetError, IQAItem, Labels, Spec
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 SHOW_OFFENDERS = 5
 MISSING, DUPLICATE, UNREADABLE, UNLABELLED = (
-    "missing image", "duplicate label", "unreadable image", "image without a label")
+    "missing image",
+    "duplicate label",
+    "unreadable image",
+    "image without a label",
+)
 
 
 class FolderIndex:
@@ -84,8 +89,7 @@ def build_items(labels: Labels, spec: Spec) -> tuple[list[IQAItem], list[tuple[P
         items.append(IQAItem(path, _higher_is_better(row.raw_mos, spec), row.split, row.raw_mos))
     known = seen | {p for n in labels.ignore if (p := index.resolve(labels.image_dir / n))}
     folders = {(labels.image_dir / row.name).parent for row in labels.rows}
-    problems += [(f / n, UNLABELLED) for f in sorted(folders) for n in index.images(f)
-                 if f / n not in known]
+    problems += [(f / n, UNLABELLED) for f in sorted(folders) for n in index.images(f) if f / n not in known]
     return items, problems
 
 
@@ -98,7 +102,8 @@ def raise_or_report(name: str, root: Path, problems: list[tuple[Path, str]], on_
     first = "; ".join(f"{path} ({reason})" for path, reason in problems[:SHOW_OFFENDERS])
     raise DatasetError(
         f"dataset '{name}' at {root}: {len(problems)} problem(s) [{summary}]; first: {first} — "
-        "fix the files, or pass on_missing='exclude' to drop them and read dataset.report")
+        "fix the files, or pass on_missing='exclude' to drop them and read dataset.report"
+    )
 
 
 def warn_out_of_range(name: str, items: list[IQAItem], spec: Spec) -> None:
@@ -107,8 +112,11 @@ def warn_out_of_range(name: str, items: list[IQAItem], spec: Spec) -> None:
     lo, hi = spec.mos_range
     outside = [i for i in items if i.raw_mos is not None and not lo <= i.raw_mos <= hi]
     if outside:
-        warnings.warn(f"dataset '{name}': {len(outside)} score(s) outside the declared mos_range "
-                      f"{spec.mos_range}, e.g. {outside[0].raw_mos} for {outside[0].path}", stacklevel=3)
+        warnings.warn(
+            f"dataset '{name}': {len(outside)} score(s) outside the declared mos_range "
+            f"{spec.mos_range}, e.g. {outside[0].raw_mos} for {outside[0].path}",
+            stacklevel=3,
+        )
 
 
 def _problem(path: Path | None, seen: set[Path]) -> str | None:

@@ -3,6 +3,7 @@
 Every function here is pure: it never writes into its arguments. Images are float32
 (H, W, C) arrays; RGB values live in [0, 1].
 """
+
 from __future__ import annotations
 
 import math

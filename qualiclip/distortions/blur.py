@@ -1,4 +1,5 @@
 """Blur group: Gaussian, lens (disk) and motion (line) blur, all through OpenCV filtering."""
+
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,7 @@ def gaussian_blur(image: np.ndarray, sigma: float, state: None) -> np.ndarray:
     return _ops.gaussian_blur(image, sigma)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def disk_kernel(radius: float) -> np.ndarray:
     """Normalised disk of ``radius`` px with anti-aliased rim, like MATLAB ``fspecial('disk')``.
 
@@ -22,9 +23,9 @@ def disk_kernel(radius: float) -> np.ndarray:
     sub-pixel grid. Returns a read-only float32 (2*ceil(radius)+1)^2 array.
     """
     half, sub = math.ceil(radius), 16
-    offsets = (np.arange(sub) + 0.5) / sub - 0.5                     # sub-pixel centres in a cell
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5  # sub-pixel centres in a cell
     coords = (np.arange(-half, half + 1)[:, None] + offsets[None, :]).ravel()  # (K*sub,)
-    inside = (coords[:, None] ** 2 + coords[None, :] ** 2) <= radius**2       # (K*sub, K*sub)
+    inside = (coords[:, None] ** 2 + coords[None, :] ** 2) <= radius**2  # (K*sub, K*sub)
     k = 2 * half + 1
     cover = inside.reshape(k, sub, k, sub).mean(axis=(1, 3))
     kernel = (cover / cover.sum()).astype(np.float32)
@@ -48,15 +49,14 @@ def motion_kernel(length: float, angle_deg: float) -> np.ndarray:
     """
     half = math.ceil(length / 2) + 1
     n = max(64, int(32 * length))
-    t = (np.arange(n) + 0.5) / n * length - length / 2                # (n,) positions on the line
+    t = (np.arange(n) + 0.5) / n * length - length / 2  # (n,) positions on the line
     theta = math.radians(angle_deg)
-    xs, ys = half + t * math.cos(theta), half - t * math.sin(theta)   # row index grows downwards
+    xs, ys = half + t * math.cos(theta), half - t * math.sin(theta)  # row index grows downwards
     x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
     fx, fy = xs - x0, ys - y0
     k = 2 * half + 1
     kernel = np.zeros(k * k)
-    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                      (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
         kernel += np.bincount((y0 + dy) * k + (x0 + dx), weights=w, minlength=k * k)
     return (kernel / kernel.sum()).reshape(k, k).astype(np.float32)
 

@@ -1,4 +1,5 @@
 """Brightness group: brighten, darken (tone curves) and the monotone mean shift."""
+
 from __future__ import annotations
 
 import numpy as np

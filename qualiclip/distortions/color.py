@@ -3,6 +3,7 @@
 Colour spaces go through OpenCV (``_ops``); Lab round-trips are rounded to uint8 codes as in
 the reference, which truncated instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ def edge_weight(image: np.ndarray) -> np.ndarray:
     """Blurred gradient magnitude of the grey image, min-max normalised, then clipped at its
     own 1st and 99th percentiles (the step the reference meant but got wrong). (H, W) float32."""
     grey = _ops.rgb_to_grey(image)
-    gx = _ops.filter2d(grey, _DIFF_X)   # central differences, like the reference's kornia 'diff'
+    gx = _ops.filter2d(grey, _DIFF_X)  # central differences, like the reference's kornia 'diff'
     gy = _ops.filter2d(grey, _DIFF_Y)
     e = _ops.gaussian_blur(np.sqrt(gx * gx + gy * gy), 4.0)
     lo, hi = float(e.min()), float(e.max())

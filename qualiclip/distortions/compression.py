@@ -6,6 +6,7 @@ same codecs with the same settings, and the decoded pixels are identical to a Pi
 (tests/test_distortions.py checks every level); OpenCV's path skips PIL's image objects and
 buffers (JPEG ~40 % less time per call, JPEG 2000 decoding ~0.4 ms less).
 """
+
 from __future__ import annotations
 
 import io
@@ -47,6 +48,11 @@ def jpeg2000(image: np.ndarray, ratio: float, state: None) -> np.ndarray:
     resolutions = max(1, min(8, int(math.log2(min(h, w))) + 1))
     buffer = io.BytesIO()
     Image.fromarray(_ops.to_uint8(image), "RGB").save(
-        buffer, format="JPEG2000", quality_mode="rates", quality_layers=[float(ratio)],
-        num_resolutions=resolutions, progression="LRCP")
+        buffer,
+        format="JPEG2000",
+        quality_mode="rates",
+        quality_layers=[float(ratio)],
+        num_resolutions=resolutions,
+        progression="LRCP",
+    )
     return _decode(buffer.getbuffer())

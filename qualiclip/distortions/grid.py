@@ -1,4 +1,5 @@
 """A contact sheet for humans: one row per distortion type, columns pristine + levels 1..5."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,7 @@ def _centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
         h, w = image.shape[:2]
     y, x = (h - crop) // 2, (w - crop) // 2
-    return image[y:y + crop, x:x + crop]
+    return image[y : y + crop, x : x + crop]
 
 
 def _row(pristine: np.ndarray, name: str, seed: int) -> list[np.ndarray]:
@@ -52,19 +53,24 @@ def contact_sheet(image: np.ndarray, names: list[str] | None = None, crop: int =
     sheet = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(sheet), _font(FONT_SIZE)
     for c, title in enumerate(["pristine"] + [f"level {lvl}" for lvl in range(1, cols)]):
-        draw.text((LABEL_WIDTH + c * (crop + GAP) + crop // 2, HEADER_HEIGHT // 2), title,
-                  fill="black", font=font, anchor="mm")
+        draw.text(
+            (LABEL_WIDTH + c * (crop + GAP) + crop // 2, HEADER_HEIGHT // 2),
+            title,
+            fill="black",
+            font=font,
+            anchor="mm",
+        )
     for r, name in enumerate(names):
         top = HEADER_HEIGHT + r * (crop + GAP)
-        draw.text((8, top + crop // 2), f"{name}\n({get_distortion(name).group})", fill="black",
-                  font=font, anchor="lm")
+        draw.text((8, top + crop // 2), f"{name}\n({get_distortion(name).group})", fill="black", font=font, anchor="lm")
         for c, tile in enumerate(_row(pristine, name, seed)):
             sheet.paste(Image.fromarray(tile), (LABEL_WIDTH + c * (crop + GAP), top))
     return np.asarray(sheet)
 
 
-def save_contact_sheet(image: str | Path | np.ndarray, out_png: str | Path, names: list[str] | None = None,
-                       crop: int = 128, seed: int = 0) -> Path:
+def save_contact_sheet(
+    image: str | Path | np.ndarray, out_png: str | Path, names: list[str] | None = None, crop: int = 128, seed: int = 0
+) -> Path:
     """Read ``image`` (a path or a uint8 RGB array), render the sheet, write it as PNG; return the path."""
     if not isinstance(image, np.ndarray):
         with Image.open(image) as im:

@@ -3,6 +3,7 @@
 Each crop draws its random field once (``draw_*``); a level only scales or thresholds it, so
 the noise pattern is the same at every level and only its strength grows.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -40,8 +41,8 @@ class ImpulseState(NamedTuple):
     """
 
     index: np.ndarray  # type: ignore[assignment]  # (K,) int64; shadows tuple.index, never called here
-    u: np.ndarray      # (K,) float32
-    salt: np.ndarray   # (K,) float32
+    u: np.ndarray  # (K,) float32
+    salt: np.ndarray  # (K,) float32
 
 
 def draw_impulse(rng: np.random.Generator, height: int, width: int, max_density: float) -> ImpulseState:

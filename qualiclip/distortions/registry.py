@@ -3,11 +3,13 @@
 This table is the one home of the degradation model's parameters (docs/method.md, "The degradation model", with
 the project's monotone variants marked). ``docs/distortions.md`` explains every choice.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +21,6 @@ LEVELS: tuple[int, ...] = tuple(range(1, N_LEVELS + 1))  # level numbers, 1 = le
 
 ApplyFn = Callable[[np.ndarray, Any, Any], np.ndarray]
 DrawFn = Callable[[np.random.Generator, int, int], Any]
-
-
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,13 @@ IMPULSE_DENSITIES = (0.001, 0.005, 0.01, 0.02, 0.03)  # impulse_noise draws only
 # (name, group, level values 1..5, apply, draw). Table order = the reference table's order (docs/method.md).
 # "variant" marks values or kernels that depart from the reference table; docs/distortions.md says why.
 _TABLE: tuple[tuple[str, str, tuple, ApplyFn, DrawFn | None], ...] = (
-    ("gaussian_blur", "blur", (0.4, 0.5, 1.0, 2.0, 5.0), blur.gaussian_blur, None),  # variant: sigma 0.1 is the identity
+    (
+        "gaussian_blur",
+        "blur",
+        (0.4, 0.5, 1.0, 2.0, 5.0),
+        blur.gaussian_blur,
+        None,
+    ),  # variant: sigma 0.1 is the identity
     ("lens_blur", "blur", (1, 2, 4, 6, 8), blur.lens_blur, None),
     ("motion_blur", "blur", (1, 2, 4, 6, 10), blur.motion_blur, blur.draw_angle),  # variant: anti-aliased line kernel
     ("color_diffusion", "color", (1, 3, 6, 8, 12), color.color_diffusion, None),
@@ -86,22 +92,43 @@ _TABLE: tuple[tuple[str, str, tuple, ApplyFn, DrawFn | None], ...] = (
     ("jpeg", "compression", (43, 36, 24, 7, 4), compression.jpeg, None),
     ("white_noise", "noise", (0.001, 0.002, 0.003, 0.005, 0.01), noise.white_noise, noise.draw_normal),
     ("white_noise_cc", "noise", (1e-4, 5e-4, 1e-3, 2e-3, 3e-3), noise.white_noise_cc, noise.draw_normal),
-    ("impulse_noise", "noise", IMPULSE_DENSITIES, noise.impulse_noise,
-     functools.partial(noise.draw_impulse, max_density=max(IMPULSE_DENSITIES))),
+    (
+        "impulse_noise",
+        "noise",
+        IMPULSE_DENSITIES,
+        noise.impulse_noise,
+        functools.partial(noise.draw_impulse, max_density=max(IMPULSE_DENSITIES)),
+    ),
     ("multiplicative_noise", "noise", (0.001, 0.005, 0.01, 0.02, 0.05), noise.multiplicative_noise, noise.draw_normal),
     ("brighten", "brightness", (0.1, 0.2, 0.4, 0.7, 1.1), brightness.brighten, None),
     ("darken", "brightness", (0.05, 0.1, 0.2, 0.4, 0.8), brightness.darken, None),
-    ("mean_shift", "brightness", (0.03, 0.06, 0.09, 0.12, 0.15), brightness.mean_shift, brightness.draw_sign),  # variant
+    (
+        "mean_shift",
+        "brightness",
+        (0.03, 0.06, 0.09, 0.12, 0.15),
+        brightness.mean_shift,
+        brightness.draw_sign,
+    ),  # variant
     ("jitter", "spatial", (0.05, 0.1, 0.2, 0.5, 1.0), spatial.jitter, spatial.draw_jitter),
     ("non_eccentricity_patch", "spatial", (20, 40, 60, 80, 100), spatial.non_eccentricity_patch, spatial.draw_patches),
     ("pixelate", "spatial", (0.01, 0.05, 0.1, 0.2, 0.5), spatial.pixelate, None),
     ("quantization", "spatial", (20, 16, 13, 10, 7), spatial.quantization, None),  # variant: no min-max stretch
     ("color_block", "spatial", (2, 4, 6, 8, 10), spatial.color_block, spatial.draw_blocks),
     ("high_sharpen", "sharpness_contrast", (1, 2, 3, 6, 12), sharpness.high_sharpen, None),
-    ("linear_contrast_change", "sharpness_contrast", (0.05, 0.07, 0.09, 0.11, 0.13),  # variant
-     sharpness.linear_contrast_change, sharpness.draw_sign),
-    ("non_linear_contrast_change", "sharpness_contrast", (0.4, 0.3, 0.2, 0.1, 0.05),
-     sharpness.non_linear_contrast_change, None),
+    (
+        "linear_contrast_change",
+        "sharpness_contrast",
+        (0.05, 0.07, 0.09, 0.11, 0.13),  # variant
+        sharpness.linear_contrast_change,
+        sharpness.draw_sign,
+    ),
+    (
+        "non_linear_contrast_change",
+        "sharpness_contrast",
+        (0.4, 0.3, 0.2, 0.1, 0.05),
+        sharpness.non_linear_contrast_change,
+        None,
+    ),
 )
 
 # Types whose apply only moves or replaces pixels of a clipped copy of its input (drawn values lie
@@ -117,9 +144,7 @@ _REGISTRY: dict[str, Distortion] = {
 if tuple(_REGISTRY) != DISTORTION_NAMES:  # the params schema checks names against its own copy
     raise ImportError(f"qualiclip.schema.DISTORTION_NAMES differs from the registry's table: {tuple(_REGISTRY)}")
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    g: tuple(d.name for d in _REGISTRY.values() if d.group == g) for g in GROUP_ORDER
-}
+GROUPS: dict[str, tuple[str, ...]] = {g: tuple(d.name for d in _REGISTRY.values() if d.group == g) for g in GROUP_ORDER}
 
 
 def list_distortions(group: str | None = None) -> list[str]:

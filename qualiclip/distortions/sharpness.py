@@ -1,4 +1,5 @@
 """Sharpness and contrast group: unsharp masking and linear / non-linear contrast changes."""
+
 from __future__ import annotations
 
 import functools

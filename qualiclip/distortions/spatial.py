@@ -3,6 +3,7 @@
 Patch and block types draw positions for the largest count once per crop; level n uses the
 first n of them, so every level contains the alterations of the levels below it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,7 +72,7 @@ def non_eccentricity_patch(image: np.ndarray, count: int, state: PatchState) -> 
     out = np.clip(image, 0.0, 1.0)  # the output is in range: Distortion.apply skips its clip
     p = PATCH_SIZE
     for (sy, sx), (ty, tx) in zip(state.src[:count], state.dst[:count]):
-        out[ty:ty + p, tx:tx + p] = out[sy:sy + p, sx:sx + p].copy()
+        out[ty : ty + p, tx : tx + p] = out[sy : sy + p, sx : sx + p].copy()
     return out
 
 
@@ -115,7 +116,7 @@ def draw_blocks(rng: np.random.Generator, height: int, width: int) -> BlockState
                 break
     if len(kept) < MAX_BLOCKS:  # crowded crop: fill up with the first rejected, overlaps allowed
         taken = set(kept)
-        kept += [i for i in range(len(points)) if i not in taken][:MAX_BLOCKS - len(kept)]
+        kept += [i for i in range(len(points)) if i not in taken][: MAX_BLOCKS - len(kept)]
     corners = candidates[kept]
     colours = rng.random((MAX_BLOCKS, 3), dtype=np.float32)
     _ops.readonly(corners, colours)
@@ -127,5 +128,5 @@ def color_block(image: np.ndarray, count: int, state: BlockState) -> np.ndarray:
     out = np.clip(image, 0.0, 1.0)  # colours are in [0, 1): Distortion.apply skips its clip
     b = BLOCK_SIZE
     for (y, x), colour in zip(state.corners[:count], state.colours[:count]):
-        out[y:y + b, x:x + b] = colour
+        out[y : y + b, x : x + b] = colour
     return out

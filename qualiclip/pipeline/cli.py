@@ -12,6 +12,7 @@ clean stop with one line saying what is kept and how a rerun resumes (`stop_line
 
 ``python -m qualiclip.pipeline.cli`` is the same command (e.g. under ``torchrun``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,22 +48,41 @@ def model_options(args: argparse.Namespace):
     """The shared model options of ``score`` and ``explain`` as their typed value."""
     from .score_cli import ModelOptions  # torch and open_clip: see the module docstring
 
-    return ModelOptions(model=args.model, device=args.device, precision=args.precision, threads=args.threads,
-                        max_memory_gb=args.max_memory_gb)
+    return ModelOptions(
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        max_memory_gb=args.max_memory_gb,
+    )
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     from .score_cli import run_score
 
-    run_score(args.paths, Path(args.out), model_options(args), batch_size=args.batch_size,
-              max_pixels=args.max_pixels, progress=not args.no_progress)
+    run_score(
+        args.paths,
+        Path(args.out),
+        model_options(args),
+        batch_size=args.batch_size,
+        max_pixels=args.max_pixels,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from .explain_cli import run_explain
 
-    run_explain(args.image, Path(args.out), model_options(args), patch=args.patch, stride=args.stride,
-                batch_size=args.batch_size, csv_out=Path(args.csv) if args.csv else None, max_pixels=args.max_pixels)
+    run_explain(
+        args.image,
+        Path(args.out),
+        model_options(args),
+        patch=args.patch,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        csv_out=Path(args.csv) if args.csv else None,
+        max_pixels=args.max_pixels,
+    )
 
 
 def cmd_distortions(args: argparse.Namespace) -> None:
@@ -83,8 +103,14 @@ def cmd_distortions(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     from .promotion import promote_project
 
-    d = promote_project(args.project, args.params, checkpoint=args.model, metrics_file=args.metrics,
-                        shards=args.shards, dry_run=args.dry_run)
+    d = promote_project(
+        args.project,
+        args.params,
+        checkpoint=args.model,
+        metrics_file=args.metrics,
+        shards=args.shards,
+        dry_run=args.dry_run,
+    )
     print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
 
 
@@ -110,6 +136,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 def bounded(kind: type, low: float, high: float):
     """An argparse ``type`` for a number of ``kind`` (int or float) from ``low`` to ``high``, both
     included: anything else (NaN, inf, 1e400, text) is argparse's one-line usage error, exit 2."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -143,38 +170,65 @@ def add_stage_parsers(sub) -> None:
     stage("ingest", ("--out", "output folder"))
     stage("degrade", ("--ingest", "ingest output folder"), ("--out", "shard folder"))
     stage("train", ("--shards", "shard folder"), ("--out", "output folder (checkpoint/, train_log.csv)"))
-    stage("evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder"))
+    stage(
+        "evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder")
+    )
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
     """Options shared by ``score`` and ``explain``: which model, where, how precise, how large."""
-    sp.add_argument("--model", default=None,
-                    help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, "
-                         "runs:/ID/qualiclip-RN50); default: the checkpoint dvc.yaml's evaluate stage evaluates")
+    sp.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder, official .pth file, or MLflow URI (models:/qualiclip@champion, "
+        "runs:/ID/qualiclip-RN50); default: the checkpoint dvc.yaml's evaluate stage evaluates",
+    )
     sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    sp.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                    help="bf16/fp16 autocast: faster (fp16 GPU only); a trained model's scores move by up to "
-                         "0.072 (docs/evaluation.md)")
-    sp.add_argument("--threads", type=bounded(int, 0, MAX_THREADS), default=0,
-                    help=f"CPU threads for torch, 0 to {MAX_THREADS} (0: torch's default)")
-    sp.add_argument("--max-pixels", type=bounded(int, 1, MAX_PIXELS_LIMIT), default=DEFAULT_MAX_PIXELS,
-                    help=f"decompression-bomb guard, 1 to {MAX_PIXELS_LIMIT}")
-    sp.add_argument("--max-memory-gb", type=bounded(float, 0.001, 1e6), default=None,
-                    help="memory budget for scoring one image, estimated before it is scored; larger images are "
-                         "refused, never tiled; from 0.001 to the memory of the scoring device "
-                         "(default: half the memory of the scoring device)")
+    sp.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="bf16/fp16 autocast: faster (fp16 GPU only); a trained model's scores move by up to "
+        "0.072 (docs/evaluation.md)",
+    )
+    sp.add_argument(
+        "--threads",
+        type=bounded(int, 0, MAX_THREADS),
+        default=0,
+        help=f"CPU threads for torch, 0 to {MAX_THREADS} (0: torch's default)",
+    )
+    sp.add_argument(
+        "--max-pixels",
+        type=bounded(int, 1, MAX_PIXELS_LIMIT),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"decompression-bomb guard, 1 to {MAX_PIXELS_LIMIT}",
+    )
+    sp.add_argument(
+        "--max-memory-gb",
+        type=bounded(float, 0.001, 1e6),
+        default=None,
+        help="memory budget for scoring one image, estimated before it is scored; larger images are "
+        "refused, never tiled; from 0.001 to the memory of the scoring device "
+        "(default: half the memory of the scoring device)",
+    )
 
 
 def add_score_parser(sub) -> None:
     sp = sub.add_parser("score", help="score images, folders or list files to CSV/JSON")
-    sp.add_argument("paths", nargs="+",
-                    help="image files, folders (recursive), or .txt/.lst/.list files (one path per line, "
-                         "relative paths taken from the list file's folder, '#' comments)")
+    sp.add_argument(
+        "paths",
+        nargs="+",
+        help="image files, folders (recursive), or .txt/.lst/.list files (one path per line, "
+        "relative paths taken from the list file's folder, '#' comments)",
+    )
     sp.add_argument("--out", required=True, help="scores.csv or scores.json")
     add_model_args(sp)
-    sp.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=8,
-                    help=f"images of equal size scored together, 1 to {MAX_BATCH} (capped at 0.8 MP per batch to "
-                         "bound memory)")
+    sp.add_argument(
+        "--batch-size",
+        type=bounded(int, 1, MAX_BATCH),
+        default=8,
+        help=f"images of equal size scored together, 1 to {MAX_BATCH} (capped at 0.8 MP per batch to bound memory)",
+    )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.set_defaults(fn=cmd_score)
 
@@ -184,12 +238,21 @@ def add_explain_parser(sub) -> None:
     sp.add_argument("image", help="the image to explain")
     sp.add_argument("--out", required=True, help="the heat map, e.g. map.png")
     add_model_args(sp)
-    sp.add_argument("--patch", type=bounded(int, 16, MAX_SIDE), default=224,
-                    help=f"window side in pixels, 16 to {MAX_SIDE} (224: CLIP's training size)")
-    sp.add_argument("--stride", type=bounded(int, 1, MAX_SIDE), default=112,
-                    help=f"window step in pixels, 1 to {MAX_SIDE} (smaller: finer map, slower)")
-    sp.add_argument("--batch-size", type=bounded(int, 1, MAX_BATCH), default=8,
-                    help=f"windows scored together, 1 to {MAX_BATCH}")
+    sp.add_argument(
+        "--patch",
+        type=bounded(int, 16, MAX_SIDE),
+        default=224,
+        help=f"window side in pixels, 16 to {MAX_SIDE} (224: CLIP's training size)",
+    )
+    sp.add_argument(
+        "--stride",
+        type=bounded(int, 1, MAX_SIDE),
+        default=112,
+        help=f"window step in pixels, 1 to {MAX_SIDE} (smaller: finer map, slower)",
+    )
+    sp.add_argument(
+        "--batch-size", type=bounded(int, 1, MAX_BATCH), default=8, help=f"windows scored together, 1 to {MAX_BATCH}"
+    )
     sp.add_argument("--csv", help="also write the patch scores (y, x, size, score) to this CSV")
     sp.set_defaults(fn=cmd_explain)
 
@@ -200,13 +263,21 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--grid", metavar="OUT.png", help="write a contact sheet (rows = types, columns = levels)")
     sp.add_argument("--image", help="source image for --grid (default: scikit-image's astronaut)")
     sp.add_argument("--types", nargs="*", help="only these types")
-    sp.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
-                    help="seed of the random parts of each distortion, 0 to 2^32-1")
+    sp.add_argument(
+        "--seed",
+        type=bounded(int, 0, 2**32 - 1),
+        default=0,
+        help="seed of the random parts of each distortion, 0 to 2^32-1",
+    )
     sp.set_defaults(fn=cmd_distortions)
 
-    sp = sub.add_parser("promote", help="tag the new model version with its evaluation; move the champion alias if better")
+    sp = sub.add_parser(
+        "promote", help="tag the new model version with its evaluation; move the champion alias if better"
+    )
     sp.add_argument("--params", default="params.yaml", help="params file, relative to --project")
-    sp.add_argument("--project", default=".", help="project folder (holds dvc.yaml, dvc.lock and the default mlflow.db)")
+    sp.add_argument(
+        "--project", default=".", help="project folder (holds dvc.yaml, dvc.lock and the default mlflow.db)"
+    )
     sp.add_argument("--model", help="checkpoint folder the train stage wrote (default: from dvc.yaml)")
     sp.add_argument("--metrics", help="metrics.json the evaluate stage wrote (default: from dvc.yaml)")
     sp.add_argument("--shards", help="shard folder, to read its hash from dvc.lock (default: from dvc.yaml)")
@@ -261,8 +332,10 @@ def stop_line(args: argparse.Namespace, signum: int) -> str:
     if args.command == "train" and out is not None:
         how = _train_resumes(Path(out))
     elif args.command == "degrade":
-        how = (f"the shards written so far are kept in {out}: rerun the same command to write the rest "
-               "(the finished set is the same, byte for byte)")
+        how = (
+            f"the shards written so far are kept in {out}: rerun the same command to write the rest "
+            "(the finished set is the same, byte for byte)"
+        )
     elif args.command in ("ingest", "evaluate"):
         how = "nothing is kept: rerun the same command to start it again"
     elif args.command in ("score", "explain"):
@@ -283,8 +356,10 @@ def _train_resumes(out: Path) -> str:
     if not state:
         return "no train state was saved yet (every train.checkpoint_every steps): a rerun starts at step 0"
     step = int(state["step"])
-    return (f"the train state of step {step} is kept in {out / TRAIN_STATE}: rerun the same command to resume "
-            f"from step {step} (the steps after it are redone, with the same result)")
+    return (
+        f"the train state of step {step} is kept in {out / TRAIN_STATE}: rerun the same command to resume "
+        f"from step {step} (the steps after it are redone, with the same result)"
+    )
 
 
 # The options that name one path of the command (not the images `score` reads: each of those is its own item)
@@ -305,7 +380,9 @@ def check_path_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not sys.stderr.isatty():  # our bars switch off by themselves (tqdm disable=None); MLflow's do not
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     handlers = _catch_stops()
@@ -332,7 +409,10 @@ def _catch_stops() -> dict:
     handlers to restore. Only the main thread may set handlers: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped)}
+    return {
+        signal.SIGINT: signal.getsignal(signal.SIGINT),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped),
+    }
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 The stage runs of one execution share the tag ``qualiclip.pipeline_id`` and hang under one parent
 run that lasts as long as the execution (docs/operations.md, "Seeing the runs").
 """
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import psutil
 
-PIPELINE_ENV = "QUALICLIP_PIPELINE_ID"        # set by the Prefect flows to their flow-run id
+PIPELINE_ENV = "QUALICLIP_PIPELINE_ID"  # set by the Prefect flows to their flow-run id
 PIPELINE_NAME_ENV = "QUALICLIP_PIPELINE_NAME"  # ... and to "<flow name>/<flow-run name>", as the Prefect UI shows it
-DVC_ROOT_ENV = "DVC_ROOT"                      # set by DVC for every stage command it runs
+DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for every stage command it runs
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def _dvc_argv(process: psutil.Process) -> list[str]:
         argv = process.cmdline()
     except psutil.Error:  # gone or not ours to read: not the dvc we look for
         return []
-    at = next((i for i, arg in enumerate(argv[:3]) if not arg.startswith("-") and Path(arg).name in ("dvc", "dvc.exe")),
-              None)
-    return [] if at is None else ["dvc", *argv[at + 1:]]
+    at = next(
+        (i for i, arg in enumerate(argv[:3]) if not arg.startswith("-") and Path(arg).name in ("dvc", "dvc.exe")), None
+    )
+    return [] if at is None else ["dvc", *argv[at + 1 :]]

@@ -10,6 +10,7 @@ consumed one version of the data can be found by it:
 - manifest rows and rated datasets: the first 12 hex digits of the sha256 of their rows
   (`rows_digest`); the manifest's rows hold each photo's own sha256.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,12 @@ def rows_digest(rows: list[dict]) -> str:
 def manifest_input(ingest_dir: Path, split: str) -> DatasetRef:
     """The rows of the ingest manifest in ``split`` (``train``: degrade's input; ``val``: evaluate's)."""
     rows = read_manifest(Path(ingest_dir), split)
-    return DatasetRef(name=f"ingest-{split}", source=str((Path(ingest_dir) / MANIFEST_FILE).resolve()),
-                      digest=rows_digest(rows), rows=tuple(rows))
+    return DatasetRef(
+        name=f"ingest-{split}",
+        source=str((Path(ingest_dir) / MANIFEST_FILE).resolve()),
+        digest=rows_digest(rows),
+        rows=tuple(rows),
+    )
 
 
 def shard_input(shard_dir: str | os.PathLike) -> DatasetRef:
@@ -44,16 +49,16 @@ def shard_input(shard_dir: str | os.PathLike) -> DatasetRef:
     ``shard_dir`` is a folder or a bucket prefix; the source is then the index's ``s3://`` URL."""
     store = open_store(shard_dir)
     source = str(Path(store.path(INDEX_FILE)).resolve()) if store.local else store.url_of(INDEX_FILE)
-    return DatasetRef(name="shards", source=source, digest=data_version(shard_dir),
-                      rows=tuple(read_index(shard_dir)["shards"]))
+    return DatasetRef(
+        name="shards", source=source, digest=data_version(shard_dir), rows=tuple(read_index(shard_dir)["shards"])
+    )
 
 
 def iqa_input(label: str, ds: IQADataset) -> DatasetRef:
     """A rated evaluation dataset: its items (path under the root, MOS, split), MOS as the target."""
     root = Path(ds.root)
     rows = [{"path": str(_relative(item.path, root)), "mos": item.mos, "split": item.split or ""} for item in ds.items]
-    return DatasetRef(name=label, source=str(root.resolve()), digest=rows_digest(rows), rows=tuple(rows),
-                      targets="mos")
+    return DatasetRef(name=label, source=str(root.resolve()), digest=rows_digest(rows), rows=tuple(rows), targets="mos")
 
 
 def _relative(path: Path, root: Path) -> Path:

@@ -16,6 +16,7 @@ The two operations sections' configs live here, not beside the code that uses th
 readers (promotion.py, flows/retrain.py) read the params file through this module, so this
 module cannot import theirs.
 """
+
 from __future__ import annotations
 
 import zoneinfo
@@ -46,12 +47,16 @@ def is_timezone(name: object) -> bool:
 class ScheduleConfig:
     """The ``schedule`` section of params.yaml: the Prefect deployment of flows/retrain.py."""
 
-    cron: Annotated[str, MinLen(1)] = "0 3 * * *"                 # every day at 03:00
+    cron: Annotated[str, MinLen(1)] = "0 3 * * *"  # every day at 03:00
     timezone: Annotated[str, Predicate(is_timezone), doc("an IANA time zone, e.g. UTC or Europe/Rome")] = "UTC"
     deployment: Annotated[str, MinLen(1)] = "scheduled-retraining"
-    lock_timeout: Annotated[float, Interval(ge=0, le=MAX_SECONDS)] = 3600.0  # seconds a second trigger waits for the workspace
-    timeout: Annotated[float, Interval(gt=0, le=MAX_SECONDS)] = 43200.0  # seconds all stages of one run may take together
-    push: bool = False                              # dvc push the outputs to the default remote after a run
+    lock_timeout: Annotated[float, Interval(ge=0, le=MAX_SECONDS)] = (
+        3600.0  # seconds a second trigger waits for the workspace
+    )
+    timeout: Annotated[float, Interval(gt=0, le=MAX_SECONDS)] = (
+        43200.0  # seconds all stages of one run may take together
+    )
+    push: bool = False  # dvc push the outputs to the default remote after a run
     # the Prefect global concurrency limit the train stage holds a slot of: one training per GPU
     # host at a time ({host}: this machine's name; flows/gpu_slot.py creates it with 1 slot)
     gpu_limit: Annotated[str, MinLen(1)] = "qualiclip-gpu-{host}"
@@ -66,8 +71,8 @@ class PromotionConfig:
 
     metric: Annotated[str, MinLen(1)] = "synthetic.srcc"  # dotted key into outputs/eval/metrics.json
     higher_is_better: bool = True
-    min_improvement: float = 0.0    # the new value must beat the champion's by more than this
-    min_value: float | None = 0.0   # the floor (a ceiling when lower is better); None: none
+    min_improvement: float = 0.0  # the new value must beat the champion's by more than this
+    min_value: float | None = 0.0  # the floor (a ceiling when lower is better); None: none
     alias: Annotated[str, MinLen(1)] = "champion"
 
     def __post_init__(self) -> None:
@@ -76,8 +81,16 @@ class PromotionConfig:
 
 def sections() -> dict[str, type]:
     """Every section a params file may hold, and the config it builds."""
-    return {"model": ModelConfig, "tracking": TrackingConfig, "ingest": IngestConfig, "degrade": DegradeConfig,
-            "train": TrainConfig, "evaluate": EvaluateConfig, "schedule": ScheduleConfig, "promotion": PromotionConfig}
+    return {
+        "model": ModelConfig,
+        "tracking": TrackingConfig,
+        "ingest": IngestConfig,
+        "degrade": DegradeConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+        "schedule": ScheduleConfig,
+        "promotion": PromotionConfig,
+    }
 
 
 def read_params(params_file: str | Path, *needs: str) -> dict[str, Any]:

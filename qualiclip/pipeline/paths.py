@@ -5,6 +5,7 @@ dvc.yaml names every path once, as an argument of its stage's command
 ``qualiclip promote`` and ``qualiclip score`` take their default paths from those arguments, so
 a path changed in dvc.yaml is changed everywhere.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -26,12 +27,12 @@ class StagePathError(QualiclipError, ValueError):
 class StagePaths:
     """The pipeline's paths, relative to the project folder, as dvc.yaml's stage commands name them."""
 
-    ingest: str      # ingest --out
-    shards: str      # degrade --out
-    train: str       # train --out
+    ingest: str  # ingest --out
+    shards: str  # degrade --out
+    train: str  # train --out
     checkpoint: str  # evaluate --model: the checkpoint that is evaluated and promoted
-    evaluate: str    # evaluate --out
-    metrics: str     # the evaluate stage's metrics file
+    evaluate: str  # evaluate --out
+    metrics: str  # the evaluate stage's metrics file
 
 
 def stage_paths(project_dir: str | Path = ".") -> StagePaths:
@@ -73,15 +74,19 @@ def check_sources_are_deps(sources: list[str], stage: str, project_dir: str | Pa
     for source in sources:
         folder = (project / source).resolve()
         if not any(folder == d or folder.is_relative_to(d) for d in deps):
-            raise StagePathError(f"ingest.sources lists {source!r}, but the '{stage}' stage in {project / DVC_FILE} "
-                                 f"does not depend on it, so new photos there would never rerun the pipeline — "
-                                 f"add '- {source}' to that stage's deps")
+            raise StagePathError(
+                f"ingest.sources lists {source!r}, but the '{stage}' stage in {project / DVC_FILE} "
+                f"does not depend on it, so new photos there would never rerun the pipeline — "
+                f"add '- {source}' to that stage's deps"
+            )
 
 
 def _read_stages(dvc_file: Path) -> dict:
     if not dvc_file.is_file():
-        raise StagePathError(f"no {DVC_FILE} at {dvc_file} — run from the project folder (or pass --project), "
-                             "or give the paths explicitly")
+        raise StagePathError(
+            f"no {DVC_FILE} at {dvc_file} — run from the project folder (or pass --project), "
+            "or give the paths explicitly"
+        )
     stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages")
     if not isinstance(stages, dict):
         raise StagePathError(f"{dvc_file} has no 'stages' mapping")

@@ -21,6 +21,7 @@ The decision and its reason are logged and tagged on the version (``promotion``,
 ``promotion.outcome``). The decision logic is plain Python; mlflow is imported only to open the
 registry.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ class Decision:
     model: str
     version: str
     promoted: bool
-    outcome: str                  # promoted | kept (champion better) | refused (gate) | unchanged (is the champion)
+    outcome: str  # promoted | kept (champion better) | refused (gate) | unchanged (is the champion)
     metric: str
     value: float
     baseline_value: float | None  # the zero-shot baseline's value in the same evaluation
@@ -60,7 +61,7 @@ class Decision:
     champion_value: float | None
     reason: str
     champion_metrics: dict[str, float] = field(default_factory=dict)  # its eval.* tags, keys without the prefix
-    run_id: str | None = None     # the MLflow run that logged the version (registered_model.json)
+    run_id: str | None = None  # the MLflow run that logged the version (registered_model.json)
     experiment_id: str | None = None
     tracking_uri: str = ""
 
@@ -74,8 +75,10 @@ def metric_value(metrics: dict, dotted: str) -> float:
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             have = ", ".join(sorted(flat_metrics(metrics))) or "none"
-            raise PromotionError(f"metric '{dotted}' not in the evaluation metrics (have: {have}) "
-                                 f"— set promotion.metric in params.yaml to one of them")
+            raise PromotionError(
+                f"metric '{dotted}' not in the evaluation metrics (have: {have}) "
+                f"— set promotion.metric in params.yaml to one of them"
+            )
         node = node[part]
     if not isinstance(node, (int, float)) or isinstance(node, bool) or math.isnan(node):
         raise PromotionError(f"metric '{dotted}' is {node!r}, not a number — cannot rank models on it")
@@ -108,8 +111,10 @@ def gate_failures(value: float, baseline: float | None, cfg: PromotionConfig) ->
     """Why a model with ``value`` may not become the champion, whatever the champion ([]: it may)."""
     failures = []
     if baseline is None:
-        failures.append(f"the evaluation has no zero-shot baseline to beat ({BASELINE_KEY}.{cfg.metric}) — "
-                        "set evaluate.baseline: true in params.yaml and rerun the pipeline")
+        failures.append(
+            f"the evaluation has no zero-shot baseline to beat ({BASELINE_KEY}.{cfg.metric}) — "
+            "set evaluate.baseline: true in params.yaml and rerun the pipeline"
+        )
     elif not _gain(value, baseline, cfg) > 0:
         failures.append(f"not better than the zero-shot baseline ({cfg.metric} {baseline:.4f})")
     if cfg.min_value is not None and _gain(value, cfg.min_value, cfg) < 0:
@@ -162,14 +167,19 @@ def find_version(client, name: str, checkpoint: Path) -> str:
     meta = read_metadata(Path(checkpoint))
     if not meta:
         raise PromotionError(f"no checkpoint metadata at {checkpoint} — run the train stage first")
-    matches = [mv for mv in client.search_model_versions(f"name = '{name}'")
-               if mv.tags.get("params_hash") == meta.get("params_hash")
-               # shard_index_hash: where versions promoted by earlier code kept the data version
-               and meta.get("data_version") in (mv.tags.get("data_version"), mv.tags.get("shard_index_hash"))]
+    matches = [
+        mv
+        for mv in client.search_model_versions(f"name = '{name}'")
+        if mv.tags.get("params_hash") == meta.get("params_hash")
+        # shard_index_hash: where versions promoted by earlier code kept the data version
+        and meta.get("data_version") in (mv.tags.get("data_version"), mv.tags.get("shard_index_hash"))
+    ]
     if not matches:
-        raise PromotionError(f"no version of registered model '{name}' matches {checkpoint} (params hash "
-                             f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
-                             f"Rerun `dvc repro --force --single-item train && dvc repro` with MLflow tracking on")
+        raise PromotionError(
+            f"no version of registered model '{name}' matches {checkpoint} (params hash "
+            f"{meta.get('params_hash')}) — was it trained with tracking.backend: none? "
+            f"Rerun `dvc repro --force --single-item train && dvc repro` with MLflow tracking on"
+        )
     return str(max(int(mv.version) for mv in matches))  # the newest of equal configs
 
 
@@ -183,10 +193,12 @@ def _in_store(client, name: str, version: str) -> str:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise PromotionError(f"this tracking store (MLFLOW_TRACKING_URI, else the project's mlflow.db) holds no version "
-                             f"{version} of '{name}', which the train stage registered — point MLFLOW_TRACKING_URI at "
-                             "the store it used, or log it in this one: `dvc repro --force --single-item train && "
-                             "dvc repro`") from None
+        raise PromotionError(
+            f"this tracking store (MLFLOW_TRACKING_URI, else the project's mlflow.db) holds no version "
+            f"{version} of '{name}', which the train stage registered — point MLFLOW_TRACKING_URI at "
+            "the store it used, or log it in this one: `dvc repro --force --single-item train && "
+            "dvc repro`"
+        ) from None
     return version
 
 
@@ -206,8 +218,16 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def decide(client, name: str, version: str, value: float, baseline: float | None, cfg: PromotionConfig, *,
-           dry_run: bool = False) -> Decision:
+def decide(
+    client,
+    name: str,
+    version: str,
+    value: float,
+    baseline: float | None,
+    cfg: PromotionConfig,
+    *,
+    dry_run: bool = False,
+) -> Decision:
     """Move the alias to ``version`` only if it passes the gate and beats the champion; log and tag why."""
     champ, champ_metrics = current_champion(client, name, cfg)
     champ_value = champ_metrics.get(cfg.metric)
@@ -219,26 +239,51 @@ def decide(client, name: str, version: str, value: float, baseline: float | None
         outcome, reason = "refused", f"refused version {version} ({key}): " + "; ".join(failures)
     elif is_better(value, champ_value, cfg):
         outcome = "promoted"
-        reason = (f"no {cfg.alias} yet" if champ is None else
-                  f"{cfg.alias} version {champ} has no {METRIC_TAG}{cfg.metric} tag" if champ_value is None else
-                  f"better than {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f})")
+        reason = (
+            f"no {cfg.alias} yet"
+            if champ is None
+            else f"{cfg.alias} version {champ} has no {METRIC_TAG}{cfg.metric} tag"
+            if champ_value is None
+            else f"better than {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f})"
+        )
         reason = f"promoted version {version} ({key}, baseline {baseline:.4f}): {reason}"
     else:
         outcome = "kept"
-        reason = (f"kept {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f}): version {version} "
-                  f"({key}) is not better by more than {cfg.min_improvement}")
+        reason = (
+            f"kept {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f}): version {version} "
+            f"({key}) is not better by more than {cfg.min_improvement}"
+        )
     log.log(logging.WARNING if outcome == "refused" else logging.INFO, "%s%s", "(dry run) " if dry_run else "", reason)
     if not dry_run:
         if outcome == "promoted":
             client.set_registered_model_alias(name, cfg.alias, version)
         client.set_model_version_tag(name, version, "promotion", reason)
         client.set_model_version_tag(name, version, "promotion.outcome", outcome)
-    return Decision(name, version, outcome == "promoted", outcome, cfg.metric, value, baseline, cfg.min_value,
-                    champ, champ_value, reason, champ_metrics)
+    return Decision(
+        name,
+        version,
+        outcome == "promoted",
+        outcome,
+        cfg.metric,
+        value,
+        baseline,
+        cfg.min_value,
+        champ,
+        champ_value,
+        reason,
+        champ_metrics,
+    )
 
 
-def promote_project(project_dir: str | Path = ".", params_file: str = "params.yaml", *, checkpoint: str | None = None,
-                    metrics_file: str | None = None, shards: str | None = None, dry_run: bool = False) -> Decision:
+def promote_project(
+    project_dir: str | Path = ".",
+    params_file: str = "params.yaml",
+    *,
+    checkpoint: str | None = None,
+    metrics_file: str | None = None,
+    shards: str | None = None,
+    dry_run: bool = False,
+) -> Decision:
     """Tag the version trained in ``project_dir`` with its evaluation and promote it if better.
 
     The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`).

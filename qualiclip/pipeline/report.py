@@ -3,6 +3,7 @@ the champion it was compared with and the zero-shot baseline of its own evaluati
 promotion decision and its reason, each stage's state, and where the run and the model are in
 MLflow. The retraining flow publishes it as a Prefect artifact; any markdown viewer shows it.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,22 +15,33 @@ HEADLINE = ("srcc", "plcc", "krcc", "srcc_within")  # per evaluation block (synt
 
 def headline_keys(metrics: dict) -> list[str]:
     """The dotted keys of the headline metrics of each evaluation block, the baseline's excluded."""
-    return [f"{block}.{key}" for block, values in metrics.items()
-            if block != BASELINE_KEY and isinstance(values, dict)
-            for key in HEADLINE if isinstance(values.get(key), (int, float))]
+    return [
+        f"{block}.{key}"
+        for block, values in metrics.items()
+        if block != BASELINE_KEY and isinstance(values, dict)
+        for key in HEADLINE
+        if isinstance(values.get(key), (int, float))
+    ]
 
 
 def run_report(decision: Decision, metrics: dict, stages: dict[str, str]) -> str:
     """The markdown report of a run whose stages ended in ``stages`` and whose model got ``decision``."""
     flat = flat_metrics(metrics)
     champion = f"champion v{decision.champion_version}" if decision.champion_version else "champion (none yet)"
-    lines = [f"## qualiclip retraining: {decision.outcome}", "", decision.reason, "",
-             f"| metric | this model v{decision.version} | {champion} | zero-shot baseline |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"## qualiclip retraining: {decision.outcome}",
+        "",
+        decision.reason,
+        "",
+        f"| metric | this model v{decision.version} | {champion} | zero-shot baseline |",
+        "|---|---:|---:|---:|",
+    ]
     for key in headline_keys(metrics):
         name = f"**{key}** (promotion)" if key == decision.metric else key
-        lines.append(f"| {name} | {_fmt(flat.get(key))} | {_fmt(decision.champion_metrics.get(key))} "
-                     f"| {_fmt(flat.get(f'{BASELINE_KEY}.{key}'))} |")
+        lines.append(
+            f"| {name} | {_fmt(flat.get(key))} | {_fmt(decision.champion_metrics.get(key))} "
+            f"| {_fmt(flat.get(f'{BASELINE_KEY}.{key}'))} |"
+        )
     if decision.min_value is not None:
         lines += ["", f"Floor `promotion.min_value`: {decision.min_value}"]
     lines += ["", "Stages: " + ", ".join(f"{stage} {state}" for stage, state in stages.items()), ""]
@@ -44,8 +56,10 @@ def mlflow_links(d: Decision) -> list[str]:
     if d.run_id:
         page = f"{web}/#/experiments/{d.experiment_id}/runs/{d.run_id}" if web else None
         lines.append(f"- MLflow run: `{d.run_id}`" + (f" — [open]({page})" if page else ""))
-    lines.append(f"- tracking store: `{d.tracking_uri}`" +
-                 ("" if web else f" (browse: `mlflow ui --backend-store-uri {d.tracking_uri}`)"))
+    lines.append(
+        f"- tracking store: `{d.tracking_uri}`"
+        + ("" if web else f" (browse: `mlflow ui --backend-store-uri {d.tracking_uri}`)")
+    )
     return lines
 
 

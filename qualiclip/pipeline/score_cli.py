@@ -7,6 +7,7 @@ says what the scores are: the model (URI or checkpoint path) and its registered 
 score range and its direction (pyiqa's convention: ``higher_is_better``) — as columns of every
 CSV row, and as keys beside the ``scores`` list in JSON.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,14 +41,16 @@ class ModelOptions:
     model: str | None = None  # checkpoint folder, official .pth, MLflow URI; None: what dvc.yaml evaluates
     device: str = "auto"
     precision: str = "fp32"
-    threads: int = 0          # CPU threads for torch; 0: torch's default
+    threads: int = 0  # CPU threads for torch; 0: torch's default
     max_memory_gb: float | None = None  # budget for scoring one image; None: half the device's memory
 
     def __post_init__(self) -> None:  # before the model is loaded; the device's own bound is checked at use
         gb = self.max_memory_gb
         if gb is not None and not (isinstance(gb, (int, float)) and MIN_MEMORY_BUDGET / 1e9 <= gb <= MAX_MEMORY_GB):
-            raise ScoringError(f"--max-memory-gb must be a number from {MIN_MEMORY_BUDGET / 1e9:g} to at most the "
-                               f"memory of the scoring device, got {gb!r} — leave it out for half the device's memory")
+            raise ScoringError(
+                f"--max-memory-gb must be a number from {MIN_MEMORY_BUDGET / 1e9:g} to at most the "
+                f"memory of the scoring device, got {gb!r} — leave it out for half the device's memory"
+            )
 
     @property
     def max_memory(self) -> int | None:
@@ -63,7 +66,9 @@ def check_out_file(out: Path, flag: str = "--out") -> None:
     except BadPathError as exc:
         raise ScoringError(f"{flag} {exc.path}: {exc.detail}") from None
     if out.is_dir():
-        raise ScoringError(f"{flag} {out} is a folder — name a file in it, e.g. {out / ('scores' + (out.suffix or '.csv'))}")
+        raise ScoringError(
+            f"{flag} {out} is a folder — name a file in it, e.g. {out / ('scores' + (out.suffix or '.csv'))}"
+        )
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ScoringError(f"{flag} {out}: {parent} is a file, not a folder — choose another {flag}")
@@ -120,13 +125,18 @@ class ResolvedModel:
     """The checkpoint to load for a ``--model`` value, and what to call it in the output."""
 
     checkpoint: Path
-    uri: str                    # the MLflow URI as given, or the checkpoint's absolute path
+    uri: str  # the MLflow URI as given, or the checkpoint's absolute path
     version: str | None = None  # its registered version, when known
 
     def describe(self) -> dict:
         """What the scores are: the model, its version, the score range and direction."""
-        return {"model": self.uri, "model_version": self.version or "", "score_min": SCORE_RANGE[0],
-                "score_max": SCORE_RANGE[1], "higher_is_better": HIGHER_IS_BETTER}
+        return {
+            "model": self.uri,
+            "model_version": self.version or "",
+            "score_min": SCORE_RANGE[0],
+            "score_max": SCORE_RANGE[1],
+            "higher_is_better": HIGHER_IS_BETTER,
+        }
 
 
 def resolve_model(spec: str | None) -> ResolvedModel:
@@ -155,8 +165,15 @@ def open_scorer(opts: ModelOptions) -> tuple[QualiCLIP, ResolvedModel]:
     return load_scorer(model.checkpoint), model
 
 
-def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: int = 8,
-              max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> list[dict]:
+def run_score(
+    inputs: list[str],
+    out: Path,
+    opts: ModelOptions,
+    *,
+    batch_size: int = 8,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> list[dict]:
     """Score ``inputs`` (files, folders, list files) into ``out`` (.csv or .json); returns the rows."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".json"):
@@ -168,13 +185,37 @@ def run_score(inputs: list[str], out: Path, opts: ModelOptions, *, batch_size: i
         raise ScoringError(f"no images found in {inputs} (extensions {', '.join(extensions)})")
     scorer, model = open_scorer(opts)
     with tqdm(total=len(paths), desc="score", unit="img", disable=None if progress else True) as bar:
-        results = score_paths(paths, scorer, batch_size=batch_size, device=opts.device, precision=opts.precision,
-                              max_pixels=max_pixels, progress=bar, max_memory=opts.max_memory,
-                              max_pixels_option="--max-pixels")
-    rows = [{"path": shown_path(r.path), "score": r.score,  # unrounded: saturated scores differ past 6 decimals
-             "width": r.width, "height": r.height, "error": r.error} for r in results]
-    rows += [{"path": shown_path(folder), "score": None, "width": None, "height": None,
-              "error": f"unreadable: {why} (its images are not scored)"} for folder, why in unlisted]
+        results = score_paths(
+            paths,
+            scorer,
+            batch_size=batch_size,
+            device=opts.device,
+            precision=opts.precision,
+            max_pixels=max_pixels,
+            progress=bar,
+            max_memory=opts.max_memory,
+            max_pixels_option="--max-pixels",
+        )
+    rows = [
+        {
+            "path": shown_path(r.path),
+            "score": r.score,  # unrounded: saturated scores differ past 6 decimals
+            "width": r.width,
+            "height": r.height,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    rows += [
+        {
+            "path": shown_path(folder),
+            "score": None,
+            "width": None,
+            "height": None,
+            "error": f"unreadable: {why} (its images are not scored)",
+        }
+        for folder, why in unlisted
+    ]
     for r in rows:
         if r["error"]:
             print(f"not scored {r['path']}: {r['error']}", file=sys.stderr)

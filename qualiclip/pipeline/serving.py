@@ -13,6 +13,7 @@ Logged as *models from code*: MLflow stores `pyfunc_model.py` (which only builds
 `QualiCLIPPyfunc`) with the checkpoint and this package, so nothing is pickled. The model
 carries a signature (the columns above) and an input example (one small photo).
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,8 +67,10 @@ class QualiCLIPPyfunc(mlflow.pyfunc.PythonModel):
         resolved = resolve_paths(values)
         ok = [i for i, r in enumerate(resolved) if isinstance(r, Path)]
         scored = dict(zip(ok, score_paths([str(resolved[i]) for i in ok], self.model))) if ok else {}
-        return [(scored[i].score, scored[i].error or None) if i in scored else (None, resolved[i])  # type: ignore[misc]
-                for i in range(len(values))]  # not scored: resolved[i] is the error text
+        return [
+            (scored[i].score, scored[i].error or None) if i in scored else (None, resolved[i])  # type: ignore[misc]
+            for i in range(len(values))
+        ]  # not scored: resolved[i] is the error text
 
     def _score_encoded(self, values: list) -> list[tuple[float | None, str | None]]:
         decoded = [_decode_row(i, v) for i, v in enumerate(values)]
@@ -83,7 +86,8 @@ def input_column(frame: pd.DataFrame) -> str:
     if len(have) != 1:
         wanted = " or ".join(f"'{c}' ({what})" for c, what in INPUT_COLUMNS.items())
         raise MlflowException.invalid_parameter_value(
-            f"qualiclip needs one input column, {wanted}; the request has {'both' if have else 'neither'}")
+            f"qualiclip needs one input column, {wanted}; the request has {'both' if have else 'neither'}"
+        )
     return have[0]
 
 
@@ -96,7 +100,8 @@ def resolve_paths(values: list) -> list[Path | str]:
     if not root:
         raise MlflowException.invalid_parameter_value(
             f"the 'path' column is off on this server: send 'image' (base64), or start the server with "
-            f"{SERVE_ROOT_ENV}=<folder> to score files under that folder")
+            f"{SERVE_ROOT_ENV}=<folder> to score files under that folder"
+        )
     out: list[Path | str] = []
     for index, value in enumerate(values):
         if not isinstance(value, str) or not value:
@@ -131,8 +136,17 @@ def input_example() -> pd.DataFrame:
 
 
 def requirements() -> list[str]:
-    names = ["torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pillow", "opencv-python-headless",
-             "pandas", "scikit-image"]
+    names = [
+        "torch",
+        "torchvision",
+        "open_clip_torch",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",
+        "pandas",
+        "scikit-image",
+    ]
     return [f"{n}=={version(n)}" for n in names]
 
 

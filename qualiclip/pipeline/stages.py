@@ -12,6 +12,7 @@ stage process then loads exactly the code that dvc.yaml lists as that stage's de
 ingest; and ingest and degrade (and their spawned shard workers) do not pay seconds for torch
 and open_clip.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,10 @@ def stage_ingest(params_file: str, out: str) -> dict:
         rejected = {reason: n for reason, n in summary["rejected"].items() if n}
         tracker.log_metrics({"ingest": {**_numbers(summary), "rejected": rejected}})
         tracker.log_artifact(Path(out) / "rejected.csv")
-    print(f"ingest: {result.n_accepted} images ({result.n_train} train, {result.n_val} val), "
-          f"{result.n_rejected} rejected (see {result.rejected})")
+    print(
+        f"ingest: {result.n_accepted} images ({result.n_train} train, {result.n_val} val), "
+        f"{result.n_rejected} rejected (see {result.rejected})"
+    )
     return summary
 
 
@@ -68,8 +71,13 @@ def stage_degrade(params_file: str, ingest: str, out: str) -> dict:
         tracker.log_input(manifest_input(Path(ingest), cfg.split), "training")
         tracker.log_params({"degrade": config_dict(cfg)})
         result = run_degrade(cfg, Path(ingest), out)  # out: a folder or an s3:// prefix
-        tracker.log_metrics({"degrade.shards": result.shards, "degrade.samples": result.samples,
-                             "degrade.bytes_per_sample": result.bytes / max(1, result.samples)})
+        tracker.log_metrics(
+            {
+                "degrade.shards": result.shards,
+                "degrade.samples": result.samples,
+                "degrade.bytes_per_sample": result.bytes / max(1, result.samples),
+            }
+        )
         if tracker.enabled:
             tracker.log_figure(_contact_sheet_for(Path(ingest)))
     print(f"degrade: {result.samples} samples in {result.shards} shards ({result.resumed_shards} resumed)")
@@ -114,18 +122,30 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
         tracker.log_figure(plot_loss_curves(Path(out) / "train_log.csv", Path(out) / "loss_curves.png"))
         if tracker.enabled:
             logged = tracker.log_model(
-                result.checkpoint, register_as=tcfg.registered_model,
+                result.checkpoint,
+                register_as=tcfg.registered_model,
                 description=f"params hash {phash}; data version {data.digest}; {result.steps} steps",
                 tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {logged and logged.version}")
     if main_process:  # one line per run, not one per rank
-        write_version_file(Path(out), tcfg.registered_model, logged.version if logged else None,
-                           getattr(tracker, "run_id", None), logged.model_id if logged else None)
-        print(f"train: {result.steps} step{'' if result.steps == 1 else 's'} in {result.seconds:.0f}s, "
-              f"{_final_losses(result.final)}")
-    return {"checkpoint": str(result.checkpoint), "final": result.final,
-            "model_version": logged and logged.version, "params_hash": phash}
+        write_version_file(
+            Path(out),
+            tcfg.registered_model,
+            logged.version if logged else None,
+            getattr(tracker, "run_id", None),
+            logged.model_id if logged else None,
+        )
+        print(
+            f"train: {result.steps} step{'' if result.steps == 1 else 's'} in {result.seconds:.0f}s, "
+            f"{_final_losses(result.final)}"
+        )
+    return {
+        "checkpoint": str(result.checkpoint),
+        "final": result.final,
+        "model_version": logged and logged.version,
+        "params_hash": phash,
+    }
 
 
 def _final_losses(final: dict[str, float]) -> str:
@@ -162,8 +182,10 @@ def stage_evaluate(params_file: str, model: str, ingest: str, out: str) -> dict:
         for png in sorted((Path(out) / "plots").glob("*.png")):
             tracker.log_figure(png)
     syn = result.metrics["synthetic"]
-    print(f"evaluate: synthetic SRCC {syn['srcc']:.3f} PLCC {syn['plcc']:.3f} KRCC {syn['krcc']:.3f} "
-          f"(within image×type {syn['srcc_within']:.3f})")
+    print(
+        f"evaluate: synthetic SRCC {syn['srcc']:.3f} PLCC {syn['plcc']:.3f} KRCC {syn['krcc']:.3f} "
+        f"(within image×type {syn['srcc_within']:.3f})"
+    )
     return result.metrics
 
 
@@ -173,6 +195,7 @@ def log_evaluation(tracker: Tracker, metrics: dict, inputs: dict[str, DatasetRef
     The trained model's blocks are also logged against the model (``model_id``: they show on its
     page in MLflow); the baseline's blocks (``baseline.*``) belong to the run only.
     """
+
     def dataset(block: str) -> DatasetRef:  # "synthetic", "n_synthetic", "<label>", "<label>_test"
         if block in ("synthetic", "n_synthetic"):
             return inputs["synthetic"]

@@ -4,6 +4,7 @@ The library logs through `qualiclip.tracking.Tracker`, a no-op by default. Here 
 the MLflow tracker when params.yaml's ``tracking`` section and the installed packages allow it,
 told which pipeline execution the stage belongs to (`qualiclip.pipeline.execution`).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,17 @@ def get_tracker(kind: str = "auto", *, experiment: str = "qualiclip") -> Tracker
         from .tracking_mlflow import MlflowTracker
     except ImportError:
         if kind == "mlflow":
-            raise TrackingError("tracking.backend is 'mlflow' but mlflow is not installed — pip install "
-                                "'qualiclip[pipeline]', or set tracking.backend: auto in params.yaml") from None
+            raise TrackingError(
+                "tracking.backend is 'mlflow' but mlflow is not installed — pip install "
+                "'qualiclip[pipeline]', or set tracking.backend: auto in params.yaml"
+            ) from None
         return Tracker()
     return MlflowTracker(experiment=experiment, execution=current_execution())
 
 
-def write_version_file(train_out: Path, name: str, version: str | None, run_id: str | None = None,
-                       model_id: str | None = None) -> Path:
+def write_version_file(
+    train_out: Path, name: str, version: str | None, run_id: str | None = None, model_id: str | None = None
+) -> Path:
     """What the train stage logged and registered, beside its checkpoint (``version`` None:
     nothing registered; ``model_id``: the tracker's id of the logged model).
 

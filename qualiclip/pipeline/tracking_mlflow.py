@@ -13,14 +13,16 @@ What a run records, so that a reviewer can follow a model back to its data and c
 - the parent run: started when the execution started, running while a stage runs, ended when
   the last stage ended, FAILED (with ``qualiclip.error``) when a stage failed.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -69,7 +71,8 @@ def server_errors(uri: str) -> Iterator[None]:
         raise TrackingServerError(
             f"the MLflow server at {uri} refused the host name '{host}' (HTTP 403 \"{HOST_REFUSED}\") — start it "
             f"with `--allowed-hosts {host}` (comma-separated: every name:port the clients use, loopback "
-            "included, since the list replaces MLflow's default)") from None
+            "included, since the list replaces MLflow's default)"
+        ) from None
 
 
 class MlflowTracker(Tracker):
@@ -103,7 +106,7 @@ class MlflowTracker(Tracker):
     # The stage run and the parent run of its execution
 
     @contextlib.contextmanager
-    def run(self, stage: str, tags: dict[str, str] | None = None) -> Iterator["MlflowTracker"]:
+    def run(self, stage: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
         """A stage run, the child of its execution's parent run (none for a stage run by hand)."""
         parent = self._open_parent() if self.execution else None
         all_tags = {**self.context_tags, "qualiclip.kind": "stage", "qualiclip.stage": stage, **(tags or {})}
@@ -111,8 +114,9 @@ class MlflowTracker(Tracker):
             all_tags["qualiclip.pipeline_id"] = self.execution.id
         status, error = RunStatus.FAILED, None
         try:
-            with mlflow.start_run(experiment_id=self.experiment_id, run_name=stage, parent_run_id=parent,
-                                  tags=all_tags) as run:
+            with mlflow.start_run(
+                experiment_id=self.experiment_id, run_name=stage, parent_run_id=parent, tags=all_tags
+            ) as run:
                 self.run_id = run.info.run_id
                 try:
                     yield self
@@ -143,8 +147,9 @@ class MlflowTracker(Tracker):
             return run.info.run_id
         started = self.execution.started or time.time()
         tags = {**self.context_tags, "qualiclip.pipeline_id": self.execution.id, "qualiclip.kind": "pipeline"}
-        return self.client.create_run(self.experiment_id, start_time=int(started * 1000), tags=tags,
-                                      run_name=self.execution.title(started)).info.run_id
+        return self.client.create_run(
+            self.experiment_id, start_time=int(started * 1000), tags=tags, run_name=self.execution.title(started)
+        ).info.run_id
 
     def _close_parent(self, run_id: str, status: int, error: str | None) -> None:
         """End the parent run now, FAILED if this stage or an earlier one failed.
@@ -162,12 +167,19 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None, *, model_id: str | None = None,
-                    dataset: DatasetRef | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: dict[str, Any],
+        step: int | None = None,
+        *,
+        model_id: str | None = None,
+        dataset: DatasetRef | None = None,
+    ) -> None:
         numbers = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
         if numbers:
-            mlflow.log_metrics(numbers, step=step, model_id=model_id,
-                               dataset=self._dataset(dataset) if dataset else None)
+            mlflow.log_metrics(
+                numbers, step=step, model_id=model_id, dataset=self._dataset(dataset) if dataset else None
+            )
 
     def log_input(self, dataset: DatasetRef, context: str) -> None:
         mlflow.log_input(self._dataset(dataset), context=context)
@@ -177,8 +189,12 @@ class MlflowTracker(Tracker):
         key = (ref.name, ref.digest)
         if key not in self._datasets:
             self._datasets[key] = mlflow.data.from_pandas(
-                float_columns(pd.DataFrame(list(ref.rows))), source=LocalArtifactDatasetSource(ref.source),
-                name=ref.name, digest=ref.digest, targets=ref.targets)
+                float_columns(pd.DataFrame(list(ref.rows))),
+                source=LocalArtifactDatasetSource(ref.source),
+                name=ref.name,
+                digest=ref.digest,
+                targets=ref.targets,
+            )
         return self._datasets[key]
 
     def log_table(self, rows: list[dict], artifact_file: str) -> None:
@@ -197,8 +213,9 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 
-    def log_model(self, checkpoint_dir: Path, *, register_as: str | None, description: str,
-                  tags: dict[str, str]) -> ModelRef:
+    def log_model(
+        self, checkpoint_dir: Path, *, register_as: str | None, description: str, tags: dict[str, str]
+    ) -> ModelRef:
         """Log the checkpoint as a pyfunc model; register a version carrying ``tags``."""
         from .serving import log_pyfunc  # imports torch and open_clip: only the train stage logs a model
 
@@ -294,8 +311,10 @@ def download_model(uri: str, project_dir: str | Path = ".") -> tuple[Path, str |
     store = tracking_uri(project_dir)
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         # checked before any client exists: opening a SQLite store creates an empty one
-        raise ModelUriError(f"{uri}: no MLflow store at {store.removeprefix('sqlite:///')} — run `dvc repro` with "
-                            "tracking on here first, or set MLFLOW_TRACKING_URI to the store that holds the model")
+        raise ModelUriError(
+            f"{uri}: no MLflow store at {store.removeprefix('sqlite:///')} — run `dvc repro` with "
+            "tracking on here first, or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
     client = registry_client(project_dir)
     version = None
     try:
@@ -320,11 +339,15 @@ def _model_uri_hint(uri: str, exc: MlflowException, client: MlflowClient) -> str
     name = name.split("/")[0]
     if uri.startswith("models:/") and ("@" in rest or "/" in rest):  # a registered name (a bare id is a logged model)
         if not client.search_registered_models(f"name = '{name}'"):
-            return (f"{uri}: no registered model '{name}' in {store} — run `dvc repro` with tracking on first "
-                    "(the train stage registers it), or set MLFLOW_TRACKING_URI to the store that holds it")
+            return (
+                f"{uri}: no registered model '{name}' in {store} — run `dvc repro` with tracking on first "
+                "(the train stage registers it), or set MLFLOW_TRACKING_URI to the store that holds it"
+            )
         if alias and alias not in client.get_registered_model(name).aliases:
-            return (f"{uri}: no version of '{name}' has the alias '{alias}' in {store} — nothing promoted yet? "
-                    f"Run `qualiclip promote` after `dvc repro`, or name a version: --model models:/{name}/1")
+            return (
+                f"{uri}: no version of '{name}' has the alias '{alias}' in {store} — nothing promoted yet? "
+                f"Run `qualiclip promote` after `dvc repro`, or name a version: --model models:/{name}/1"
+            )
     return f"{uri}: {str(exc.message).strip().splitlines()[0]} (store {store})"
 
 
