@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -29,6 +30,13 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 SHARED_DATA = Path(os.environ.get("QUALICLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# A suite started in the background by a shell without job control (`pytest &`, nohup, some CI
+# runners) inherits SIGINT ignored, and so would every command it starts: the Ctrl-C tests would
+# then watch a command that never sees the signal. A terminal's Ctrl-C reaches a command with the
+# default disposition, so the suite gives its children that one.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shared_dir(name: str) -> Path:
