@@ -126,6 +126,7 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
     project_dir = str(Path(project_dir).resolve())
     cfg = schedule_config(project_dir, params_file)
     log = get_run_logger()
+    say_not_promoted_in_words()
     gpu_limit = gpu_slot.limit_name(cfg.gpu_limit)  # the host that runs this flow trains
     if gpu_slot.ensure_limit(gpu_limit):
         log.info("created the global concurrency limit '%s' (%d slot)", gpu_limit, gpu_slot.SLOTS)
@@ -139,6 +140,25 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
         if cfg.push:  # other machines `dvc pull` this run's outputs (docs/scale.md)
             dvc_push(project_dir)
     return final_state(decision, {"stages": stages, "metrics": metrics, "promotion": decision.as_dict()})
+
+
+class NotPromotedInWords(logging.Filter):
+    """Prefect ends a flow run's log with ``Finished in state <state>`` written as a Python call
+    (``Not promoted('refused version 2 …', type=COMPLETED)``); say it in words."""
+
+    PREFIX = f"Finished in state {HEADLINES['refused']}("
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.PREFIX):
+            record.msg, record.args = "finished: completed, not promoted (the promote task and the report say why)", ()
+        return True
+
+
+def say_not_promoted_in_words() -> None:
+    """Install `NotPromotedInWords` on Prefect's flow-run logger, once per process."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, NotPromotedInWords) for f in logger.filters):
+        logger.addFilter(NotPromotedInWords())
 
 
 def final_state(decision: Decision, result: dict) -> State:

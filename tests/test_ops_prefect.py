@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import subprocess
@@ -549,7 +550,7 @@ def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop,
 
 def test_a_refused_or_kept_model_ends_the_run_completed_and_named_not_promoted():
     """Told apart from a promotion at a glance in the runs list, and not a failure."""
-    from flows.retrain import final_state
+    from flows.retrain import NotPromotedInWords, final_state
     from qualiclip.pipeline.promotion import Decision
 
     def decision(outcome: str) -> Decision:
@@ -564,6 +565,12 @@ def test_a_refused_or_kept_model_ends_the_run_completed_and_named_not_promoted()
         state = final_state(decision(outcome), {"promotion": outcome})
         assert state.is_completed() and state.name == name and state.message == outcome
         assert state.result() == {"promotion": outcome}
+    line = logging.LogRecord(
+        "prefect.flow_runs", 20, "", 0, "Finished in state %s", ("Not promoted('x', type=COMPLETED)",), None
+    )
+    assert NotPromotedInWords().filter(line) and line.getMessage() == (
+        "finished: completed, not promoted (the promote task and the report say why)"
+    )
 
 
 @pytest.mark.slow
