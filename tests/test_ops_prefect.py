@@ -462,8 +462,8 @@ def test_deployment_run_shows_a_task_per_stage_promotes_through_the_gate_and_rep
     run_id = json.loads((loop["project"] / "outputs/train/registered_model.json").read_text())["run_id"]
     assert "## qualiclip retraining: Promoted" in report and champion.tags["promotion"] in report
     assert champion.description.startswith("**Promoted** — ")  # the top of its MLflow page
-    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images (" in report  # the decision's table
-    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images (" in champion.description
+    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images of " in report  # the decision's table
+    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images of " in champion.description
     assert f"`models:/qualiclip/{champion.version}`" in report and f"`{run_id}`" in report
     assert (
         f"| **synthetic.srcc** (promotion) | {metrics['synthetic']['srcc']:.4f} | – | "

@@ -451,7 +451,7 @@ def decide(
 
 def figures(d: Decision) -> str:
     """One line: both figures on the same n, each difference and its interval, the confidence."""
-    parts = [f"{FIGURES_SEP.removeprefix(' — ')}{d.n_items} images ({d.n_units} units)"]
+    parts = [f"{FIGURES_SEP.removeprefix(' — ')}{sample(d)}"]
     for c in (d.versus_champion, d.versus_baseline):
         if c is not None:
             parts.append(f"vs {c.against} {c.value:.4f}: {c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}]")
@@ -460,6 +460,12 @@ def figures(d: Decision) -> str:
         + f" ({d.metric}; difference [{1 - d.confidence:g}, {d.confidence:g}] quantiles of {d.resamples} "
         "paired bootstrap resamples)"
     )
+
+
+def sample(d: Decision) -> str:
+    """``600 images of 5 photos`` (synthetic: the resampled unit is the photo), ``1162 images``."""
+    photos = f" of {d.n_units} photo{'' if d.n_units == 1 else 's'}" if d.metric.startswith("synthetic.") else ""
+    return f"{d.n_items} images{photos}"
 
 
 HEADLINES = {
@@ -478,8 +484,7 @@ def decision_markdown(d: Decision) -> list[str]:
     if not comps:
         return lines
     lines += [
-        f"| {d.metric} on the same {d.n_items} images ({d.n_units} units) | value | this − it | "
-        f"interval at {d.confidence:g} |",
+        f"| {d.metric} on the same {sample(d)} | value | this − it | interval at {d.confidence:g} |",
         "|---|---:|---:|---:|",
         f"| this model v{d.version} | {d.value:.4f} | | |",
     ]
