@@ -167,10 +167,18 @@ def test_version_description_starts_with_the_decision_and_keeps_the_train_stages
     text = client.get_model_version("described", v1).description
     assert text.startswith(f"**Promoted** — promoted version {v1} (synthetic.srcc {d.value:.4f})")
     n, units = d.n_items, d.n_units
-    assert f"| synthetic.srcc on the same {n} images of {units} photos | value | this − it | interval at 0.95 |" in text
+    assert (
+        f"| synthetic.srcc on the same {n} images of {units} photos | value | this − it | [0.05, 0.95] quantiles |"
+        in text
+    )
     b = d.versus_baseline
     assert f"| zero-shot baseline | {b.value:.4f} | {b.difference:+.4f} | [{b.low:+.4f}, {b.high:+.4f}] |" in text
     assert text.endswith("---\nparams hash p; data version idx; 300 steps")
+    tag = client.get_model_version("described", v1).tags["promotion"]
+    assert tag == d.reason and tag.startswith(f"promoted version {v1} (synthetic.srcc {d.value:.4f}): no champion yet")
+    assert (
+        f" — on the same {n} images of {units} photos, vs zero-shot baseline {b.value:.4f}: {b.difference:+.4f} " in tag
+    )
     promote_project(project)  # a rerun replaces the decision, keeps the provenance once
     again = client.get_model_version("described", v1).description
     assert again.startswith("**Already the champion**") and again.count("300 steps") == 1

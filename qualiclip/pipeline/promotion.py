@@ -451,7 +451,7 @@ def decide(
 
 def figures(d: Decision) -> str:
     """One line: both figures on the same n, each difference and its interval, the confidence."""
-    parts = [f"{FIGURES_SEP.removeprefix(' — ')}{sample(d)}"]
+    parts = [sample(d)]  # after FIGURES_SEP: "… — on the same 480 images of 4 photos, vs …"
     for c in (d.versus_champion, d.versus_baseline):
         if c is not None:
             parts.append(f"vs {c.against} {c.value:.4f}: {c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}]")
@@ -484,17 +484,17 @@ def decision_markdown(d: Decision) -> list[str]:
     if not comps:
         return lines
     lines += [
-        f"| {d.metric} on the same {sample(d)} | value | this − it | interval at {d.confidence:g} |",
+        f"| {d.metric} on the same {sample(d)} | value | this − it | [{1 - d.confidence:g}, {d.confidence:g}] quantiles |",
         "|---|---:|---:|---:|",
         f"| this model v{d.version} | {d.value:.4f} | | |",
     ]
     lines += [f"| {c.against} | {c.value:.4f} | {c.difference:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] |" for c in comps]
-    bar = f"lower bound above {d.min_improvement:g} against the champion, above 0 against the baseline"
-    floor = f"; floor {d.min_value:g}" if d.min_value is not None else ""
+    floor = f", and its figure is not below the floor {d.min_value:g}" if d.min_value is not None else ""
     lines += [
         "",
-        f"Promotes when the {1 - d.confidence:g} quantile of {d.resamples} paired bootstrap resamples "
-        f"(photos resampled together) has its {bar}{floor}.",
+        f"Promoted only when the lower bound at {d.confidence:g} confidence (the {1 - d.confidence:g} quantile "
+        f"of this − it over {d.resamples} paired bootstrap resamples, photos resampled together) is above "
+        f"{d.min_improvement:g} against the champion and above 0 against the baseline{floor}.",
     ]
     return lines
 
