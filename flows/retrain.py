@@ -37,13 +37,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
+from prefect.states import Completed, State
 
 from flows import gpu_slot
 from flows.pipeline import dvc_push, read_metrics, reproduce
 from qualiclip.config import ConfigError
 from qualiclip.errors import QualiclipError
 from qualiclip.pipeline.params import ScheduleConfig, read_params
-from qualiclip.pipeline.promotion import Decision, PromotionError, promote_project
+from qualiclip.pipeline.promotion import HEADLINES, NOT_PROMOTED, Decision, PromotionError, promote_project
 from qualiclip.pipeline.report import run_report
 
 FLOW_NAME = "qualiclip-retrain"
@@ -111,9 +112,13 @@ def report(decision: Decision, metrics: dict, stages: dict[str, str]) -> str:
 
 
 @flow(name=FLOW_NAME, log_prints=True)
-def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
+def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force: bool = False) -> State:
     """Reproduce the pipeline under the workspace lock, promote, report, and with ``schedule.push``
     push the outputs to the default DVC remote; returns the stage states, the metrics and the decision.
+
+    The run ends Completed either way; a refused or kept model names its state "Not promoted"
+    (`not_promoted_state`), so the runs list tells the two apart at a glance. A refusal is a
+    decision, not a failure: the run does not fail for it.
 
     A failing stage fails its task with its exit code and last error lines (`StageFailed`), and
     this run. Stages are not retried: a stage failure is deterministic until someone fixes it.
@@ -121,6 +126,7 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
     project_dir = str(Path(project_dir).resolve())
     cfg = schedule_config(project_dir, params_file)
     log = get_run_logger()
+    say_not_promoted_in_words()
     gpu_limit = gpu_slot.limit_name(cfg.gpu_limit)  # the host that runs this flow trains
     if gpu_slot.ensure_limit(gpu_limit):
         log.info("created the global concurrency limit '%s' (%d slot)", gpu_limit, gpu_slot.SLOTS)
@@ -133,7 +139,33 @@ def retrain_flow(project_dir: str = ".", params_file: str = "params.yaml", force
         report(decision, metrics, stages)
         if cfg.push:  # other machines `dvc pull` this run's outputs (docs/scale.md)
             dvc_push(project_dir)
-    return {"stages": stages, "metrics": metrics, "promotion": decision.as_dict()}
+    return final_state(decision, {"stages": stages, "metrics": metrics, "promotion": decision.as_dict()})
+
+
+class NotPromotedInWords(logging.Filter):
+    """Prefect ends a flow run's log with ``Finished in state <state>`` written as a Python call
+    (``Not promoted('refused version 2 …', type=COMPLETED)``); say it in words."""
+
+    PREFIX = f"Finished in state {HEADLINES['refused']}("
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.PREFIX):
+            record.msg, record.args = "finished: completed, not promoted (the promote task and the report say why)", ()
+        return True
+
+
+def say_not_promoted_in_words() -> None:
+    """Install `NotPromotedInWords` on Prefect's flow-run logger, once per process."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, NotPromotedInWords) for f in logger.filters):
+        logger.addFilter(NotPromotedInWords())
+
+
+def final_state(decision: Decision, result: dict) -> State:
+    """Completed, named "Not promoted" when the alias stayed where it was (else plain Completed)."""
+    if decision.outcome in NOT_PROMOTED:
+        return Completed(name=HEADLINES[decision.outcome], message=decision.reason, data=result)
+    return Completed(message=decision.reason, data=result)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,15 +224,24 @@ def headline(synthetic: dict) -> dict:
 
 
 def write_outputs(
-    out_dir: Path, metrics: dict, per_distortion: list[dict], scores: np.ndarray, s: SyntheticSet
+    out_dir: Path,
+    metrics: dict,
+    per_distortion: list[dict],
+    scores: np.ndarray,
+    s: SyntheticSet,
+    baseline_scores: np.ndarray | None = None,
 ) -> None:
+    """metrics.json, per_distortion.csv and ``synthetic_scores.csv`` (one row per synthetic image:
+    image_id, distortion, level, score, baseline_score — empty without a baseline). The per-image
+    scores are what ``qualiclip promote`` resamples and re-scores the champion against."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    base = baseline_scores.tolist() if baseline_scores is not None else [""] * len(scores)
     with open(out_dir / "synthetic_scores.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image_id", "distortion", "level", "score"])
+        w.writerow(["image_id", "distortion", "level", "score", "baseline_score"])
         w.writerows(
-            zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist())
+            zip(s.image_ids, s.distortions, s.levels.tolist(), scores.tolist(), base)
         )  # unrounded: see model.score_from_similarities
     with open(out_dir / "per_distortion.csv", "w", newline="") as f:
         dw = csv.DictWriter(f, fieldnames=list(per_distortion[0]))
@@ -315,9 +324,10 @@ def run_evaluate(
     synthetic = synthetic_metrics(scores, s)
     metrics: dict = {"synthetic": headline(synthetic), "n_synthetic": len(s.images)}
     baseline = inference_copy(baseline_model(model.cfg)) if cfg.baseline else None
-    base = None
+    base, base_scores = None, None
     if baseline is not None:
-        base = synthetic_metrics(score_synthetic(baseline, s, cfg, device, "synthetic (baseline)"), s)
+        base_scores = score_synthetic(baseline, s, cfg, device, "synthetic (baseline)")
+        base = synthetic_metrics(base_scores, s)
         metrics["baseline"] = {"synthetic": headline(base)}
     runs = evaluate_datasets(model, datasets, cfg, device, baseline)
     for run in runs:
@@ -326,7 +336,7 @@ def run_evaluate(
             metrics["baseline"].update(dataset_blocks(run.label, run.dataset, run.baseline))
     per_distortion = per_distortion_table(synthetic, base)
     out_dir = Path(out_dir)
-    write_outputs(out_dir, metrics, per_distortion, scores, s)
+    write_outputs(out_dir, metrics, per_distortion, scores, s, base_scores)
     for run in runs:
         write_dataset_scores(out_dir, run)
     write_plots(out_dir, metrics, per_distortion, scores, s, runs)

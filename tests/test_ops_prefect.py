@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import subprocess
@@ -459,7 +460,10 @@ def test_deployment_run_shows_a_task_per_stage_promotes_through_the_gate_and_rep
     artifacts = rest(loop["api"], "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [loop["flow_run_id"]]}}})
     report = next(a["data"] for a in artifacts if a["key"] == "qualiclip-retrain-report")
     run_id = json.loads((loop["project"] / "outputs/train/registered_model.json").read_text())["run_id"]
-    assert "## qualiclip retraining: promoted" in report and champion.tags["promotion"] in report
+    assert "## qualiclip retraining: Promoted" in report and champion.tags["promotion"] in report
+    assert champion.description.startswith("**Promoted** — ")  # the top of its MLflow page
+    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images of " in report  # the decision's table
+    assert f"| synthetic.srcc on the same {metrics['n_synthetic']} images of " in champion.description
     assert f"`models:/qualiclip/{champion.version}`" in report and f"`{run_id}`" in report
     assert (
         f"| **synthetic.srcc** (promotion) | {metrics['synthetic']['srcc']:.4f} | – | "
@@ -542,6 +546,31 @@ def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop,
     assert len(same) >= 5  # the parent run and the four stage runs
     model = http(f"{api}/registered-models/get?name=qualiclip")["registered_model"]
     assert any(a["alias"] == "champion" for a in model.get("aliases", []))
+
+
+def test_a_refused_or_kept_model_ends_the_run_completed_and_named_not_promoted():
+    """Told apart from a promotion at a glance in the runs list, and not a failure."""
+    from flows.retrain import NotPromotedInWords, final_state
+    from qualiclip.pipeline.promotion import Decision
+
+    def decision(outcome: str) -> Decision:
+        return Decision("m", "2", outcome == "promoted", outcome, "synthetic.srcc", 0.5, 0.1, 0.0, "1", 0.4, outcome)
+
+    for outcome, name in [
+        ("promoted", "Completed"),
+        ("unchanged", "Completed"),
+        ("kept", "Not promoted"),
+        ("refused", "Not promoted"),
+    ]:
+        state = final_state(decision(outcome), {"promotion": outcome})
+        assert state.is_completed() and state.name == name and state.message == outcome
+        assert state.result() == {"promotion": outcome}
+    line = logging.LogRecord(
+        "prefect.flow_runs", 20, "", 0, "Finished in state %s", ("Not promoted('x', type=COMPLETED)",), None
+    )
+    assert NotPromotedInWords().filter(line) and line.getMessage() == (
+        "finished: completed, not promoted (the promote task and the report say why)"
+    )
 
 
 @pytest.mark.slow

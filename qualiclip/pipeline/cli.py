@@ -6,7 +6,8 @@ function. The modules behind each command are imported when it runs: ``score``, 
 ``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
 the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
-Exit status: 0 done; 2 a user error (`QualiclipError`, one line naming the fix) or a usage error
+Exit status: 0 done; 3 ``promote`` decided not to promote (refused by the gate, or the champion
+kept: the reason is printed; not an error); 2 a user error (`QualiclipError`, one line naming the fix) or a usage error
 (every numeric option has a range: `bounded`); 130 after Ctrl-C and 143 after SIGTERM, each a
 clean stop with one line saying what is kept and how a rerun resumes (`stop_line`), no traceback.
 
@@ -33,6 +34,7 @@ from . import stages
 
 # Exit status of a command stopped by a signal: the shell's 128 + the signal's number (SIGINT 130, SIGTERM 143)
 EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_NOT_PROMOTED = 3  # `qualiclip promote` decided, and the alias stays where it was
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -100,8 +102,9 @@ def cmd_distortions(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
-def cmd_promote(args: argparse.Namespace) -> None:
-    from .promotion import promote_project
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Exit 0 when promoted (or already the champion), `EXIT_NOT_PROMOTED` when refused or kept."""
+    from .promotion import NOT_PROMOTED, promote_project
 
     d = promote_project(
         args.project,
@@ -112,6 +115,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
         dry_run=args.dry_run,
     )
     print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
+    return EXIT_NOT_PROMOTED if d.outcome in NOT_PROMOTED else 0
 
 
 def cmd_export_official(args: argparse.Namespace) -> None:
@@ -272,7 +276,9 @@ def add_tool_parsers(sub) -> None:
     sp.set_defaults(fn=cmd_distortions)
 
     sp = sub.add_parser(
-        "promote", help="tag the new model version with its evaluation; move the champion alias if better"
+        "promote",
+        help="re-score the champion on this run's images; move the alias only to a surely better model "
+        "(exit 3: not promoted)",
     )
     sp.add_argument("--params", default="params.yaml", help="params file, relative to --project")
     sp.add_argument(
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = _catch_stops()
     try:
         check_path_args(args)
-        args.fn(args)
+        status = args.fn(args)
     except (QualiclipError, FileNotFoundError) as exc:  # the message already names the fix: no traceback
         print(f"qualiclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    return 0
+    return status or 0
 
 
 def _catch_stops() -> dict:

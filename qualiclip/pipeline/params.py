@@ -74,6 +74,11 @@ class PromotionConfig:
     min_improvement: float = 0.0  # the new value must beat the champion's by more than this
     min_value: float | None = 0.0  # the floor (a ceiling when lower is better); None: none
     alias: Annotated[str, MinLen(1)] = "champion"
+    # the paired bootstrap over photos: promote only when the lower bound at this confidence clears
+    # min_improvement (against the champion) and 0 (against the zero-shot baseline)
+    confidence: Annotated[float, Interval(ge=0.5, le=0.9999)] = 0.95
+    bootstrap: Annotated[int, Interval(ge=100, le=100_000)] = 2000  # resamples
+    seed: Annotated[int, Interval(ge=0, le=2**32 - 1)] = 0  # of the resampling: same inputs, same decision
 
     def __post_init__(self) -> None:
         check_fields(self, "promotion")

@@ -1,5 +1,6 @@
-"""Champion promotion: after an evaluation, move the registry alias only to a model that passes
-the quality gate and beats the champion.
+"""Champion promotion: after an evaluation, move the registry alias only to a model that is,
+with the configured confidence, better than the champion and the zero-shot baseline on the same
+images.
 
 The model version that the train stage registered is found through ``registered_model.json``
 beside the checkpoint (written by the train stage), or, failing that, through the version tags
@@ -7,39 +8,58 @@ beside the checkpoint (written by the train stage), or, failing that, through th
 promotion attempt tags that version with its params hash, data version (the shard index hash,
 `qualiclip.shards.data_version`), DVC's md5 of the shard folder (``dvc_shards_md5``, where
 ``dvc.lock`` exists) and its headline evaluation metrics (``eval.<metric>``: every number of
-metrics.json), so the registry alone can compare versions.
+metrics.json) — a record, never a comparison.
 
-The alias moves only when the primary metric (``promotion.metric``), all three:
+Same images, same way: the champion is re-scored here, by `qualiclip.evaluate.run_evaluate`, on
+the evaluation data of this run (the held-out synthetic set and every ``evaluate.datasets``
+entry), never read from its own old tags. Its scores are cached in
+``outputs/promotion/<model>-v<version>-<digest>/`` (``digest``: the evaluation data, see
+`evaluation_digest`), so a rerun does not score it again, and no DVC stage output depends on the
+registry. A champion that cannot be loaded or scored is a refusal that says why.
 
-- beats the zero-shot baseline of the same evaluation (``baseline.<metric>`` in metrics.json;
-  without it, i.e. ``evaluate.baseline: false``, nothing is promoted, and the reason says so);
-- reaches the floor ``promotion.min_value`` (a ceiling when lower is better);
-- beats the champion's by more than ``min_improvement`` (any model that passes the gate beats
-  no champion: the first run passes the same gate as every other).
+The alias moves only when, on the promotion metric (``promotion.metric``) and a paired bootstrap
+over photos (`qualiclip.pipeline.bootstrap`, ``promotion.bootstrap`` resamples, seeded by
+``promotion.seed``), all three hold:
 
-The decision and its reason are logged and tagged on the version (``promotion``,
-``promotion.outcome``). The decision logic is plain Python; mlflow is imported only to open the
-registry.
+- the lower bound at ``promotion.confidence`` of (this model − the zero-shot baseline) is above 0
+  (the baseline's per-image scores: ``evaluate.baseline: true``; without them nothing is
+  promoted, and the reason says so);
+- the model's figure is not below the floor ``promotion.min_value`` (a ceiling when lower is better);
+- the lower bound of (this model − the champion) is above ``min_improvement`` (no champion yet:
+  the first two alone decide).
+
+The decision (both figures on the same n, the difference, its interval, the confidence) is
+logged, written first in the version's description, and tagged on the version (``promotion``,
+``promotion.outcome``). mlflow is imported only to open the registry.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..checkpoint import read_metadata
 from ..errors import QualiclipError
+from ..schema import EvaluateConfig
+from .bootstrap import METRICS, Items, lower_bound, paired_differences, point, unit_index, upper_bound
 from .params import PromotionConfig, read_params
 from .paths import stage_paths
 from .tracking import VERSION_FILE
 
 METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 BASELINE_KEY = "baseline"  # metrics.json block of the zero-shot baseline: baseline.<metric>
+CACHE_DIR = "outputs/promotion"  # the champion's re-scored evaluations, one folder per version and data
+FIGURES_SEP = " — on the same "  # between the reason and its figures in the `promotion` tag
+NOT_PROMOTED = ("refused", "kept")  # outcomes that leave the alias where it was (exit 3 of `qualiclip promote`)
 log = logging.getLogger(__name__)
 
 
@@ -48,22 +68,41 @@ class PromotionError(QualiclipError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """This model against another, both scored on the same items: the other's figure, the point
+    difference (this − other) and the bootstrap interval of the difference at the confidence."""
+
+    against: str  # "champion v3" | "zero-shot baseline"
+    value: float  # the other model's figure on the same items
+    difference: float
+    low: float  # the (1 - confidence) quantile: the one-sided lower bound at the confidence
+    high: float  # the confidence quantile
+
+
+@dataclass(frozen=True)
 class Decision:
     model: str
     version: str
     promoted: bool
-    outcome: str  # promoted | kept (champion better) | refused (gate) | unchanged (is the champion)
+    outcome: str  # promoted | kept (not surely better than the champion) | refused (gate) | unchanged (is the champion)
     metric: str
     value: float
-    baseline_value: float | None  # the zero-shot baseline's value in the same evaluation
+    baseline_value: float | None  # the zero-shot baseline's value on the same items
     min_value: float | None
     champion_version: str | None  # the champion before this decision
-    champion_value: float | None
+    champion_value: float | None  # the champion re-scored on the same items (None: no champion, or not scored)
     reason: str
-    champion_metrics: dict[str, float] = field(default_factory=dict)  # its eval.* tags, keys without the prefix
+    champion_metrics: dict[str, float] = field(default_factory=dict)  # the champion's re-scored metrics, flat
     run_id: str | None = None  # the MLflow run that logged the version (registered_model.json)
     experiment_id: str | None = None
     tracking_uri: str = ""
+    n_items: int = 0  # the items both figures are computed on
+    n_units: int = 0  # the independent units among them (photos; a dataset's images)
+    confidence: float = 0.0
+    resamples: int = 0
+    versus_champion: Comparison | None = None
+    versus_baseline: Comparison | None = None
+    min_improvement: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,38 +135,8 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def is_better(new: float, champion: float | None, cfg: PromotionConfig) -> bool:
-    """Strictly better than the champion by more than ``min_improvement``; any value beats none."""
-    if champion is None or math.isnan(champion):
-        return True
-    return _gain(new, champion, cfg) > cfg.min_improvement
-
-
 def _gain(new: float, old: float, cfg: PromotionConfig) -> float:
     return new - old if cfg.higher_is_better else old - new
-
-
-def gate_failures(value: float, baseline: float | None, cfg: PromotionConfig) -> list[str]:
-    """Why a model with ``value`` may not become the champion, whatever the champion ([]: it may)."""
-    failures = []
-    if baseline is None:
-        failures.append(
-            f"the evaluation has no zero-shot baseline to beat ({BASELINE_KEY}.{cfg.metric}) — "
-            "set evaluate.baseline: true in params.yaml and rerun the pipeline"
-        )
-    elif not _gain(value, baseline, cfg) > 0:
-        failures.append(f"not better than the zero-shot baseline ({cfg.metric} {baseline:.4f})")
-    if cfg.min_value is not None and _gain(value, cfg.min_value, cfg) < 0:
-        bound = "floor" if cfg.higher_is_better else "ceiling"
-        failures.append(f"beyond the {bound} promotion.min_value = {cfg.min_value}")
-    return failures
-
-
-def baseline_value(metrics: dict, metric: str) -> float | None:
-    """``baseline.<metric>`` of the evaluation, None when the evaluate stage scored no baseline."""
-    if not isinstance(metrics.get(BASELINE_KEY), dict):
-        return None
-    return metric_value(metrics, f"{BASELINE_KEY}.{metric}")
 
 
 def dvc_shards_md5(project_dir: Path, shards: str) -> str | None:
@@ -202,77 +211,299 @@ def _in_store(client, name: str, version: str) -> str:
     return version
 
 
-def current_champion(client, name: str, cfg: PromotionConfig) -> tuple[str | None, dict[str, float]]:
-    """(version, its ``eval.*`` tags as numbers, prefix dropped) of the alias holder; (None, {}) without one."""
+# ---------------------------------------------------------------------------------------------
+# The evaluation data: per-image scores the evaluate stage wrote
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One evaluation block's items and a model's per-image scores on them (and the baseline's)."""
+
+    items: Items
+    keys: list[tuple]  # what each item is (image_id, distortion, level) | (path, mos, split)
+    scores: np.ndarray
+    baseline: np.ndarray | None
+
+
+def split_metric(dotted: str) -> tuple[str, str]:
+    """``('synthetic', 'srcc')`` for ``synthetic.srcc``; a clear error for a metric the bootstrap cannot resample."""
+    block, _, name = dotted.rpartition(".")
+    if not block or "." in block or name not in METRICS:
+        raise PromotionError(
+            f"promotion.metric '{dotted}' cannot be resampled — use <block>.<{'|'.join(METRICS)}> with a block "
+            "of metrics.json (synthetic, a dataset name or <name>_test), e.g. synthetic.srcc"
+        )
+    if name == "srcc_within" and block != "synthetic":
+        raise PromotionError(f"promotion.metric '{dotted}': srcc_within exists for the synthetic set only")
+    return block, name
+
+
+def read_scores(eval_dir: Path, block: str) -> Scores:
+    """The per-image scores of ``block`` in an evaluate output folder (synthetic_scores.csv or scores_<dataset>.csv)."""
+    if block == "synthetic":
+        rows = _rows(eval_dir / "synthetic_scores.csv")
+        keys = [(r["image_id"], r["distortion"], int(r["level"])) for r in rows]
+        items = Items(
+            target=-np.array([k[2] for k in keys], float),
+            units=unit_index([k[0] for k in keys]),
+            groups=unit_index([f"{k[0]}/{k[1]}" for k in keys]),
+        )
+    else:
+        label = block.removesuffix("_test") if not (eval_dir / f"scores_{block}.csv").is_file() else block
+        rows = _rows(eval_dir / f"scores_{label}.csv")
+        if label != block:  # <dataset>_test: the official test split
+            rows = [r for r in rows if r["split"] == "test"]
+        keys = [(r["path"], r["mos"], r["split"]) for r in rows]
+        items = Items(target=np.array([float(r["mos"]) for r in rows]), units=np.arange(len(rows)))
+    if not rows:
+        raise PromotionError(f"no per-image scores of '{block}' in {eval_dir} — rerun the evaluate stage (dvc repro)")
+    has_base = all(r.get("baseline_score") not in (None, "") for r in rows)
+    base = np.array([float(r["baseline_score"]) for r in rows]) if has_base else None
+    return Scores(items, keys, np.array([float(r["score"]) for r in rows]), base)
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise PromotionError(f"no per-image scores at {path} — rerun the evaluate stage (`dvc repro`)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def evaluation_digest(eval_dir: Path, cfg: EvaluateConfig) -> str:
+    """What the evaluation data is: the items of every per-image score file (not the scores) and
+    the evaluate settings that decide how an image is scored. Equal digests: the same images,
+    scored the same way."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("baseline", "batch_size", "device")}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(eval_dir.glob("*scores*.csv")):
+        h.update(path.name.encode())
+        for row in _rows(path):
+            h.update(json.dumps([v for k, v in row.items() if not k.endswith("score")]).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The champion, re-scored on this run's evaluation data
+
+
+def current_champion(client, name: str, cfg: PromotionConfig) -> str | None:
+    """The version that holds the alias, None without one."""
     version = client.get_registered_model(name).aliases.get(cfg.alias)
-    if version is None:
-        return None, {}
-    tags = client.get_model_version(name, str(version)).tags
-    return str(version), {k.removeprefix(METRIC_TAG): _number(v) for k, v in tags.items() if k.startswith(METRIC_TAG)}
+    return None if version is None else str(version)
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
+def score_champion(project: Path, name: str, version: str, cfg: EvaluateConfig, digest: str) -> Path:
+    """The evaluate output folder of champion ``version`` on this run's evaluation data: cached in
+    ``outputs/promotion`` by version and ``digest``, else made by `run_evaluate` (no baseline: the
+    challenger's evaluation has it)."""
+    out = project / CACHE_DIR / f"{name}-v{version}-{digest}"
+    if (out / "metrics.json").is_file():
+        return out
+    from ..checkpoint import load_checkpoint
+    from ..evaluate import run_evaluate
+    from .paths import stage_paths
+    from .tracking_mlflow import download_model
+
+    local, _ = download_model(f"models:/{name}/{version}", project)
+    model = load_checkpoint(local / "artifacts" / "checkpoint")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_evaluate(replace(cfg, baseline=False), model, project / stage_paths(project).ingest, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # complete or absent: an interrupted scoring is not a cache entry
+    return out
+
+
+def champion_scores(
+    project: Path, name: str, version: str, cfg: EvaluateConfig, eval_dir: Path, block: str, mine: Scores
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The champion's per-image scores on the challenger's items of ``block``, and its flat metrics."""
+    out = score_champion(project, name, version, cfg, evaluation_digest(eval_dir, cfg))
+    theirs = read_scores(out, block)
+    if theirs.keys != mine.keys:
+        raise PromotionError(
+            "its evaluation data differs from this run's (params.yaml or the held-out photos changed "
+            "after the evaluate stage ran) — run `dvc repro`, then promote"
+        )
+    return theirs.scores, flat_metrics(json.loads((out / "metrics.json").read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision
+
+
+def compare(
+    cfg: PromotionConfig, mine: Scores, metric: str, others: dict[str, tuple[str, np.ndarray]]
+) -> dict[str, Comparison]:
+    """``{key: Comparison}`` of this model against each of ``others`` (``key: (label, scores)``),
+    by one paired bootstrap: every comparison sees the same resamples."""
+    diffs = paired_differences(
+        metric, mine.scores, {k: s for k, (_, s) in others.items()}, mine.items, cfg.bootstrap, cfg.seed
+    )
+    value = point(metric, mine.scores, mine.items)
+    out = {}
+    for key, (label, theirs) in others.items():
+        d, their = diffs[key], point(metric, theirs, mine.items)
+        out[key] = Comparison(
+            label, their, value - their, lower_bound(d, cfg.confidence), upper_bound(d, cfg.confidence)
+        )
+    return out
+
+
+def _cleared(c: Comparison, cfg: PromotionConfig, margin: float) -> bool:
+    """Whether the bound at the confidence of the gain over ``c`` clears ``margin``."""
+    bound = c.low if cfg.higher_is_better else -c.high
+    return bound > margin
 
 
 def decide(
     client,
     name: str,
     version: str,
-    value: float,
-    baseline: float | None,
+    mine: Scores,
     cfg: PromotionConfig,
+    champion: tuple[str | None, np.ndarray | None, str | None],
     *,
     dry_run: bool = False,
 ) -> Decision:
-    """Move the alias to ``version`` only if it passes the gate and beats the champion; log and tag why."""
-    champ, champ_metrics = current_champion(client, name, cfg)
-    champ_value = champ_metrics.get(cfg.metric)
-    key = f"{cfg.metric} {value:.4f}"
-    failures = gate_failures(value, baseline, cfg)
-    if champ == version:
-        outcome, reason = "unchanged", f"version {version} is already the {cfg.alias} ({key})"
-    elif failures:
-        outcome, reason = "refused", f"refused version {version} ({key}): " + "; ".join(failures)
-    elif is_better(value, champ_value, cfg):
-        outcome = "promoted"
-        reason = (
-            f"no {cfg.alias} yet"
-            if champ is None
-            else f"{cfg.alias} version {champ} has no {METRIC_TAG}{cfg.metric} tag"
-            if champ_value is None
-            else f"better than {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f})"
+    """Move the alias to ``version`` only if it clears the gate and the champion at the confidence;
+    log the decision, write it into the version's description and tag it.
+
+    ``champion``: (its version, its scores on ``mine``'s items, why it could not be scored).
+    """
+    _, metric = split_metric(cfg.metric)
+    champ, champ_scores, champ_error = champion
+    value = point(metric, mine.scores, mine.items)
+    others: dict[str, tuple[str, np.ndarray]] = {}
+    if mine.baseline is not None:
+        others["baseline"] = ("zero-shot baseline", mine.baseline)
+    if champ_scores is not None and champ != version:
+        others["champion"] = (f"{cfg.alias} v{champ}", champ_scores)
+    comps = compare(cfg, mine, metric, others) if others else {}
+    base, versus = comps.get("baseline"), comps.get("champion")
+    failures = []
+    if base is None:
+        failures.append(
+            "the evaluation has no zero-shot baseline scores to beat — set evaluate.baseline: true "
+            "in params.yaml and rerun the pipeline"
         )
-        reason = f"promoted version {version} ({key}, baseline {baseline:.4f}): {reason}"
+    elif not _cleared(base, cfg, 0.0):
+        failures.append(f"not better than the zero-shot baseline at {cfg.confidence:g} confidence")
+    if cfg.min_value is not None and _gain(value, cfg.min_value, cfg) < 0:
+        failures.append(
+            f"{'below the floor' if cfg.higher_is_better else 'above the ceiling'} promotion.min_value = {cfg.min_value}"
+        )
+    if champ is not None and champ != version and champ_error:
+        failures.append(f"{cfg.alias} version {champ} cannot be re-scored on this run's images: {champ_error}")
+    what = f"version {version} ({cfg.metric} {value:.4f})"
+    if champ == version:
+        outcome, reason = "unchanged", f"version {version} is already the {cfg.alias} ({cfg.metric} {value:.4f})"
+    elif failures:
+        outcome, reason = "refused", f"refused {what}: " + "; ".join(failures)
+    elif versus is None:
+        outcome, reason = "promoted", f"promoted {what}: no {cfg.alias} yet; better than the zero-shot baseline"
+    elif _cleared(versus, cfg, cfg.min_improvement):
+        outcome = "promoted"
+        reason = f"promoted {what}: better than {cfg.alias} version {champ} by more than {cfg.min_improvement:g}"
     else:
         outcome = "kept"
         reason = (
-            f"kept {cfg.alias} version {champ} ({cfg.metric} {champ_value:.4f}): version {version} "
-            f"({key}) is not better by more than {cfg.min_improvement}"
+            f"kept {cfg.alias} version {champ}: {what} is not better than it by more than "
+            f"{cfg.min_improvement:g} at {cfg.confidence:g} confidence"
         )
-    log.log(logging.WARNING if outcome == "refused" else logging.INFO, "%s%s", "(dry run) " if dry_run else "", reason)
-    if not dry_run:
-        if outcome == "promoted":
-            client.set_registered_model_alias(name, cfg.alias, version)
-        client.set_model_version_tag(name, version, "promotion", reason)
-        client.set_model_version_tag(name, version, "promotion.outcome", outcome)
-    return Decision(
+    decision = Decision(
         name,
         version,
         outcome == "promoted",
         outcome,
         cfg.metric,
         value,
-        baseline,
+        base.value if base else None,
         cfg.min_value,
         champ,
-        champ_value,
+        versus.value if versus else None,
         reason,
-        champ_metrics,
+        n_items=len(mine.scores),
+        n_units=mine.items.n_units,
+        confidence=cfg.confidence,
+        resamples=cfg.bootstrap,
+        versus_champion=versus,
+        versus_baseline=base,
+        min_improvement=cfg.min_improvement,
     )
+    decision = replace(decision, reason=f"{reason}{FIGURES_SEP}{figures(decision)}" if others else reason)
+    log.log(
+        logging.WARNING if outcome == "refused" else logging.INFO,
+        "%s%s",
+        "(dry run) " if dry_run else "",
+        decision.reason,
+    )
+    if not dry_run:
+        if outcome == "promoted":
+            client.set_registered_model_alias(name, cfg.alias, version)
+        client.set_model_version_tag(name, version, "promotion", decision.reason)
+        client.set_model_version_tag(name, version, "promotion.outcome", outcome)
+        old = client.get_model_version(name, version).description or ""
+        client.update_model_version(name, version, description=description(decision, old))
+    return decision
+
+
+def figures(d: Decision) -> str:
+    """One line: both figures on the same n, each difference and its interval, the confidence."""
+    parts = [sample(d)]  # after FIGURES_SEP: "… — on the same 480 images of 4 photos, vs …"
+    for c in (d.versus_champion, d.versus_baseline):
+        if c is not None:
+            parts.append(f"vs {c.against} {c.value:.4f}: {c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}]")
+    return (
+        ", ".join(parts)
+        + f" ({d.metric}; difference [{1 - d.confidence:g}, {d.confidence:g}] quantiles of {d.resamples} "
+        "paired bootstrap resamples)"
+    )
+
+
+def sample(d: Decision) -> str:
+    """``600 images of 5 photos`` (synthetic: the resampled unit is the photo), ``1162 images``."""
+    photos = f" of {d.n_units} photo{'' if d.n_units == 1 else 's'}" if d.metric.startswith("synthetic.") else ""
+    return f"{d.n_items} images{photos}"
+
+
+HEADLINES = {
+    "promoted": "Promoted",
+    "kept": "Not promoted",
+    "refused": "Not promoted",
+    "unchanged": "Already the champion",
+}
+DESCRIPTION_RULE = "\n\n---\n"  # the decision above it, the train stage's description below
+
+
+def decision_markdown(d: Decision) -> list[str]:
+    """The decision as markdown lines: its outcome, and a table of both figures on the same items."""
+    lines = [f"**{HEADLINES[d.outcome]}** — {d.reason.split(FIGURES_SEP)[0]}", ""]
+    comps = [c for c in (d.versus_champion, d.versus_baseline) if c is not None]
+    if not comps:
+        return lines
+    lines += [
+        f"| {d.metric} on the same {sample(d)} | value | this − it | [{1 - d.confidence:g}, {d.confidence:g}] quantiles |",
+        "|---|---:|---:|---:|",
+        f"| this model v{d.version} | {d.value:.4f} | | |",
+    ]
+    lines += [f"| {c.against} | {c.value:.4f} | {c.difference:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] |" for c in comps]
+    floor = f", and its figure is not below the floor {d.min_value:g}" if d.min_value is not None else ""
+    lines += [
+        "",
+        f"Promoted only when the lower bound at {d.confidence:g} confidence (the {1 - d.confidence:g} quantile "
+        f"of this − it over {d.resamples} paired bootstrap resamples, photos resampled together) is above "
+        f"{d.min_improvement:g} against the champion and above 0 against the baseline{floor}.",
+    ]
+    return lines
+
+
+def description(d: Decision, old: str) -> str:
+    """The version's description: the decision first (what its MLflow page shows on top), then
+    what the train stage wrote (kept across reruns of promote)."""
+    provenance = old.split(DESCRIPTION_RULE, 1)[1] if DESCRIPTION_RULE in old else old
+    return "\n".join(decision_markdown(d)) + (DESCRIPTION_RULE + provenance if provenance else "")
 
 
 def promote_project(
@@ -284,12 +515,14 @@ def promote_project(
     shards: str | None = None,
     dry_run: bool = False,
 ) -> Decision:
-    """Tag the version trained in ``project_dir`` with its evaluation and promote it if better.
+    """Tag the version trained in ``project_dir`` with its evaluation, re-score the champion on the
+    same images, and promote the version if it is surely better (see the module docstring).
 
-    The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`).
+    The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`); the
+    per-image scores are read beside ``metrics_file``.
     """
     project = Path(project_dir)
-    params = read_params(project / params_file, "promotion", "tracking")
+    params = read_params(project / params_file, "promotion", "tracking", "evaluate")
     cfg, tracking = params["promotion"], params["tracking"]
     if tracking.backend == "none":
         raise PromotionError("tracking.backend is 'none' in params.yaml: no model version was registered to promote")
@@ -303,8 +536,9 @@ def promote_project(
     if not mfile.is_file():
         raise PromotionError(f"no evaluation metrics at {mfile} — run the evaluate stage first (dvc repro)")
     metrics = json.loads(mfile.read_text())
-    value = metric_value(metrics, cfg.metric)  # fail before touching the registry
-    baseline = baseline_value(metrics, cfg.metric)
+    metric_value(metrics, cfg.metric)  # fail before touching the registry
+    block, _ = split_metric(cfg.metric)
+    mine = read_scores(mfile.parent, block)
 
     from .tracking_mlflow import registry_client, tracking_uri  # mlflow: optional, and seconds to import
 
@@ -315,7 +549,24 @@ def promote_project(
     if not dry_run:
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
-    decision = decide(client, name, version, value, baseline, cfg, dry_run=dry_run)
+    champ = current_champion(client, name, cfg)
+    champ_scores: np.ndarray | None = None
+    champ_metrics: dict[str, float] = {}
+    champ_error: str | None = None
+    if champ is not None and champ != version:
+        try:
+            champ_scores, champ_metrics = champion_scores(
+                project, name, champ, params["evaluate"], mfile.parent, block, mine
+            )
+        except Exception as exc:  # a champion that cannot be scored refuses the challenger, with the reason
+            champ_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    decision = decide(client, name, version, mine, cfg, (champ, champ_scores, champ_error), dry_run=dry_run)
     run_id = client.get_model_version(name, version).run_id or None
     experiment = client.get_run(run_id).info.experiment_id if run_id else None
-    return replace(decision, run_id=run_id, experiment_id=experiment, tracking_uri=tracking_uri(project))
+    return replace(
+        decision,
+        champion_metrics=champ_metrics,
+        run_id=run_id,
+        experiment_id=experiment,
+        tracking_uri=tracking_uri(project),
+    )

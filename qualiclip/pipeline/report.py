@@ -1,14 +1,15 @@
-"""The report of one retraining run, as markdown: the headline metrics of the new model against
-the champion it was compared with and the zero-shot baseline of its own evaluation, the
-promotion decision and its reason, each stage's state, and where the run and the model are in
-MLflow. The retraining flow publishes it as a Prefect artifact; any markdown viewer shows it.
+"""The report of one retraining run, as markdown: the promotion decision (both figures on the same
+images, the difference, its interval, the confidence, the outcome: `promotion.decision_markdown`,
+the text the model version's description starts with), the headline metrics of the new model
+against the champion re-scored on the same images and the zero-shot baseline of its own
+evaluation, each stage's state, and where the run and the model are in MLflow. The retraining flow publishes it as a Prefect artifact; any markdown viewer shows it.
 """
 
 from __future__ import annotations
 
 import math
 
-from .promotion import BASELINE_KEY, Decision, flat_metrics
+from .promotion import BASELINE_KEY, HEADLINES, Decision, decision_markdown, flat_metrics
 
 HEADLINE = ("srcc", "plcc", "krcc", "srcc_within")  # per evaluation block (synthetic, each dataset)
 
@@ -27,9 +28,13 @@ def headline_keys(metrics: dict) -> list[str]:
 def run_report(decision: Decision, metrics: dict, stages: dict[str, str]) -> str:
     """The markdown report of a run whose stages ended in ``stages`` and whose model got ``decision``."""
     flat = flat_metrics(metrics)
-    champion = f"champion v{decision.champion_version}" if decision.champion_version else "champion (none yet)"
+    champion = (
+        f"champion v{decision.champion_version} (re-scored)" if decision.champion_version else "champion (none yet)"
+    )
     lines = [
-        f"## qualiclip retraining: {decision.outcome}",
+        f"## qualiclip retraining: {HEADLINES[decision.outcome]}",
+        "",
+        *decision_markdown(decision),
         "",
         decision.reason,
         "",
