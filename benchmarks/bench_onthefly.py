@@ -19,6 +19,7 @@ The last lines turn the medians into the figures of docs/scale.md for 1M photos.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import statistics
 import tempfile
@@ -27,10 +28,10 @@ from pathlib import Path
 
 from bench_scale import CROPS_PER_SAMPLE, H100_CROPS_PER_S, PHOTOS
 from bench_shards import DEFAULT_IMAGES
-from timing import cpu_everywhere, load
+from timing import cpu_everywhere, load, single_thread
 
 from qualiclip.degrade import DegradeConfig, render_sample, run_degrade
-from qualiclip.ingest import IngestConfig, images_dir, run_ingest
+from qualiclip.ingest import MANIFEST_FILE, IngestConfig, images_dir, run_ingest
 from qualiclip.loader import iterate_batches
 from qualiclip.onthefly import SamplePlan, plan_samples
 
@@ -38,13 +39,35 @@ BATCH = 4
 SHUFFLE = 64
 
 
-def one_pass(batches) -> tuple[list[str], float]:
-    """(sample digests in order, seconds to the first batch) of one pass."""
-    t, first, out = time.perf_counter(), None, []
+def one_pass(batches) -> tuple[int, float]:
+    """(samples, seconds to the first batch) of one pass."""
+    t, first, n = time.perf_counter(), None, 0
     for b in batches:
         first = first if first is not None else time.perf_counter() - t
-        out += [hashlib.sha256(s.numpy().tobytes()).digest().hex()[:16] for s in b]
-    return out, first or 0.0
+        n += len(b)
+    return n, first or 0.0
+
+
+def sample_digests(batches) -> list[str]:
+    return [hashlib.sha256(s.numpy().tobytes()).hexdigest() for b in batches for s in b]
+
+
+def plan_seconds(ingest: Path, root: Path, photos: int, cfg: DegradeConfig) -> float:
+    """Seconds `plan_samples` takes for a manifest of ``photos`` rows (synthetic ids; no image is read)."""
+    with open(ingest / MANIFEST_FILE, newline="") as f:
+        real = list(csv.DictReader(f))
+    folder = root / "synthetic"
+    folder.mkdir()
+    with open(folder / MANIFEST_FILE, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(real[0]))
+        w.writeheader()
+        for k in range(photos):
+            w.writerow({**real[k % len(real)], "id": f"{k:016x}", "split": "train"})
+    t = time.perf_counter()
+    plan = plan_samples(folder, cfg)
+    seconds = time.perf_counter() - t
+    assert plan.total_samples == photos * cfg.variants
+    return seconds
 
 
 def render_all(plan: SamplePlan) -> None:
@@ -66,26 +89,32 @@ def main() -> None:
     p.add_argument("--variants", type=int, default=4, help="samples per photo in the measured runs")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker processes (degrade pool, loader)")
+    p.add_argument("--plan-photos", type=int, default=100_000, help="photos of the synthetic manifest planned")
     args = p.parse_args()
+    # one thread per process, as in degrade's pool workers and the loader's workers; and OpenCV's
+    # thread pool, once started in this process, does not survive the fork of a loader worker
+    single_thread()
     print(f"start: {load()}")
     cfg = DegradeConfig(variants=args.variants, samples_per_shard=4)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ingest = root / "ingest"
         run_ingest(IngestConfig(sources=(str(args.images),), val_fraction=0.0, workers=1), ingest, progress=False)
-        t = time.perf_counter()
         plan = plan_samples(ingest, cfg)
-        plan_s = time.perf_counter() - t
         n = plan.total_samples
         photo_bytes = sum(f.stat().st_size for f in Path(images_dir(ingest)).iterdir()) / (n // args.variants)
+        plan_s = plan_seconds(ingest, root, args.plan_photos, DegradeConfig()) / args.plan_photos  # per photo
+        print(f"plan_samples: {plan_s * 1e6:.0f} µs per photo × 24 variants ({args.plan_photos:,} photos; {load()})")
         shards = root / "shards"
         run_degrade(cfg, ingest, shards, progress=False)  # warm-up (page cache, imports); the shards read below
         shard_bytes = sum(f.stat().st_size for f in shards.glob("shard-*.tar")) / n
-        reference = {  # the stream each worker count reads from the shards, which the on-the-fly passes must equal
-            w: one_pass(iterate_batches(shards, BATCH, shuffle_buffer=SHUFFLE, num_workers=w, repeat=False))[0]
-            for w in args.workers
-        }
-        runs = {"render": lambda w: render_all(plan)}
+        for w in args.workers:  # untimed: the on-the-fly stream is the shards' stream, sample for sample
+            options = dict(shuffle_buffer=SHUFFLE, num_workers=w, repeat=False)
+            assert sample_digests(plan.batches(BATCH, **options)) == sample_digests(
+                iterate_batches(shards, BATCH, **options)
+            ), f"W={w}: the on-the-fly samples differ from the shards'"
+            print(f"W={w}: on the fly = shards, {n} samples byte for byte in the same order")
+        runs = {"render": lambda: render_all(plan)}
         for w in args.workers:
             runs[f"degrade W={w}"] = lambda w=w: run_degrade(
                 DegradeConfig(variants=args.variants, samples_per_shard=4, workers=w),
@@ -110,7 +139,7 @@ def main() -> None:
                 rate[name].append(n / wall / w)
                 if name.startswith(("on the fly", "shards")):
                     samples, to_first = out
-                    assert samples == reference[w], f"{name}: not the samples of the shards, in their order"
+                    assert samples == n, f"{name}: {samples} samples, planned {n}"
                     first[name].append(to_first)
                 print(
                     f"  rep {rep} {name:15} {cpu[name][-1]:5.1f} CPU ms/sample {rate[name][-1]:5.1f} samples/s/worker ({load()})"
@@ -125,11 +154,13 @@ def main() -> None:
             if first[name]:
                 line += f", first batch after {statistics.median(first[name]):.2f} s"
             print(line)
+        own = med[f"degrade W={args.workers[0]}"]  # W=1: in this process, no pool to start
         for w in args.workers:
-            fly, deg = med[f"on the fly W={w}"], med[f"degrade W={w}"]
+            fly = med[f"on the fly W={w}"]
             print(
-                f"  W={w}: on the fly / degrade = {fly / deg:.2f} (target <= 1.10); "
-                f"on the fly / render = {fly / med['render']:.2f}; shards / on the fly = {med[f'shards W={w}'] / fly:.2f}"
+                f"  W={w}: on the fly / degrade's own per-sample CPU (W={args.workers[0]}) = {fly / own:.2f} "
+                f"(target <= 1.10); / degrade W={w} = {fly / med[f'degrade W={w}']:.2f}; "
+                f"/ render alone = {fly / med['render']:.2f}; shards / on the fly = {med[f'shards W={w}'] / fly:.2f}"
             )
         extrapolate(
             med[f"degrade W={args.workers[0]}"] / 1000,
@@ -137,7 +168,7 @@ def main() -> None:
             med[f"shards W={args.workers[-1]}"] / 1000,
             shard_bytes,
             photo_bytes,
-            plan_s / n,
+            plan_s,
             statistics.median(first[f"on the fly W={args.workers[-1]}"]),
         )
     print(f"end: {load()}")
@@ -146,7 +177,8 @@ def main() -> None:
 def extrapolate(
     degrade_s: float, fly_s: float, read_s: float, shard_bytes: float, photo_bytes: float, plan_s: float, first_s: float
 ) -> None:
-    """docs/scale.md §4: both options for 1M photos × the default variants, one H100 at its measured feed."""
+    """docs/scale.md: both options for 1M photos × the default variants, one H100 at its measured feed.
+    ``plan_s``: seconds of planning per photo (24 variants); the rest per sample."""
     variants = DegradeConfig().variants
     samples = PHOTOS * variants
     feed = H100_CROPS_PER_S / CROPS_PER_SAMPLE  # samples/s one H100 eats
@@ -158,7 +190,7 @@ def extrapolate(
         f"   (ingested photos {photo_bytes / 1e6:.2f} MB each, as measured; shards {shard_bytes / 1024:.0f} KiB/sample)"
     )
     print(
-        f"  {'CPU before the first step':28} {samples * degrade_s / 3600:>15,.0f} core-hours {plan_s * samples:>17.0f} s"
+        f"  {'CPU before the first step':28} {samples * degrade_s / 3600:>15,.0f} core-hours {plan_s * PHOTOS:>17.0f} s"
         "   (degrade; on the fly: planning)"
     )
     print(
@@ -169,7 +201,7 @@ def extrapolate(
     for cores in (16, 64):
         print(
             f"  {f'first step, {cores} cores':28} {samples * degrade_s / cores / 3600:>22.1f} h "
-            f"{plan_s * samples + first_s:>21.0f} s   (degrade on {cores} cores; on the fly: planning + first batch)"
+            f"{plan_s * PHOTOS + first_s:>21.0f} s   (degrade on {cores} cores; on the fly: planning + first batch)"
         )
 
 

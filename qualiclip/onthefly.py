@@ -10,9 +10,11 @@ byte for byte, for any number of ranks and workers:
 - the units the loader shuffles per epoch and splits between ranks and workers are the planned
   shards (`degrade.plan_jobs`: the same samples, in the same order), so `loader.epoch_shards`,
   ``split_by_node`` and ``split_by_worker`` give every worker the samples it reads from shards;
-- a unit expands into references (image id, variant) that pass the same seeded shuffle buffer,
-  whose order depends on the number of items alone, not on what they hold; rendering comes
-  after the buffer, which therefore holds references, not crops;
+- a unit expands into its samples, rendered in shard order (as degrade renders them: each
+  image is decoded once for its consecutive variants, `ingest.load_image`'s cache), which then
+  pass the same seeded shuffle buffer, whose order depends on the number of items alone, not
+  on what they hold (the buffer holds rendered crops, ~1.5 MB a sample at 224 px, where the
+  shard loader holds encoded ones);
 - a sample's pixels depend only on (degrade params, seed, image, variant), and the shard
   encodings are lossless.
 
@@ -77,8 +79,8 @@ class SamplePlan:
             repeat=repeat,
             stats=stats,
             pin_memory=pin_memory,
-            expand=expand_jobs,
-            decode=functools.partial(render, cfg=self.cfg, images_dir=self.images_dir),
+            expand=functools.partial(expand_jobs, cfg=self.cfg, images_dir=self.images_dir),
+            decode=rendered,
         )
 
 
@@ -94,24 +96,27 @@ def units(plan: SamplePlan) -> list[dict]:
     return [{"url": j.name, "samples": len(j.samples), "jobs": j.samples} for j in plan.jobs]
 
 
-def expand_jobs(src: Iterator[dict]) -> Iterator[dict]:
-    """Units -> one reference per sample, in shard order (the place of `loader.expand_shards`)."""
-    for unit in src:
-        for image_id, variant in unit["jobs"]:
-            yield {"__key__": sample_key(image_id, variant), "image_id": image_id, "variant": variant}
-
-
-def render(ref: dict, cfg: DegradeConfig, images_dir: str) -> dict:
-    """A reference -> ``{"key", "crops": uint8 (2, L, H, W, 3)}`` (the place of `loader.decode_sample`).
-
-    The crops come in ascending level order, as `shards.decode_crops` returns them. An image that
-    cannot be read raises: degrade would have failed on it too, so training stops instead of
-    skipping samples a shard run would have.
-    """
+def expand_jobs(src: Iterator[dict], cfg: DegradeConfig, images_dir: str) -> Iterator[dict]:
+    """Units -> their samples rendered, in shard order (the place of `loader.expand_shards`)."""
     if torch.utils.data.get_worker_info() is not None:  # a loader worker: one per core, like a degrade worker
         limit_threads()
-    crops, meta = render_sample(ref["image_id"], ref["variant"], cfg, images_dir)
+    for unit in src:
+        for image_id, variant in unit["jobs"]:
+            yield {"__key__": sample_key(image_id, variant), "crops": render(image_id, variant, cfg, images_dir)}
+
+
+def render(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> np.ndarray:
+    """The crops of one planned sample, uint8 (2, L, H, W, 3) in ascending level order, as
+    `shards.decode_crops` returns them from a shard.
+
+    An image that cannot be read raises: degrade would have failed on it too, so training stops
+    instead of skipping samples a shard run would have.
+    """
+    crops, meta = render_sample(image_id, variant, cfg, images_dir)
     order = np.argsort(meta["levels"], kind="stable")
-    if (order != np.arange(len(order))).any():
-        crops = crops[:, order]
-    return {"key": ref["__key__"], "crops": crops}
+    return crops if (order == np.arange(len(order))).all() else crops[:, order]
+
+
+def rendered(sample: dict) -> dict:
+    """A rendered sample as the batching step takes it (the place of `loader.decode_sample`)."""
+    return {"key": sample["__key__"], "crops": sample["crops"]}

@@ -103,3 +103,51 @@ def test_a_batch_larger_than_the_plan_names_the_fix(ingest_dir):
     plan = plan_samples(ingest_dir, dataclasses.replace(CFG, variants=1, samples_per_shard=4))
     with pytest.raises(TrainError, match="set train.batch_size to at most 4"):
         run_train(TrainConfig(batch_size=5, steps=1), ModelConfig(), plan, Path("unused"), progress=False)
+
+
+def documented_train_stage() -> dict:
+    """The on-the-fly train stage of docs/training.md, its deps completed as the page says (those of
+    the default train stage, data/shards replaced by data/ingest)."""
+    import re
+
+    import yaml
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "--ingest data/ingest" in b)
+    stage = yaml.safe_load(block)["train"]
+    default = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    deps = stage["deps"] + [d for d in default["deps"] if d != "data/shards" and d not in stage["deps"]]
+    return {**default, "cmd": stage["cmd"], "deps": deps, "params": stage["params"]}
+
+
+@pytest.mark.slow
+def test_the_documented_dvc_stage_trains_on_the_fly_and_depends_on_the_code_it_loads(tmp_path):
+    import json
+
+    import yaml
+    from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
+
+    hook = Path(__file__).resolve().parent / "stage_hook"  # records the library files a stage process loads
+
+    params = tiny_params(["photos"], tracking__backend="none", train__source="on_the_fly")
+    root = make_dvc_project(tmp_path / "project", params)
+    make_photos(root / "photos", n=4)
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    del pipeline["stages"]["degrade"]
+    pipeline["stages"]["train"] = documented_train_stage()
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "init"], root)
+    (root / "stage-log").mkdir()
+    run([bin_path("dvc"), "repro"], root, PYTHONPATH=str(hook), QUALICLIP_STAGE_LOG=str(root / "stage-log"))
+    assert (root / "outputs/train/checkpoint/model.safetensors").is_file() and not (root / "data/shards").exists()
+    loaded = {f for f in (root / "stage-log/train.txt").read_text().split() if not f.startswith("qualiclip/pipeline/")}
+    code = [d for d in pipeline["stages"]["train"]["deps"] if d.startswith("qualiclip/")]
+    assert sorted(f for f in loaded if not any(f == d or f.startswith(d + "/") for d in code)) == []
+    for added in ("qualiclip/degrade.py", "qualiclip/onthefly.py", "qualiclip/sampling.py", "qualiclip/distortions"):
+        assert any(f == added or f.startswith(added + "/") for f in loaded), added
+    # a degrade param is now train's: changing it makes train stale
+    params["degrade"]["seed"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train" in json.loads(run([bin_path("dvc"), "status", "--json"], root).stdout or "{}")
