@@ -151,6 +151,20 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
     (it is never wiped then), `ConfigError` for a crop larger than an image (unknown distortions
     were refused when ``cfg`` was built).
     """
+    rows = plan_rows(cfg, ingest_dir)
+    shards = plan_jobs([r["id"] for r in rows], cfg)
+    store = open_store(out_dir)
+    plan_hash = plan_digest(cfg, rows)
+    files = _prepare_out_dir(store, plan_hash, len(shards))
+    pending = tuple(j for j in shards if not _intact(store, j, files))
+    # absolute: shard jobs may run in other processes, other machines (Dask), other working folders
+    images = str(Path(images_dir(ingest_dir)).resolve())
+    return DegradePlan(cfg, images, store.location, plan_hash, shards, pending)
+
+
+def plan_rows(cfg: DegradeConfig, ingest_dir: Path) -> list[dict]:
+    """The manifest rows ``cfg`` degrades, checked: the split has images, the crop fits every one
+    of them, the plan fits in memory (shared by `plan_degrade` and the on-the-fly loader)."""
     rows = read_manifest(ingest_dir, cfg.split)
     if not rows:
         raise DegradeError(
@@ -159,14 +173,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
         )
     check_crop(ingest_dir, rows, cfg.sample.crop, "degrade.crop")
     check_plan_fits(len(rows), cfg)
-    shards = plan_jobs([r["id"] for r in rows], cfg)
-    store = open_store(out_dir)
-    plan_hash = _plan_hash(cfg, rows)
-    files = _prepare_out_dir(store, plan_hash, len(shards))
-    pending = tuple(j for j in shards if not _intact(store, j, files))
-    # absolute: shard jobs may run in other processes, other machines (Dask), other working folders
-    images = str(Path(images_dir(ingest_dir)).resolve())
-    return DegradePlan(cfg, images, store.location, plan_hash, shards, pending)
+    return rows
 
 
 def write_one_shard(job: ShardJob, cfg: DegradeConfig, images_dir: str, out_dir: str) -> dict:
@@ -273,8 +280,9 @@ def lock_path(store: Store) -> str:
 # Planning and the output folder
 
 
-def _plan_hash(cfg: DegradeConfig, rows: list[dict]) -> str:
-    # workers changes nothing in the output, so it is not part of the plan
+def plan_digest(cfg: DegradeConfig, rows: list[dict]) -> str:
+    """sha256 of everything a sample's bytes depend on: the format version, the config (less
+    ``workers``, which changes nothing in the output) and the images (id, sha256) in plan order."""
     key = {k: v for k, v in config_fields(cfg).items() if k != "workers"}
     blob = json.dumps([FORMAT_VERSION, key, [(r["id"], r["sha256"]) for r in rows]], sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -411,10 +419,25 @@ def _shard_job(args: tuple) -> dict:
     return write_one_shard(*args)
 
 
-def _make_record(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> dict:
+def sample_key(image_id: str, variant: int) -> str:
+    """The WebDataset key of a sample (``<image id>_<variant>``): its name in a shard."""
+    return f"{image_id}_{variant:04d}"
+
+
+def render_sample(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> tuple[np.ndarray, dict]:
+    """The one sample of (image id, variant): uint8 crops (2, L, H, W, 3) and its metadata.
+
+    The single definition of a sample's content: `write_one_shard` encodes it into a shard, and
+    the on-the-fly loader (`qualiclip.onthefly`) hands it to training as it is, so both give the
+    same pixels. Its random stream is seeded by (seed, image id, variant) alone.
+    """
     seed = [cfg.seed, int(image_id, 16), variant]
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     sample = make_sample(load_image(images_dir, image_id), cfg.sample, rng)
-    meta = {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
-    crops = encode_crops(sample.crops, meta["levels"], cfg.encoding)
-    return {"__key__": f"{image_id}_{variant:04d}", "json": sample_json(meta, crops), **crops}
+    return sample.crops, {"source_id": image_id, "variant": variant, "seed": seed, **sample.meta}
+
+
+def _make_record(image_id: str, variant: int, cfg: DegradeConfig, images_dir: str) -> dict:
+    crops, meta = render_sample(image_id, variant, cfg, images_dir)
+    members = encode_crops(crops, meta["levels"], cfg.encoding)
+    return {"__key__": sample_key(image_id, variant), "json": sample_json(meta, members), **members}

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -186,15 +186,29 @@ def batch_samples(src: Iterator[dict], batch_size: int) -> Iterator[dict]:
         yield {"crops": np.stack(good), "errors": []}
 
 
-def build_dataset(shards: list[dict], *, shuffle_buffer: int, seed: int, repeat: bool, batch_size: int = 1):
-    """The WebDataset pipeline over index entries ``{"url", "samples"}`` (see module docstring)."""
+def build_dataset(
+    shards: list[dict],
+    *,
+    shuffle_buffer: int,
+    seed: int,
+    repeat: bool,
+    batch_size: int = 1,
+    expand: Callable[[Iterator[dict]], Iterator[dict]] = expand_shards,
+    decode: Callable[[dict], dict] = decode_sample,
+):
+    """The WebDataset pipeline over index entries ``{"url", "samples"}`` (see module docstring).
+
+    ``expand`` and ``decode`` are the two steps that know where samples come from: shard files
+    (the defaults), or the degrade plan run in the worker (`qualiclip.onthefly`: the same units
+    of samples, split and shuffled by the same steps, so both give the same stream).
+    """
     return wds.DataPipeline(
         functools.partial(epoch_shards, shards, seed, repeat, shuffle_buffer > 0),
         wds.split_by_node,
         wds.split_by_worker,
-        expand_shards,
+        expand,
         functools.partial(shuffle_samples, buffer=shuffle_buffer, seed=seed),
-        wds.map(decode_sample),
+        wds.map(decode),
         functools.partial(batch_samples, batch_size=batch_size),
     )
 
@@ -221,15 +235,52 @@ def iterate_batches(
     number of workers works, even more than there are shards. Workers build whole batches;
     ``pin_memory`` (for a CUDA consumer) lets the host-to-device copy run asynchronously.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     store = open_store(shard_dir)
     shards = [
         {"url": store.url_of(s["name"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
         for s in indexed_shards(shard_dir)
     ]
+    yield from stream_batches(
+        shards,
+        str(shard_dir),
+        batch_size,
+        shuffle_buffer=shuffle_buffer,
+        num_workers=num_workers,
+        seed=seed,
+        repeat=repeat,
+        stats=stats,
+        pin_memory=pin_memory,
+    )
+
+
+def stream_batches(
+    shards: list[dict],
+    where: str,
+    batch_size: int,
+    *,
+    shuffle_buffer: int,
+    num_workers: int,
+    seed: int,
+    repeat: bool,
+    stats: LoaderStats | None,
+    pin_memory: bool,
+    expand: Callable[[Iterator[dict]], Iterator[dict]] = expand_shards,
+    decode: Callable[[dict], dict] = decode_sample,
+) -> Iterator[torch.Tensor]:
+    """`iterate_batches` over units of samples ``shards`` (``where`` names them in errors), read by
+    ``expand`` and ``decode`` (`build_dataset`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stats = stats if stats is not None else LoaderStats()
-    ds = build_dataset(shards, shuffle_buffer=shuffle_buffer, seed=seed, repeat=repeat, batch_size=batch_size)
+    ds = build_dataset(
+        shards,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        repeat=repeat,
+        batch_size=batch_size,
+        expand=expand,
+        decode=decode,
+    )
     workers = num_workers if repeat else min(num_workers, len(shards))  # one pass: a shardless worker idles
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory)
     short: list[torch.Tensor] = []  # pieces cut short by a corrupt sample or a worker's end of pass
@@ -238,7 +289,7 @@ def iterate_batches(
     for item in loader:
         if item.get("fatal"):
             raise ShardError(
-                f"{item['fatal']} ({shard_dir}) — rerun the degrade stage (`dvc repro degrade`): it "
+                f"{item['fatal']} ({where}) — rerun the degrade stage (`dvc repro degrade`): it "
                 "rewrites shards that differ from their record; then train again (it resumes)"
             )
         crops = item["crops"]
@@ -260,7 +311,7 @@ def iterate_batches(
             streak += 1
             if streak >= give_up:
                 raise ShardError(
-                    f"{streak} corrupt samples in a row in {shard_dir} (last: {error}) — "
+                    f"{streak} corrupt samples in a row in {where} (last: {error}) — "
                     "no intact sample left; rerun the degrade stage"
                 )
     if short:

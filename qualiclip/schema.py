@@ -204,6 +204,9 @@ class TrainConfig:
         64  # samples held in memory (~1.5 MB each at crop 224); 0: no shuffling
     )
     num_workers: Annotated[int, Interval(ge=0, le=MAX_WORKERS)] = 1  # 0: load in the training process
+    # shards: read degrade's output; on_the_fly: the loader workers render the same samples from the
+    # ingest output and the degrade section (qualiclip.onthefly; docs/training.md, "Samples on the fly")
+    source: Literal["shards", "on_the_fly"] = "shards"
     device: DeviceName = "auto"
     threads: Annotated[int, Interval(ge=0, le=MAX_THREADS)] = 0  # torch CPU threads; 0 keeps torch's default
     log_every: Annotated[int, Interval(ge=1, le=MAX_STEPS)] = 10

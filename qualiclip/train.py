@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from .schema import ModelConfig, TrainConfig
 from .shards import shard_paths
 from .tracking import Tracker
 
+if TYPE_CHECKING:  # imported by the caller only for train.source: on_the_fly (the degrade code)
+    from .onthefly import SamplePlan
+
 log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "loss_cons", "loss_pos", "loss_neg")
 
@@ -55,7 +59,10 @@ class TrainError(QualiclipError, RuntimeError):
 
 PROGRESS_ENV = "QUALICLIP_PROGRESS_SECONDS"  # overrides PROGRESS_SECONDS (tests set it low)
 PROGRESS_SECONDS = 20.0  # off a terminal, a progress line at least this often (a step permitting)
-RESUME_IGNORES = frozenset({"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend"})
+# source: both give the same batches (qualiclip.onthefly); the data digest a state records tells them apart
+RESUME_IGNORES = frozenset(
+    {"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend", "source"}
+)
 
 
 @dataclass(frozen=True)
@@ -366,33 +373,40 @@ def restore_train_state(t: Trainer, state: dict) -> tuple[int, list[dict]]:
 
 def shard_batches(
     cfg: TrainConfig,
-    shard_dir: str | os.PathLike,
+    shard_dir: str | os.PathLike | SamplePlan,
     dist_info: DistInfo,
     stats: LoaderStats,
     skip: int,
     pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped."""
-    n_shards = len(shard_paths(shard_dir))
+    """This process's batch stream, with the first ``skip`` batches (consumed before a resume) dropped.
+
+    ``shard_dir``: a shard folder or bucket prefix, or the degrade plan whose samples the loader
+    renders itself (`onthefly.SamplePlan`): its planned shards are split as shard files are.
+    """
+    plan = None if isinstance(shard_dir, (str, os.PathLike)) else shard_dir
+    n_shards = len(plan.jobs) if plan is not None else len(shard_paths(shard_dir))  # type: ignore[arg-type]
     if n_shards < dist_info.world_size:
         raise TrainError(
-            f"{n_shards} shards in {shard_dir} for {dist_info.world_size} processes: every process needs "
+            f"{n_shards} shards in {_where(shard_dir)} for {dist_info.world_size} processes: every process needs "
             "one. Fix: write more, smaller shards (lower degrade.samples_per_shard) or use fewer processes."
         )
     # A loader worker without a shard would never yield; the loader only knows the total count.
     workers = min(cfg.num_workers, n_shards // dist_info.world_size)
-    batches = iterate_batches(
-        shard_dir,
-        cfg.batch_size,
-        shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=workers,
-        seed=cfg.seed,
-        stats=stats,
-        pin_memory=pin_memory,
+    options = dict(
+        shuffle_buffer=cfg.shuffle_buffer, num_workers=workers, seed=cfg.seed, stats=stats, pin_memory=pin_memory
     )
+    if plan is not None:
+        batches = plan.batches(cfg.batch_size, **options)  # type: ignore[arg-type]
+    else:
+        batches = iterate_batches(shard_dir, cfg.batch_size, **options)  # type: ignore[arg-type]
     for _ in range(skip):
         next(batches)
     return batches
+
+
+def _where(data: str | os.PathLike | SamplePlan) -> str:
+    return str(data) if isinstance(data, (str, os.PathLike)) else data.where
 
 
 def replica_digest(module: nn.Module) -> str:
@@ -429,7 +443,7 @@ def log_step(tracker: Tracker, row: dict, crops: int, seconds: float) -> None:
 def run_train(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
-    shard_dir: str | os.PathLike,
+    shard_dir: str | os.PathLike | SamplePlan,
     out_dir: Path,
     *,
     tracker: Tracker | None = None,
@@ -438,14 +452,16 @@ def run_train(
 ) -> TrainResult:
     """Train to ``cfg.steps`` (resuming from ``out_dir/train_state.pt`` if allowed) and write
     ``out_dir/checkpoint/`` and ``out_dir/train_log.csv`` (rank 0 only under torchrun). ``shard_dir``
-    is a folder or a bucket prefix (``s3://bucket/shards``), streamed by the loader.
+    is a folder or a bucket prefix (``s3://bucket/shards``), streamed by the loader, or for
+    ``train.source: on_the_fly`` the degrade plan (`onthefly.plan_samples`) whose samples the
+    loader workers render: the same batches, so the same losses and weights.
 
     ``progress``: a progress bar on stderr when it is a terminal (none in logs and pipes)."""
     tracker = tracker or Tracker()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(cfg)
-    shards = check_shards(shard_dir, cfg.batch_size)
+    shards = check_data(shard_dir, cfg.batch_size)
     state_path = Path(out_dir) / TRAIN_STATE
     params = resume_params(cfg, model_cfg, dist_info.world_size)
     key = resume_key(cfg, model_cfg, dist_info.world_size)
@@ -473,6 +489,19 @@ def run_train(
         progress_lines(progress and dist_info.main),
     )
     return finish(t, cfg, Path(out_dir), rows, seconds, stats, metadata, state_path)
+
+
+def check_data(data: str | os.PathLike | SamplePlan, batch_size: int | None = None) -> str:
+    """`check_shards` for a shard folder; for a degrade plan (on the fly), the batch size check
+    alone, and its digest (`degrade.plan_digest`) as the data digest a train state records."""
+    if isinstance(data, (str, os.PathLike)):
+        return check_shards(data, batch_size)
+    if batch_size is not None and batch_size > data.total_samples:
+        raise TrainError(
+            f"train.batch_size {batch_size} is larger than the {data.total_samples} samples of {data.where} — "
+            f"set train.batch_size to at most {data.total_samples}, or degrade more images or variants"
+        )
+    return data.digest
 
 
 def check_shards(shard_dir: str | os.PathLike, batch_size: int | None = None) -> str:

@@ -38,7 +38,7 @@ EXIT_NOT_PROMOTED = 3  # `qualiclip promote` decided, and the alias stays where 
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    paths = {k: getattr(args, k) for k in ("ingest", "shards", "model", "out") if getattr(args, k, None)}
+    paths = {k: getattr(args, k) for k in ("ingest", "shards", "model", "out") if hasattr(args, k)}
     getattr(stages, f"stage_{args.command}")(args.params, **paths)
 
 
@@ -167,13 +167,18 @@ def add_stage_parsers(sub) -> None:
     def stage(name, *paths):
         sp = sub.add_parser(name, help=f"the {name} stage (as dvc.yaml runs it)")
         sp.add_argument("--params", default="params.yaml", help="the parameters file")
-        for flag, help_ in paths:
-            sp.add_argument(flag, required=True, help=help_)
+        for flag, help_, *optional in paths:
+            sp.add_argument(flag, required=not optional, help=help_)
         sp.set_defaults(fn=cmd_stage)
 
     stage("ingest", ("--out", "output folder"))
     stage("degrade", ("--ingest", "ingest output folder"), ("--out", "shard folder"))
-    stage("train", ("--shards", "shard folder"), ("--out", "output folder (checkpoint/, train_log.csv)"))
+    stage(
+        "train",
+        ("--shards", "shard folder (train.source: shards)", "optional"),
+        ("--ingest", "ingest output folder (train.source: on_the_fly)", "optional"),
+        ("--out", "output folder (checkpoint/, train_log.csv)"),
+    )
     stage(
         "evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder")
     )

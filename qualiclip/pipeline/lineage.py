@@ -1,6 +1,7 @@
 """What each stage consumes, as dataset references its tracker records (MLflow dataset inputs).
 
-degrade consumes the ingest manifest's training rows, train the shard index, evaluate the
+degrade consumes the ingest manifest's training rows, train the shard index (or, on the fly,
+the degrade plan of those rows: `plan_input`), evaluate the
 manifest's held-out rows and every evaluation dataset. A reference carries a digest of the
 content, so two runs that consumed equal data show equal digests, and the runs that produced and
 consumed one version of the data can be found by it:
@@ -26,6 +27,7 @@ from ..tracking import DatasetRef
 
 if TYPE_CHECKING:  # the dataset readers are evaluate's: the ingest and degrade stages need not load them
     from ..datasets import IQADataset
+    from ..onthefly import SamplePlan
 
 
 def rows_digest(rows: list[dict]) -> str:
@@ -52,6 +54,13 @@ def shard_input(shard_dir: str | os.PathLike) -> DatasetRef:
     return DatasetRef(
         name="shards", source=source, digest=data_version(shard_dir), rows=tuple(read_index(shard_dir)["shards"])
     )
+
+
+def plan_input(ingest_dir: Path, plan: SamplePlan) -> DatasetRef:
+    """What train consumes with ``train.source: on_the_fly``: the manifest rows the degrade plan
+    renders, digest = the plan's (`degrade.plan_digest`: params, seed, every image's sha256)."""
+    ref = manifest_input(ingest_dir, plan.cfg.split)
+    return DatasetRef(name=f"degrade-plan-{plan.cfg.split}", source=ref.source, digest=plan.digest[:12], rows=ref.rows)
 
 
 def iqa_input(label: str, ds: IQADataset) -> DatasetRef:

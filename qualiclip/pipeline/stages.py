@@ -95,11 +95,12 @@ def _contact_sheet_for(ingest_dir: Path) -> Path:
     return out
 
 
-def stage_train(params_file: str, shards: str, out: str) -> dict:
+def stage_train(params_file: str, shards: str | None, out: str, ingest: str | None = None) -> dict:
+    """Train on ``shards``, or with ``train.source: on_the_fly`` on the samples the degrade section
+    plans for ``ingest``, rendered in the loader (docs/training.md, "Samples on the fly")."""
     from ..datasets import check_datasets  # see the module docstring
     from ..figures import plot_loss_curves
     from ..train import run_train
-    from .lineage import shard_input
 
     tracker, tcfg = _tracker(params_file)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and registers
@@ -109,7 +110,7 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
     with tracker.run("train"):
         params = read_params(params_file, "train", "model", "evaluate", "tracking")
         cfg, model_cfg = params["train"], params["model"]
-        data = shard_input(shards)  # a folder or an s3:// prefix; fails with the fix ("run the degrade stage first")
+        data, source = _train_data(params_file, cfg.source, shards, ingest)
         # evaluate runs after training: a broken evaluate.datasets entry must fail now, not hours later
         check_datasets(params["evaluate"])
         phash = params_hash(model_cfg, cfg)
@@ -118,7 +119,7 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
         tracker.log_input(data, "training")
         tracker.log_params({"model": config_dict(model_cfg), "train": config_dict(cfg)})
         meta = {**provenance, "model": config_dict(model_cfg), "train": config_dict(cfg)}
-        result = run_train(cfg, model_cfg, shards, Path(out), tracker=tracker, metadata=meta)
+        result = run_train(cfg, model_cfg, source, Path(out), tracker=tracker, metadata=meta)
         tracker.log_figure(plot_loss_curves(Path(out) / "train_log.csv", Path(out) / "loss_curves.png"))
         if tracker.enabled:
             logged = tracker.log_model(
@@ -146,6 +147,26 @@ def stage_train(params_file: str, shards: str, out: str) -> dict:
         "model_version": logged and logged.version,
         "params_hash": phash,
     }
+
+
+def _train_data(params_file: str, source: str, shards: str | None, ingest: str | None):
+    """(the dataset reference train logs, what `run_train` reads): a shard folder or prefix, or
+    for ``train.source: on_the_fly`` the degrade plan of ``ingest`` (the ``degrade`` section)."""
+    from ..train import TrainError
+
+    if source == "shards":
+        from .lineage import shard_input
+
+        if not shards:
+            raise TrainError("train.source is shards: pass --shards (the degrade stage's output folder)")
+        return shard_input(shards), shards  # fails with the fix ("run the degrade stage first")
+    from ..onthefly import plan_samples
+    from .lineage import plan_input
+
+    if not ingest:
+        raise TrainError("train.source is on_the_fly: pass --ingest (the ingest stage's output folder)")
+    plan = plan_samples(Path(ingest), read_params(params_file, "degrade")["degrade"])
+    return plan_input(Path(ingest), plan), plan
 
 
 def _final_losses(final: dict[str, float]) -> str:
