@@ -162,3 +162,15 @@ def test_training_on_a_tiny_labelled_set_fits_it_and_the_checkpoint_scores_as_th
     torch.testing.assert_close(exported.float(), in_memory, atol=1e-5, rtol=0)
     meta = read_metadata(checkpoint)
     assert meta["variant"] == "qualiclip+" and len(meta["splits"]["train"]["digest"]) == 64
+
+
+@pytest.mark.parametrize("cached_crops", [2, 0])
+def test_the_same_seed_learns_the_same_prompts_with_or_without_the_cache(tmp_path, clive_dir, tiny, cached_crops):
+    ds = load_labelled(labelled_set(tmp_path / "set", clive_dir, 12))
+    cfg = PlusConfig(epochs=2, batch_size=4, crop=64, cached_crops=cached_crops, device="cpu", seed=9, lr=2e-4)
+    first, second = train_plus(tiny, ds, cfg), train_plus(tiny, ds, cfg)
+    assert torch.equal(first.learner.ctx, second.learner.ctx)
+    assert torch.equal(first.model.prompt_features, second.model.prompt_features)
+    assert [r["loss"] for r in first.log] == [r["loss"] for r in second.log]
+    other = train_plus(tiny, ds, PlusConfig(**{**cfg.__dict__, "seed": 10}))
+    assert not torch.equal(first.learner.ctx, other.learner.ctx)
