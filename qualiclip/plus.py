@@ -188,10 +188,15 @@ def split_record(ds: IQADataset, splits: dict[str, list[int]], official: bool) -
     """What to record of the splits: each one's image names (relative to the root), size and digest."""
     record: dict = {"dataset": ds.name, "official": official, "splits": {}}
     for name, idx in splits.items():
-        rows = [[ds.items[i].path.relative_to(ds.root).as_posix(), ds.items[i].raw_mos] for i in idx]
+        rows = [[_shown(ds.items[i].path, ds.root), ds.items[i].raw_mos] for i in idx]
         digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
         record["splits"][name] = {"n": len(rows), "digest": digest, "images": [r[0] for r in rows]}
     return record
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the dataset root where it lies under it (digests survive moving the set), else as is."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
 def check_labelled(ds: IQADataset, splits: dict[str, list[int]], batch_size: int) -> None:
