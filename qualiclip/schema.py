@@ -40,6 +40,8 @@ MAX_STEPS = 10**9  # optimisation steps (and step counts: warmup, logging, check
 MAX_BATCH = 65_536  # samples or images per batch
 MAX_SHUFFLE = 10_000  # samples in the shuffle buffer (held in memory)
 MAX_WEIGHT = 1000  # loss weights
+MAX_EPOCHS = 100_000  # QualiCLIP+ epochs over a labelled set (the paper: 50)
+MAX_CACHED_CROPS = 1000  # QualiCLIP+ cached crops per training image (features: a few KB each)
 
 # The 24 distortion types in the registry's table order (distortions/registry.py holds their groups,
 # levels and code, and checks at import that its names are these).
@@ -242,3 +244,25 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate")
+
+
+@dataclass(frozen=True)
+class PlusConfig:
+    """The ``plus`` section of params.yaml: QualiCLIP+ prompt learning (docs/plus.md); opt-in.
+
+    ``dataset`` names a labelled set as one ``evaluate.datasets`` entry does (``{name, root,
+    **loader options}``); None (the default) runs nothing. The other defaults are the paper's.
+    """
+
+    dataset: dict | None = None
+    epochs: Annotated[int, Interval(ge=1, le=MAX_EPOCHS)] = 50
+    batch_size: Annotated[int, Interval(ge=1, le=MAX_BATCH)] = 8  # at most the train split (checked before training)
+    lr: Annotated[float, Interval(gt=0, le=10)] = 2e-3
+    crop: Annotated[int, Interval(ge=1, le=MAX_SIDE)] = 384  # smaller images are upscaled to it
+    # augmented crops per training image whose frozen features are computed once; 0: fresh crops every step
+    cached_crops: Annotated[int, Interval(ge=0, le=MAX_CACHED_CROPS)] = 8
+    seed: Seed = 123  # context init, crops, batches and the random split (the paper's split seed)
+    device: DeviceName = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "plus")

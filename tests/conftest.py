@@ -160,6 +160,7 @@ def tiny_params(sources: list[str], **overrides) -> dict:
         },  # see one_thread: 30x faster on a busy 2-core machine
         "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True, "batch_size": 16},
         "promotion": {},
+        "plus": {},  # no dataset: the opt-in stage only records that it skipped
     }
     for key, value in overrides.items():
         section, _, name = key.partition("__")

@@ -15,6 +15,9 @@ from noise import noise_lines
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "degrade", "train", "evaluate"]
+# the opt-in QualiCLIP+ stage: with no plus.dataset (as here) it records that it skipped, loading no
+# torch and logging no run (tests/test_plus_dvc.py runs it with a rated set, and checks its code deps)
+OPT_IN = ["plus"]
 HOOK = Path(__file__).resolve().parent / "stage_hook"  # sitecustomize.py: what each stage process loads
 
 
@@ -56,6 +59,7 @@ def test_repro_produces_every_stage_output(project):
         "outputs/train/train_log.csv",
         "outputs/eval/metrics.json",
         "outputs/eval/plots/synthetic_scatter.png",
+        "outputs/plus/status.json",  # the opt-in stage, skipped
     ]:
         assert (project / path).is_file(), path
     metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
@@ -72,8 +76,9 @@ def test_the_repro_log_says_what_each_stage_did_without_noise(project):
     log = (project / "first_repro.log").read_text()
     assert noise_lines(log, allow=("dvc push hint",)) == [], log
     assert log.count("Use `dvc push`") <= 1
-    for stage in STAGES:
+    for stage in STAGES + OPT_IN:
         assert re.search(rf"^{stage}: \S", log, re.M), f"no line of {stage}:\n{log}"
+    assert re.search(r"^plus: skipped — no labelled dataset named", log, re.M), log
     assert re.search(
         r"^train: 3 steps in \d+s, final loss \d\.\d{4} \(cons \d\.\d{4}, pos \d\.\d{4}, neg \d\.\d{4}\)$", log, re.M
     ), log
@@ -136,14 +141,14 @@ def test_a_changed_distortion_reruns_degrade_train_and_evaluate_not_ingest(proje
     assert scale in ops.read_text()
     ops.write_text(ops.read_text().replace(scale, "alpha=254.0"))  # a real change: every shard differs
     assert "ingest" not in stale(project) and "degrade" in stale(project)
-    assert repro(project) == ["degrade", "train", "evaluate"]
+    assert repro(project) == ["degrade", "train", "evaluate", *OPT_IN]
     assert stale(project) == set()
 
 
 def test_an_added_photo_reruns_every_stage(project):
     add_training_photo(project / "photos", tiny_params([])["ingest"]["val_fraction"])
     assert stale(project) == {"ingest"}
-    assert repro(project) == STAGES
+    assert repro(project) == STAGES + OPT_IN
     rows = (project / "data/ingest/manifest.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 7 and any(",photos,added-" in r for r in rows)
     assert repro(project) == []

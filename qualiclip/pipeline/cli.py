@@ -182,6 +182,9 @@ def add_stage_parsers(sub) -> None:
     stage(
         "evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder")
     )
+    stage(
+        "plus", ("--model", "checkpoint folder it starts from"), ("--out", "output folder (checkpoint/, splits.json)")
+    )
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:

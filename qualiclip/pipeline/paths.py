@@ -62,7 +62,14 @@ def stage_deps(project_dir: str | Path, stage: str) -> list[str]:
     return [str(next(iter(d)) if isinstance(d, dict) else d) for d in deps]
 
 
-def check_sources_are_deps(sources: list[str], stage: str, project_dir: str | Path = ".") -> None:
+def check_sources_are_deps(
+    sources: list[str],
+    stage: str,
+    project_dir: str | Path = ".",
+    *,
+    key: str = "ingest.sources",
+    news: str = "new photos",
+) -> None:
     """Fail unless every source folder is, or lies inside, a dependency of ``stage`` in dvc.yaml.
 
     DVC reruns a stage only when a declared dependency changes: a source folder that is not one
@@ -75,8 +82,8 @@ def check_sources_are_deps(sources: list[str], stage: str, project_dir: str | Pa
         folder = (project / source).resolve()
         if not any(folder == d or folder.is_relative_to(d) for d in deps):
             raise StagePathError(
-                f"ingest.sources lists {source!r}, but the '{stage}' stage in {project / DVC_FILE} "
-                f"does not depend on it, so new photos there would never rerun the pipeline — "
+                f"{key} lists {source!r}, but the '{stage}' stage in {project / DVC_FILE} "
+                f"does not depend on it, so {news} there would never rerun the pipeline — "
                 f"add '- {source}' to that stage's deps"
             )
 

@@ -232,3 +232,71 @@ def log_evaluation(tracker: Tracker, metrics: dict, inputs: dict[str, DatasetRef
 
 def _numbers(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, dict)) and not isinstance(v, bool)}
+
+
+PLUS_STATUS = "status.json"  # the plus stage's record of what it did (also with no dataset named)
+PLUS_SUFFIX = "-plus"  # the QualiCLIP+ model is registered as `<tracking.registered_model>-plus`
+
+
+def stage_plus(params_file: str, model: str, out: str) -> dict:
+    """QualiCLIP+ (docs/plus.md): prompt learning on ``plus.dataset`` from the checkpoint ``model``.
+
+    Opt-in: with no dataset named it writes `PLUS_STATUS` saying so and returns, loading neither
+    torch nor a tracker, so the default pipeline keeps its run time (a fraction of a second).
+    """
+    params = read_params(params_file, "plus", "tracking")
+    cfg = params["plus"]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if cfg.dataset is None:
+        status = {"ran": False, "reason": "no labelled dataset named (plus.dataset)"}
+        (Path(out) / PLUS_STATUS).write_text(json.dumps(status, indent=2) + "\n")
+        print("plus: skipped — no labelled dataset named (set plus.dataset to learn from opinion scores)")
+        return status
+    return _run_plus(params_file, cfg, model, out)
+
+
+def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
+    from ..checkpoint import load_checkpoint, read_metadata  # see the module docstring
+    from ..plus import load_labelled, save_plus, train_plus
+    from .lineage import iqa_input
+
+    tracker, tcfg = _tracker(params_file)
+    name = tcfg.registered_model + PLUS_SUFFIX
+    logged = None
+    with tracker.run("plus"):
+        if os.environ.get("DVC_STAGE") and "root" in cfg.dataset:  # under dvc repro: DVC must see the labels change
+            root = str(cfg.dataset["root"])
+            check_sources_are_deps([root], _dvc_stage_name(), key="plus.dataset.root", news="changed labels")
+        ds = load_labelled(cfg.dataset)
+        base = load_checkpoint(model)
+        tracker.log_input(iqa_input("plus", ds), "training")
+        tracker.log_params({"plus": config_dict(cfg)})
+        base_meta = read_metadata(Path(model)) if Path(model).is_dir() else {}
+        meta = {"plus": config_dict(cfg), "base": {k: base_meta.get(k) for k in ("params_hash", "data_version")}}
+        result = train_plus(
+            base, ds, cfg, on_epoch=lambda row: tracker.log_metrics({"plus_train": row}, step=row["epoch"])
+        )
+        checkpoint = save_plus(result, ds, Path(out), meta)
+        tracker.log_metrics({"plus_test": result.metrics})
+        tracker.log_artifact(Path(out) / "splits.json")
+        if tracker.enabled:
+            logged = tracker.log_model(
+                checkpoint,
+                register_as=name,
+                description=f"QualiCLIP+ on {ds.name} ({len(result.splits['train'])} train images)",
+                tags={"variant": "qualiclip+", "pipeline_id": getattr(tracker, "pipeline", "")},
+            )
+    write_version_file(
+        Path(out),
+        name,
+        logged.version if logged else None,
+        getattr(tracker, "run_id", None),
+        logged.model_id if logged else None,
+    )
+    test = result.metrics.get("plus", {})
+    base_test = result.metrics.get("base", {})
+    line = f"test SRCC {test['srcc']:.3f} (from {base_test['srcc']:.3f})" if test else "no test split of 3+ images"
+    print(f"plus: {len(result.log)} epochs on {len(result.splits['train'])} images, {line}")
+    status = {"ran": True, "dataset": ds.name, "best_epoch": result.best_epoch, "test": result.metrics}
+    (Path(out) / PLUS_STATUS).write_text(json.dumps(status, indent=2) + "\n")
+    return status
