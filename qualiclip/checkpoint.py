@@ -44,6 +44,7 @@ from .model import (
     load_safetensors,
     read_safetensors_header,
     register_model_configs,
+    uses_quick_gelu,
     weights_loaded_next,
 )
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
@@ -120,8 +121,10 @@ def _load_folder(path: Path) -> QualiCLIP:
         raise ModelLoadError(f"{path} is not a qualiclip checkpoint (needs {CONFIG} and {WEIGHTS})")
     cfg, arch = read_config(path)
     _ensure_architecture(cfg.name, arch, path / CONFIG)
-    with weights_loaded_next():
-        clip = open_clip.create_model(cfg.name, pretrained=None)
+    with weights_loaded_next():  # the activation of the weights it started from (model.uses_quick_gelu)
+        clip = open_clip.create_model(
+            cfg.name, pretrained=None, force_quick_gelu=uses_quick_gelu(cfg.name, cfg.pretrained)
+        )
     state = load_safetensors(path / WEIGHTS)
     if "prompt_features" not in state:
         raise ModelLoadError(

@@ -250,7 +250,9 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
     if _looks_like_path(pretrained):
         torch.manual_seed(cfg.seed)
         with weights_loaded_next():
-            clip = open_clip.create_model(cfg.name, pretrained=None)
+            clip = open_clip.create_model(
+                cfg.name, pretrained=None, force_quick_gelu=uses_quick_gelu(cfg.name, pretrained)
+            )
         prompts = load_weights_file(clip, Path(pretrained), cfg.name)
         return clip, prompts
     return _create_from_tag(cfg.name, pretrained), None
@@ -258,6 +260,23 @@ def create_clip(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor | None]:
 
 def _looks_like_path(value: str) -> bool:
     return value.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in value or Path(value).exists()
+
+
+def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether the weights ``pretrained`` names were trained with QuickGELU, as OpenAI's CLIPs were.
+
+    open_clip's plain configs (``RN50``) build the text tower with GELU and only warn when a tag's
+    weights want QuickGELU; the prompt features (and QualiCLIP+'s learnt prompts) would then differ
+    from OpenAI's and pyiqa's. A tag says so in its pretrained config; a weights file of a model
+    whose every open_clip tag is a QuickGELU one (RN50: openai, yfcc15m, cc12m; the official
+    QualiCLIP file) is taken to be one too. From scratch: the config's own activation."""
+    if pretrained is None:
+        return False
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    flags = {bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) for tag in tags}
+    return flags == {True}
 
 
 def _create_from_tag(name: str, tag: str) -> nn.Module:
@@ -269,7 +288,7 @@ def _create_from_tag(name: str, tag: str) -> nn.Module:
     # uses a cached copy or fails at once.
     with hub_offline(offline):
         try:
-            return open_clip.create_model(name, pretrained=tag)
+            return open_clip.create_model(name, pretrained=tag, force_quick_gelu=uses_quick_gelu(name, tag))
         except Exception as exc:  # open_clip raises RuntimeError, hub raises its own errors
             raise ModelLoadError(
                 f"cannot load pretrained weights '{tag}' for {name}: "

@@ -208,3 +208,38 @@ def test_an_architecture_within_each_limit_but_too_many_parameters_is_refused(ti
     (ckpt / CONFIG).write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"qualiclip-wide-rn' has [\d,]+ parameters, above the limit"):
         load_checkpoint(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The text tower's activation: OpenAI's CLIPs were trained with QuickGELU; open_clip's plain RN50
+# config builds GELU (and only warns for a tag), which changes every prompt feature computed on it
+
+
+def test_weights_trained_with_quick_gelu_are_built_with_it():
+    from qualiclip.model import uses_quick_gelu
+
+    assert uses_quick_gelu("RN50", "openai")  # the tag's own config says so
+    assert uses_quick_gelu("RN50", "/weights/RN50.pt")  # a file: every RN50 tag is a QuickGELU one
+    assert uses_quick_gelu("RN50", "/weights/QualiCLIP.pth")
+    assert not uses_quick_gelu("RN50", None)  # from scratch: the config's own activation
+    assert not uses_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    assert not uses_quick_gelu("ViT-B-32", "/weights/vit.pt")  # its tags disagree: the config decides
+    assert not uses_quick_gelu("qualiclip-tiny-rn", "/weights/tiny.pt")
+
+
+def test_an_rn50_from_a_weights_file_keeps_quick_gelu_through_its_checkpoint(tmp_path):
+    import open_clip
+
+    def activations(model):
+        return {type(m).__name__ for m in model.clip.transformer.modules() if "GELU" in type(m).__name__}
+
+    weights = tmp_path / "RN50.pt"  # open_clip's random RN50 stands in for OpenAI's file
+    torch.save(open_clip.create_model("RN50", pretrained=None, force_quick_gelu=True).state_dict(), weights)
+    model = create_model(ModelConfig(name="RN50", pretrained=str(weights)))
+    assert activations(model) == {"QuickGELU"}
+    save_checkpoint(model, tmp_path / "ckpt")
+    reloaded = load_checkpoint(tmp_path / "ckpt")
+    assert activations(reloaded) == {"QuickGELU"}
+    tokens = open_clip.tokenize(["Good photo.", "Bad photo."])
+    with torch.no_grad():
+        assert torch.equal(reloaded.clip.encode_text(tokens), model.clip.encode_text(tokens))
