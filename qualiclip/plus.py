@@ -470,8 +470,8 @@ PYIQA_PARAM_KEY = "params"  # pyiqa saves {param_key: state_dict} and loads the 
 def _check_pyiqa_prompts(pairs) -> None:
     if tuple(flat_prompts(pairs)) != PYIQA_PROMPTS:
         raise PlusError(
-            "pyiqa's QualiCLIP+ learns the 14 prompts of the paper in their order; this model's prompts "
-            "differ — use a model trained with the default prompt pairs"
+            "pyiqa's QualiCLIP+ learns the 14 prompts of the paper in their order; qualiclip.prompts.PROMPT_PAIRS "
+            "differ — restore the paper's prompt pairs"
         )
 
 
@@ -553,8 +553,11 @@ def read_learner(path: str | Path, model: QualiCLIP) -> PromptLearner:
     path = Path(path)
     if not path.is_file():
         raise PlusError(f"no {path} — pass the plus stage's output folder (it holds {LEARNER_FILE})")
-    state = load_file(str(path))
-    if sorted(state) != ["ctx", "eot", "token_embeds"]:
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise PlusError(f"cannot read {path}: {type(exc).__name__} — rerun the plus stage to rewrite it") from None
+    if sorted(state) != ["ctx", "eot", "token_embeds"] or state["ctx"].dim() != 3:
         raise PlusError(
             f"{path} holds {sorted(state)}, not ctx/eot/token_embeds — pass a {LEARNER_FILE} of the plus stage"
         )

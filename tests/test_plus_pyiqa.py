@@ -20,7 +20,7 @@ import open_clip
 import pytest
 import torch
 
-from qualiclip.checkpoint import load_checkpoint, read_metadata
+from qualiclip.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from qualiclip.model import ModelConfig, create_model
 from qualiclip.pipeline.cli import main
 from qualiclip.plus import (
@@ -161,8 +161,6 @@ def test_pyiqa_weights_load_and_ours_export_with_pyiqas_prompt_features(model, t
 
 
 def _saved(model, folder: Path) -> Path:
-    from qualiclip.checkpoint import save_checkpoint
-
     return save_checkpoint(model, folder / "base")
 
 
@@ -223,6 +221,14 @@ def test_pyiqa_weights_of_another_shape_or_kind_are_refused_with_the_fix(model, 
     )
     assert "text tower needs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    plus_dir = tmp_path / "plus"  # the plus stage's layout, but its learner file missing, then damaged
+    save_checkpoint(model, plus_dir / "checkpoint")
+    assert main(["export-pyiqa", "--plus", str(plus_dir), "--out", str(tmp_path / "x.pth")]) == 2
+    assert LEARNER_FILE in capsys.readouterr().err
+    (plus_dir / LEARNER_FILE).write_bytes(b"damaged")
+    assert main(["export-pyiqa", "--plus", str(plus_dir), "--out", str(tmp_path / "x.pth")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
 
 
 def test_a_file_that_would_run_code_is_not_unpickled(model, tmp_path):
