@@ -33,7 +33,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import save_checkpoint
@@ -440,4 +440,159 @@ def save_plus(result: PlusResult, ds: IQADataset, out_dir: Path, metadata: dict 
     save_file(state, str(out_dir / LEARNER_FILE))
     (out_dir / SPLITS_FILE).write_text(json.dumps(record, indent=1))
     (out_dir / METRICS_FILE).write_text(json.dumps({"test": result.metrics, "log": result.log}, indent=1))
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Interoperability with pyiqa's QualiCLIP+ weights (docs/plus.md, "pyiqa's weights")
+
+# pyiqa's `QualiCLIP.prompt_pairs` (archs/qualiclip_arch.py), in its order: the learner's rows.
+PYIQA_PROMPTS = (
+    "Good photo.",
+    "Bad photo.",
+    "Sharp image.",
+    "Blurry image.",
+    "Sharp edges.",
+    "Blurry edges.",
+    "High-resolution image.",
+    "Low-resolution image.",
+    "Noise-free image.",
+    "Noisy image.",
+    "High-quality image.",
+    "Low-quality image.",
+    "Good picture.",
+    "Bad picture.",
+)
+PYIQA_KEYS = ("prompt_learner.ctx", "prompt_learner.token_prefix", "prompt_learner.token_suffix")
+PYIQA_PARAM_KEY = "params"  # pyiqa saves {param_key: state_dict} and loads the 'params' entry
+
+
+def _check_pyiqa_prompts(pairs) -> None:
+    if tuple(flat_prompts(pairs)) != PYIQA_PROMPTS:
+        raise PlusError(
+            "pyiqa's QualiCLIP+ learns the 14 prompts of the paper in their order; qualiclip.prompts.PROMPT_PAIRS "
+            "differ — restore the paper's prompt pairs"
+        )
+
+
+def read_pyiqa_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The three prompt-learner tensors of a pyiqa ``QualiCLIP+_*.pth`` file (``{'params': state}``
+    or a bare state dict), read with ``torch.load(weights_only=True)``: no pickled code runs."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise PlusError(
+            f"cannot read pyiqa weights {path}: {type(exc).__name__} — pass a QualiCLIP+_*.pth file"
+        ) from None
+    state = raw.get(PYIQA_PARAM_KEY, raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise PlusError(f"pyiqa weights {path} hold no state dict — pass a QualiCLIP+_*.pth file")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if sorted(state) != sorted(PYIQA_KEYS) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PlusError(
+            f"pyiqa weights {path} hold keys {sorted(state)[:6]}, not {list(PYIQA_KEYS)} — pass pyiqa's "
+            "QualiCLIP+_*.pth prompt-learner file (qualiclip+, -clive, -flive, -spaq), not QualiCLIP.pth"
+        )
+    return {k.removeprefix("prompt_learner."): v.detach().float() for k, v in state.items()}
+
+
+def learner_from_pyiqa(model: QualiCLIP, path: str | Path) -> PromptLearner:
+    """A `PromptLearner` on ``model``'s text tower holding pyiqa's learned context vectors and
+    token buffers, so its ``text_features()`` are the prompt features pyiqa computes from the
+    same file and text tower. Shapes are checked against the model; a mismatch names the fix."""
+    _check_pyiqa_prompts(PROMPT_PAIRS)
+    w = read_pyiqa_weights(path)
+    ctx, prefix, suffix = w["ctx"], w["token_prefix"], w["token_suffix"]
+    p = len(PYIQA_PROMPTS)
+    if ctx.dim() == 2:  # pyiqa's prompt_specific_ctx=False: one context shared by every prompt
+        ctx = ctx.unsqueeze(0).expand(p, -1, -1)
+    got = {"ctx": tuple(ctx.shape), "token_prefix": tuple(prefix.shape), "token_suffix": tuple(suffix.shape)}
+    n_ctx = ctx.shape[1] if ctx.dim() == 3 and ctx.shape[1] > 0 and ctx.shape[1] % 2 == 0 else N_CTX
+    learner = PromptLearner(model.clip, model.cfg.name, n_ctx=n_ctx)
+    length, width = learner.token_embeds.shape[1:]
+    want = {"ctx": (p, n_ctx, width), "token_prefix": (p, 1, width), "token_suffix": (p, length - 1 - n_ctx, width)}
+    if got != want:
+        raise PlusError(
+            f"pyiqa weights {path} have shapes {got}, this model's text tower needs {want} — use the QualiCLIP "
+            "checkpoint of the CLIP the weights were learned on (pyiqa's QualiCLIP+: RN50, text width 512)"
+        )
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+        tail = suffix[:, -1:].expand(-1, n_ctx, -1)  # rows past the padding the layout never reads
+        learner.token_embeds.copy_(torch.cat([prefix, suffix, tail], dim=1))
+    return learner
+
+
+def pyiqa_state_dict(learner: PromptLearner) -> dict[str, torch.Tensor]:
+    """The learner in pyiqa's layout: per-prompt ``ctx`` (P, n_ctx, W), ``token_prefix`` (P, 1, W:
+    start of text) and ``token_suffix`` (P, L − 1 − n_ctx, W: the prompt's tokens, end of text, padding)."""
+    _check_pyiqa_prompts(PROMPT_PAIRS)
+    if learner.token_embeds.shape[0] != len(PYIQA_PROMPTS):
+        raise PlusError(f"the learner has {learner.token_embeds.shape[0]} prompts, pyiqa's QualiCLIP+ has 14")
+    emb = learner.token_embeds.detach().cpu().float()
+    length = emb.shape[1]
+    return {
+        "prompt_learner.ctx": learner.ctx.detach().cpu().float().contiguous(),
+        "prompt_learner.token_prefix": emb[:, :1].contiguous(),
+        "prompt_learner.token_suffix": emb[:, 1 : length - learner.n_ctx].contiguous(),
+    }
+
+
+def export_pyiqa(learner: PromptLearner, out_file: str | Path) -> Path:
+    """Write ``out_file`` as pyiqa writes ``QualiCLIP+_*.pth`` (``{'params': state}``): pyiqa's
+    ``load_pretrained_network(net, out_file, True, 'params')`` loads it into its QualiCLIP+."""
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({PYIQA_PARAM_KEY: pyiqa_state_dict(learner)}, out)
+    return out
+
+
+def read_learner(path: str | Path, model: QualiCLIP) -> PromptLearner:
+    """The learner saved by `save_plus` (`LEARNER_FILE`), on ``model``'s text tower."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlusError(f"no {path} — pass the plus stage's output folder (it holds {LEARNER_FILE})")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise PlusError(f"cannot read {path}: {type(exc).__name__} — rerun the plus stage to rewrite it") from None
+    if sorted(state) != ["ctx", "eot", "token_embeds"] or state["ctx"].dim() != 3:
+        raise PlusError(
+            f"{path} holds {sorted(state)}, not ctx/eot/token_embeds — pass a {LEARNER_FILE} of the plus stage"
+        )
+    learner = PromptLearner(model.clip, model.cfg.name, n_ctx=state["ctx"].shape[1])
+    for name in ("ctx", "token_embeds", "eot"):
+        have = getattr(learner, name)
+        if tuple(have.shape) != tuple(state[name].shape) or (name == "eot" and not torch.equal(have, state[name])):
+            raise PlusError(
+                f"{path}: {name} does not fit the model's text tower — pass the checkpoint it was learned on"
+            )
+    with torch.no_grad():
+        learner.ctx.copy_(state["ctx"])
+        learner.token_embeds.copy_(state["token_embeds"])
+    return learner
+
+
+def save_learner(learner: PromptLearner, path: str | Path) -> Path:
+    """Write the learner as `save_plus` does (`LEARNER_FILE`: context vectors and token buffers)."""
+    state = {
+        "ctx": learner.ctx.detach().cpu().contiguous(),
+        "token_embeds": learner.token_embeds.cpu().contiguous(),
+        "eot": learner.eot.cpu().contiguous(),
+    }
+    save_file(state, str(path))
+    return Path(path)
+
+
+def import_pyiqa(model: QualiCLIP, weights: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir`` as the plus stage does (``checkpoint/`` + `LEARNER_FILE`) from pyiqa's
+    ``QualiCLIP+_*.pth`` on ``model``: a QualiCLIP+ checkpoint every command scores with."""
+    learner = learner_from_pyiqa(model, weights)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    meta = {"variant": "qualiclip+", "source": "pyiqa", "pyiqa_weights": Path(weights).name, "sha256": digest}
+    checkpoint = save_checkpoint(plus_model(model, learner).cpu(), out_dir / "checkpoint", meta)
+    save_learner(learner, out_dir / LEARNER_FILE)
     return checkpoint

@@ -164,8 +164,19 @@ def test_the_checker_catches_missing_files_anchors_and_sections(tmp_path):
     ]
 
 
-# Every text file of the project a reader may open: docs, code, tests, benchmarks, configs, CI.
-SKIP_DIRS = {".git", ".venv", ".dvc", ".pytest_cache", "__pycache__", "qualiclip.egg-info", "data", "outputs"}
+# Every text file of the project a reader may open: docs, code, tests, benchmarks, configs, CI
+# (.ci-scratch holds third-party packages CI installs for one test, not project files).
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".ci-scratch",
+    ".dvc",
+    ".pytest_cache",
+    "__pycache__",
+    "qualiclip.egg-info",
+    "data",
+    "outputs",
+}
 TEXT_SUFFIXES = {".md", ".py", ".toml", ".yaml", ".yml", ".txt", ".cfg"}
 FILE_MENTION = re.compile(r"(?<![\w.*/-])((?:\.\.?/)*(?:[\w-]+/)*[\w-]+\.md)\b")
 OUTSIDE = re.compile(r"\.\./shared/(?!data\b)[\w./-]*|/work/shared\S*")  # ../shared/data: the real-data folder

@@ -2,7 +2,7 @@
 
 Argparse lives here only: each command turns its arguments into typed values and calls one
 function. The modules behind each command are imported when it runs: ``score``, ``explain``,
-``promote``, ``export-official`` and ``export-onnx`` pull in torch and open_clip (seconds), which
+``promote``, ``export-official``, ``export-onnx``, ``import-pyiqa`` and ``export-pyiqa`` pull in torch and open_clip (seconds), which
 ``--help``, ``ingest``, ``degrade`` and ``distortions`` do not need; and a stage process loads only
 the code its DVC stage depends on (see `qualiclip.pipeline.stages`).
 
@@ -123,6 +123,24 @@ def cmd_export_official(args: argparse.Namespace) -> None:
 
     out = export_official(load_checkpoint(args.model), Path(args.out))
     print(f"wrote {out} (official QualiCLIP format)")
+
+
+def cmd_import_pyiqa(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_checkpoint
+    from ..plus import import_pyiqa
+
+    out = import_pyiqa(load_checkpoint(args.model), Path(args.weights), Path(args.out))
+    print(f"wrote {out} (QualiCLIP+ with pyiqa's prompts; score with --model {out})")
+
+
+def cmd_export_pyiqa(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_checkpoint
+    from ..plus import LEARNER_FILE, export_pyiqa, read_learner
+
+    plus_dir = Path(args.plus)
+    learner = read_learner(plus_dir / LEARNER_FILE, load_checkpoint(plus_dir / "checkpoint"))
+    out = export_pyiqa(learner, Path(args.out))
+    print(f"wrote {out} (pyiqa QualiCLIP+ prompt-learner weights, key 'params')")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -303,6 +321,17 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument("--model", required=True, help="checkpoint folder")
     sp.add_argument("--out", required=True, help="the .pth file to write")
     sp.set_defaults(fn=cmd_export_official)
+
+    sp = sub.add_parser("import-pyiqa", help="a QualiCLIP+ checkpoint from pyiqa's QualiCLIP+_*.pth prompt weights")
+    sp.add_argument("--model", required=True, help="QualiCLIP checkpoint folder or official .pth the prompts run on")
+    sp.add_argument("--weights", required=True, help="pyiqa's QualiCLIP+_*.pth file")
+    sp.add_argument("--out", required=True, help="output folder (checkpoint/, prompt_learner.safetensors)")
+    sp.set_defaults(fn=cmd_import_pyiqa)
+
+    sp = sub.add_parser("export-pyiqa", help="write a QualiCLIP+ result as pyiqa's QualiCLIP+_*.pth prompt weights")
+    sp.add_argument("--plus", required=True, help="the plus stage's output folder (e.g. outputs/plus)")
+    sp.add_argument("--out", required=True, help="the .pth file to write")
+    sp.set_defaults(fn=cmd_export_pyiqa)
 
     sp = sub.add_parser("export-onnx", help="write the scorer as one ONNX graph (any image size; needs the onnx extra)")
     sp.add_argument("--model", required=True, help="checkpoint folder or official .pth")
