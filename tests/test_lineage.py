@@ -59,7 +59,8 @@ def project(tmp_path_factory) -> dict:
     run(["git", "commit", "-qm", "first runs"], root)
     exp_commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
     logs.append(run([bin_path("dvc"), "exp", "run", "-n", EXPERIMENT, "-S", "evaluate.batch_size=8"], root))
-    run([bin_path("qualiclip"), "promote"], root)
+    promoted = run([bin_path("qualiclip"), "promote"], root, check=False)
+    assert promoted.returncode == 3, promoted.stderr  # this 3-step model is refused: exit 3, no error
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     return {

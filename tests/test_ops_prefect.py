@@ -40,7 +40,7 @@ from qualiclip.train import PROGRESS_ENV
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "qualiclip-retrain/scheduled-retraining"
-STAGES = ["ingest", "degrade", "train", "evaluate"]
+STAGES = ["ingest", "degrade", "train", "evaluate", "plus"]  # plus: the opt-in QualiCLIP+ stage
 QUIET = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -70,6 +70,7 @@ TINY_PARAMS = {
     },
     "train": {"steps": 60, "batch_size": 2, "num_workers": 0, "threads": 1},
     "evaluate": {"crop": 64, "distortions": ["gaussian_blur", "jpeg"], "baseline": True},
+    "plus": {},  # no rated set: the opt-in stage only records that it skipped
     "schedule": {},
     "promotion": {},
 }
@@ -543,7 +544,7 @@ def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop,
         f"{api}/runs/search",
         {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`qualiclip.pipeline_id` = '{pipeline}'"},
     )["runs"]
-    assert len(same) >= 5  # the parent run and the four stage runs
+    assert len(same) >= 5  # the parent run and the four stage runs that log (plus, skipped, logs none)
     model = http(f"{api}/registered-models/get?name=qualiclip")["registered_model"]
     assert any(a["alias"] == "champion" for a in model.get("aliases", []))
 
@@ -580,14 +581,14 @@ def test_second_run_with_nothing_changed_skips_every_stage(loop):
     tasks = task_states(loop["api"], flow_run_id)
     assert {s: (tasks[s]["type"], tasks[s]["name"]) for s in STAGES} == dict.fromkeys(STAGES, ("COMPLETED", "Skipped"))
     messages = [e["message"] for e in flow_logs(loop["api"], flow_run_id)]
-    assert messages.count("skipped: dependencies, params and outputs unchanged (dvc status), nothing to run") == 4
+    assert messages.count("skipped: dependencies, params and outputs unchanged (dvc status), nothing to run") == len(STAGES)
     assert noise_lines("\n".join(messages)) == [], messages  # no `Skipped('…', type=COMPLETED)`
     champion = _registry(loop["project"]).get_model_version_by_alias("qualiclip", "champion")
     assert "is already the champion" in champion.tags["promotion"]
 
 
 @pytest.mark.slow
-def test_an_added_photo_reruns_all_four_stages(loop):
+def test_an_added_photo_reruns_every_stage(loop):
     add_training_photo(loop["project"] / "photos", val_fraction=0.25)  # ingest.val_fraction's default
     run, flow_run_id = trigger(loop)
     assert run.returncode == 0, run.stdout[-3000:]
