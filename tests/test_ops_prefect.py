@@ -581,7 +581,9 @@ def test_second_run_with_nothing_changed_skips_every_stage(loop):
     tasks = task_states(loop["api"], flow_run_id)
     assert {s: (tasks[s]["type"], tasks[s]["name"]) for s in STAGES} == dict.fromkeys(STAGES, ("COMPLETED", "Skipped"))
     messages = [e["message"] for e in flow_logs(loop["api"], flow_run_id)]
-    assert messages.count("skipped: dependencies, params and outputs unchanged (dvc status), nothing to run") == len(STAGES)
+    assert messages.count("skipped: dependencies, params and outputs unchanged (dvc status), nothing to run") == len(
+        STAGES
+    )
     assert noise_lines("\n".join(messages)) == [], messages  # no `Skipped('…', type=COMPLETED)`
     champion = _registry(loop["project"]).get_model_version_by_alias("qualiclip", "champion")
     assert "is already the champion" in champion.tags["promotion"]
