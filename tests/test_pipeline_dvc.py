@@ -60,8 +60,10 @@ def test_repro_produces_every_stage_output(project):
         "outputs/eval/metrics.json",
         "outputs/eval/plots/synthetic_scatter.png",
         "outputs/plus/status.json",  # the opt-in stage, skipped
+        "outputs/plus_eval/metrics.json",  # its metrics file: empty
     ]:
         assert (project / path).is_file(), path
+    assert json.loads((project / "outputs/plus_eval/metrics.json").read_text()) == {}
     metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
     assert -1.0 <= metrics["synthetic"]["srcc"] <= 1.0
     per_type = (project / "outputs/eval/per_distortion.csv").read_text().splitlines()
