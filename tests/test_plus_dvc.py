@@ -60,7 +60,7 @@ def test_the_stage_learns_from_the_named_set_and_registers_its_own_model(project
     log = (project / "first_repro.log").read_text()
     assert "plus: 2 epochs on 8 images, test SRCC" in log, log[-3000:]
     status = json.loads((project / "outputs/plus/status.json").read_text())
-    assert status["ran"] and set(status["metrics"]) == {"test", "baseline"}
+    assert status["ran"] and set(status["metrics"]) == {"test", "other", "baseline"}
     splits = json.loads((project / "outputs/plus/splits.json").read_text())["splits"]
     assert [splits[k]["n"] for k in ("train", "val", "test")] == [8, 1, 3]
     with sqlite3.connect(project / "mlflow.db") as db:
