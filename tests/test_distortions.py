@@ -175,6 +175,53 @@ def test_impulse_hits_each_level_at_its_density_and_a_seed_pins_the_hits():
     assert digest[:16] == "a984c25bbf43fc96"
 
 
+def test_normal_table_is_a_symmetric_unit_variance_quantile_table():
+    """The 65,536 values a Gaussian draw takes (docs/distortions.md, "Noise draws"): the normal's
+    quantiles at the bin midpoints, exactly symmetric, mean 0 and variance 1."""
+    from statistics import NormalDist
+
+    from qualiclip.distortions import noise
+
+    table = noise.normal_table()
+    assert table.dtype == np.float32 and table.shape == (65536,) and not table.flags.writeable
+    assert np.all(np.diff(table) > 0)
+    assert np.array_equal(table, -table[::-1])
+    z = table.astype(np.float64)
+    assert z.mean() == 0.0 and abs((z * z).mean() - 1.0) < 1e-6
+    for i in (0, 100, 20000, 40000, 65535):  # a quantile table, only rescaled by 1 + 1e-5
+        assert table[i] == pytest.approx(NormalDist().inv_cdf((i + 0.5) / 65536), rel=2e-5)
+
+
+def test_normal_draw_is_gaussian_uses_ceil_n_over_4_words_and_a_seed_pins_it():
+    """A field takes 16 random bits per value: ceil(n/4) raw words, low bits first (the next draw
+    continues the stream exactly there); its values are standard normal; seed 0 gives these exact
+    white-noise images (pinned: a change to the draw must be deliberate, with a shard-format bump)."""
+    import hashlib
+
+    from qualiclip.distortions import noise
+
+    rng = np.random.default_rng(0)
+    field = noise.draw_normal(rng, 7, 5)  # 105 values: 27 words, the last one's top 16 bits unused
+    after = np.random.default_rng(0)
+    words = after.bit_generator.random_raw(27)
+    assert field.shape == (7, 5, 3) and field.dtype == np.float32 and not field.flags.writeable
+    bits = [(int(w) >> (16 * j)) & 0xFFFF for w in words for j in range(4)][:105]
+    assert np.array_equal(field.reshape(-1), noise.normal_table()[bits])
+    assert rng.bit_generator.random_raw() == after.bit_generator.random_raw()
+
+    big = noise.draw_normal(np.random.default_rng(1), 512, 512).astype(np.float64).reshape(-1)
+    assert abs(big.mean()) < 0.005 and abs(big.std() - 1.0) < 0.005
+    assert abs((np.abs(big) > 1.959964).mean() - 0.05) < 0.002  # the two-sided 5 % tail
+    assert abs((big < -1.0).mean() - 0.158655) < 0.003
+
+    d = get_distortion("white_noise")
+    image = np.full((224, 224, 3), 0.5, np.float32)
+    state = d.draw(np.random.default_rng(0), 224, 224)
+    outs = [d.apply(image, level, state) for level in LEVELS]
+    digest = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
+    assert digest[:16] == "390fd97a9f727e74"
+
+
 @pytest.mark.parametrize("name", ["mean_shift", "linear_contrast_change"])
 def test_signed_variants_draw_both_signs_and_keep_one_per_crop(name):
     d = get_distortion(name)
