@@ -172,7 +172,30 @@ def test_impulse_hits_each_level_at_its_density_and_a_seed_pins_the_hits():
         assert abs(hit.mean() - density) < 0.15 * density + 2e-4
         assert abs((out[hit] == 1.0).mean() - 0.5) < 0.1  # half salt, half pepper
     digest = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
-    assert digest[:16] == "a984c25bbf43fc96"
+    assert digest[:16] == "bf8f3b65e88ebe88"
+
+
+@pytest.mark.parametrize("batch", [None, 7])
+def test_bernoulli_positions_pick_each_element_independently(batch):
+    """Impulse noise's candidates (docs/distortions.md, "Noise draws"): sorted distinct positions
+    inside [0, n), a Binomial(n, p) count, every element equally likely; a small ``batch`` takes
+    the path that reads further words, with the same properties."""
+    from qualiclip.distortions import noise
+
+    n, p = 3000, 0.05
+    counts, hits = [], np.zeros(n)
+    for seed in range(400):
+        at, words = noise.bernoulli_positions(np.random.default_rng(seed), n, p, batch)
+        assert at.dtype == np.int64 and len(words) == len(at)
+        assert len(at) == 0 or (at[0] >= 0 and at[-1] < n and np.all(np.diff(at) > 0))
+        counts.append(len(at))
+        hits[at] += 1
+    assert abs(np.mean(counts) - n * p) < 4 * np.sqrt(n * p * (1 - p) / 400)
+    assert abs(np.var(counts) / (n * p * (1 - p)) - 1) < 0.25
+    per_tenth = hits.reshape(10, -1).sum(axis=1)  # 6,000 expected hits per tenth of the range
+    assert np.all(np.abs(per_tenth - per_tenth.mean()) < 5 * np.sqrt(per_tenth.mean()))
+    with pytest.raises(ValueError, match="p must be in"):
+        noise.bernoulli_positions(np.random.default_rng(0), n, 0.0)
 
 
 def test_normal_table_is_a_symmetric_unit_variance_quantile_table():
