@@ -277,7 +277,8 @@ def test_to_uint8_is_the_numpy_formula_bit_for_bit():
     outside [0, 1], on exact ties and in any shape."""
     rng = np.random.default_rng(0)
     ties = (np.arange(256, dtype=np.float32) + 0.5) / 255.0
-    for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic()):
+    huge = np.array([np.inf, -np.inf, 3e38, -3e38, 1e7, -1e7, 1.0 + 1e-7, -1e-30, -0.0], np.float32)
+    for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic(), huge):
         expected = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         assert np.array_equal(_ops.to_uint8(x), expected)
     assert np.array_equal(

@@ -40,17 +40,6 @@ def clip_unit(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def clipped_copy(image: np.ndarray) -> np.ndarray:
-    """A new array: ``image`` clipped to [0, 1] (NaN becomes 0), as `clip_unit` on a copy.
-
-    The first threshold writes the copy, so two passes instead of three (and ~40 % less time
-    than ``np.clip`` on a 224² crop): the whole cost of impulse noise's apply but its few hits.
-    """
-    out = cv2.threshold(image.reshape(1, -1), 1.0, 1.0, cv2.THRESH_TRUNC)[1]
-    cv2.threshold(out, 0.0, 0.0, cv2.THRESH_TOZERO, dst=out)
-    return out.reshape(image.shape)
-
-
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] float32 -> uint8, rounding to the nearest code, ties to even (the reference truncated).
 

@@ -135,7 +135,7 @@ def impulse_noise(image: np.ndarray, density: float, state: ImpulseState) -> np.
     lower level (thresholding one draw), and a hit element has the same value at every level.
     """
     hit = state.u < density
-    out = _ops.clipped_copy(image)  # the output is in range: Distortion.apply skips its clip
+    out = np.clip(image, 0.0, 1.0)  # the output is in range: Distortion.apply skips its clip
     out.reshape(-1)[state.index[hit]] = state.salt[hit]
     return out
 
