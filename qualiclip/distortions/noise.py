@@ -5,8 +5,8 @@ the noise pattern is the same at every level and only its strength grows.
 
 The draws read the generator's raw 64-bit words (``BitGenerator.random_raw``) and shape them
 with numpy passes, instead of one call per value of numpy's samplers: a Gaussian field of a
-224×224 crop is one table lookup per value (`normal_table`), about a sixth of the CPU of
-``Generator.standard_normal`` (docs/distortions.md, "Noise draws", shard format 4).
+224×224 crop is one table lookup per value (`normal_table`), about a fifth of the CPU of
+``Generator.standard_normal`` (docs/distortions.md, "Noise draws from raw bits", shard format 4).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def bernoulli_positions(
 
     The gaps between picks are geometric, 1 + floor(log(U) / log(1 - p)) with U uniform from
     the word's top 39 bits, so the work grows with the n·p picks rather than with n (a
-    Binomial(n, p) count of distinct positions from ``Generator.choice`` costs 1.5× more).
+    Binomial(n, p) count of distinct positions from ``Generator.choice`` costs ~1.4× more).
     ``batch``: words read at a time (default: enough to pass n but once in a billion calls).
     """
     if not 0.0 < p < 1.0:
