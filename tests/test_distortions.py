@@ -339,3 +339,28 @@ def test_contact_sheet_has_a_row_per_type_and_a_column_per_level():
     assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
     assert sheet.shape[1] >= 6 * 48 and sheet.shape[0] > one_row.shape[0] >= 48
     assert np.array_equal(contact_sheet(image, names=["jpeg"], crop=48), one_row)
+
+
+@pytest.mark.parametrize("pristine", [False, True])
+def test_render_levels_equals_the_stack_of_float_levels_in_uint8(pristine):
+    """A sample's levels go to uint8 one by one (sampling.render_levels): the same bytes as the
+    whole float stack converted at once, for every type alone and for compositions of four."""
+    from qualiclip.sampling import render_levels
+
+    image = synthetic(48, 40)
+    compositions = [[n] for n in NAMES] + [
+        ["white_noise", "jpeg", "color_block", "motion_blur"],
+        ["impulse_noise", "brighten", "jitter", "color_shift"],
+    ]
+    for names in compositions:
+        composition = [get_distortion(n) for n in names]
+        got = render_levels(image, composition, np.random.default_rng(5), pristine)
+        rng = np.random.default_rng(5)
+        states = [d.draw(rng, 48, 40) for d in composition]
+        levels = [image] if pristine else []
+        for level in LEVELS:
+            x = image
+            for d, state in zip(composition, states):
+                x = d.apply(x, level, state)
+            levels.append(x)
+        assert got.dtype == np.uint8 and np.array_equal(got, _ops.to_uint8(np.stack(levels))), names
