@@ -74,13 +74,20 @@ def draw_composition(cfg: SampleConfig, rng: np.random.Generator) -> list:
 
 
 def render_levels(crop: np.ndarray, composition: list, rng: np.random.Generator, pristine: bool) -> np.ndarray:
-    """uint8 (L', h, w, 3): the composition at every level, each type's random parts drawn once."""
+    """uint8 (L', h, w, 3): the composition at every level, each type's random parts drawn once.
+
+    Each level goes to uint8 as soon as it is rendered, into one preallocated array: the same
+    bytes as converting the stack of float levels, without the float stack and its clipped copy
+    (3 MB each for a 224² crop at 5 levels: ~3 ms of page faults and copies per crop).
+    """
     h, w = crop.shape[:2]
     states = [d.draw(rng, h, w) for d in composition]
-    out = [crop] if pristine else []
-    for level in LEVELS:
+    out = np.empty((len(LEVELS) + int(pristine), h, w, 3), np.uint8)
+    if pristine:
+        out[0] = to_uint8(crop)
+    for i, level in enumerate(LEVELS, start=int(pristine)):
         x = crop
         for d, state in zip(composition, states):
             x = d.apply(x, level, state)
-        out.append(x)
-    return to_uint8(np.stack(out))
+        out[i] = to_uint8(x)
+    return out

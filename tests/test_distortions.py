@@ -172,7 +172,77 @@ def test_impulse_hits_each_level_at_its_density_and_a_seed_pins_the_hits():
         assert abs(hit.mean() - density) < 0.15 * density + 2e-4
         assert abs((out[hit] == 1.0).mean() - 0.5) < 0.1  # half salt, half pepper
     digest = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
-    assert digest[:16] == "a984c25bbf43fc96"
+    assert digest[:16] == "bf8f3b65e88ebe88"
+
+
+@pytest.mark.parametrize("batch", [None, 7])
+def test_bernoulli_positions_pick_each_element_independently(batch):
+    """Impulse noise's candidates (docs/distortions.md, "Noise draws"): sorted distinct positions
+    inside [0, n), a Binomial(n, p) count, every element equally likely; a small ``batch`` takes
+    the path that reads further words, with the same properties."""
+    from qualiclip.distortions import noise
+
+    n, p = 3000, 0.05
+    counts, hits = [], np.zeros(n)
+    for seed in range(400):
+        at, words = noise.bernoulli_positions(np.random.default_rng(seed), n, p, batch)
+        assert at.dtype == np.int64 and len(words) == len(at)
+        assert len(at) == 0 or (at[0] >= 0 and at[-1] < n and np.all(np.diff(at) > 0))
+        counts.append(len(at))
+        hits[at] += 1
+    assert abs(np.mean(counts) - n * p) < 4 * np.sqrt(n * p * (1 - p) / 400)
+    assert abs(np.var(counts) / (n * p * (1 - p)) - 1) < 0.25
+    per_tenth = hits.reshape(10, -1).sum(axis=1)  # 6,000 expected hits per tenth of the range
+    assert np.all(np.abs(per_tenth - per_tenth.mean()) < 5 * np.sqrt(per_tenth.mean()))
+    with pytest.raises(ValueError, match="p must be in"):
+        noise.bernoulli_positions(np.random.default_rng(0), n, 0.0)
+
+
+def test_normal_table_is_a_symmetric_unit_variance_quantile_table():
+    """The 65,536 values a Gaussian draw takes (docs/distortions.md, "Noise draws"): the normal's
+    quantiles at the bin midpoints, exactly symmetric, mean 0 and variance 1."""
+    from statistics import NormalDist
+
+    from qualiclip.distortions import noise
+
+    table = noise.normal_table()
+    assert table.dtype == np.float32 and table.shape == (65536,) and not table.flags.writeable
+    assert np.all(np.diff(table) > 0)
+    assert np.array_equal(table, -table[::-1])
+    z = table.astype(np.float64)
+    assert z.mean() == 0.0 and abs((z * z).mean() - 1.0) < 1e-6
+    for i in (0, 100, 20000, 40000, 65535):  # a quantile table, only rescaled by 1 + 1e-5
+        assert table[i] == pytest.approx(NormalDist().inv_cdf((i + 0.5) / 65536), rel=2e-5)
+
+
+def test_normal_draw_is_gaussian_uses_ceil_n_over_4_words_and_a_seed_pins_it():
+    """A field takes 16 random bits per value: ceil(n/4) raw words, low bits first (the next draw
+    continues the stream exactly there); its values are standard normal; seed 0 gives these exact
+    white-noise images (pinned: a change to the draw must be deliberate, with a shard-format bump)."""
+    import hashlib
+
+    from qualiclip.distortions import noise
+
+    rng = np.random.default_rng(0)
+    field = noise.draw_normal(rng, 7, 5)  # 105 values: 27 words, the last one's top 16 bits unused
+    after = np.random.default_rng(0)
+    words = after.bit_generator.random_raw(27)
+    assert field.shape == (7, 5, 3) and field.dtype == np.float32 and not field.flags.writeable
+    bits = [(int(w) >> (16 * j)) & 0xFFFF for w in words for j in range(4)][:105]
+    assert np.array_equal(field.reshape(-1), noise.normal_table()[bits])
+    assert rng.bit_generator.random_raw() == after.bit_generator.random_raw()
+
+    big = noise.draw_normal(np.random.default_rng(1), 512, 512).astype(np.float64).reshape(-1)
+    assert abs(big.mean()) < 0.005 and abs(big.std() - 1.0) < 0.005
+    assert abs((np.abs(big) > 1.959964).mean() - 0.05) < 0.002  # the two-sided 5 % tail
+    assert abs((big < -1.0).mean() - 0.158655) < 0.003
+
+    d = get_distortion("white_noise")
+    image = np.full((224, 224, 3), 0.5, np.float32)
+    state = d.draw(np.random.default_rng(0), 224, 224)
+    outs = [d.apply(image, level, state) for level in LEVELS]
+    digest = hashlib.sha256(b"".join(o.tobytes() for o in outs)).hexdigest()
+    assert digest[:16] == "390fd97a9f727e74"
 
 
 @pytest.mark.parametrize("name", ["mean_shift", "linear_contrast_change"])
@@ -207,7 +277,8 @@ def test_to_uint8_is_the_numpy_formula_bit_for_bit():
     outside [0, 1], on exact ties and in any shape."""
     rng = np.random.default_rng(0)
     ties = (np.arange(256, dtype=np.float32) + 0.5) / 255.0
-    for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic()):
+    huge = np.array([np.inf, -np.inf, 3e38, -3e38, 1e7, -1e7, 1.0 + 1e-7, -1e-30, -0.0], np.float32)
+    for x in (rng.random((2, 5, 16, 16, 3), dtype=np.float32) * 1.6 - 0.3, ties, synthetic(), huge):
         expected = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         assert np.array_equal(_ops.to_uint8(x), expected)
     assert np.array_equal(
@@ -268,3 +339,28 @@ def test_contact_sheet_has_a_row_per_type_and_a_column_per_level():
     assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
     assert sheet.shape[1] >= 6 * 48 and sheet.shape[0] > one_row.shape[0] >= 48
     assert np.array_equal(contact_sheet(image, names=["jpeg"], crop=48), one_row)
+
+
+@pytest.mark.parametrize("pristine", [False, True])
+def test_render_levels_equals_the_stack_of_float_levels_in_uint8(pristine):
+    """A sample's levels go to uint8 one by one (sampling.render_levels): the same bytes as the
+    whole float stack converted at once, for every type alone and for compositions of four."""
+    from qualiclip.sampling import render_levels
+
+    image = synthetic(48, 40)
+    compositions = [[n] for n in NAMES] + [
+        ["white_noise", "jpeg", "color_block", "motion_blur"],
+        ["impulse_noise", "brighten", "jitter", "color_shift"],
+    ]
+    for names in compositions:
+        composition = [get_distortion(n) for n in names]
+        got = render_levels(image, composition, np.random.default_rng(5), pristine)
+        rng = np.random.default_rng(5)
+        states = [d.draw(rng, 48, 40) for d in composition]
+        levels = [image] if pristine else []
+        for level in LEVELS:
+            x = image
+            for d, state in zip(composition, states):
+                x = d.apply(x, level, state)
+            levels.append(x)
+        assert got.dtype == np.uint8 and np.array_equal(got, _ops.to_uint8(np.stack(levels))), names
