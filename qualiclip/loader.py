@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import cv2
 import numpy as np
 import torch
 import webdataset as wds
@@ -39,6 +40,31 @@ from .store import hash_stream, open_file, open_store
 SPOOL_BYTES = 256 << 20  # a shard checked in epoch 0 is held in memory up to this size, then in a temp file
 
 log = logging.getLogger(__name__)
+
+
+def _fork_with_opencv_idle() -> None:
+    """Fork loader workers while OpenCV's thread pool is stopped.
+
+    A process forked while the parent's OpenCV pool has threads inherits the pool's locks and
+    condition variables but not its threads: its first OpenCV call that touches the pool (the
+    on-the-fly workers' ``cv2.setNumThreads(1)``, a parallel ``cvtColor``) waits forever. So before
+    every fork the parent drops to one OpenCV thread, which stops the pool; after it the parent
+    gets its count back (the pool restarts at its next parallel call), and the child keeps one
+    thread, which is what a loader worker wants anyway.
+    """
+    saved: list[int] = []
+
+    def before() -> None:
+        saved.append(cv2.getNumThreads())
+        cv2.setNumThreads(1)
+
+    def after_in_parent() -> None:
+        cv2.setNumThreads(saved.pop())
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent)
+
+
+_fork_with_opencv_idle()
 
 
 @dataclass

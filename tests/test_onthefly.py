@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import hashlib
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,31 @@ def test_endless_streams_agree_across_epochs(ingest_dir, tmp_path, monkeypatch):
     for rank in range(2):
         endless = stream(plan, rank, monkeypatch, n=25, repeat=True)
         assert len(endless) == 100 and endless == stream(tmp_path / "shards", rank, monkeypatch, n=25, repeat=True)
+
+
+AFTER_OPENCV_THREADS = """
+import sys, cv2, numpy as np
+from pathlib import Path
+from qualiclip.degrade import DegradeConfig
+from qualiclip.onthefly import plan_samples
+from qualiclip.sampling import SampleConfig
+
+cv2.setNumThreads(2)  # the parent's OpenCV pool runs, as in any process that has used OpenCV
+cv2.GaussianBlur(np.random.rand(1500, 1500, 3).astype(np.float32), (31, 31), 5)
+plan = plan_samples(Path(sys.argv[1]), DegradeConfig(variants=4, sample=SampleConfig(crop=32)))
+print(sum(len(b) for b in plan.batches(4, num_workers=2, seed=0, repeat=False)))
+print(cv2.getNumThreads())
+"""
+
+
+def test_loader_workers_start_after_the_parent_used_opencv_threads(ingest_dir):
+    """Workers forked while the parent's OpenCV pool had threads hung in their first OpenCV call
+    (the pool's locks copied without its threads): the loader forks with the pool stopped."""
+    out = subprocess.run(
+        [sys.executable, "-c", AFTER_OPENCV_THREADS, str(ingest_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["16", "2"]  # every sample, and the parent's OpenCV threads as they were
 
 
 def test_a_plan_with_no_images_of_the_split_names_the_fix(ingest_dir):
