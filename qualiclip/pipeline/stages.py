@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import build_config, config_dict, load_params, params_hash
+from ..config import build_config, config_dict, load_params
 from ..tracking import DatasetRef, Tracker
 from .params import read_params
 from .paths import check_sources_are_deps
@@ -100,6 +100,7 @@ def stage_train(params_file: str, shards: str | None, out: str, ingest: str | No
     plans for ``ingest``, rendered in the loader (docs/training.md, "Samples on the fly")."""
     from ..datasets import check_datasets  # see the module docstring
     from ..figures import plot_loss_curves
+    from ..identity import params_hash
     from ..train import run_train
 
     tracker, tcfg = _tracker(params_file)
