@@ -1,6 +1,6 @@
 """The ``degrade`` stage: pristine images -> WebDataset shards of QualiCLIP samples.
 
-Three pieces, so a process pool (`run_degrade`) and a Prefect flow (flows/degrade_flow.py) run
+Three pieces, so a process pool (`run_degrade`) and a Prefect flow (flows/degrade_shards.py) run
 the same code:
 
     plan = plan_degrade(cfg, ingest_dir, out_dir)            # which shards, which are missing

@@ -52,7 +52,7 @@ from ..schema import EvaluateConfig
 from .bootstrap import METRICS, Items, lower_bound, paired_differences, point, unit_index, upper_bound
 from .params import PromotionConfig, read_params
 from .paths import stage_paths
-from .tracking import VERSION_FILE
+from .tracking_config import VERSION_FILE
 
 METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 BASELINE_KEY = "baseline"  # metrics.json block of the zero-shot baseline: baseline.<metric>

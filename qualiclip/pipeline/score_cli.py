@@ -27,7 +27,7 @@ from ..ingest import IngestConfig
 from ..memory import MIN_MEMORY_BUDGET, ScoringError
 from ..model import HIGHER_IS_BETTER, SCORE_RANGE, QualiCLIP
 from .paths import stage_paths
-from .tracking import read_version_file
+from .tracking_config import read_version_file
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")

@@ -24,7 +24,7 @@ from ..config import build_config, config_dict, load_params
 from ..tracking import DatasetRef, Tracker
 from .params import read_params
 from .paths import check_sources_are_deps
-from .tracking import TrackingConfig, get_tracker, read_version_file, write_version_file
+from .tracking_config import TrackingConfig, get_tracker, read_version_file, write_version_file
 
 
 def _tracker(params_file: str) -> tuple[Tracker, TrackingConfig]:
@@ -127,7 +127,7 @@ def stage_train(params_file: str, shards: str | None, out: str, ingest: str | No
                 result.checkpoint,
                 register_as=tcfg.registered_model,
                 description=f"params hash {phash}; data version {data.digest}; {result.steps} steps",
-                tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
+                tags={**provenance, "execution_id": getattr(tracker, "execution_id", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {logged and logged.version}")
     if main_process:  # one line per run, not one per rank
@@ -285,7 +285,7 @@ def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
                 checkpoint,
                 register_as=name,
                 description=f"QualiCLIP+ on {ds.name} ({len(result.splits['train'])} train images)",
-                tags={"variant": "qualiclip+", "pipeline_id": getattr(tracker, "pipeline", "")},
+                tags={"variant": "qualiclip+", "execution_id": getattr(tracker, "execution_id", "")},
             )
     write_version_file(
         Path(out),
