@@ -3,7 +3,8 @@
 Over ``--splits`` seeded random 70/10/20 splits of the 250 rated CLIVE-dev photos (seeds 123,
 124, ...): per split, the test SRCC/PLCC of the QualiCLIP+ model (prompts learnt on the train
 split, the epoch of best validation SRCC kept) and of the starting model, on the same test
-images; then the medians (the opinion-aware protocol). Then the epoch time with the crop-feature
+images; then the medians (the opinion-aware protocol, docs/evaluation.md: the median of the
+SRCCs and, separately, of the PLCCs). Then the epoch time with the crop-feature
 cache (``plus.cached_crops``) and without it (fresh crops read and encoded every step), on the
 first split.
 

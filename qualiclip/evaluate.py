@@ -297,6 +297,14 @@ def write_plots(
         plot_model_vs_baseline(metrics, plots / "model_vs_baseline.png")
 
 
+def add_dataset_blocks(metrics: dict, runs: list[DatasetRun]) -> None:
+    """Each run's `dataset_blocks` into ``metrics``, and its baseline's into ``metrics['baseline']``."""
+    for run in runs:
+        metrics.update(dataset_blocks(run.label, run.dataset, run.scores))
+        if run.baseline is not None:
+            metrics.setdefault("baseline", {}).update(dataset_blocks(run.label, run.dataset, run.baseline))
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """What `run_evaluate` measured: the headline metrics (metrics.json) and the per-type table
@@ -332,10 +340,7 @@ def run_evaluate(
         base = synthetic_metrics(base_scores, s)
         metrics["baseline"] = {"synthetic": headline(base)}
     runs = evaluate_datasets(model, datasets, cfg, device, baseline)
-    for run in runs:
-        metrics.update(dataset_blocks(run.label, run.dataset, run.scores))
-        if run.baseline is not None:
-            metrics["baseline"].update(dataset_blocks(run.label, run.dataset, run.baseline))
+    add_dataset_blocks(metrics, runs)
     per_distortion = per_distortion_table(synthetic, base)
     out_dir = Path(out_dir)
     write_outputs(out_dir, metrics, per_distortion, scores, s, base_scores)
@@ -343,3 +348,40 @@ def run_evaluate(
         write_dataset_scores(out_dir, run)
     write_plots(out_dir, metrics, per_distortion, scores, s, runs)
     return Evaluation(metrics, per_distortion)
+
+
+def run_evaluate_datasets(
+    cfg: EvaluateConfig,
+    model: QualiCLIP,
+    datasets: list[tuple[str, IQADataset]],
+    out_dir: Path,
+    baseline: QualiCLIP | None = None,
+) -> Evaluation:
+    """`run_evaluate` without the synthetic set: score the rated ``datasets`` (and ``baseline``,
+    any model to compare with, on the same images) and write metrics.json (a block per dataset,
+    ``baseline`` with the same blocks), ``scores_<label>.csv`` and a MOS scatter per dataset.
+
+    What a model that is judged on rated images alone is evaluated with (the QualiCLIP+ model of
+    the plus stage, whose baseline is the QualiCLIP model it starts from; docs/plus.md).
+    """
+    device = resolve_device(cfg.device)
+    model = inference_copy(model)
+    baseline = inference_copy(baseline) if baseline is not None else None
+    runs = evaluate_datasets(model, datasets, cfg, device, baseline)
+    metrics: dict = {}
+    add_dataset_blocks(metrics, runs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("scores_*.csv"), *out_dir.glob("plots/scatter_*.png")]:
+        stale.unlink()  # a dataset dropped from the list leaves no old scores
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    for run in runs:
+        write_dataset_scores(out_dir, run)
+        plot_mos_scatter(
+            run.scores,
+            run.dataset.mos(),
+            out_dir / "plots" / f"scatter_{run.label}.png",
+            title=f"{run.label} (n={len(run.scores)})",
+            mos_range=run.dataset.mos_range,
+        )
+    return Evaluation(metrics, [])

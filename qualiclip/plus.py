@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test of a dataset without an 
 LEARNER_FILE = "prompt_learner.safetensors"
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
+TEST_LABEL = "test"  # the evaluation block of the test split (the plus stage's metrics file: test.srcc, ...)
 
 
 class PlusError(QualiclipError, ValueError):
@@ -199,6 +200,12 @@ def _shown(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
+def split_dataset(ds: IQADataset, idx: list[int]) -> IQADataset:
+    """The items ``idx`` of ``ds`` as a dataset of their own, their official split marks dropped
+    (an evaluation reports them as one block, not once more as an official test split)."""
+    return replace(ds, items=tuple(replace(ds.items[i], split=None) for i in idx))
+
+
 def check_labelled(ds: IQADataset, splits: dict[str, list[int]], batch_size: int) -> None:
     """`PlusError` naming the fix for labels that cannot train: non-finite or constant MOS, or a
     train split smaller than a batch. (Missing images and non-numeric scores the reader refuses.)"""
@@ -235,29 +242,62 @@ def rescaled_mos(ds: IQADataset) -> np.ndarray:
 # Images and features
 
 
+# Training-only resizes of the paper's recipe (pyiqa's QualiCLIP+ train options): FLIVE's shorter
+# side goes to a random size in [384, 416] (pyiqa's `random_arp_resize`, bilinear), drawn anew for
+# every crop, before the random crop. SPAQ's shorter side 512 is its evaluation rule as well
+# (`IQADataset.resize_short_side`), which training applies first anyway.
+TRAIN_RESIZE = {"flive": (384, 416)}
+
+
 def load_pixels(path: Path, resize_short: int | None, min_side: int) -> np.ndarray:
     """RGB uint8 (H, W, 3): the dataset's resize rule applied, then upscaled so the shorter side
     is at least ``min_side`` (the crop)."""
     pixels = read_image(path).pixels
     short = min(pixels.shape[:2])
     target = resize_short if resize_short else short
-    target = max(target, min_side)
-    if target != short:
-        h, w = pixels.shape[:2]
-        size = (max(1, round(w * target / short)), max(1, round(h * target / short)))
-        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
-    return pixels
+    return resize_short_side(pixels, max(target, min_side), Image.Resampling.BICUBIC)
 
 
-def augmented_crops(pixels: np.ndarray, crop: int, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """``n`` random ``crop`` x ``crop`` crops, each flipped horizontally with probability 1/2, (n, 3, crop, crop) in [0, 1]."""
+def resize_short_side(pixels: np.ndarray, target: int, resample: Image.Resampling) -> np.ndarray:
+    """``pixels`` with the shorter side at ``target``, the aspect ratio kept (unchanged if it is already)."""
     h, w = pixels.shape[:2]
+    short = min(h, w)
+    if target == short:
+        return pixels
+    size = (max(1, round(w * target / short)), max(1, round(h * target / short)))
+    return np.asarray(Image.fromarray(pixels).resize(size, resample))
+
+
+def augmented_crops(
+    pixels: np.ndarray,
+    crop: int,
+    n: int,
+    rng: np.random.Generator,
+    resize_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``n`` random ``crop`` x ``crop`` crops, each flipped horizontally with probability 1/2, (n, 3, crop, crop) in [0, 1].
+
+    ``resize_range`` (`TRAIN_RESIZE`): before each crop, the shorter side goes to a random size in
+    that range, both ends included (at least ``crop``)."""
     out = np.empty((n, crop, crop, 3), dtype=np.uint8)
     for k in range(n):
+        image = pixels
+        if resize_range is not None:
+            side = max(crop, int(rng.integers(resize_range[0], resize_range[1] + 1)))
+            image = resize_short_side(pixels, side, Image.Resampling.BILINEAR)
+        h, w = image.shape[:2]
         top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-        patch = pixels[top : top + crop, left : left + crop]
+        patch = image[top : top + crop, left : left + crop]
         out[k] = patch[:, ::-1] if rng.random() < 0.5 else patch
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
+
+
+def training_crops(ds: IQADataset, i: int, crop: int, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` augmented training crops of item ``i`` of ``ds`` by the paper's recipe for that dataset:
+    its resize rule (SPAQ: shorter side 512), its training resize (`TRAIN_RESIZE`: FLIVE), then
+    random ``crop`` crops with horizontal flips, (n, 3, crop, crop) in [0, 1]."""
+    pixels = load_pixels(ds.items[i].path, ds.resize_short_side, crop)
+    return augmented_crops(pixels, crop, n, rng, TRAIN_RESIZE.get(ds.name))
 
 
 @torch.no_grad()
@@ -284,8 +324,7 @@ class CropCache:
     def __init__(self, model, ds, idx, crop, n, seed, device, batch):
         rows = []
         for i in idx:
-            pixels = load_pixels(ds.items[i].path, ds.resize_short_side, crop)
-            crops = augmented_crops(pixels, crop, n, np.random.default_rng([seed, i]))
+            crops = training_crops(ds, i, crop, n, np.random.default_rng([seed, i]))
             rows.append(encode_crops(model, crops, device, batch))
         self.features = torch.stack(rows)  # (n_images, n, D)
 
@@ -312,8 +351,7 @@ class FreshCrops:
         crops = []
         for r in rows.tolist():
             i = self.idx[r]
-            pixels = load_pixels(self.ds.items[i].path, self.ds.resize_short_side, self.crop)
-            crops.append(augmented_crops(pixels, self.crop, 1, np.random.default_rng([self.seed, i, epoch + 1])))
+            crops.append(training_crops(self.ds, i, self.crop, 1, np.random.default_rng([self.seed, i, epoch + 1])))
         return encode_crops(self.model, torch.cat(crops), self.device, self.bs)
 
 

@@ -19,6 +19,14 @@ NOISE = {
     "dvc push hint": re.compile(r"Use `dvc push` to send your updates"),
     # MLflow's schema hint for a dataset's integer columns
     "mlflow integer-column warning": re.compile(r"integer column", re.I),
+    # MLflow's own registration lines, beside the stage's "registered <name> version <n>"
+    "mlflow registration echo": re.compile(
+        r"Successfully registered model|Created version '|already exists\. Creating a new version"
+    ),
+    # MLflow's INFO chatter: the input example checked when a model is logged; a new store's tables
+    "mlflow info chatter": re.compile(
+        r"Validating input example|Creating initial MLflow database tables|Updating database tables"
+    ),
     # open_clip's warning when a model is built before its weights are loaded
     "random-init warning": re.compile(r"No pretrained weights loaded|initialized randomly"),
     # raw floats: a dict of 17-digit losses

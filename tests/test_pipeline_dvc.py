@@ -60,8 +60,10 @@ def test_repro_produces_every_stage_output(project):
         "outputs/eval/metrics.json",
         "outputs/eval/plots/synthetic_scatter.png",
         "outputs/plus/status.json",  # the opt-in stage, skipped
+        "outputs/plus_eval/metrics.json",  # its metrics file: empty
     ]:
         assert (project / path).is_file(), path
+    assert json.loads((project / "outputs/plus_eval/metrics.json").read_text()) == {}
     metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
     assert -1.0 <= metrics["synthetic"]["srcc"] <= 1.0
     per_type = (project / "outputs/eval/per_distortion.csv").read_text().splitlines()
@@ -131,11 +133,12 @@ def test_forced_degrade_regenerates_the_shards(project):
 
 
 def test_a_changed_distortion_reruns_degrade_train_and_evaluate_not_ingest(project):
-    """And a changed evaluation detail reruns evaluate alone: the train stage loads no evaluation
-    code (it checks evaluate.datasets with the dataset readers), so it stays up to date."""
+    """And a changed evaluation detail reruns evaluate (and plus, whose evaluation of its model is
+    evaluate.py's code) only: the train stage loads no evaluation code (it checks
+    evaluate.datasets with the dataset readers), so it stays up to date."""
     evaluate = project / "qualiclip/evaluate.py"
     evaluate.write_text(evaluate.read_text() + "\n# an evaluation detail changed\n")
-    assert stale(project) == {"evaluate"}
+    assert stale(project) == {"evaluate", *OPT_IN}
     ops = project / "qualiclip/distortions/_ops.py"
     scale = "alpha=255.0"  # to_uint8: [0, 1] -> 0..255, used for every sample
     assert scale in ops.read_text()

@@ -3,14 +3,18 @@ exported checkpoint that scores like the learner."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qualiclip.checkpoint import load_checkpoint, read_metadata
+from qualiclip.datasets import IQADataset
+from qualiclip.datasets.base import IQAItem
 from qualiclip.errors import QualiclipError
 from qualiclip.metrics import correlations
 from qualiclip.model import ModelConfig, create_model, encode_prompts
@@ -23,12 +27,14 @@ from qualiclip.plus import (
     load_labelled,
     make_splits,
     plcc_loss,
+    plus_model,
     save_plus,
     score_features,
     train_plus,
+    training_crops,
 )
 from qualiclip.prompts import PROMPT_PAIRS
-from qualiclip.schema import PlusConfig
+from qualiclip.schema import EvaluateConfig, PlusConfig
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +180,82 @@ def test_the_same_seed_learns_the_same_prompts_with_or_without_the_cache(tmp_pat
     assert [r["loss"] for r in first.log] == [r["loss"] for r in second.log]
     other = train_plus(tiny, ds, PlusConfig(**{**cfg.__dict__, "seed": 10}))
     assert not torch.equal(first.learner.ctx, other.learner.ctx)
+
+
+def gradient_photo(path: Path, height: int, width: int) -> Path:
+    """A photo whose value encodes the row (0 at the top, 255 at the bottom): a crop's value span
+    tells how much of the photo's height it covers, so at what scale it was cut."""
+    rows = np.round(np.linspace(0, 255, height)).astype(np.uint8)
+    Image.fromarray(np.repeat(np.repeat(rows[:, None, None], width, axis=1), 3, axis=2)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name, resized", [("flive", True), ("csv", False)])
+def test_flive_crops_are_cut_after_a_random_aspect_preserving_resize_to_384_416(tmp_path, name, resized):
+    """pyiqa's FLIVE recipe: shorter side to a random size in [384, 416] for every crop, then the
+    384 crop; other sets keep their size (this 600 x 900 photo: a crop covers 384/600 of its height)."""
+    photo = gradient_photo(tmp_path / "p.png", 600, 900)
+    ds = IQADataset(name, tmp_path, (IQAItem(photo, 50.0),), (0.0, 100.0), False)
+    crops = training_crops(ds, 0, 384, 12, np.random.default_rng(0))
+    assert crops.shape == (12, 3, 384, 384)
+    spans = [(float(c[0, -1, 0]) - float(c[0, 0, 0])) for c in crops]  # of the height's [0, 1] range
+    if resized:  # covers 384 / s of the height, s in [384, 416]: from 0.92 to all of it
+        assert all(0.9 <= s <= 1.0 for s in spans), spans
+        assert len({round(s, 3) for s in spans}) > 3  # a size drawn per crop
+    else:
+        assert all(abs(s - 383 / 599) < 0.01 for s in spans), spans
+    again = training_crops(ds, 0, 384, 12, np.random.default_rng(0))
+    assert torch.equal(crops, again)  # seeded
+
+
+@pytest.fixture
+def plus_eval_params(tmp_path, clive_dir):
+    spec = labelled_set(tmp_path / "set", clive_dir, 20)
+    other = {**labelled_set(tmp_path / "other", clive_dir, 6), "label": "mine"}
+    return {
+        "plus": PlusConfig(dataset=spec, seed=123),
+        "evaluate": EvaluateConfig(datasets=(other,), batch_size=4, device="cpu"),
+    }
+
+
+def test_the_plus_model_is_evaluated_on_its_test_split_and_each_evaluate_dataset_beside_its_start(
+    tmp_path, tiny, plus_eval_params
+):
+    """The evaluate stage's code (per-image scores, dataset blocks), the model it starts from as the
+    baseline on the same images; a block per set: `test` and every evaluate.datasets label."""
+    from qualiclip.pipeline.stages import evaluate_plus, plus_eval_sets, plus_summary
+    from qualiclip.scoring import score_paths
+
+    ds = load_labelled(plus_eval_params["plus"].dataset)
+    sets = plus_eval_sets(plus_eval_params, ds)
+    assert [label for label, _ in sets] == ["test", "mine"]
+    plus = plus_model(tiny, PromptLearner(tiny.clip, tiny.cfg.name, seed=1))
+    evaluate_plus(plus_eval_params, sets, plus, tmp_path / "eval", start=tiny)
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert set(metrics) == {"test", "mine", "baseline"} and set(metrics["baseline"]) == {"test", "mine"}
+    test = make_splits(ds, 123)["test"]
+    paths, mos = [ds.items[i].path for i in test], ds.mos()[test]
+    assert metrics["test"]["n"] == metrics["baseline"]["test"]["n"] == len(test) == 4 and metrics["mine"]["n"] == 6
+    for model, block in ((plus, metrics["test"]), (tiny, metrics["baseline"]["test"])):
+        scores = np.array([r.score for r in score_paths(paths, model, batch_size=4)])
+        assert block["srcc"] == pytest.approx(correlations(scores, mos)["srcc"], abs=1e-9)
+        assert block["plcc"] == pytest.approx(correlations(scores, mos)["plcc"], abs=1e-6)
+    assert metrics["test"]["plcc"] != metrics["baseline"]["test"]["plcc"]  # two models
+    rows = (tmp_path / "eval/scores_test.csv").read_text().splitlines()
+    assert rows[0] == "path,mos,split,score,baseline_score" and [r.split(",")[0] for r in rows[1:]] == [
+        str(p) for p in paths
+    ]
+    line = plus_summary(metrics)
+    t, b = metrics["test"], metrics["baseline"]["test"]
+    assert line.startswith(
+        f"test SRCC {t['srcc']:.3f} PLCC {t['plcc']:.3f} (from {b['srcc']:.3f}, {b['plcc']:.3f}); mine"
+    )
+
+
+def test_an_evaluate_dataset_named_like_the_test_split_is_refused(tmp_path, plus_eval_params):
+    from qualiclip.pipeline.stages import plus_eval_sets
+
+    ev = plus_eval_params["evaluate"]
+    params = {**plus_eval_params, "evaluate": EvaluateConfig(datasets=({**ev.datasets[0], "label": "test"},))}
+    with pytest.raises(PlusError, match="labelled 'test', the plus stage's name for its test split — give that entry"):
+        plus_eval_sets(params, load_labelled(params["plus"].dataset))

@@ -38,7 +38,7 @@ EXIT_NOT_PROMOTED = 3  # `qualiclip promote` decided, and the alias stays where 
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    paths = {k: getattr(args, k) for k in ("ingest", "shards", "model", "out") if hasattr(args, k)}
+    paths = {k: getattr(args, k) for k in ("ingest", "shards", "model", "out", "eval_out") if hasattr(args, k)}
     getattr(stages, f"stage_{args.command}")(args.params, **paths)
 
 
@@ -113,6 +113,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         metrics_file=args.metrics,
         shards=args.shards,
         dry_run=args.dry_run,
+        plus=args.plus,
     )
     print(json.dumps(d.as_dict(), indent=2) if args.json else f"promote: {d.reason}")
     return EXIT_NOT_PROMOTED if d.outcome in NOT_PROMOTED else 0
@@ -201,7 +202,10 @@ def add_stage_parsers(sub) -> None:
         "evaluate", ("--model", "checkpoint folder"), ("--ingest", "ingest output folder"), ("--out", "output folder")
     )
     stage(
-        "plus", ("--model", "checkpoint folder it starts from"), ("--out", "output folder (checkpoint/, splits.json)")
+        "plus",
+        ("--model", "checkpoint folder it starts from"),
+        ("--out", "output folder (checkpoint/, splits.json)"),
+        ("--eval-out", "evaluation folder (metrics.json, per-image scores)"),
     )
 
 
@@ -310,8 +314,14 @@ def add_tool_parsers(sub) -> None:
     sp.add_argument(
         "--project", default=".", help="project folder (holds dvc.yaml, dvc.lock and the default mlflow.db)"
     )
-    sp.add_argument("--model", help="checkpoint folder the train stage wrote (default: from dvc.yaml)")
-    sp.add_argument("--metrics", help="metrics.json the evaluate stage wrote (default: from dvc.yaml)")
+    sp.add_argument(
+        "--plus",
+        action="store_true",
+        help="promote the QualiCLIP+ model of the plus stage (<tracking.registered_model>-plus, its own champion; "
+        "metric: promotion.plus_metric) instead of the QualiCLIP model",
+    )
+    sp.add_argument("--model", help="checkpoint folder the train (--plus: plus) stage wrote (default: from dvc.yaml)")
+    sp.add_argument("--metrics", help="metrics.json the evaluate (--plus: plus) stage wrote (default: from dvc.yaml)")
     sp.add_argument("--shards", help="shard folder, to read its hash from dvc.lock (default: from dvc.yaml)")
     sp.add_argument("--dry-run", action="store_true", help="decide and print, change nothing in the registry")
     sp.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -406,7 +416,7 @@ def _train_resumes(out: Path) -> str:
 
 
 # The options that name one path of the command (not the images `score` reads: each of those is its own item)
-PATH_ARGS = ("params", "out", "ingest", "shards", "model", "csv", "image", "grid", "project", "metrics")
+PATH_ARGS = ("params", "out", "ingest", "shards", "model", "csv", "image", "grid", "project", "metrics", "eval_out")
 
 
 def check_path_args(args: argparse.Namespace) -> None:

@@ -70,6 +70,8 @@ class PromotionConfig:
     """The ``promotion`` section of params.yaml (qualiclip promote)."""
 
     metric: Annotated[str, MinLen(1)] = "synthetic.srcc"  # dotted key into outputs/eval/metrics.json
+    # `qualiclip promote --plus`: the dotted key into the plus stage's metrics file (outputs/plus_eval/metrics.json)
+    plus_metric: Annotated[str, MinLen(1)] = "test.srcc"
     higher_is_better: bool = True
     min_improvement: float = 0.0  # the new value must beat the champion's by more than this
     min_value: float | None = 0.0  # the floor (a ceiling when lower is better); None: none

@@ -41,18 +41,44 @@ def stage_paths(project_dir: str | Path = ".") -> StagePaths:
     stages = _read_stages(dvc_file)
 
     def argument(stage: str, flag: str) -> str:
-        words = shlex.split(str(_stage(stages, stage, dvc_file).get("cmd", "")))
-        for i, word in enumerate(words[:-1]):
-            if word == flag:
-                return words[i + 1]
-        raise StagePathError(f"{dvc_file}: the '{stage}' stage's cmd has no '{flag} PATH' argument")
+        return _argument(stages, stage, flag, dvc_file)
 
     ingest, shards, train = argument("ingest", "--out"), argument("degrade", "--out"), argument("train", "--out")
     checkpoint, evaluate = argument("evaluate", "--model"), argument("evaluate", "--out")
-    metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stages["evaluate"].get("metrics", [])]
+    return StagePaths(ingest, shards, train, checkpoint, evaluate, _metrics_file(stages, "evaluate", dvc_file))
+
+
+@dataclass(frozen=True)
+class PlusPaths:
+    """The QualiCLIP+ stage's paths, relative to the project folder, as dvc.yaml's plus stage names them."""
+
+    checkpoint: str  # plus --out, then checkpoint/: the QualiCLIP+ model that `qualiclip promote --plus` promotes
+    metrics: str  # the plus stage's metrics file (its evaluation), per-image scores beside it
+
+
+def plus_paths(project_dir: str | Path = ".") -> PlusPaths:
+    """The plus stage's paths in the project at ``project_dir``, from its dvc.yaml."""
+    dvc_file = Path(project_dir) / DVC_FILE
+    stages = _read_stages(dvc_file)
+    out = _argument(stages, "plus", "--out", dvc_file)
+    return PlusPaths(f"{out.rstrip('/')}/checkpoint", _metrics_file(stages, "plus", dvc_file))
+
+
+def _argument(stages: dict, stage: str, flag: str, dvc_file: Path) -> str:
+    """The value of ``flag`` in ``stage``'s cmd."""
+    words = shlex.split(str(_stage(stages, stage, dvc_file).get("cmd", "")))
+    for i, word in enumerate(words[:-1]):
+        if word == flag:
+            return words[i + 1]
+    raise StagePathError(f"{dvc_file}: the '{stage}' stage's cmd has no '{flag} PATH' argument")
+
+
+def _metrics_file(stages: dict, stage: str, dvc_file: Path) -> str:
+    """The first ``metrics`` entry of ``stage``."""
+    metrics = [next(iter(m)) if isinstance(m, dict) else m for m in _stage(stages, stage, dvc_file).get("metrics", [])]
     if not metrics:
-        raise StagePathError(f"{dvc_file}: the evaluate stage lists no metrics file")
-    return StagePaths(ingest, shards, train, checkpoint, evaluate, str(metrics[0]))
+        raise StagePathError(f"{dvc_file}: the {stage} stage lists no metrics file")
+    return str(metrics[0])
 
 
 def stage_deps(project_dir: str | Path, stage: str) -> list[str]:

@@ -28,6 +28,11 @@ over photos (`qualiclip.pipeline.bootstrap`, ``promotion.bootstrap`` resamples, 
 - the lower bound of (this model − the champion) is above ``min_improvement`` (no champion yet:
   the first two alone decide).
 
+``promote_project(..., plus=True)`` (``qualiclip promote --plus``) applies the same gate to the
+QualiCLIP+ model of the plus stage (`plus_target`): its own registered model and champion, its
+metric ``promotion.plus_metric``, the QualiCLIP model it starts from as the baseline to beat,
+and its champion re-scored by the plus stage's evaluation (`plus_evaluator`).
+
 The decision (both figures on the same n, the difference, its interval, the confidence) is
 logged, written first in the version's description, and tagged on the version (``promotion``,
 ``promotion.outcome``). mlflow is imported only to open the registry.
@@ -40,8 +45,10 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +65,8 @@ METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 BASELINE_KEY = "baseline"  # metrics.json block of the zero-shot baseline: baseline.<metric>
 CACHE_DIR = "outputs/promotion"  # the champion's re-scored evaluations, one folder per version and data
 FIGURES_SEP = " — on the same "  # between the reason and its figures in the `promotion` tag
+ZERO_SHOT = "zero-shot baseline"  # what the QualiCLIP model must beat: its backbone before fine-tuning
+STARTING_MODEL = "model it starts from"  # what a QualiCLIP+ model must beat: the QualiCLIP model it learnt on
 NOT_PROMOTED = ("refused", "kept")  # outcomes that leave the alias where it was (exit 3 of `qualiclip promote`)
 log = logging.getLogger(__name__)
 
@@ -138,23 +147,30 @@ def _gain(new: float, old: float, cfg: PromotionConfig) -> float:
     return new - old if cfg.higher_is_better else old - new
 
 
-def version_tags(meta: dict, shards_md5: str | None, metrics: dict) -> dict[str, str]:
+def version_tags(meta: dict, shards_md5: str | None, metrics: dict, *, provenance: bool = True) -> dict[str, str]:
     """The tags every evaluated version carries: provenance plus ``eval.<metric>`` values."""
-    tags = {"params_hash": str(meta.get("params_hash", "")), "data_version": str(meta.get("data_version", ""))}
+    tags = {}
+    if provenance:
+        tags = {"params_hash": str(meta.get("params_hash", "")), "data_version": str(meta.get("data_version", ""))}
     if shards_md5:
         tags["dvc_shards_md5"] = shards_md5
     tags.update({f"{METRIC_TAG}{k}": repr(v) for k, v in flat_metrics(metrics).items()})
     return tags
 
 
-def find_version(client, name: str, checkpoint: Path) -> str:
+def find_version(client, name: str, checkpoint: Path, *, by_tags: bool = True) -> str:
     """The registered version of ``checkpoint``: its version file (a version this registry must hold),
-    else matching version tags."""
+    else (``by_tags``) matching version tags."""
     vfile = Path(checkpoint).parent / VERSION_FILE
     if vfile.is_file():
         info = json.loads(vfile.read_text())
         if info.get("name") == name and info.get("version"):
             return _in_store(client, name, str(info["version"]))
+    if not by_tags:
+        raise PromotionError(
+            f"no version of '{name}' recorded in {vfile} — run the stage that wrote {checkpoint} "
+            "with MLflow tracking on (tracking.backend: mlflow)"
+        )
     meta = read_metadata(Path(checkpoint))
     if not meta:
         raise PromotionError(f"no checkpoint metadata at {checkpoint} — run the train stage first")
@@ -261,33 +277,66 @@ def current_champion(client, name: str, cfg: PromotionConfig) -> str | None:
     return None if version is None else str(version)
 
 
-def score_champion(project: Path, name: str, version: str, cfg: EvaluateConfig, digest: str) -> Path:
+Evaluator = Callable[[Any, Path], object]  # (model, out folder): writes an evaluate output folder there
+
+
+def score_champion(project: Path, name: str, version: str, digest: str, evaluate: Evaluator) -> Path:
     """The evaluate output folder of champion ``version`` on this run's evaluation data: cached in
-    ``outputs/promotion`` by version and ``digest``, else made by `run_evaluate` (no baseline: the
-    challenger's evaluation has it)."""
+    ``outputs/promotion`` by version and ``digest``, else made by ``evaluate`` (the evaluate stage's
+    code, `synthetic_evaluator`, or the plus stage's, `plus_evaluator`)."""
     out = project / CACHE_DIR / f"{name}-v{version}-{digest}"
     if (out / "metrics.json").is_file():
         return out
     from ..checkpoint import load_checkpoint
-    from ..evaluate import run_evaluate
-    from .paths import stage_paths
     from .tracking_mlflow import download_model
 
     local, _ = download_model(f"models:/{name}/{version}", project)
     model = load_checkpoint(local / "artifacts" / "checkpoint")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    run_evaluate(replace(cfg, baseline=False), model, project / stage_paths(project).ingest, tmp)
+    evaluate(model, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # complete or absent: an interrupted scoring is not a cache entry
     return out
 
 
+def synthetic_evaluator(project: Path, cfg: EvaluateConfig) -> Evaluator:
+    """The evaluate stage's `run_evaluate` on this run's held-out photos and datasets (no
+    baseline: the challenger's evaluation has it)."""
+
+    def evaluate(model, out: Path) -> None:
+        from ..evaluate import run_evaluate
+
+        run_evaluate(replace(cfg, baseline=False), model, project / stage_paths(project).ingest, out)
+
+    return evaluate
+
+
+def plus_evaluator(params: dict) -> Evaluator:
+    """The plus stage's evaluation (`stages.evaluate_plus`): the test split of ``plus.dataset`` and
+    every ``evaluate.datasets`` entry (no baseline: the challenger's evaluation has it)."""
+
+    def evaluate(model, out: Path) -> None:
+        from ..plus import load_labelled
+        from .stages import evaluate_plus, plus_eval_sets
+
+        evaluate_plus(params, plus_eval_sets(params, load_labelled(params["plus"].dataset)), model, out)
+
+    return evaluate
+
+
 def champion_scores(
-    project: Path, name: str, version: str, cfg: EvaluateConfig, eval_dir: Path, block: str, mine: Scores
+    project: Path,
+    name: str,
+    version: str,
+    cfg: EvaluateConfig,
+    eval_dir: Path,
+    block: str,
+    mine: Scores,
+    evaluate: Evaluator,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The champion's per-image scores on the challenger's items of ``block``, and its flat metrics."""
-    out = score_champion(project, name, version, cfg, evaluation_digest(eval_dir, cfg))
+    out = score_champion(project, name, version, evaluation_digest(eval_dir, cfg), evaluate)
     theirs = read_scores(out, block)
     if theirs.keys != mine.keys:
         raise PromotionError(
@@ -334,18 +383,20 @@ def decide(
     champion: tuple[str | None, np.ndarray | None, str | None],
     *,
     dry_run: bool = False,
+    baseline: str = ZERO_SHOT,
 ) -> Decision:
     """Move the alias to ``version`` only if it clears the gate and the champion at the confidence;
     log the decision, write it into the version's description and tag it.
 
     ``champion``: (its version, its scores on ``mine``'s items, why it could not be scored).
+    ``baseline``: what ``mine.baseline`` scored (`ZERO_SHOT`, or `STARTING_MODEL` for QualiCLIP+).
     """
     _, metric = split_metric(cfg.metric)
     champ, champ_scores, champ_error = champion
     value = point(metric, mine.scores, mine.items)
     others: dict[str, tuple[str, np.ndarray]] = {}
     if mine.baseline is not None:
-        others["baseline"] = ("zero-shot baseline", mine.baseline)
+        others["baseline"] = (baseline, mine.baseline)
     if champ_scores is not None and champ != version:
         others["champion"] = (f"{cfg.alias} v{champ}", champ_scores)
     comps = compare(cfg, mine, metric, others) if others else {}
@@ -353,11 +404,11 @@ def decide(
     failures = []
     if base is None:
         failures.append(
-            "the evaluation has no zero-shot baseline scores to beat — set evaluate.baseline: true "
+            f"the evaluation has no {baseline} scores to beat — set evaluate.baseline: true "
             "in params.yaml and rerun the pipeline"
         )
     elif not _cleared(base, cfg, 0.0):
-        failures.append(f"not better than the zero-shot baseline at {cfg.confidence:g} confidence")
+        failures.append(f"not better than the {baseline} at {cfg.confidence:g} confidence")
     if cfg.min_value is not None and _gain(value, cfg.min_value, cfg) < 0:
         failures.append(
             f"{'below the floor' if cfg.higher_is_better else 'above the ceiling'} promotion.min_value = {cfg.min_value}"
@@ -370,7 +421,7 @@ def decide(
     elif failures:
         outcome, reason = "refused", f"refused {what}: " + "; ".join(failures)
     elif versus is None:
-        outcome, reason = "promoted", f"promoted {what}: no {cfg.alias} yet; better than the zero-shot baseline"
+        outcome, reason = "promoted", f"promoted {what}: no {cfg.alias} yet; better than the {baseline}"
     elif _cleared(versus, cfg, cfg.min_improvement):
         outcome = "promoted"
         reason = f"promoted {what}: better than {cfg.alias} version {champ} by more than {cfg.min_improvement:g}"
@@ -474,6 +525,69 @@ def description(d: Decision, old: str) -> str:
     return "\n".join(decision_markdown(d)) + (DESCRIPTION_RULE + provenance if provenance else "")
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one ``qualiclip promote`` decides on: the QualiCLIP model of the train stage (evaluated
+    by the evaluate stage) or, with ``--plus``, the QualiCLIP+ model of the plus stage."""
+
+    name: str  # registered model
+    checkpoint: Path
+    metrics: Path  # the stage's metrics file; the per-image scores beside it
+    stage: str  # the stage that writes ``metrics``
+    provenance: dict[str, str]  # version tags besides the metrics
+    evaluate: Evaluator  # how the champion is re-scored on the same images
+    baseline: str  # what the metrics file's ``baseline`` scored
+    by_tags: bool  # whether the version may be found by its tags (no version file)
+
+
+def qualiclip_target(project: Path, params: dict, checkpoint, metrics_file, shards) -> Target:
+    """The train stage's model; paths from dvc.yaml unless given."""
+    if None in (checkpoint, metrics_file, shards):  # the paths dvc.yaml names
+        paths = stage_paths(project)
+        checkpoint = checkpoint or paths.checkpoint
+        metrics_file = metrics_file or paths.metrics
+        shards = shards or paths.shards
+    assert checkpoint and metrics_file and shards  # given, or read from dvc.yaml
+    meta = read_metadata(project / checkpoint)
+    return Target(
+        name=params["tracking"].registered_model,
+        checkpoint=project / checkpoint,
+        metrics=project / metrics_file,
+        stage="evaluate",
+        provenance=version_tags(meta, dvc_shards_md5(project, shards), {}),
+        evaluate=synthetic_evaluator(project, params["evaluate"]),
+        baseline=ZERO_SHOT,
+        by_tags=True,
+    )
+
+
+def plus_target(project: Path, params: dict, checkpoint, metrics_file) -> Target:
+    """The plus stage's QualiCLIP+ model, registered as ``<tracking.registered_model>-plus``: its
+    own champion, judged on its test split (``promotion.plus_metric``) against the model it starts
+    from. Paths from dvc.yaml's plus stage unless given."""
+    from .paths import plus_paths
+    from .stages import PLUS_SUFFIX
+
+    if None in (checkpoint, metrics_file):
+        paths = plus_paths(project)
+        checkpoint, metrics_file = checkpoint or paths.checkpoint, metrics_file or paths.metrics
+    assert checkpoint and metrics_file
+    meta = read_metadata(project / checkpoint)
+    base = meta.get("base") or {}
+    provenance = {f"base.{k}": str(base[k]) for k in ("params_hash", "data_version") if base.get(k)}
+    provenance |= {f"split.{k}": v["digest"] for k, v in (meta.get("splits") or {}).items()}
+    return Target(
+        name=params["tracking"].registered_model + PLUS_SUFFIX,
+        checkpoint=project / checkpoint,
+        metrics=project / metrics_file,
+        stage="plus",
+        provenance=provenance,
+        evaluate=plus_evaluator(params),
+        baseline=STARTING_MODEL,
+        by_tags=False,
+    )
+
+
 def promote_project(
     project_dir: str | Path = ".",
     params_file: str = "params.yaml",
@@ -482,28 +596,33 @@ def promote_project(
     metrics_file: str | None = None,
     shards: str | None = None,
     dry_run: bool = False,
+    plus: bool = False,
 ) -> Decision:
     """Tag the version trained in ``project_dir`` with its evaluation, re-score the champion on the
     same images, and promote the version if it is surely better (see the module docstring).
 
     The paths default to those of the project's dvc.yaml (`qualiclip.pipeline.paths`); the
-    per-image scores are read beside ``metrics_file``.
+    per-image scores are read beside ``metrics_file``. ``plus``: the QualiCLIP+ model of the plus
+    stage, through the same gate (`plus_target`; docs/plus.md).
     """
     project = Path(project_dir)
-    params = read_params(project / params_file, "promotion", "tracking", "evaluate")
-    cfg, tracking = params["promotion"], params["tracking"]
-    if tracking.backend == "none":
+    params = read_params(project / params_file, "promotion", "tracking", "evaluate", *(["plus"] if plus else []))
+    cfg = params["promotion"]
+    if params["tracking"].backend == "none":
         raise PromotionError("tracking.backend is 'none' in params.yaml: no model version was registered to promote")
-    if None in (checkpoint, metrics_file, shards):  # the paths dvc.yaml names
-        paths = stage_paths(project)
-        checkpoint = checkpoint or paths.checkpoint
-        metrics_file = metrics_file or paths.metrics
-        shards = shards or paths.shards
-    assert checkpoint and metrics_file and shards  # given, or read from dvc.yaml
-    mfile = project / metrics_file
+    if plus:
+        cfg = replace(cfg, metric=cfg.plus_metric)
+        target = plus_target(project, params, checkpoint, metrics_file)
+    else:
+        target = qualiclip_target(project, params, checkpoint, metrics_file, shards)
+    mfile = target.metrics
     if not mfile.is_file():
-        raise PromotionError(f"no evaluation metrics at {mfile} — run the evaluate stage first (dvc repro)")
+        raise PromotionError(f"no evaluation metrics at {mfile} — run the {target.stage} stage first (dvc repro)")
     metrics = json.loads(mfile.read_text())
+    if plus and not metrics:
+        raise PromotionError(
+            f"{mfile} is empty: the plus stage skipped — name a rated set in plus.dataset, `dvc repro`, then promote"
+        )
     metric_value(metrics, cfg.metric)  # fail before touching the registry
     block, _ = split_metric(cfg.metric)
     mine = read_scores(mfile.parent, block)
@@ -511,11 +630,10 @@ def promote_project(
     from .tracking_mlflow import registry_client, tracking_uri  # mlflow: optional, and seconds to import
 
     client = registry_client(project)
-    name = tracking.registered_model
-    version = find_version(client, name, project / checkpoint)
-    tags = version_tags(read_metadata(project / checkpoint), dvc_shards_md5(project, shards), metrics)
+    name = target.name
+    version = find_version(client, name, target.checkpoint, by_tags=target.by_tags)
     if not dry_run:
-        for k, v in tags.items():
+        for k, v in {**target.provenance, **version_tags({}, None, metrics, provenance=False)}.items():
             client.set_model_version_tag(name, version, k, v)
     champ = current_champion(client, name, cfg)
     champ_scores: np.ndarray | None = None
@@ -524,11 +642,12 @@ def promote_project(
     if champ is not None and champ != version:
         try:
             champ_scores, champ_metrics = champion_scores(
-                project, name, champ, params["evaluate"], mfile.parent, block, mine
+                project, name, champ, params["evaluate"], mfile.parent, block, mine, target.evaluate
             )
         except Exception as exc:  # a champion that cannot be scored refuses the challenger, with the reason
             champ_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    decision = decide(client, name, version, mine, cfg, (champ, champ_scores, champ_error), dry_run=dry_run)
+    champion = (champ, champ_scores, champ_error)
+    decision = decide(client, name, version, mine, cfg, champion, dry_run=dry_run, baseline=target.baseline)
     run_id = client.get_model_version(name, version).run_id or None
     experiment = client.get_run(run_id).info.experiment_id if run_id else None
     return replace(

@@ -161,7 +161,7 @@ def model_name(checkpoint_dir: Path) -> str:
     return arch if arch.lower().startswith("qualiclip") else f"qualiclip-{arch}"
 
 
-def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
+def log_pyfunc(checkpoint_dir: Path):
     """Log ``checkpoint_dir`` as the pyfunc model of the active run, named by `model_name`;
     returns MLflow's ``ModelInfo``."""
     return mlflow.pyfunc.log_model(
@@ -172,5 +172,4 @@ def log_pyfunc(checkpoint_dir: Path, registered_model_name: str | None):
         input_example=input_example(),
         pip_requirements=requirements(),
         code_paths=[str(PACKAGE_DIR)],
-        registered_model_name=registered_model_name,
     )

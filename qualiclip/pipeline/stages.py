@@ -239,29 +239,66 @@ PLUS_STATUS = "status.json"  # the plus stage's record of what it did (also with
 PLUS_SUFFIX = "-plus"  # the QualiCLIP+ model is registered as `<tracking.registered_model>-plus`
 
 
-def stage_plus(params_file: str, model: str, out: str) -> dict:
-    """QualiCLIP+ (docs/plus.md): prompt learning on ``plus.dataset`` from the checkpoint ``model``.
+def stage_plus(params_file: str, model: str, out: str, eval_out: str) -> dict:
+    """QualiCLIP+ (docs/plus.md): prompt learning on ``plus.dataset`` from the checkpoint ``model``,
+    the result in ``out``, its evaluation (metrics.json, the plus stage's DVC metrics) in ``eval_out``.
 
-    Opt-in: with no dataset named it writes `PLUS_STATUS` saying so and returns, loading neither
-    torch nor a tracker, so the default pipeline keeps its run time (a fraction of a second).
+    Opt-in: with no dataset named it writes `PLUS_STATUS` saying so and an empty metrics file, and
+    returns, loading neither torch nor a tracker, so the default pipeline keeps its run time (a
+    fraction of a second).
     """
-    params = read_params(params_file, "plus", "tracking")
+    params = read_params(params_file, "plus", "evaluate", "tracking")
     cfg = params["plus"]
     Path(out).mkdir(parents=True, exist_ok=True)
     if cfg.dataset is None:
         status = {"ran": False, "reason": "no labelled dataset named (plus.dataset)"}
         (Path(out) / PLUS_STATUS).write_text(json.dumps(status, indent=2) + "\n")
+        _empty_evaluation(Path(eval_out))
         print("plus: skipped — no labelled dataset named (set plus.dataset to learn from opinion scores)")
         return status
-    return _run_plus(params_file, cfg, model, out)
+    return _run_plus(params_file, params, model, out, eval_out)
 
 
-def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
+def _empty_evaluation(folder: Path) -> None:
+    """The evaluation folder of a skipped stage: ``metrics.json`` holding ``{}`` and nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("scores_*.csv"), *folder.glob("plots/*.png")]:
+        stale.unlink()
+    (folder / "metrics.json").write_text("{}\n")
+
+
+def plus_eval_sets(params: dict, ds) -> list:
+    """What a QualiCLIP+ model is evaluated on, as ``(label, dataset)``: its test split (block
+    `qualiclip.plus.TEST_LABEL`, where it holds 3 images or more) and every ``evaluate.datasets``
+    entry (cross-dataset), checked. The stage and the re-scoring of its champion both use this."""
+    from ..datasets import check_datasets
+    from ..plus import TEST_LABEL, PlusError, make_splits, split_dataset
+
+    datasets = check_datasets(params["evaluate"])
+    if any(label == TEST_LABEL for label, _ in datasets):
+        raise PlusError(
+            f"an evaluate.datasets entry is labelled '{TEST_LABEL}', the plus stage's name for its test split "
+            "— give that entry another `label:`"
+        )
+    test = make_splits(ds, params["plus"].seed)["test"]
+    return ([(TEST_LABEL, split_dataset(ds, test))] if len(test) >= 3 else []) + datasets
+
+
+def evaluate_plus(params: dict, sets: list, model, out: Path, start=None):
+    """`qualiclip.evaluate.run_evaluate_datasets` of ``model`` on ``sets`` (`plus_eval_sets`),
+    with ``start`` (the QualiCLIP model it starts from) as the baseline on the same images."""
+    from ..evaluate import run_evaluate_datasets
+
+    return run_evaluate_datasets(params["evaluate"], model, sets, out, baseline=start)
+
+
+def _run_plus(params_file: str, params: dict, model: str, out: str, eval_out: str) -> dict:
     from ..checkpoint import load_checkpoint, read_metadata  # see the module docstring
     from ..plus import load_labelled, save_plus, train_plus
     from .lineage import iqa_input
 
     tracker, tcfg = _tracker(params_file)
+    cfg = params["plus"]
     name = tcfg.registered_model + PLUS_SUFFIX
     logged = None
     with tracker.run("plus"):
@@ -269,8 +306,12 @@ def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
             root = str(cfg.dataset["root"])
             check_sources_are_deps([root], _dvc_stage_name(), key="plus.dataset.root", news="changed labels")
         ds = load_labelled(cfg.dataset)
+        sets = plus_eval_sets(params, ds)  # a broken evaluate.datasets entry fails now, not after training
         base = load_checkpoint(model)
         tracker.log_input(iqa_input("plus", ds), "training")
+        inputs = {label: iqa_input(label, d) for label, d in sets}
+        for ref in inputs.values():
+            tracker.log_input(ref, "evaluation")
         tracker.log_params({"plus": config_dict(cfg)})
         base_meta = read_metadata(Path(model)) if Path(model).is_dir() else {}
         meta = {"plus": config_dict(cfg), "base": {k: base_meta.get(k) for k in ("params_hash", "data_version")}}
@@ -278,7 +319,7 @@ def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
             base, ds, cfg, on_epoch=lambda row: tracker.log_metrics({"plus_train": row}, step=row["epoch"])
         )
         checkpoint = save_plus(result, ds, Path(out), meta)
-        tracker.log_metrics({"plus_test": result.metrics})
+        metrics = evaluate_plus(params, sets, result.model, Path(eval_out), start=base).metrics
         tracker.log_artifact(Path(out) / "splits.json")
         if tracker.enabled:
             logged = tracker.log_model(
@@ -287,6 +328,9 @@ def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
                 description=f"QualiCLIP+ on {ds.name} ({len(result.splits['train'])} train images)",
                 tags={"variant": "qualiclip+", "execution_id": getattr(tracker, "execution_id", "")},
             )
+        log_evaluation(tracker, metrics, inputs, logged.model_id if logged else None)
+        for png in sorted((Path(eval_out) / "plots").glob("*.png")):
+            tracker.log_figure(png)
     write_version_file(
         Path(out),
         name,
@@ -294,10 +338,19 @@ def _run_plus(params_file: str, cfg, model: str, out: str) -> dict:
         getattr(tracker, "run_id", None),
         logged.model_id if logged else None,
     )
-    test = result.metrics.get("plus", {})
-    base_test = result.metrics.get("base", {})
-    line = f"test SRCC {test['srcc']:.3f} (from {base_test['srcc']:.3f})" if test else "no test split of 3+ images"
-    print(f"plus: {len(result.log)} epochs on {len(result.splits['train'])} images, {line}")
-    status = {"ran": True, "dataset": ds.name, "best_epoch": result.best_epoch, "test": result.metrics}
+    print(f"plus: {len(result.log)} epochs on {len(result.splits['train'])} images, {plus_summary(metrics)}")
+    status = {"ran": True, "dataset": ds.name, "best_epoch": result.best_epoch, "metrics": metrics}
     (Path(out) / PLUS_STATUS).write_text(json.dumps(status, indent=2) + "\n")
     return status
+
+
+def plus_summary(metrics: dict) -> str:
+    """``test SRCC 0.512 PLCC 0.498 (from 0.101, 0.087); koniq SRCC …``: each block's figures,
+    rounded, and those of the model it starts from on the same images."""
+    parts = []
+    for label in sorted((k for k in metrics if k != "baseline"), key=lambda k: k != "test"):  # test first
+        m = metrics[label]
+        start = metrics.get("baseline", {}).get(label)
+        was = f" (from {start['srcc']:.3f}, {start['plcc']:.3f})" if start else ""
+        parts.append(f"{label} SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f}{was}")
+    return "; ".join(parts) or "no test split of 3+ images and no evaluate.datasets"

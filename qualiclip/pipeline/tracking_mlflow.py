@@ -17,6 +17,7 @@ What a run records, so that a reviewer can follow a model back to its data and c
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 from mlflow.utils.git_utils import get_git_commit
@@ -44,6 +46,12 @@ DEFAULT_URI = "sqlite:///mlflow.db"  # the embedded default store, in the projec
 DVC_EXP_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}  # set by `dvc exp run`
 ERROR_TAG = "qualiclip.error"  # the failure of a stage, on its run and on the parent run
 MODEL_TAG = "qualiclip.model_id"  # on the evaluate run: the logged model it evaluated
+
+# MLflow's INFO lines that no one acts on, in every run log: the input example checked against
+# the signature when a model is logged, and the tables created in a new sqlite store. Its
+# warnings and errors still show.
+for _chatty in ("mlflow.pyfunc", "mlflow.store.db.utils"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 
 class ModelUriError(QualiclipError, LookupError):
@@ -219,14 +227,28 @@ class MlflowTracker(Tracker):
         """Log the checkpoint as a pyfunc model; register a version carrying ``tags``."""
         from .serving import log_pyfunc  # imports torch and open_clip: only the train stage logs a model
 
-        info = log_pyfunc(checkpoint_dir, registered_model_name=register_as)
+        info = log_pyfunc(checkpoint_dir)
         if not register_as:
             return ModelRef(info.model_id)
-        version = str(info.registered_model_version)
-        self.client.update_model_version(register_as, version, description=description)
-        for k, v in tags.items():
-            self.client.set_model_version_tag(register_as, version, k, str(v))
-        return ModelRef(info.model_id, version)
+        # Registered here rather than by log_model(registered_model_name=...), which prints
+        # "Successfully registered model" and "Created version" beside the stage's own line.
+        self._ensure_registered(register_as)
+        mv = self.client.create_model_version(
+            register_as,
+            source=f"models:/{info.model_id}",
+            run_id=info.run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            description=description,
+            model_id=info.model_id,
+        )
+        return ModelRef(info.model_id, str(mv.version))
+
+    def _ensure_registered(self, name: str) -> None:
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+                raise
 
     def link_model(self, model_id: str) -> bool:
         try:  # the version file beside a checkpoint may name a model of another store
