@@ -85,7 +85,7 @@ def bench_dask(ingest: Path, root: Path, cfg: DegradeConfig, reps: int) -> None:
     from distributed import Client, LocalCluster
 
     sys.path.insert(0, str(ROOT))  # flows/ is imported from the repository root
-    from flows.degrade_flow import api_for_dask, dask_runner, degrade_shards_flow, local_cluster_kwargs
+    from flows.degrade_shards import api_for_dask, dask_runner, degrade_shards_flow, local_cluster_kwargs
 
     params = root / "params.yaml"
     params.write_text(
@@ -98,7 +98,7 @@ def bench_dask(ingest: Path, root: Path, cfg: DegradeConfig, reps: int) -> None:
         run = degrade_shards_flow.with_options(task_runner=dask_runner(address, cfg.workers))
         return lambda out: run(str(params), str(ingest), str(out))
 
-    # one Prefect server for the flow and the workers, as `python -m flows.degrade_flow --dask local` runs
+    # one Prefect server for the flow and the workers, as `python -m flows.degrade_shards --dask local` runs
     with api_for_dask("local"), LocalCluster(**local_cluster_kwargs(cfg.workers)) as cluster, Client(cluster) as client:
         degrade_shards_flow(str(params), str(ingest), str(root / "warm"))  # first flow run: untimed
         rates, cpus = interleave(

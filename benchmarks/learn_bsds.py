@@ -24,9 +24,9 @@ import yaml
 from filelock import FileLock
 from timing import timed_with_children
 
-from qualiclip.config import params_hash
 from qualiclip.datasets import check_datasets
 from qualiclip.errors import QualiclipError
+from qualiclip.identity import params_hash
 from qualiclip.pipeline import stages
 from qualiclip.pipeline.params import read_params
 

@@ -40,7 +40,7 @@ from prefect.schedules import Cron
 from prefect.states import Completed, State
 
 from flows import gpu_slot
-from flows.pipeline import dvc_push, read_metrics, reproduce
+from flows.repro import dvc_push, read_metrics, reproduce
 from qualiclip.config import ConfigError
 from qualiclip.errors import QualiclipError
 from qualiclip.pipeline.params import ScheduleConfig, read_params

@@ -10,7 +10,7 @@ evaluate or export) and `load_image_encoder` (the image encoder alone, read with
 the text tower: the memory-saving path scoring uses).
 
 Nothing read from a checkpoint is trusted before it is checked: the safetensors header
-(`model.read_safetensors_header`) before any tensor is allocated, ``config.json``
+(`weights.read_safetensors_header`) before any tensor is allocated, ``config.json``
 (`read_config`) before any model is built, and an architecture stored in it against
 `ARCH_LIMITS` and `MAX_PARAMETERS` (counted on the meta device) before it is registered with
 open_clip.
@@ -35,19 +35,15 @@ from torch import nn
 from .config import ConfigError, build_config
 from .files import FileReadError, read_regular
 from .model import (
-    SAFETENSORS_DTYPES,
     ModelConfig,
-    ModelLoadError,
     QualiCLIP,
-    check_state_dict,
     create_model,
-    load_safetensors,
-    read_safetensors_header,
     register_model_configs,
     uses_quick_gelu,
     weights_loaded_next,
 )
 from .prompts import CLIP_MEAN, CLIP_STD, PROMPT_PAIRS
+from .weights import SAFETENSORS_DTYPES, ModelLoadError, check_state_dict, load_safetensors, read_safetensors_header
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

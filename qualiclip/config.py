@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import json
 import math
 import reprlib
@@ -387,9 +386,3 @@ def config_fields(cfg: Any) -> dict[str, Any]:
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a config by params key (tuples become lists)."""
     return json.loads(json.dumps(config_fields(cfg), default=str))
-
-
-def params_hash(*cfgs: Any) -> str:
-    """A short stable hash of one or more configs, for naming runs and model versions."""
-    blob = json.dumps([config_dict(c) for c in cfgs], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,6 +1,6 @@
 """The ``degrade`` stage: pristine images -> WebDataset shards of QualiCLIP samples.
 
-Three pieces, so a process pool (`run_degrade`) and a Prefect flow (flows/degrade_flow.py) run
+Three pieces, so a process pool (`run_degrade`) and a Prefect flow (flows/degrade_shards.py) run
 the same code:
 
     plan = plan_degrade(cfg, ingest_dir, out_dir)            # which shards, which are missing
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .config import config_fields
 from .errors import QualiclipError
+from .identity import plan_digest
 from .ingest import check_crop, images_dir, load_image, read_manifest
 from .sampling import make_sample
 from .schema import DegradeConfig
@@ -154,7 +155,7 @@ def plan_degrade(cfg: DegradeConfig, ingest_dir: Path, out_dir: str | os.PathLik
     rows = plan_rows(cfg, ingest_dir)
     shards = plan_jobs([r["id"] for r in rows], cfg)
     store = open_store(out_dir)
-    plan_hash = plan_digest(cfg, rows)
+    plan_hash = plan_digest(cfg, rows, FORMAT_VERSION)
     files = _prepare_out_dir(store, plan_hash, len(shards))
     pending = tuple(j for j in shards if not _intact(store, j, files))
     # absolute: shard jobs may run in other processes, other machines (Dask), other working folders
@@ -278,14 +279,6 @@ def lock_path(store: Store) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Planning and the output folder
-
-
-def plan_digest(cfg: DegradeConfig, rows: list[dict]) -> str:
-    """sha256 of everything a sample's bytes depend on: the format version, the config (less
-    ``workers``, which changes nothing in the output) and the images (id, sha256) in plan order."""
-    key = {k: v for k, v in config_fields(cfg).items() if k != "workers"}
-    blob = json.dumps([FORMAT_VERSION, key, [(r["id"], r["sha256"]) for r in rows]], sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _prepare_out_dir(store: Store, plan_hash: str, n_shards: int) -> dict[str, int | None]:

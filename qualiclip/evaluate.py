@@ -28,10 +28,13 @@ import numpy as np
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm import tqdm
 
+from .batching import score_arrays
 from .datasets import IQADataset, check_datasets
 from .device import resolve_device
 from .distortions import LEVELS, get_distortion, list_distortions, to_uint8
 from .errors import QualiclipError
+from .file_scoring import score_paths
+from .inference import inference_copy
 from .ingest import MANIFEST_FILE, check_crop, images_dir, load_image, read_manifest
 from .metrics import correlations
 from .model import QualiCLIP, create_clip, encode_prompts
@@ -39,7 +42,6 @@ from .plots import plot_model_vs_baseline, plot_mos_scatter, plot_per_distortion
 from .prompts import BASELINE_PAIRS
 from .sampling import ensure_size
 from .schema import EvaluateConfig, ModelConfig
-from .scoring import inference_copy, score_arrays, score_paths
 
 PER_TYPE_KEYS = ("per_distortion", "per_distortion_within")  # synthetic_metrics' per-type blocks
 

@@ -20,9 +20,11 @@ import numpy as np
 from matplotlib.patches import Rectangle
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
+from .batching import score_arrays, scoring_device
 from .errors import QualiclipError
 from .figures import pyplot
-from .scoring import image_problem, inference_copy, memory_budget, score_arrays, scoring_device
+from .inference import inference_copy
+from .memory import image_problem, memory_budget
 
 
 class ExplainError(QualiclipError, ValueError):
@@ -77,7 +79,7 @@ def quality_map(
     """Score every window of ``image`` ((H, W, 3) uint8 RGB) and the whole image.
 
     A patch larger than the image is reduced to the image's shorter side. An image the model
-    cannot score whole (too small, or above ``max_memory`` bytes: `scoring.image_problem`)
+    cannot score whole (too small, or above ``max_memory`` bytes: `memory.image_problem`)
     raises `ExplainError` before any patch is scored.
     """
     if patch < 16 or stride < 1:

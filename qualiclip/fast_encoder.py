@@ -3,7 +3,7 @@
 It returns the features of the model's own encoder to float rounding (~1e-6 relative; scores
 agree to 1e-5, tests/test_fast_encoder.py). What changes (figures: docs/evaluation.md):
 
-* BatchNorm is folded into the convolutions before it is built (`scoring.fold_batchnorm`).
+* BatchNorm is folded into the convolutions before it is built (`inference.fold_batchnorm`).
 * CLIP's mean/std normalisation is folded into the first convolution. Zero padding of the
   normalised image is padding of the raw image with the mean colour, so the image is padded with
   the mean colour and uint8 pixels go in as they are: one copy casts, pads and lays them out
@@ -167,7 +167,7 @@ class FastEncoder(nn.Module):
     def __init__(self, visual: OpenClipModule, mean, std, pos_embedding: str = "drop", portable: bool = False):
         super().__init__()
         if not can_build(visual) or any(isinstance(m, nn.BatchNorm2d) for m in visual.modules()):
-            raise ValueError("FastEncoder needs a ModifiedResNet with its BatchNorm folded (scoring.fold_batchnorm)")
+            raise ValueError("FastEncoder needs a ModifiedResNet with its BatchNorm folded (inference.fold_batchnorm)")
         self.portable = portable
         self.output_dim = visual.output_dim
         mean = torch.as_tensor(mean, dtype=torch.float32)

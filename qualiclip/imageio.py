@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import threading
@@ -306,13 +305,6 @@ def _over_background(rgba: np.ndarray, background: Sequence[int]) -> np.ndarray:
     alpha = rgba[:, :, 3:].astype(np.uint32)
     bg = np.asarray(background, dtype=np.uint32).reshape(1, 1, 3)
     return ((rgb * alpha + bg * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-def pixel_hash(pixels: np.ndarray) -> str:
-    """sha256 hex of an RGB array's shape and bytes: equal pixels <=> equal hash."""
-    digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}|".encode())
-    digest.update(np.ascontiguousarray(pixels).tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- listing and path safety

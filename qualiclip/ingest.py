@@ -10,7 +10,6 @@ left. Rules, output layout and the reasons table: docs/ingest.md.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -30,6 +29,7 @@ from annotated_types import Interval, Len, MinLen, Predicate, doc
 from PIL import Image
 from tqdm import tqdm
 
+from qualiclip import identity
 from qualiclip.config import ConfigError, check_fields
 from qualiclip.errors import QualiclipError
 from qualiclip.imageio import (
@@ -40,7 +40,6 @@ from qualiclip.imageio import (
     PathOutsideRootError,
     check_path_text,
     decode_image,
-    pixel_hash,
     read_image_bytes,
     resolve_inside,
     scan_tree,
@@ -250,7 +249,7 @@ def process_file(cand: Candidate, cfg: IngestConfig) -> Accepted | Rejection:
             "too_small",
             f"{img.width}x{img.height}: shorter side {min(img.width, img.height)} < ingest.min_size={cfg.min_size}",
         )
-    image_id = pixel_hash(img.pixels)[:16]
+    image_id = identity.image_id(img.pixels)
     row = {
         "id": image_id,
         "source": cand.source,
@@ -260,7 +259,7 @@ def process_file(cand: Candidate, cfg: IngestConfig) -> Accepted | Rejection:
         "width": img.width,
         "height": img.height,
         "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": identity.photo_digest(data),
     }
     return Accepted(cand, image_id, _encode_png(img.pixels), row)
 

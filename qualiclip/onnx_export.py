@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import QualiclipError
+from .inference import inference_copy
 from .model import MIN_SIDE, QualiCLIP
-from .scoring import inference_copy
 
 OPSET = 18
 INPUT, OUTPUTS = "image", ("score", "pair_probs")

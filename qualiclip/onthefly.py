@@ -18,7 +18,7 @@ byte for byte, for any number of ranks and workers:
 - a sample's pixels depend only on (degrade params, seed, image, variant), and the shard
   encodings are lossless.
 
-The data version of such a run is the degrade plan's digest (`degrade.plan_digest`: format
+The data version of such a run is the degrade plan's digest (`identity.plan_digest`: format
 version, degrade params, every image's id and sha256), not a shard index digest.
 """
 
@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .degrade import ShardJob, limit_threads, plan_digest, plan_jobs, plan_rows, render_sample, sample_key
+from .degrade import ShardJob, limit_threads, plan_jobs, plan_rows, render_sample, sample_key
+from .identity import plan_digest
 from .ingest import images_dir
 from .loader import LoaderStats, stream_batches
 from .schema import DegradeConfig
+from .shards import FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SamplePlan:
     cfg: DegradeConfig
     images_dir: str  # absolute: loader workers may run in another working folder
     jobs: tuple[ShardJob, ...]  # the shards `qualiclip degrade` would write, in index order
-    digest: str  # `degrade.plan_digest`: equal digests, equal samples
+    digest: str  # `identity.plan_digest`: equal digests, equal samples
 
     @property
     def total_samples(self) -> int:
@@ -88,7 +90,7 @@ def plan_samples(ingest_dir: str | os.PathLike, cfg: DegradeConfig) -> SamplePla
     """The plan `qualiclip degrade` would run on ``ingest_dir`` with ``cfg``, checked as it checks it."""
     rows = plan_rows(cfg, Path(ingest_dir))
     images = str(Path(images_dir(Path(ingest_dir))).resolve())
-    return SamplePlan(cfg, images, plan_jobs([r["id"] for r in rows], cfg), plan_digest(cfg, rows))
+    return SamplePlan(cfg, images, plan_jobs([r["id"] for r in rows], cfg), plan_digest(cfg, rows, FORMAT_VERSION))
 
 
 def units(plan: SamplePlan) -> list[dict]:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from . import identity
 from .errors import QualiclipError
 from .store import Store, StoreError, open_store, split_location
 
@@ -232,22 +233,9 @@ def _check_index(path: str, index) -> None:
             )
 
 
-def index_digest(index: dict) -> str:
-    """sha256 of the shard entries of an index (names, counts, sizes, hashes): equal digests, equal data."""
-    blob = json.dumps([[s["name"], s["samples"], s["bytes"], s["sha256"]] for s in index["shards"]])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def data_version(shard_dir: str | os.PathLike) -> str:
-    """The version of the training data in ``shard_dir`` (a folder or a bucket prefix): the first
-    12 hex digits of its `index_digest` (every shard's name, sample count, size and sha256).
-
-    Equal versions mean byte-identical training data. This is the one meaning of
-    ``data_version`` (checkpoint metadata, MLflow run and registry tags, the train run's dataset
-    input; the train state's ``shards`` is the whole digest); DVC's own hash of the folder is
-    recorded apart as ``dvc_shards_md5`` (docs/operations.md).
-    """
-    return index_digest(read_index(shard_dir))[:12]
+    """`identity.data_version` of the index in ``shard_dir`` (a folder or a bucket prefix)."""
+    return identity.data_version(read_index(shard_dir))
 
 
 def shard_paths(shard_dir: str | os.PathLike) -> list[str]:

@@ -1,7 +1,7 @@
 """Experiment tracking behind a small interface with a no-op default.
 
 The library (the train stage) logs through `Tracker`; the pipeline app chooses the tracker
-(`qualiclip.pipeline.tracking.get_tracker`) and holds the MLflow implementation
+(`qualiclip.pipeline.tracking_config.get_tracker`) and holds the MLflow implementation
 (`qualiclip.pipeline.tracking_mlflow`). Nothing in the library imports mlflow.
 """
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -36,9 +34,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import TRAIN_STATE, load_train_state, save_checkpoint, save_train_state
-from .config import config_fields
 from .device import resolve_device
 from .errors import QualiclipError
+from .identity import index_digest, replica_digest, resume_key, resume_params
 from .loader import LoaderStats, iterate_batches
 from .losses import qualiclip_loss
 from .model import QualiCLIP, create_model
@@ -59,10 +57,6 @@ class TrainError(QualiclipError, RuntimeError):
 
 PROGRESS_ENV = "QUALICLIP_PROGRESS_SECONDS"  # overrides PROGRESS_SECONDS (tests set it low)
 PROGRESS_SECONDS = 20.0  # off a terminal, a progress line at least this often (a step permitting)
-# source: both give the same batches (qualiclip.onthefly); the data digest a state records tells them apart
-RESUME_IGNORES = frozenset(
-    {"resume", "checkpoint_every", "log_every", "threads", "compile", "device", "dist_backend", "source"}
-)
 
 
 @dataclass(frozen=True)
@@ -240,33 +234,6 @@ def optimize(t: Trainer, batch: torch.Tensor, cfg: TrainConfig) -> dict[str, flo
 # Train state (resume)
 
 
-def resume_params(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict[str, object]:
-    """Everything that determines the weights and the batch stream, as flat params keys
-    (``train.lr``, ``model.name``, ``world_size``); a train state records it.
-
-    Over the params keys (`config_fields`: the loss weights flat, as before `TrainConfig.loss`
-    existed), so a train state written by an earlier version resumes.
-    """
-    train = {k: v for k, v in config_fields(cfg).items() if k not in RESUME_IGNORES}
-    if not train["ema"]:  # off: the key of states written before train.ema existed
-        del train["ema"]
-    model = dataclasses.asdict(model_cfg)
-    return {
-        **{f"train.{k}": v for k, v in train.items()},
-        **{f"model.{k}": v for k, v in model.items()},
-        "world_size": world_size,
-    }
-
-
-def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> str:
-    """Hash of `resume_params` (the blob of earlier versions, so their train states still resume)."""
-    params = resume_params(cfg, model_cfg, world_size)
-    train = sorted((k.removeprefix("train."), v) for k, v in params.items() if k.startswith("train."))
-    model = sorted((k.removeprefix("model."), v) for k, v in params.items() if k.startswith("model."))
-    blob = repr((train, model, world_size))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def rng_state() -> dict:
     """torch (CPU, CUDA), numpy and Python RNG states as weights_only-loadable values."""
     np_state = np.random.get_state()  # the legacy tuple form (legacy=True, the default)
@@ -296,7 +263,7 @@ def train_state(
     t: Trainer, step: int, key: str, rows: list[dict], shards: str | None = None, params: dict | None = None
 ) -> dict:
     """What a resumed run needs: encoder weights and buffers, optimizer, schedule, RNG, log, step,
-    ``shards``, the digest of the shard index trained on (`shards.index_digest`), and ``params``,
+    ``shards``, the digest of the shard index trained on (`identity.index_digest`), and ``params``,
     the `resume_params` of ``key`` as strings (so a refusal can name what changed)."""
     return {
         "format": 1,
@@ -409,15 +376,6 @@ def _where(data: str | os.PathLike | SamplePlan) -> str:
     return str(data) if isinstance(data, (str, os.PathLike)) else data.where
 
 
-def replica_digest(module: nn.Module) -> str:
-    """sha256 of every parameter and buffer, in state-dict order (equal on all DDP replicas)."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def gather_digests(t: Trainer) -> list[str]:
     """The digest of every replica, rank order (one entry in a single process).
 
@@ -425,10 +383,10 @@ def gather_digests(t: Trainer) -> list[str]:
     so after the last step each rank still holds its own; rank 0's are broadcast first.
     """
     if t.dist.world_size == 1:
-        return [replica_digest(t.model.visual)]
+        return [replica_digest(t.model.visual.state_dict())]
     for buf in t.model.visual.buffers():
         torch.distributed.broadcast(buf, src=0)
-    digest = replica_digest(t.model.visual)
+    digest = replica_digest(t.model.visual.state_dict())
     out: list = [None] * t.dist.world_size
     torch.distributed.all_gather_object(out, digest)
     return out
@@ -493,7 +451,7 @@ def run_train(
 
 def check_data(data: str | os.PathLike | SamplePlan, batch_size: int | None = None) -> str:
     """`check_shards` for a shard folder; for a degrade plan (on the fly), the batch size check
-    alone, and its digest (`degrade.plan_digest`) as the data digest a train state records."""
+    alone, and its digest (`identity.plan_digest`) as the data digest a train state records."""
     if isinstance(data, (str, os.PathLike)):
         return check_shards(data, batch_size)
     if batch_size is not None and batch_size > data.total_samples:
@@ -507,13 +465,13 @@ def check_data(data: str | os.PathLike | SamplePlan, batch_size: int | None = No
 def check_shards(shard_dir: str | os.PathLike, batch_size: int | None = None) -> str:
     """Refuse shards whose size differs from the index, and a ``batch_size`` larger than the whole
     set (its upper bound: such a batch repeats samples and can outgrow memory); returns the index
-    digest (`shards.index_digest`).
+    digest (`identity.index_digest`).
 
     Sizes cost one listing of the folder or bucket prefix; each shard's sha256 is checked by the loader when it
     first reads it, before any of its samples is used (`loader.expand_shards`), so the check
     costs no extra pass over the data.
     """
-    from .shards import ShardError, index_digest, read_index, verify_shards
+    from .shards import ShardError, read_index, verify_shards
 
     index = read_index(shard_dir)
     if batch_size is not None and batch_size > index["total_samples"]:

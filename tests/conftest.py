@@ -207,13 +207,14 @@ def make_dvc_project(root: Path, params: dict, env: dict | None = None, *, decla
 def add_training_photo(folder: Path, val_fraction: float) -> Path:
     """Write one new photo into ``folder`` whose content hash puts it in the train split, so
     that every stage's inputs change (a held-out photo would leave the shards as they are)."""
-    from qualiclip.imageio import pixel_hash, read_image
+    from qualiclip.identity import image_id
+    from qualiclip.imageio import read_image
     from qualiclip.ingest import split_of
 
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(100, 200):
             path = next(make_photos(Path(tmp) / str(seed), n=1, seed=seed).iterdir())
-            if split_of(pixel_hash(read_image(path).pixels)[:16], val_fraction) == "train":
+            if split_of(image_id(read_image(path).pixels), val_fraction) == "train":
                 return Path(shutil.copy(path, folder / f"added-{seed}.png"))
     raise AssertionError("no candidate photo fell in the train split")
 

@@ -112,10 +112,10 @@ def s3_bucket(s3_server, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def dask_cluster():
     """A `distributed.LocalCluster` of 2 single-threaded worker processes on 127.0.0.1, no dashboard:
-    what ``python -m flows.degrade_flow --dask local --workers 2`` starts (`local_cluster_kwargs`)."""
+    what ``python -m flows.degrade_shards --dask local --workers 2`` starts (`local_cluster_kwargs`)."""
     from distributed import LocalCluster
 
-    from flows.degrade_flow import local_cluster_kwargs
+    from flows.degrade_shards import local_cluster_kwargs
 
     with LocalCluster(**local_cluster_kwargs(2)) as cluster:
         yield cluster
@@ -228,7 +228,7 @@ def mlflow_server(postgres, s3_server, tmp_path_factory) -> Iterator[MlflowServe
     """``mlflow server`` on a free port of 127.0.0.1: PostgreSQL backend store, artifacts proxied
     (``--serve-artifacts``, the default) to ``s3://<its own bucket>/mlartifacts``. Only the server
     holds the S3 credentials and endpoint; clients need nothing but the URL."""
-    from flows.pipeline import stop_process_group
+    from flows.repro import stop_process_group
 
     bucket, port, dsn = s3_server.make_bucket(), free_port(), new_database(postgres, "mlflow")
     folder = tmp_path_factory.mktemp("mlflow-server")
@@ -263,7 +263,7 @@ def mlflow_server(postgres, s3_server, tmp_path_factory) -> Iterator[MlflowServe
 
 
 def start_logged(cmd: list[str], log: Path, env: dict, cwd: Path) -> subprocess.Popen:
-    """Start ``cmd`` in a session of its own (`flows.pipeline.stop_process_group` stops it with its
+    """Start ``cmd`` in a session of its own (`flows.repro.stop_process_group` stops it with its
     children), its output to ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One forbidden import per rule: (file, line appended, the chain lint-imports must report).
 VIOLATIONS = [
     ("qualiclip/model.py", "from qualiclip.pipeline import cli", "qualiclip.model -> qualiclip.pipeline.cli"),
-    ("qualiclip/pipeline/stages.py", "import flows.stages", "qualiclip.pipeline.stages -> flows.stages"),
+    ("qualiclip/pipeline/stages.py", "import flows.stage_flows", "qualiclip.pipeline.stages -> flows.stage_flows"),
     ("qualiclip/train.py", "import mlflow", "qualiclip.train -> mlflow"),
     ("qualiclip/scoring.py", "import prefect", "qualiclip.scoring -> prefect"),
     ("qualiclip/ingest.py", "import dvc.repo", "qualiclip.ingest -> dvc"),

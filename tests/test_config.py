@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qualiclip.config import ConfigError, build_config, config_fields, load_params, params_hash
+from qualiclip.config import ConfigError, build_config, config_fields, load_params
+from qualiclip.identity import params_hash
 from qualiclip.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -171,7 +171,7 @@ def prefect_harness():
 @pytest.mark.slow
 def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, prefect_harness):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from flows.degrade_flow import degrade_shards_flow
+    from flows.degrade_shards import degrade_shards_flow
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
@@ -185,7 +185,7 @@ def test_prefect_flow_maps_shards_and_matches_run_degrade(ingest_dir, tmp_path, 
 def test_dask_flow_on_two_worker_processes_matches_run_degrade(ingest_dir, tmp_path, prefect_harness, dask_cluster):
     from distributed import Client
 
-    from flows.degrade_flow import main
+    from flows.degrade_shards import main
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"degrade": {**KILL_CFG, "variants": 3, "crop": 32}}))
@@ -222,7 +222,7 @@ def test_dask_local_without_a_prefect_server_exits_promptly_and_quietly(ingest_d
     cmd = [
         sys.executable,
         "-m",
-        "flows.degrade_flow",
+        "flows.degrade_shards",
         "--params",
         str(params),
         "--ingest",

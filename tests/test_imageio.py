@@ -10,12 +10,12 @@ import pytest
 from imagefiles import encode, finishes_despite_fifos, noise, png_header_only  # noqa: E402
 from PIL import Image
 
+from qualiclip.identity import pixel_hash
 from qualiclip.imageio import (
     ImageReadError,
     PathOutsideRootError,
     decode_image,
     iter_image_files,
-    pixel_hash,
     read_image,
     resolve_inside,
     scan_tree,

@@ -82,7 +82,7 @@ def all_runs(project) -> list:
 def executions(project) -> list[tuple]:
     """(parent run, its stage runs in start order) per execution, in start order."""
     runs = all_runs(project)
-    parents = [r for r in runs if r.data.tags.get("qualiclip.kind") == "pipeline"]
+    parents = [r for r in runs if r.data.tags.get("qualiclip.kind") == "execution"]
     return [(p, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]) for p in parents]
 
 
@@ -102,11 +102,11 @@ def test_one_parent_run_per_execution_that_lasts_as_long_as_its_stages(project):
         ["evaluate"],
         ["evaluate"],
     ]
-    assert len({p.data.tags["qualiclip.pipeline_id"] for p, _ in found}) == 4
+    assert len({p.data.tags["qualiclip.execution_id"] for p, _ in found}) == 4
     for parent, children in found:
         assert parent.info.start_time <= min(c.info.start_time for c in children)
         assert parent.info.end_time >= max(c.info.end_time for c in children)
-        assert {c.data.tags["qualiclip.pipeline_id"] for c in children} == {parent.data.tags["qualiclip.pipeline_id"]}
+        assert {c.data.tags["qualiclip.execution_id"] for c in children} == {parent.data.tags["qualiclip.execution_id"]}
     first, children = found[0]
     assert first.info.end_time - first.info.start_time >= sum(c.info.end_time - c.info.start_time for c in children)
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
 from servers import free_port, http, start_logged, wait_http
 
-from flows.pipeline import stop_process_group
+from flows.repro import stop_process_group
 
 pytestmark = pytest.mark.slow
 

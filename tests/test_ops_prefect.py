@@ -33,7 +33,7 @@ from conftest import add_training_photo, make_dvc_project
 from noise import noise_lines
 from servers import answers, free_port, http, start_logged, wait_until
 
-from flows.pipeline import stop_process_group
+from flows.repro import stop_process_group
 from flows.retrain import LOCK_FILE, WorkspaceBusy, workspace_lock
 from qualiclip.train import PROGRESS_ENV
 
@@ -332,7 +332,7 @@ def test_second_trigger_is_refused_with_a_clear_message_then_gets_the_lock(tmp_p
 def test_a_stale_stage_is_described_in_one_short_line():
     """`dvc status --json` of a stage whose code changed lists every file: the line names the data
     and params first and counts the rest (issue 23: one line per stage, readable)."""
-    from flows.pipeline import describe_changes
+    from flows.repro import describe_changes
 
     code = {f"qualiclip/m{i}.py": "modified" for i in range(20)}
     line = describe_changes(
@@ -380,8 +380,8 @@ def test_stage_output_reaches_its_task_log_at_its_level_and_a_failure_carries_th
     state = run_flow(
         server["env"],
         f"""
-        from flows.pipeline import pipeline_flow
-        state = pipeline_flow({str(project)!r}, return_state=True)
+        from flows.repro import repro_flow
+        state = repro_flow({str(project)!r}, return_state=True)
     """,
         project,
     )
@@ -487,7 +487,7 @@ def test_the_run_log_follows_training_and_says_what_each_stage_did_without_noise
     client = _registry(loop["project"])
     parent = client.search_runs(
         [client.get_experiment_by_name("qualiclip").experiment_id],
-        f"tags.`qualiclip.pipeline_id` = '{loop['flow_run_id']}' and tags.`qualiclip.kind` = 'pipeline'",
+        f"tags.`qualiclip.execution_id` = '{loop['flow_run_id']}' and tags.`qualiclip.kind` = 'execution'",
     )
     assert re.fullmatch(
         rf"qualiclip-retrain/{re.escape(flow_run['name'])} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", parent[0].info.run_name
@@ -539,10 +539,10 @@ def test_mlflow_server_lists_the_pipeline_runs_metrics_and_model_over_rest(loop,
     metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
     expected = json.loads((loop["project"] / "outputs/eval/metrics.json").read_text())["synthetic"]["srcc"]
     assert metrics["synthetic.srcc"] == pytest.approx(expected)
-    pipeline = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}["qualiclip.pipeline_id"]
+    execution = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}["qualiclip.execution_id"]
     same = http(
         f"{api}/runs/search",
-        {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`qualiclip.pipeline_id` = '{pipeline}'"},
+        {"experiment_ids": [exp["experiment_id"]], "filter": f"tags.`qualiclip.execution_id` = '{execution}'"},
     )["runs"]
     assert len(same) >= 5  # the parent run and the four stage runs that log (plus, skipped, logs none)
     model = http(f"{api}/registered-models/get?name=qualiclip")["registered_model"]

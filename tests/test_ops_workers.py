@@ -23,7 +23,7 @@ from conftest import make_dvc_project, make_photos, tiny_params
 from servers import free_port, http, new_database, wait_until
 from test_ops_prefect import BIN, ROOT, STAGES, clean_env, flow_logs, prefect, run_flow, start, task_states
 
-from flows.pipeline import stop_process_group
+from flows.repro import stop_process_group
 
 POOL = "gpu-hosts"
 PROJECTS = ("a", "b")

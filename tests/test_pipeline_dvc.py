@@ -87,7 +87,7 @@ def test_the_repro_log_says_what_each_stage_did_without_noise(project):
     parents = mlflow_rows(
         project,
         "select r.name from runs r join tags t on r.run_uuid = t.run_uuid "
-        "where t.key = 'qualiclip.kind' and t.value = 'pipeline'",
+        "where t.key = 'qualiclip.kind' and t.value = 'execution'",
     )
     named = r"dvc repro( \S+)* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # what ran, and when
     assert parents and all(re.fullmatch(named, n) for (n,) in parents), parents
@@ -176,13 +176,13 @@ def test_mlflow_holds_stage_runs_metrics_and_a_registered_model(project):
     rows = mlflow_rows(
         project,
         "select p.value, s.value, r.value from tags p join tags s on p.run_uuid = s.run_uuid "
-        "join tags r on p.run_uuid = r.run_uuid where p.key = 'qualiclip.pipeline_id' "
+        "join tags r on p.run_uuid = r.run_uuid where p.key = 'qualiclip.execution_id' "
         "and s.key = 'qualiclip.stage' and r.key = 'mlflow.parentRunId'",
     )
     stages_of, parents_of = {}, {}
-    for pipeline, stage, parent in rows:
-        stages_of.setdefault(pipeline, []).append(stage)
-        parents_of.setdefault(pipeline, set()).add(parent)
+    for execution, stage, parent in rows:
+        stages_of.setdefault(execution, []).append(stage)
+        parents_of.setdefault(execution, set()).add(parent)
     assert len(stages_of) == 4 and all(len(p) == 1 for p in parents_of.values()), (stages_of, parents_of)
     assert len({p for ps in parents_of.values() for p in ps}) == 4
     assert all(len(v) == len(set(v)) for v in stages_of.values()), "one run per stage and execution"

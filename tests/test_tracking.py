@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from qualiclip.pipeline.execution import DVC_ROOT_ENV, PIPELINE_ENV, Execution, current_execution
-from qualiclip.pipeline.tracking import get_tracker
+from qualiclip.pipeline.execution import DVC_ROOT_ENV, EXECUTION_ENV, Execution, current_execution
+from qualiclip.pipeline.tracking_config import get_tracker
 from qualiclip.tracking import Tracker
 
 BLOCK_ORCHESTRATION = """
@@ -21,7 +21,7 @@ sys.meta_path.insert(0, Block())
 import qualiclip.pipeline.stages, qualiclip.pipeline.promotion, qualiclip.scoring, qualiclip.checkpoint
 import qualiclip.pipeline.cli, qualiclip.pipeline.score_cli, qualiclip.pipeline.explain_cli
 from qualiclip.errors import QualiclipError
-from qualiclip.pipeline.tracking import get_tracker
+from qualiclip.pipeline.tracking_config import get_tracker
 from qualiclip.tracking import Tracker
 assert type(get_tracker('auto')) is Tracker
 try:
@@ -60,9 +60,9 @@ def test_flatten_nests_with_dots_and_stringifies_lists():
 def test_execution_from_env_else_none_outside_dvc(monkeypatch):
     """The flows name the execution; a stage run by hand (no DVC_ROOT) belongs to none."""
     monkeypatch.delenv(DVC_ROOT_ENV, raising=False)
-    monkeypatch.setenv(PIPELINE_ENV, "flow-run-1")
+    monkeypatch.setenv(EXECUTION_ENV, "flow-run-1")
     assert current_execution() == Execution("flow-run-1")
-    monkeypatch.delenv(PIPELINE_ENV)
+    monkeypatch.delenv(EXECUTION_ENV)
     assert current_execution() is None
 
 
@@ -82,7 +82,7 @@ def test_default_store_keeps_artifacts_beside_mlflow_db(tmp_path, monkeypatch):
             tracker.log_metrics({"ingest": {"accepted": 3}})
         run = tracker.client.get_run(tracker.run_id)
         assert run.data.metrics == {"ingest.accepted": 3.0}
-        assert run.data.tags["qualiclip.pipeline_id"] == "p1" and "mlflow.parentRunId" in run.data.tags
+        assert run.data.tags["qualiclip.execution_id"] == "p1" and "mlflow.parentRunId" in run.data.tags
     finally:
         import mlflow
 

@@ -3,7 +3,7 @@
     cli            the ``qualiclip`` command (argparse lives here only)
     stages         each DVC stage as a function: params file + paths in, result out
     paths          where the stages read and write, read from dvc.yaml
-    tracking       which tracker a stage logs to; what the train stage registered
+    tracking_config  which tracker a stage logs to; what the train stage registered
     execution      which pipeline execution a stage run belongs to
     lineage        what each stage consumes, as dataset references with digests
     tracking_mlflow, serving   the MLflow tracker and the pyfunc model it logs (import mlflow)

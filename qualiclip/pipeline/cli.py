@@ -145,8 +145,8 @@ def cmd_export_pyiqa(args: argparse.Namespace) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ..inference import load_scorer
     from ..onnx_export import export_onnx
-    from ..scoring import load_scorer
 
     out = export_onnx(load_scorer(Path(args.model)), Path(args.out))
     print(f"wrote {out} (uint8 (N, H, W, 3) RGB in, score out; docs/evaluation.md)")

@@ -1,6 +1,6 @@
 """Which pipeline execution a stage run belongs to: the id its stage runs share in MLflow.
 
-The stage runs of one execution share the tag ``qualiclip.pipeline_id`` and hang under one parent
+The stage runs of one execution share the tag ``qualiclip.execution_id`` and hang under one parent
 run that lasts as long as the execution (docs/operations.md, "Seeing the runs").
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-PIPELINE_ENV = "QUALICLIP_PIPELINE_ID"  # set by the Prefect flows to their flow-run id
-PIPELINE_NAME_ENV = "QUALICLIP_PIPELINE_NAME"  # ... and to "<flow name>/<flow-run name>", as the Prefect UI shows it
+EXECUTION_ENV = "QUALICLIP_EXECUTION_ID"  # set by the Prefect flows to their flow-run id
+EXECUTION_NAME_ENV = "QUALICLIP_EXECUTION_NAME"  # ... and to "<flow name>/<flow-run name>", as the Prefect UI shows it
 DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for every stage command it runs
 
 
@@ -37,15 +37,15 @@ class Execution:
 def current_execution() -> Execution | None:
     """The pipeline execution this process runs a stage of, or None for a stage run by hand.
 
-    ``QUALICLIP_PIPELINE_ID`` when set (the Prefect flows set their flow-run id, and the run's
-    name in ``QUALICLIP_PIPELINE_NAME``). Else, under DVC (which sets ``DVC_ROOT`` for its stage
+    ``QUALICLIP_EXECUTION_ID`` when set (the Prefect flows set their flow-run id, and the run's
+    name in ``QUALICLIP_EXECUTION_NAME``). Else, under DVC (which sets ``DVC_ROOT`` for its stage
     commands), the ``dvc`` process that runs the stage: one ``dvc repro`` or ``dvc exp run`` is
     one process, and its pid with its start time is unique on the machine, so
     ``dvc-<pid>-<start>``; its name is its command line (``dvc repro``), its start time the
     execution's.
     """
-    if os.environ.get(PIPELINE_ENV):
-        return Execution(os.environ[PIPELINE_ENV], name=os.environ.get(PIPELINE_NAME_ENV, ""))
+    if os.environ.get(EXECUTION_ENV):
+        return Execution(os.environ[EXECUTION_ENV], name=os.environ.get(EXECUTION_NAME_ENV, ""))
     if not os.environ.get(DVC_ROOT_ENV):
         return None
     dvc = next((p for p in psutil.Process().parents() if _dvc_argv(p)), None)

@@ -14,25 +14,19 @@ consumed one version of the data can be found by it:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..identity import data_version, rows_digest
 from ..ingest import MANIFEST_FILE, read_manifest
-from ..shards import INDEX_FILE, data_version, read_index
+from ..shards import INDEX_FILE, read_index
 from ..store import open_store
 from ..tracking import DatasetRef
 
 if TYPE_CHECKING:  # the dataset readers are evaluate's: the ingest and degrade stages need not load them
     from ..datasets import IQADataset
     from ..onthefly import SamplePlan
-
-
-def rows_digest(rows: list[dict]) -> str:
-    """A content digest of a table: equal rows in equal order, equal digest."""
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def manifest_input(ingest_dir: Path, split: str) -> DatasetRef:
@@ -51,14 +45,13 @@ def shard_input(shard_dir: str | os.PathLike) -> DatasetRef:
     ``shard_dir`` is a folder or a bucket prefix; the source is then the index's ``s3://`` URL."""
     store = open_store(shard_dir)
     source = str(Path(store.path(INDEX_FILE)).resolve()) if store.local else store.url_of(INDEX_FILE)
-    return DatasetRef(
-        name="shards", source=source, digest=data_version(shard_dir), rows=tuple(read_index(shard_dir)["shards"])
-    )
+    index = read_index(shard_dir)
+    return DatasetRef(name="shards", source=source, digest=data_version(index), rows=tuple(index["shards"]))
 
 
 def plan_input(ingest_dir: Path, plan: SamplePlan) -> DatasetRef:
     """What train consumes with ``train.source: on_the_fly``: the manifest rows the degrade plan
-    renders, digest = the plan's (`degrade.plan_digest`: params, seed, every image's sha256)."""
+    renders, digest = the plan's (`identity.plan_digest`: params, seed, every image's sha256)."""
     ref = manifest_input(ingest_dir, plan.cfg.split)
     return DatasetRef(name=f"degrade-plan-{plan.cfg.split}", source=ref.source, digest=plan.digest[:12], rows=ref.rows)
 

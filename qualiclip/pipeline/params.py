@@ -29,7 +29,7 @@ from annotated_types import Interval, MinLen, Predicate, doc
 from ..config import build_sections, check_fields, load_params
 from ..ingest import IngestConfig
 from ..schema import DegradeConfig, EvaluateConfig, ModelConfig, PlusConfig, TrainConfig
-from .tracking import TrackingConfig
+from .tracking_config import TrackingConfig
 
 MAX_SECONDS = 30 * 24 * 3600.0  # schedule timeouts: at most 30 days (a daily schedule's run ends long before)
 

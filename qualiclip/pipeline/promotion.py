@@ -41,7 +41,6 @@ logged, written first in the version's description, and tagged on the version (`
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -52,15 +51,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ..checkpoint import read_metadata
 from ..errors import QualiclipError
+from ..identity import dvc_shards_md5, evaluation_digest
 from ..schema import EvaluateConfig
 from .bootstrap import METRICS, Items, lower_bound, paired_differences, point, unit_index, upper_bound
 from .params import PromotionConfig, read_params
 from .paths import stage_paths
-from .tracking import VERSION_FILE
+from .tracking_config import VERSION_FILE
 
 METRIC_TAG = "eval."  # version tag prefix of the evaluation metrics
 BASELINE_KEY = "baseline"  # metrics.json block of the zero-shot baseline: baseline.<metric>
@@ -146,23 +145,6 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 def _gain(new: float, old: float, cfg: PromotionConfig) -> float:
     return new - old if cfg.higher_is_better else old - new
-
-
-def dvc_shards_md5(project_dir: Path, shards: str) -> str | None:
-    """The md5 that ``dvc.lock`` records for the shard folder (train's dep, else degrade's out).
-
-    DVC's hash of the whole folder, recorded beside the data version, not as it: it exists only
-    with ``dvc.lock`` and changes with files (plan.json) that are not training data.
-    """
-    lock = Path(project_dir) / "dvc.lock"
-    if not lock.is_file():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    entries = stages.get("train", {}).get("deps", []) + stages.get("degrade", {}).get("outs", [])
-    for entry in entries:
-        if Path(entry.get("path", "")) == Path(shards) and entry.get("md5"):
-            return str(entry["md5"]).removesuffix(".dir")
-    return None
 
 
 def version_tags(meta: dict, shards_md5: str | None, metrics: dict, *, provenance: bool = True) -> dict[str, str]:
@@ -283,20 +265,6 @@ def _rows(path: Path) -> list[dict]:
         raise PromotionError(f"no per-image scores at {path} — rerun the evaluate stage (`dvc repro`)")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def evaluation_digest(eval_dir: Path, cfg: EvaluateConfig) -> str:
-    """What the evaluation data is: the items of every per-image score file (not the scores) and
-    the evaluate settings that decide how an image is scored. Equal digests: the same images,
-    scored the same way."""
-    h = hashlib.sha256()
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("baseline", "batch_size", "device")}
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for path in sorted(eval_dir.glob("*scores*.csv")):
-        h.update(path.name.encode())
-        for row in _rows(path):
-            h.update(json.dumps([v for k, v in row.items() if not k.endswith("score")]).encode())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

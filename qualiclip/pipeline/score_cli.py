@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..file_scoring import score_paths
 from ..files import FileReadError, read_regular
 from ..imageio import DEFAULT_MAX_PIXELS, BadPathError, check_path_text, scan_tree, shown_path
+from ..inference import load_scorer
 from ..ingest import IngestConfig
+from ..memory import MIN_MEMORY_BUDGET, ScoringError
 from ..model import HIGHER_IS_BETTER, SCORE_RANGE, QualiCLIP
-from ..scoring import MIN_MEMORY_BUDGET, ScoringError, load_scorer, score_paths
 from .paths import stage_paths
-from .tracking import read_version_file
+from .tracking_config import read_version_file
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 COLUMNS = ("path", "score", "width", "height", "error")

@@ -32,8 +32,10 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
+from ..batching import score_arrays
+from ..file_scoring import score_paths
 from ..imageio import ImageReadError, PathOutsideRootError, decode_image, resolve_inside
-from ..scoring import load_scorer, score_arrays, score_paths
+from ..inference import load_scorer
 
 # The qualiclip package folder: logged with the model, so the server imports this module from it.
 PACKAGE_DIR = Path(__file__).resolve().parents[1]

@@ -20,11 +20,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import build_config, config_dict, load_params, params_hash
+from ..config import build_config, config_dict, load_params
 from ..tracking import DatasetRef, Tracker
 from .params import read_params
 from .paths import check_sources_are_deps
-from .tracking import TrackingConfig, get_tracker, read_version_file, write_version_file
+from .tracking_config import TrackingConfig, get_tracker, read_version_file, write_version_file
 
 
 def _tracker(params_file: str) -> tuple[Tracker, TrackingConfig]:
@@ -100,6 +100,7 @@ def stage_train(params_file: str, shards: str | None, out: str, ingest: str | No
     plans for ``ingest``, rendered in the loader (docs/training.md, "Samples on the fly")."""
     from ..datasets import check_datasets  # see the module docstring
     from ..figures import plot_loss_curves
+    from ..identity import params_hash
     from ..train import run_train
 
     tracker, tcfg = _tracker(params_file)
@@ -126,7 +127,7 @@ def stage_train(params_file: str, shards: str | None, out: str, ingest: str | No
                 result.checkpoint,
                 register_as=tcfg.registered_model,
                 description=f"params hash {phash}; data version {data.digest}; {result.steps} steps",
-                tags={**provenance, "pipeline_id": getattr(tracker, "pipeline", "")},
+                tags={**provenance, "execution_id": getattr(tracker, "execution_id", "")},
             )
             print(f"train: registered {tcfg.registered_model} version {logged and logged.version}")
     if main_process:  # one line per run, not one per rank
@@ -325,7 +326,7 @@ def _run_plus(params_file: str, params: dict, model: str, out: str, eval_out: st
                 checkpoint,
                 register_as=name,
                 description=f"QualiCLIP+ on {ds.name} ({len(result.splits['train'])} train images)",
-                tags={"variant": "qualiclip+", "pipeline_id": getattr(tracker, "pipeline", "")},
+                tags={"variant": "qualiclip+", "execution_id": getattr(tracker, "execution_id", "")},
             )
         log_evaluation(tracker, metrics, inputs, logged.model_id if logged else None)
         for png in sorted((Path(eval_out) / "plots").glob("*.png")):

@@ -6,7 +6,7 @@ With `serving` (the pyfunc model it logs), the place where mlflow is imported at
 What a run records, so that a reviewer can follow a model back to its data and code
 (docs/operations.md, "Seeing the runs"):
 
-- every stage run: ``qualiclip.stage``, ``qualiclip.pipeline_id`` and a parent run per pipeline
+- every stage run: ``qualiclip.stage``, ``qualiclip.execution_id`` and a parent run per pipeline
   execution (`qualiclip.pipeline.execution`), the git commit of the project
   (``mlflow.source.git.commit``), the DVC experiment (``dvc.exp_name``) when ``dvc exp run``
   runs it, and the datasets it consumes as dataset inputs;
@@ -97,7 +97,7 @@ class MlflowTracker(Tracker):
         with server_errors(self.uri):  # the first request of every stage
             self.experiment_id = self._experiment(experiment)
         self.execution = execution
-        self.pipeline = execution.id if execution else ""
+        self.execution_id = execution.id if execution else ""
         self.context_tags = run_context_tags()
         self._datasets: dict[tuple[str, str], PandasDataset] = {}
 
@@ -119,7 +119,7 @@ class MlflowTracker(Tracker):
         parent = self._open_parent() if self.execution else None
         all_tags = {**self.context_tags, "qualiclip.kind": "stage", "qualiclip.stage": stage, **(tags or {})}
         if self.execution:
-            all_tags["qualiclip.pipeline_id"] = self.execution.id
+            all_tags["qualiclip.execution_id"] = self.execution.id
         status, error = RunStatus.FAILED, None
         try:
             with mlflow.start_run(
@@ -145,7 +145,7 @@ class MlflowTracker(Tracker):
         assert self.execution is not None  # called only for a stage run of an execution
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`qualiclip.pipeline_id` = '{self.execution.id}' and tags.`qualiclip.kind` = 'pipeline'",
+            filter_string=f"tags.`qualiclip.execution_id` = '{self.execution.id}' and tags.`qualiclip.kind` = 'execution'",
             max_results=1,
         )
         if found:
@@ -154,7 +154,7 @@ class MlflowTracker(Tracker):
                 self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
         started = self.execution.started or time.time()
-        tags = {**self.context_tags, "qualiclip.pipeline_id": self.execution.id, "qualiclip.kind": "pipeline"}
+        tags = {**self.context_tags, "qualiclip.execution_id": self.execution.id, "qualiclip.kind": "execution"}
         return self.client.create_run(
             self.experiment_id, start_time=int(started * 1000), tags=tags, run_name=self.execution.title(started)
         ).info.run_id

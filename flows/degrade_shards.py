@@ -7,9 +7,9 @@ pickle, so any task runner can run the shard tasks: the default thread pool, Pre
 ``ProcessPoolTaskRunner``, or a Dask / Ray cluster — with no code change. From the command line
 (run from the repository root; docs/shards.md, "Dask"):
 
-    python -m flows.degrade_flow --out s3://bucket/shards                          # thread pool
-    python -m flows.degrade_flow --out s3://bucket/shards --dask local --workers 8  # a temporary LocalCluster
-    python -m flows.degrade_flow --out s3://bucket/shards --dask tcp://scheduler:8786
+    python -m flows.degrade_shards --out s3://bucket/shards                          # thread pool
+    python -m flows.degrade_shards --out s3://bucket/shards --dask local --workers 8  # a temporary LocalCluster
+    python -m flows.degrade_shards --out s3://bucket/shards --dask tcp://scheduler:8786
 
 Every worker must reach ``ingest`` at the same path (a shared file system), and ``out`` too: the
 same path, or a bucket URL with the same credentials. The output is byte-identical whichever
@@ -85,7 +85,7 @@ def degrade_shards_flow(params_file: str = "params.yaml", ingest: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# Dask: `python -m flows.degrade_flow --dask local|ADDRESS`
+# Dask: `python -m flows.degrade_shards --dask local|ADDRESS`
 
 
 def local_cluster_kwargs(workers: int) -> dict:
@@ -166,7 +166,7 @@ def send_pending() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m flows.degrade_flow", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flows.degrade_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--ingest", help="ingest output folder (default: dvc.yaml's degrade stage)")
     p.add_argument("--out", help="shard folder or s3://bucket/prefix (default: dvc.yaml's degrade stage)")

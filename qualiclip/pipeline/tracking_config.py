@@ -1,4 +1,5 @@
-"""Which tracker a stage logs to, and what the train stage logged and registered.
+"""Which tracker a stage logs to (the ``tracking:`` section), and what the train stage logged and
+registered (``registered_model.json``). Named apart from `qualiclip.tracking`, the interface.
 
 The library logs through `qualiclip.tracking.Tracker`, a no-op by default. Here the stages get
 the MLflow tracker when params.yaml's ``tracking`` section and the installed packages allow it,

@@ -1,4 +1,5 @@
-"""The DVC pipeline as a Prefect flow: one task per stage, in ``dvc dag`` order; DVC decides.
+"""A repro of the DVC pipeline as a Prefect flow (``qualiclip-repro``, `repro_flow`): one task per
+stage, in ``dvc dag`` order; DVC decides.
 
     order     `dvc dag --dot`                         (dvc.yaml stays the one definition of the DAG)
     each      `dvc status <stage>` ── nothing changed ─▶ task state Skipped (type COMPLETED)
@@ -8,7 +9,7 @@ So the Prefect UI shows each stage's state, duration and log. A stage's output l
 task's log at their own level (ERROR, WARNING, else INFO) without colour codes; its progress
 bars are off, since its output is a pipe, not a terminal. A failing stage fails its task with
 the stage's own exit code and last error lines (`StageFailed`), and no later stage runs. The
-flow-run id becomes the pipeline id that groups the stage runs in MLflow.
+flow-run id becomes the execution id that groups the stage runs in MLflow.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows import gpu_slot
-from qualiclip.pipeline.execution import PIPELINE_ENV, PIPELINE_NAME_ENV
+from qualiclip.pipeline.execution import EXECUTION_ENV, EXECUTION_NAME_ENV
 from qualiclip.pipeline.paths import stage_paths
 
 SKIPPED = "Skipped"  # the name of a stage task's state when DVC found nothing to do
@@ -64,10 +65,10 @@ def _env() -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        PIPELINE_ENV: str(flow_run.id or os.environ.get(PIPELINE_ENV, "")),
+        EXECUTION_ENV: str(flow_run.id or os.environ.get(EXECUTION_ENV, "")),
         # the MLflow parent run is named as the Prefect UI names the flow run
-        PIPELINE_NAME_ENV: (
-            f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id else os.environ.get(PIPELINE_NAME_ENV, "")
+        EXECUTION_NAME_ENV: (
+            f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id else os.environ.get(EXECUTION_NAME_ENV, "")
         ),
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -288,12 +289,12 @@ def dvc_push(project_dir: str) -> None:
     get_run_logger().info("dvc push: %s", output.splitlines()[-1] if output else "done")
 
 
-@flow(name="qualiclip-pipeline", log_prints=True)
-def pipeline_flow(project_dir: str = ".", force: bool = False) -> dict:
+@flow(name="qualiclip-repro", log_prints=True)
+def repro_flow(project_dir: str = ".", force: bool = False) -> dict:
     """Reproduce the DVC pipeline, one task per stage, and return the evaluation metrics."""
     reproduce(project_dir, force)
     return read_metrics(project_dir)
 
 
 if __name__ == "__main__":
-    pipeline_flow()
+    repro_flow()

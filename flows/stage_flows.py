@@ -1,4 +1,6 @@
-"""Each pipeline stage as a Prefect flow: the same stage function the CLI and DVC run.
+"""Each DVC stage as a Prefect flow of its own (``qualiclip-<stage>``): the same stage function
+(`qualiclip.pipeline.stages`) the CLI and DVC run. The degrade stage with a task per shard is
+another flow, `flows.degrade_shards`.
 
 A path left out is the one dvc.yaml (in the working directory) gives that stage.
 """
