@@ -61,7 +61,10 @@ def test_digests_keep_their_values(tmp_path):
     assert pixel_hash(PIXELS) == GOLDEN["pixel_hash"]
     assert image_id(PIXELS) == GOLDEN["pixel_hash"][:16]
     assert photo_digest(b"qualiclip") == GOLDEN["photo"]
-    assert plan_digest(DegradeConfig(), ROWS, FORMAT_VERSION) == GOLDEN["plan"]
+    # pinned at shard format 3, the format when the digests moved here; format 4 (new noise
+    # draws) must give another digest, so that degrade rewrites format-3 shards
+    assert plan_digest(DegradeConfig(), ROWS, 3) == GOLDEN["plan"]
+    assert FORMAT_VERSION == 4 and plan_digest(DegradeConfig(), ROWS, FORMAT_VERSION) != GOLDEN["plan"]
     assert index_digest(INDEX) == GOLDEN["index"]
     assert data_version(INDEX) == GOLDEN["index"][:12]
     assert params_hash(TrainConfig()) == GOLDEN["params1"]
