@@ -25,7 +25,7 @@ NOISE = {
     ),
     # MLflow's INFO chatter: the input example checked when a model is logged; a new store's tables
     "mlflow info chatter": re.compile(
-        r"Validating input example|Creating initial MLflow database tables|Updating database tables"
+        r"Validating input example|Creating initial MLflow database tables|Updating database tables|Waiting up to \d+ seconds for model version"
     ),
     # open_clip's warning when a model is built before its weights are loaded
     "random-init warning": re.compile(r"No pretrained weights loaded|initialized randomly"),

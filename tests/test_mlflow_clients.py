@@ -27,7 +27,17 @@ pytestmark = pytest.mark.slow
 
 ALLOWED, REFUSED = "mlflow.qualiclip.test", "other.qualiclip.test"  # .test: a reserved name, never on a network
 # 60 steps on a tiny model: enough to beat its zero-shot baseline, so the gate promotes (tests/test_mlflow_server.py)
-PARAMS = tiny_params(["photos"], degrade__variants=1, degrade__samples_per_shard=8, train__steps=60)
+# The first run must promote a champion. With shard format 4 (new noise draws) a 60-step model no
+# longer beat its zero-shot baseline on the one held-out photo (synthetic SRCC -0.39 vs 0.49, and
+# srcc_within -0.05 vs 0.50): 200 steps, judged on the ranking of levels within a photo and type,
+# which is what training teaches (measured to promote, 2026-12-08).
+PARAMS = tiny_params(
+    ["photos"],
+    degrade__variants=1,
+    degrade__samples_per_shard=8,
+    train__steps=200,
+    promotion__metric="synthetic.srcc_within",
+)
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,10 @@ ERROR_TAG = "qualiclip.error"  # the failure of a stage, on its run and on the p
 MODEL_TAG = "qualiclip.model_id"  # on the evaluate run: the logged model it evaluated
 
 # MLflow's INFO lines that no one acts on, in every run log: the input example checked against
-# the signature when a model is logged, and the tables created in a new sqlite store. Its
-# warnings and errors still show.
-for _chatty in ("mlflow.pyfunc", "mlflow.store.db.utils"):
+# the signature when a model is logged, the tables created in a new sqlite store, and a
+# server's registry "waiting up to 300 seconds" for a version it creates at once. Its warnings
+# and errors still show.
+for _chatty in ("mlflow.pyfunc", "mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 
