@@ -168,6 +168,22 @@ def tiny_params(sources: list[str], **overrides) -> dict:
     return params
 
 
+def promoting_params() -> dict:
+    """`tiny_params` whose first run promotes a champion (the MLflow-server tests need one).
+
+    With shard format 4 (new noise draws) a 60-step model no longer beat its zero-shot baseline
+    on the one held-out photo (synthetic SRCC -0.39 vs 0.49, srcc_within -0.05 vs 0.50): 200
+    steps, judged on the ranking of levels within a photo and type, which is what training
+    teaches (measured to promote, 2026-12-08)."""
+    return tiny_params(
+        ["photos"],
+        degrade__variants=1,
+        degrade__samples_per_shard=8,
+        train__steps=200,
+        promotion__metric="synthetic.srcc_within",
+    )
+
+
 CLEAN_ENV = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from conftest import ROOT, bin_path, make_dvc_project, make_photos, run, tiny_params
+from conftest import ROOT, bin_path, make_dvc_project, make_photos, promoting_params, run
 from servers import free_port, start_logged, wait_http
 
 from flows.repro import stop_process_group
@@ -26,18 +26,7 @@ from flows.repro import stop_process_group
 pytestmark = pytest.mark.slow
 
 ALLOWED, REFUSED = "mlflow.qualiclip.test", "other.qualiclip.test"  # .test: a reserved name, never on a network
-# 60 steps on a tiny model: enough to beat its zero-shot baseline, so the gate promotes (tests/test_mlflow_server.py)
-# The first run must promote a champion. With shard format 4 (new noise draws) a 60-step model no
-# longer beat its zero-shot baseline on the one held-out photo (synthetic SRCC -0.39 vs 0.49, and
-# srcc_within -0.05 vs 0.50): 200 steps, judged on the ranking of levels within a photo and type,
-# which is what training teaches (measured to promote, 2026-12-08).
-PARAMS = tiny_params(
-    ["photos"],
-    degrade__variants=1,
-    degrade__samples_per_shard=8,
-    train__steps=200,
-    promotion__metric="synthetic.srcc_within",
-)
+PARAMS = promoting_params()
 
 
 @pytest.fixture(scope="module")

@@ -18,25 +18,14 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 import pytest
-from conftest import bin_path, make_dvc_project, make_photos, run, tiny_params
+from conftest import bin_path, make_dvc_project, make_photos, promoting_params, run
 from servers import free_port, http, start_logged, wait_http
 
 from flows.repro import stop_process_group
 
 pytestmark = pytest.mark.slow
 
-# 60 steps on a tiny model: enough to beat its zero-shot baseline, so the gate promotes (tests/test_ops_prefect.py)
-# The first run must promote a champion. With shard format 4 (new noise draws) a 60-step model no
-# longer beat its zero-shot baseline on the one held-out photo (synthetic SRCC -0.39 vs 0.49, and
-# srcc_within -0.05 vs 0.50): 200 steps, judged on the ranking of levels within a photo and type,
-# which is what training teaches (measured to promote, 2026-12-08).
-PARAMS = tiny_params(
-    ["photos"],
-    degrade__variants=1,
-    degrade__samples_per_shard=8,
-    train__steps=200,
-    promotion__metric="synthetic.srcc_within",
-)
+PARAMS = promoting_params()
 ARTIFACTS = "outputs/train/checkpoint"
 
 
